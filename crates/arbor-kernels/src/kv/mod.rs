@@ -1,0 +1,16 @@
+//! The paged KV cache: one pool of fixed-size pages per model, a reference-counted block
+//! allocator, and per-sequence block tables.
+//!
+//! Layout of the pool: `[layer][page][k|v][kv_head][slot][head_dim]`. A page holds
+//! `page_size` consecutive token positions of one sequence (or of a prefix several
+//! sequences share: pages are reference counted so that forks share them).
+
+mod allocator;
+mod cache;
+mod pool;
+mod table;
+
+pub use allocator::{BlockAllocator, PageId};
+pub use cache::{KvCache, SeqId};
+pub use pool::{KvLayout, KvPool};
+pub use table::BlockTable;

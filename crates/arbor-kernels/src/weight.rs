@@ -1,0 +1,98 @@
+//! A weight matrix kept in its stored format. The CPU matmul reads quantised blocks directly
+//! (activations are quantised to 8 bits per block), so a Q4_1 model reads ~4.5 bits per weight
+//! per token instead of 32.
+
+use crate::quant::GgmlType;
+use crate::KernelError;
+
+/// A `rows × cols` matrix, row-major; each row is `cols` elements of `ty`.
+/// In a linear layer, `rows` is the output dimension and `cols` the input dimension
+/// (y = x · Wᵀ), as GGUF and safetensors store them.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: WeightData,
+}
+
+/// Storage of a [`Weight`].
+#[derive(Clone, Debug)]
+pub enum WeightData {
+    /// f32 elements.
+    F32(Vec<f32>),
+    /// Raw rows of a GGML type other than F32 (F16, BF16 or a block quant).
+    Raw { ty: GgmlType, bytes: Vec<u8> },
+}
+
+impl Weight {
+    /// An f32 weight; checks that `data` fills `rows × cols`.
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self, KernelError> {
+        if data.len() != rows * cols {
+            return Err(KernelError::Shape {
+                op: "Weight::from_f32",
+                detail: format!("{rows}x{cols} needs {} values, got {}", rows * cols, data.len()),
+            });
+        }
+        Ok(Weight { rows, cols, data: WeightData::F32(data) })
+    }
+
+    /// A weight stored as `ty`; checks the byte count. F32 bytes are converted to f32.
+    pub fn from_raw(rows: usize, cols: usize, ty: GgmlType, bytes: Vec<u8>) -> Result<Self, KernelError> {
+        let expected = ty.bytes_for(cols)?.checked_mul(rows).ok_or_else(|| {
+            KernelError::Invalid(format!("weight of {rows}x{cols} {ty} overflows"))
+        })?;
+        if bytes.len() != expected {
+            return Err(KernelError::DataSize { ty: ty.to_string(), got: bytes.len(), expected });
+        }
+        if ty == GgmlType::F32 {
+            let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            return Ok(Weight { rows, cols, data: WeightData::F32(data) });
+        }
+        Ok(Weight { rows, cols, data: WeightData::Raw { ty, bytes } })
+    }
+
+    /// The stored element type.
+    pub fn ty(&self) -> GgmlType {
+        match &self.data {
+            WeightData::F32(_) => GgmlType::F32,
+            WeightData::Raw { ty, .. } => *ty,
+        }
+    }
+
+    /// Bytes the weight occupies.
+    pub fn nbytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(v) => v.len() * 4,
+            WeightData::Raw { bytes, .. } => bytes.len(),
+        }
+    }
+
+    /// Writes row `i` as f32 into `out` (`out.len() == cols`). Used by embedding lookups.
+    pub fn row_to_f32(&self, i: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        if i >= self.rows || out.len() != self.cols {
+            return Err(KernelError::Shape {
+                op: "Weight::row_to_f32",
+                detail: format!("row {i} of {}x{} into {}", self.rows, self.cols, out.len()),
+            });
+        }
+        match &self.data {
+            WeightData::F32(v) => {
+                out.copy_from_slice(&v[i * self.cols..(i + 1) * self.cols]);
+                Ok(())
+            }
+            WeightData::Raw { ty, bytes } => {
+                let rb = ty.bytes_for(self.cols)?;
+                crate::quant::dequantize(*ty, &bytes[i * rb..(i + 1) * rb], out)
+            }
+        }
+    }
+
+    /// The whole matrix as f32 (tests and conversions; not the inference path).
+    pub fn to_f32(&self) -> Result<Vec<f32>, KernelError> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (i, row) in out.chunks_mut(self.cols.max(1)).enumerate().take(self.rows) {
+            self.row_to_f32(i, row)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,4 @@
+//! The `arbor` command line.
+fn main() {
+    println!("arbor");
+}
