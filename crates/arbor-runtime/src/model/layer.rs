@@ -1,0 +1,194 @@
+//! One decoder layer, parameterised by the config: GQA attention (optional qkv bias, q/k
+//! norm, sliding window) over the paged KV cache, and the feed-forward block.
+
+use super::batch::BatchLayout;
+use super::source::TensorSource;
+use crate::config::ModelConfig;
+use crate::RuntimeError;
+use arbor_kernels::kv::KvCache;
+use arbor_kernels::ops::{self, AttentionParams, RopeTable};
+use arbor_kernels::weight::WeightData;
+use arbor_kernels::Weight;
+use rayon::prelude::*;
+
+/// The feed-forward block. `Moe` joins it with the [moe] issue.
+pub enum Ffn {
+    /// SwiGLU: gate and up fused into one `2·intermediate × hidden` matrix (gate rows first).
+    Dense { gate_up: Weight, down: Weight },
+}
+
+/// Weights of one layer.
+pub struct DecoderLayer {
+    attn_norm: Vec<f32>,
+    /// q, k and v projections stacked by rows.
+    qkv: Weight,
+    qkv_bias: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    wo: Weight,
+    ffn_norm: Vec<f32>,
+    ffn: Ffn,
+}
+
+/// Stacks matrices with equal columns and storage type by rows (one matmul instead of
+/// several, so activations are read and quantised once).
+pub fn stack_rows(parts: Vec<Weight>) -> Result<Weight, RuntimeError> {
+    let cols = parts[0].cols;
+    let rows = parts.iter().map(|w| w.rows).sum();
+    let ty = parts[0].ty();
+    if parts.iter().any(|w| w.cols != cols || w.ty() != ty) {
+        // Mixed storage: widen every part to f32.
+        let mut data = Vec::with_capacity(rows * cols);
+        for w in &parts {
+            data.extend(w.to_f32()?);
+        }
+        return Ok(Weight::from_f32(rows, cols, data)?);
+    }
+    let mut out = parts[0].data.clone();
+    for w in &parts[1..] {
+        match (&mut out, &w.data) {
+            (WeightData::F32(a), WeightData::F32(b)) => a.extend_from_slice(b),
+            (WeightData::Raw { bytes: a, .. }, WeightData::Raw { bytes: b, .. }) => a.extend_from_slice(b),
+            _ => unreachable!("types checked equal above"),
+        }
+    }
+    Ok(Weight { rows, cols, data: out })
+}
+
+impl DecoderLayer {
+    /// Loads layer `i` from `src`.
+    pub fn load(src: &TensorSource, cfg: &ModelConfig, i: usize) -> Result<Self, RuntimeError> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let n = |s: &str| format!("blk.{i}.{s}");
+        let qkv = stack_rows(vec![
+            src.req_matrix(&n("attn_q.weight"), qd, h)?,
+            src.req_matrix(&n("attn_k.weight"), kvd, h)?,
+            src.req_matrix(&n("attn_v.weight"), kvd, h)?,
+        ])?;
+        let qkv_bias = match src.vector(&n("attn_q.bias"), qd)? {
+            None => None,
+            Some(mut b) => {
+                b.extend(src.req_vector(&n("attn_k.bias"), kvd)?);
+                b.extend(src.req_vector(&n("attn_v.bias"), kvd)?);
+                Some(b)
+            }
+        };
+        let ffn = Ffn::Dense {
+            gate_up: stack_rows(vec![
+                src.req_matrix(&n("ffn_gate.weight"), cfg.intermediate_size, h)?,
+                src.req_matrix(&n("ffn_up.weight"), cfg.intermediate_size, h)?,
+            ])?,
+            down: src.req_matrix(&n("ffn_down.weight"), h, cfg.intermediate_size)?,
+        };
+        Ok(DecoderLayer {
+            attn_norm: src.req_vector(&n("attn_norm.weight"), h)?,
+            qkv,
+            qkv_bias,
+            q_norm: src.vector(&n("attn_q_norm.weight"), hd)?,
+            k_norm: src.vector(&n("attn_k_norm.weight"), hd)?,
+            wo: src.req_matrix(&n("attn_output.weight"), h, qd)?,
+            ffn_norm: src.req_vector(&n("ffn_norm.weight"), h)?,
+            ffn,
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn nbytes(&self) -> usize {
+        let Ffn::Dense { gate_up, down } = &self.ffn;
+        self.qkv.nbytes() + self.wo.nbytes() + gate_up.nbytes() + down.nbytes()
+    }
+
+    /// Runs the layer on the batch's hidden states `x` (`rows × hidden`, updated in place),
+    /// writing this layer's K/V of every row into `cache`.
+    pub fn forward(
+        &self,
+        layer: usize,
+        cfg: &ModelConfig,
+        rope: &RopeTable,
+        batch: &BatchLayout,
+        cache: &mut KvCache,
+        x: &mut [f32],
+    ) -> Result<(), RuntimeError> {
+        let (h, hd, t) = (cfg.hidden_size, cfg.head_dim, batch.rows());
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let qkv_w = qd + 2 * kvd;
+
+        // Attention block.
+        let mut xn = vec![0.0f32; t * h];
+        xn.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(o, xi)| ops::rms_norm(xi, &self.attn_norm, cfg.rms_eps, o));
+        let mut qkv = vec![0.0f32; t * qkv_w];
+        ops::matmul(&xn, t, &self.qkv, &mut qkv)?;
+        let mut q = vec![0.0f32; t * qd];
+        let mut k = vec![0.0f32; t * kvd];
+        let mut v = vec![0.0f32; t * kvd];
+        for r in 0..t {
+            let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
+            if let Some(b) = &self.qkv_bias {
+                row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            }
+            q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
+            k[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+            v[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+        }
+        if let Some(w) = &self.q_norm {
+            ops::rms_norm_rows(&mut q, w, cfg.rms_eps);
+        }
+        if let Some(w) = &self.k_norm {
+            ops::rms_norm_rows(&mut k, w, cfg.rms_eps);
+        }
+        rope.apply(&mut q, &batch.positions, cfg.num_heads, hd);
+        rope.apply(&mut k, &batch.positions, cfg.num_kv_heads, hd);
+        for s in &batch.seqs {
+            for r in s.rows() {
+                let kr = &k[r * kvd..(r + 1) * kvd];
+                let vr = &v[r * kvd..(r + 1) * kvd];
+                cache.write(layer, s.seq, batch.positions[r], kr, vr);
+            }
+        }
+        let params = AttentionParams {
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            sliding_window: cfg.sliding_window,
+        };
+        let mut attn = vec![0.0f32; t * qd];
+        for s in &batch.seqs {
+            let rows = s.rows();
+            let table = cache
+                .table(s.seq)
+                .ok_or_else(|| RuntimeError::Request(format!("sequence {} has no KV cache", s.seq)))?;
+            ops::paged_attention(
+                &q[rows.start * qd..rows.end * qd],
+                &batch.positions[rows.clone()],
+                &cache.pool,
+                layer,
+                table,
+                &params,
+                &mut attn[rows.start * qd..rows.end * qd],
+            );
+        }
+        let mut o = vec![0.0f32; t * h];
+        ops::matmul(&attn, t, &self.wo, &mut o)?;
+
+        // Feed-forward block.
+        x.par_chunks_mut(h)
+            .zip(o.par_chunks(h))
+            .zip(xn.par_chunks_mut(h))
+            .for_each(|((xi, oi), ni)| ops::add_rms_norm(xi, oi, &self.ffn_norm, cfg.rms_eps, ni));
+        let Ffn::Dense { gate_up, down } = &self.ffn;
+        let inter = cfg.intermediate_size;
+        let mut gu = vec![0.0f32; t * 2 * inter];
+        ops::matmul(&xn, t, gate_up, &mut gu)?;
+        let mut act = vec![0.0f32; t * inter];
+        act.par_chunks_mut(inter)
+            .zip(gu.par_chunks(2 * inter))
+            .for_each(|(a, g)| ops::swiglu(&g[..inter], &g[inter..], a));
+        ops::matmul(&act, t, down, &mut o)?;
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+}

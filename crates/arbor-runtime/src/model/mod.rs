@@ -1,0 +1,108 @@
+//! The dense transformer: embeddings → N × [`DecoderLayer`] → norm → logits.
+
+mod batch;
+mod layer;
+mod source;
+
+pub use batch::{BatchLayout, SeqRows};
+pub use layer::{stack_rows, DecoderLayer, Ffn};
+pub use source::{hf_name, TensorSource};
+
+use crate::config::ModelConfig;
+use crate::gguf::GgufFile;
+use crate::safetensors::SafeTensors;
+use crate::RuntimeError;
+use arbor_kernels::kv::KvCache;
+use arbor_kernels::ops::{self, RopeTable};
+use arbor_kernels::Weight;
+use rayon::prelude::*;
+use std::path::Path;
+
+/// A loaded model's weights and shape.
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Weight,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    /// `None` when the output projection is tied to the embedding.
+    lm_head: Option<Weight>,
+    rope: RopeTable,
+    /// Storage types of the source tensors, for `arbor info`.
+    pub quantization: String,
+}
+
+impl Model {
+    /// Opens a GGUF file or an HF model directory (config.json + safetensors).
+    pub fn open_source(path: &Path) -> Result<(ModelConfig, TensorSource), RuntimeError> {
+        if path.is_dir() {
+            let cfg_path = path.join("config.json");
+            let text = std::fs::read_to_string(&cfg_path).map_err(|source| RuntimeError::Io { path: cfg_path, source })?;
+            let cfg = ModelConfig::from_hf_json(&text)?;
+            Ok((cfg, TensorSource::Safetensors(SafeTensors::open_dir(path)?)))
+        } else {
+            let f = GgufFile::open(path)?;
+            let src = TensorSource::Gguf(f);
+            let TensorSource::Gguf(f) = &src else { unreachable!() };
+            let head_dim = ModelConfig::from_gguf(f, None).map(|c| c.rope_dim)?;
+            let freqs = src.vector("rope_freqs.weight", head_dim / 2)?;
+            let cfg = ModelConfig::from_gguf(f, freqs)?;
+            Ok((cfg, src))
+        }
+    }
+
+    /// Loads every weight of `cfg` from `src`.
+    pub fn from_source(cfg: ModelConfig, src: &TensorSource) -> Result<Self, RuntimeError> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = src.req_matrix("token_embd.weight", v, h)?;
+        let lm_head = if cfg.tie_embeddings { None } else { src.matrix("output.weight", v, h)? };
+        let layers = (0..cfg.num_layers).map(|i| DecoderLayer::load(src, &cfg, i)).collect::<Result<Vec<_>, _>>()?;
+        let rope = RopeTable::new(cfg.rope_layout, cfg.rope_dim, cfg.rope_base, &cfg.rope_scaling);
+        Ok(Model {
+            norm: src.req_vector("output_norm.weight", h)?,
+            embed,
+            layers,
+            lm_head,
+            rope,
+            quantization: src.type_summary(),
+            cfg,
+        })
+    }
+
+    /// Opens and loads `path`.
+    pub fn load(path: &Path) -> Result<Self, RuntimeError> {
+        let (cfg, src) = Self::open_source(path)?;
+        Self::from_source(cfg, &src)
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.embed.nbytes()
+            + self.lm_head.as_ref().map_or(0, Weight::nbytes)
+            + self.layers.iter().map(DecoderLayer::nbytes).sum::<usize>()
+    }
+
+    /// Runs `tokens` (laid out by `batch`) through the model, writing K/V into `cache`, and
+    /// returns the logits (`logit_rows.len() × vocab`) of the rows in `logit_rows`.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        logit_rows: &[usize],
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let h = self.cfg.hidden_size;
+        let mut x = vec![0.0f32; tokens.len() * h];
+        ops::embedding(&self.embed, tokens, &mut x)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.forward(i, &self.cfg, &self.rope, batch, cache, &mut x)?;
+        }
+        let mut xn = vec![0.0f32; logit_rows.len() * h];
+        xn.par_chunks_mut(h)
+            .zip(logit_rows.par_iter())
+            .for_each(|(o, &r)| ops::rms_norm(&x[r * h..(r + 1) * h], &self.norm, self.cfg.rms_eps, o));
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0.0f32; logit_rows.len() * self.cfg.vocab_size];
+        ops::matmul(&xn, logit_rows.len(), head, &mut logits)?;
+        Ok(logits)
+    }
+}
