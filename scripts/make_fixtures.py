@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""Tiny random-weight HF models + reference logits for arbor's exactness tests.
+
+Writes tests/fixtures/models/<arch>/ for arch in llama, mistral, qwen2, qwen3:
+
+  config.json        HF config (see CONFIG FORMATS below)
+  *.safetensors      weights (dtype per model, see VARIANTS); qwen3 is sharded
+                     with model.safetensors.index.json
+  tokenizer.json     small byte-level BPE (same file in every dir)
+  reference.json     {"input_ids": [[80 ids], [80 ids]], "dtype_note": str, ...}
+  logits.safetensors f32 "logits.0", "logits.1", shape [80, vocab]: logits at
+                     every position of input_ids[i], run as one sequence
+                     (batch 1, positions 0..79, no padding), model.eval(),
+                     attn_implementation="eager", float32 compute.
+
+The reference is computed by re-loading the saved directory with
+AutoModelForCausalLM.from_pretrained(dir, dtype=float32), so it is exactly what
+the stored (possibly bf16/f16) weights give in f32, and the written config.json
+is proven loadable.
+
+VARIANTS (to exercise the loader):
+  llama   f32, 2 layers, 4 q heads / 2 kv heads, head_dim 16, untied lm_head,
+          rope_theta 1e4, rope_scaling llama3 (factor 8, low 1, high 4,
+          original_max_position_embeddings 32: with head_dim 16 the rotary
+          pairs hit all three llama3 branches: kept, smoothed, divided by 8).
+  mistral bf16 weights, 3 layers, 4 q heads / 1 kv head (MQA),
+          sliding_window 24 < 80: position i attends j with i-24 < j <= i
+          (24 keys including itself) in every layer. rope_theta 1e6.
+  qwen2   f32, 2 layers, 4/2 heads, q/k/v bias, tie_word_embeddings (no
+          lm_head.weight stored), use_sliding_window false with a decoy
+          sliding_window 16 that must be ignored. rope_theta 1e6.
+  qwen3   f16 weights sharded into several files, 3 layers, 4/2 heads,
+          head_dim 32 (!= 64/4), per-head RMSNorm q_norm/k_norm (applied
+          before RoPE), untied. rope_theta 1e6.
+
+CONFIG FORMATS: llama, mistral and qwen2 are written in the classic Hub form
+(top-level "rope_theta", "rope_scaling" null or a dict, "torch_dtype"), like
+the configs of real Llama-3.2 / Mistral / Qwen2.5 checkpoints. qwen3 is written
+as transformers >= 5 writes it ("rope_parameters": {"rope_theta", "rope_type"},
+"dtype", "layer_types"), so the loader sees both forms.
+
+Weights are initialised with N(0, 0.3) (biases too) and norm weights with
+N(1, 0.2), not the HF default 0.02, so attention is far from uniform and a
+wrong RoPE layout or GQA head mapping changes the logits a lot.
+
+Usage: python3 scripts/make_fixtures.py [--out tests/fixtures/models]
+Needs torch, transformers (tested with 5.23), tokenizers, safetensors. CPU only.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
+
+SEQ_LEN = 80
+VOCAB_TARGET = 384
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Fixed training text for the tokenizer (and the source of input_ids[0]).
+TEXT = """\
+The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.
+In 1969, 3 astronauts flew 384400 km to the Moon and came back 8 days later.
+def attention(q, k, v, scale):
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores, dim=-1) @ v
+
+fn main() {
+    let xs: Vec<u32> = (0..10).map(|i| i * i).collect();
+    println!("{:?}", xs);
+}
+for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }
+Rotary position embeddings rotate pairs of query and key features by an angle
+that grows with the position. Grouped-query attention shares each key/value
+head among several query heads. A sliding window limits how far back a token
+can look. Tied embeddings reuse the input embedding matrix as the output head.
+Café, naïve, résumé; Grüße aus München! 東京は日本の首都です。 Emoji: 🙂🚀
+<|im_start|>user
+What is the capital of France?<|im_end|>
+<|im_start|>assistant
+The capital of France is Paris.<|im_end|>
+    indented line\twith\ttabs   and   spaces
+{"key": [1, 2, 3], "pi": 3.14159, "ok": true, "name": "arbor"}
+"""
+
+# Qwen2-style pre-tokenizer split (then byte-level mapping without its own regex).
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def make_tokenizer():
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_TARGET, min_frequency=1, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # Repeat the text so merge counts are stable; training is deterministic.
+    tok.train_from_iterator([TEXT] * 4, trainer=trainer)
+    return tok
+
+
+def init_weights(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied params appear once
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def classic_config(model, storage_dtype):
+    """transformers-5 config dict -> classic Hub form (rope_theta/rope_scaling)."""
+    d = model.config.to_diff_dict()
+    rp = d.pop("rope_parameters")
+    d["rope_theta"] = rp.pop("rope_theta")
+    rtype = rp.get("rope_type", "default")
+    d["rope_scaling"] = None if rtype == "default" else rp
+    d.pop("layer_types", None)
+    d.pop("dtype", None)
+    d["torch_dtype"] = storage_dtype
+    d["architectures"] = [type(model).__name__]
+    d.pop("transformers_version", None)
+    if d.get("model_type") == "qwen2":
+        # transformers drops sliding_window when use_sliding_window is false;
+        # real Qwen2.5 configs carry one anyway. Keep a decoy that must be ignored.
+        d["sliding_window"] = 16
+    return d
+
+
+def build(arch, vocab, special_ids):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                  max_position_embeddings=128, bos_token_id=special_ids["<|im_start|>"],
+                  eos_token_id=special_ids["<|endoftext|>"], hidden_act="silu")
+    if arch == "llama":
+        cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          rms_norm_eps=1e-5, tie_word_embeddings=False,
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                           "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 32},
+                          **common)
+        return cfg, torch.float32, "float32", 1, None
+    if arch == "mistral":
+        cfg = MistralConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                            rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=24,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                            **common)
+        return cfg, torch.bfloat16, "bfloat16", 2, None
+    if arch == "qwen2":
+        cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          rms_norm_eps=1e-6, tie_word_embeddings=True,
+                          use_sliding_window=False, sliding_window=16, max_window_layers=1,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                          **common)
+        return cfg, torch.float32, "float32", 3, None
+    if arch == "qwen3":
+        cfg = Qwen3Config(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=32, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                          attention_bias=False, use_sliding_window=False,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                          **common)
+        return cfg, torch.float16, "float16", 4, "100KB"
+    raise ValueError(arch)
+
+
+def dump_compact(obj):
+    """JSON object with one top-level key per line (id lists stay on one line each)."""
+    lines = []
+    for k, v in obj.items():
+        if isinstance(v, list) and v and isinstance(v[0], list):
+            inner = ",\n".join("  " + json.dumps(x, separators=(",", ":")) for x in v)
+            lines.append(f" {json.dumps(k)}: [\n{inner}\n ]")
+        else:
+            lines.append(f" {json.dumps(k)}: {json.dumps(v)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+@torch.no_grad()
+def run_logits(model, ids):
+    return [model(input_ids=torch.tensor([s])).logits[0].float().contiguous() for s in ids]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "models"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    tok = make_tokenizer()
+    vocab = tok.get_vocab_size()
+    special_ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    text_ids = tok.encode(TEXT).ids
+    assert len(text_ids) >= SEQ_LEN, len(text_ids)
+    assert tok.decode(text_ids, skip_special_tokens=False) == TEXT
+    g = torch.Generator().manual_seed(1234)
+    rand_ids = torch.randint(0, vocab, (SEQ_LEN,), generator=g).tolist()
+    input_ids = [text_ids[:SEQ_LEN], rand_ids]
+    print(f"tokenizer: vocab {vocab}, text -> {len(text_ids)} tokens")
+
+    for arch in ["llama", "mistral", "qwen2", "qwen3"]:
+        cfg, sdtype, sdtype_name, seed, shard = build(arch, vocab, special_ids)
+        cfg._attn_implementation = "eager"
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
+                                                 dtype=torch.float32)
+        init_weights(model, seed)
+        model = model.to(sdtype).eval()
+
+        out = os.path.abspath(os.path.join(args.out, arch))
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            kw = {"max_shard_size": shard} if shard else {}
+            model.save_pretrained(tmp, **kw)
+            for f in sorted(os.listdir(tmp)):
+                if f.endswith(".safetensors") or f.endswith(".index.json"):
+                    shutil.copy(os.path.join(tmp, f), out)
+        if arch == "qwen3":
+            conf = model.config.to_diff_dict()  # transformers-5 form, as save_pretrained writes it
+            conf.pop("transformers_version", None)
+            conf["architectures"] = [type(model).__name__]
+        else:
+            conf = classic_config(model, sdtype_name)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(conf, f, indent=2, sort_keys=True)
+            f.write("\n")
+        tok.save(os.path.join(out, "tokenizer.json"))
+
+        # Reference: reload the saved dir in f32 (eager) and run it.
+        ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                   attn_implementation="eager").eval()
+        logits = run_logits(ref, input_ids)
+        # The reloaded weights must be exactly the stored ones, upcast. (Compare
+        # parameters, not logits: model.to(bf16) also rounded the rotary
+        # inv_freq buffer of the in-memory model, the reload recomputes it in f32.)
+        mine = dict(model.named_parameters())
+        for name, p in ref.named_parameters():
+            assert torch.equal(p, mine[name].float()), f"{arch}: {name} differs after reload"
+
+        checks = {}
+        if arch == "mistral":
+            # The window must matter: compare with full causal attention.
+            ref.config.sliding_window = None
+            for layer in ref.model.layers:
+                layer.self_attn.sliding_window = None
+            full = run_logits(ref, input_ids)
+            diff = (full[0] - logits[0]).abs().amax(dim=-1)
+            first = int(torch.nonzero(diff > 0)[0])
+            print(f"  mistral: first position changed by sliding window: {first}")
+            assert first == 24, first
+            checks["first_position_affected_by_window"] = first
+        if arch == "qwen2":
+            checks["sliding_window_ignored"] = ref.config.sliding_window is None
+            assert checks["sliding_window_ignored"]
+
+        save_file({f"logits.{i}": l for i, l in enumerate(logits)},
+                  os.path.join(out, "logits.safetensors"))
+        notes = {
+            "llama": "weights f32; reference computed in f32",
+            "mistral": "weights stored as bf16; reference computed in f32 from the bf16 weights upcast exactly to f32",
+            "qwen2": "weights f32; reference computed in f32; lm_head tied to embed_tokens (not stored)",
+            "qwen3": "weights stored as f16 in shards; reference computed in f32 from the f16 weights upcast exactly to f32",
+        }[arch]
+        refj = {
+            "input_ids": input_ids,
+            "dtype_note": notes + ". logits.safetensors holds f32 'logits.<i>' of shape "
+                          f"[{SEQ_LEN}, {vocab}] for input_ids[i], every position, batch 1, "
+                          "eager attention, transformers " + __import__("transformers").__version__
+                          + ", torch " + torch.__version__,
+            "storage_dtype": sdtype_name,
+            "vocab_size": vocab,
+            "greedy_next": [l.argmax(-1).tolist() for l in logits],
+            "checks": checks,
+        }
+        with open(os.path.join(out, "reference.json"), "w") as f:
+            f.write(dump_compact(refj))
+        allv = torch.cat(logits)
+        size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+        print(f"{arch:8s} params {sum(p.numel() for p in ref.parameters()):7d} "
+              f"max|logit| {allv.abs().max():7.3f} std {allv.std():6.3f} "
+              f"dir {size / 1024:.0f} KiB files {sorted(os.listdir(out))}")
+
+
+if __name__ == "__main__":
+    main()
