@@ -2,7 +2,25 @@
 //! into f32, and the block dot products the quantised matmul is built from.
 //!
 //! One file per format family: `legacy.rs` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1),
-//! `kquants.rs` (Q2_K..Q6_K, Q8_K), `float.rs` (F32, F16, BF16).
+//! `kquants.rs` (Q2_K..Q6_K, Q8_K), `float.rs` (F32, F16, BF16). `activation.rs` holds the
+//! 8-bit activation blocks, `tile.rs` the quantised matmul kernels (portable, and AVX2 in
+//! `avx2_legacy.rs` / `avx2_kquants.rs`) that [`crate::ops::matmul`] drives.
+
+pub mod activation;
+#[cfg(target_arch = "x86_64")]
+mod avx2_kquants;
+#[cfg(target_arch = "x86_64")]
+mod avx2_legacy;
+mod float;
+mod kquants;
+mod legacy;
+pub mod tile;
+
+#[cfg(test)]
+mod fixture_tests;
+
+pub use activation::{quantize_row_q8, quantize_row_q8k, BlockQ8, BlockQ8K};
+pub use tile::{Isa, QuantizedActs};
 
 use crate::KernelError;
 use std::fmt;
@@ -132,6 +150,7 @@ impl GgmlType {
         !matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
     }
 
+    /// The name ggml and GGUF tools print (`Q4_K`, not `Q4K`).
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -160,11 +179,25 @@ impl fmt::Display for GgmlType {
 }
 
 /// Dequantises `data` (whole blocks of `ty`) into `out`; `out.len()` elements are produced.
+///
+/// Errors (never panics) when `out.len()` is not a whole number of blocks or `data` is not
+/// exactly the bytes those blocks take. Values match ggml's reference dequantisation bit for
+/// bit (same f32 operations in the same order).
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
     let expected = ty.bytes_for(out.len())?;
     if data.len() != expected {
         return Err(KernelError::DataSize { ty: ty.to_string(), got: data.len(), expected });
     }
-    // Filled in by the quant formats (legacy.rs, kquants.rs, float.rs).
-    Err(KernelError::UnsupportedType(ty.to_string()))
+    match ty {
+        GgmlType::F32 => float::dequantize_f32(data, out),
+        GgmlType::F16 => float::dequantize_f16(data, out),
+        GgmlType::BF16 => float::dequantize_bf16(data, out),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::Q8_1 => {
+            legacy::dequantize(ty, data, out)
+        }
+        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q8K => {
+            kquants::dequantize(ty, data, out)
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,133 @@
+//! Activation rows quantised to 8 bits, the right-hand side of every quantised block dot
+//! product (as llama.cpp does: a row of `x` is quantised once per matmul, then each weight
+//! block is multiplied with integer arithmetic).
+//!
+//! These are arbor's own in-memory formats, never stored in files: scales are kept as f32
+//! (not f16 as in ggml's Q8_0/Q8_1), which only makes them more precise.
+
+/// Elements per [`BlockQ8`].
+pub const QK8: usize = 32;
+/// Elements per [`BlockQ8K`].
+pub const QK_K: usize = 256;
+
+/// 32 activations as `d * qs[i]`, with `s = d * Σ qs[i]` for the weight types that carry a
+/// minimum (Q4_1, Q5_1, and Q4_0/Q5_0, whose offset is folded into a minimum).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8 {
+    /// Scale.
+    pub d: f32,
+    /// `d * Σ qs`.
+    pub s: f32,
+    /// Quantised values in `-127..=127`.
+    pub qs: [i8; QK8],
+}
+
+/// 256 activations as `d * qs[i]`, with the sums of each 16 quants (Q8_K's layout), the
+/// right-hand side for the K-quants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8K {
+    /// Scale.
+    pub d: f32,
+    /// Quantised values in `-127..=127`.
+    pub qs: [i8; QK_K],
+    /// `bsums[j] = Σ qs[16j..16j+16]`.
+    pub bsums: [i16; QK_K / 16],
+}
+
+impl BlockQ8 {
+    /// An all-zero block.
+    pub const ZERO: BlockQ8 = BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK8] };
+}
+
+impl BlockQ8K {
+    /// An all-zero block.
+    pub const ZERO: BlockQ8K = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+}
+
+/// Symmetric 8-bit quantisation of `x` into `q`; returns the scale `d` (`x ≈ d * q`).
+/// A block of zeros (or one whose largest magnitude is not finite-positive) gets `d = 0`.
+#[inline]
+fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        // `as` saturates (and maps NaN to 0), so out-of-range inputs cannot wrap.
+        *qi = (xi * id).round() as i8;
+    }
+    d
+}
+
+/// Quantises one activation row: `x.len()` must be `32 * out.len()`.
+///
+/// # Panics
+/// If the lengths disagree (a caller bug: [`crate::ops::matmul`] checks shapes first).
+pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
+    assert_eq!(x.len(), out.len() * QK8, "quantize_row_q8: length mismatch");
+    for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK8)) {
+        b.d = quantize_symmetric(xb, &mut b.qs);
+        let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+        b.s = b.d * sum as f32;
+    }
+}
+
+/// Quantises one activation row into 256-blocks: `x.len()` must be `256 * out.len()`.
+///
+/// # Panics
+/// If the lengths disagree (a caller bug: [`crate::ops::matmul`] checks shapes first).
+pub fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), out.len() * QK_K, "quantize_row_q8k: length mismatch");
+    for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        b.d = quantize_symmetric(xb, &mut b.qs);
+        for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&v| v as i16).sum();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_round_trip_is_within_half_a_step() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.13).collect();
+        let mut b = [BlockQ8::ZERO; 2];
+        quantize_row_q8(&x, &mut b);
+        for (blk, xb) in b.iter().zip(x.chunks(32)) {
+            let sum: i32 = blk.qs.iter().map(|&v| v as i32).sum();
+            assert_eq!(blk.s, blk.d * sum as f32);
+            for (q, v) in blk.qs.iter().zip(xb) {
+                assert!((*q as f32 * blk.d - v).abs() <= blk.d * 0.5 + 1e-7);
+            }
+        }
+    }
+
+    #[test]
+    fn q8k_sums_and_zero_block() {
+        let mut x = vec![0.0f32; 512];
+        for (i, v) in x[256..].iter_mut().enumerate() {
+            *v = (i as f32 - 128.0) * 0.01;
+        }
+        let mut b = [BlockQ8K::ZERO; 2];
+        quantize_row_q8k(&x, &mut b);
+        assert_eq!(b[0].d, 0.0);
+        assert!(b[0].qs.iter().all(|&q| q == 0));
+        for (j, s) in b[1].bsums.iter().enumerate() {
+            let want: i16 = b[1].qs[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum();
+            assert_eq!(*s, want);
+        }
+        assert!(b[1].qs.iter().any(|&q| q == -127 || q == 127));
+    }
+
+    #[test]
+    fn non_finite_inputs_do_not_panic() {
+        let mut x = vec![1.0f32; 32];
+        x[3] = f32::NAN;
+        x[4] = f32::INFINITY;
+        let mut b = [BlockQ8::ZERO];
+        quantize_row_q8(&x, &mut b);
+    }
+}

@@ -1,0 +1,213 @@
+//! AVX2 kernels for the 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1)
+//! against [`BlockQ8`] activations.
+//!
+//! Each weight block is unpacked once into 32 bytes in one register, then multiplied with the
+//! activation bytes of up to four activation rows (`vpmaddubsw` + `vpmaddwd`, 32 products per
+//! pair of instructions), scaled in f32 with one FMA per block and row. The 4/5-bit types are
+//! unsigned (0..=31) and carry a minimum (`m·s_x` added in scalar); Q8_0/Q8_1 are signed and use
+//! the sign trick (`|w|` times `x` with `w`'s sign).
+//!
+//! Only reached through [`super::tile::dot_tile`], which checks every length first and calls
+//! these only when the CPU has AVX2, FMA and F16C.
+
+use std::arch::x86_64::*;
+
+use super::activation::BlockQ8;
+use super::GgmlType;
+
+/// f16 → f32 with F16C.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let h = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+/// Two adjacent f16 (`d`, `m`) → f32.
+#[inline(always)]
+unsafe fn f16x2_at(p: *const u8) -> (f32, f32) {
+    let h = (p as *const u32).read_unaligned();
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(h as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// 16 bytes of nibbles → 32 bytes `0..=15`: low nibbles first (elements 0..16), then the high
+/// nibbles (elements 16..32), matching ggml's element order.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let raw = _mm_loadu_si128(p as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// The 32 bits of `qh` as 32 bytes: byte `j` is 16 when bit `j` is set, else 0.
+#[inline(always)]
+unsafe fn fifth_bits(qh: u32) -> __m256i {
+    // Byte j of the result reads byte j / 8 of qh and tests bit j % 8.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(qh as i32),
+        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
+    );
+    let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(16))
+}
+
+/// A legacy block as AVX2 loads it: quants in one register, plus `d` and the minimum `m`
+/// (element = `d·q + m`). Q4_0/Q5_0 fold their offset into `m`, as in `legacy::Decoded`.
+trait Block {
+    const SIZE: usize;
+    /// Signed quants (Q8_0/Q8_1) rather than `0..=31` with a minimum.
+    const SIGNED: bool;
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32);
+}
+
+struct Q4_0;
+struct Q4_1;
+struct Q5_0;
+struct Q5_1;
+struct Q8_0;
+struct Q8_1;
+
+impl Block for Q4_0 {
+    const SIZE: usize = 18;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let d = f16_at(p);
+        (nibbles(p.add(2)), d, -8.0 * d)
+    }
+}
+
+impl Block for Q4_1 {
+    const SIZE: usize = 20;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let (d, m) = f16x2_at(p);
+        (nibbles(p.add(4)), d, m)
+    }
+}
+
+impl Block for Q5_0 {
+    const SIZE: usize = 22;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let d = f16_at(p);
+        let qh = (p.add(2) as *const u32).read_unaligned();
+        (_mm256_or_si256(nibbles(p.add(6)), fifth_bits(qh)), d, -16.0 * d)
+    }
+}
+
+impl Block for Q5_1 {
+    const SIZE: usize = 24;
+    const SIGNED: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        let (d, m) = f16x2_at(p);
+        let qh = (p.add(4) as *const u32).read_unaligned();
+        (_mm256_or_si256(nibbles(p.add(8)), fifth_bits(qh)), d, m)
+    }
+}
+
+impl Block for Q8_0 {
+    const SIZE: usize = 34;
+    const SIGNED: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        (_mm256_loadu_si256(p.add(2) as *const __m256i), f16_at(p), 0.0)
+    }
+}
+
+impl Block for Q8_1 {
+    const SIZE: usize = 36;
+    const SIGNED: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        (_mm256_loadu_si256(p.add(4) as *const __m256i), f16_at(p), 0.0)
+    }
+}
+
+/// Sum of the 8 lanes.
+#[inline(always)]
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// `out_t[r·m + i] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `ty` must be a legacy type; `w` must hold whole
+/// rows of `row_bytes` (a multiple of the block size), `x` at least `m · row_bytes / SIZE`
+/// blocks and `out_t` at least `rows · m` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], m: usize, out_t: &mut [f32]) {
+    match ty {
+        GgmlType::Q4_0 => tile_t::<Q4_0>(w, row_bytes, x, m, out_t),
+        GgmlType::Q4_1 => tile_t::<Q4_1>(w, row_bytes, x, m, out_t),
+        GgmlType::Q5_0 => tile_t::<Q5_0>(w, row_bytes, x, m, out_t),
+        GgmlType::Q5_1 => tile_t::<Q5_1>(w, row_bytes, x, m, out_t),
+        GgmlType::Q8_0 => tile_t::<Q8_0>(w, row_bytes, x, m, out_t),
+        GgmlType::Q8_1 => tile_t::<Q8_1>(w, row_bytes, x, m, out_t),
+        _ => unreachable!("avx2_legacy::tile called with {ty}"),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_t<B: Block>(w: &[u8], row_bytes: usize, x: &[BlockQ8], m: usize, out_t: &mut [f32]) {
+    let nb = row_bytes / B::SIZE;
+    let nrows = w.len() / row_bytes;
+    debug_assert!(x.len() >= m * nb && out_t.len() >= nrows * m);
+    let mut i0 = 0;
+    while i0 < m {
+        let xs = x.as_ptr().add(i0 * nb);
+        let out = out_t.as_mut_ptr().add(i0);
+        let rc = (m - i0).min(4);
+        match rc {
+            4 => rows::<B, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
+            3 => rows::<B, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
+            2 => rows::<B, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
+            _ => rows::<B, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
+        }
+        i0 += rc;
+    }
+}
+
+/// `R` activation rows (starting at `x`, `nb` blocks each) against every weight row; results
+/// go to `out[r·m + j]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows<B: Block, const R: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    nrows: usize,
+    nb: usize,
+    x: *const BlockQ8,
+    m: usize,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    for r in 0..nrows {
+        let wr = w.add(r * row_bytes);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0.0f32; R];
+        for b in 0..nb {
+            let (q, d, mn) = B::load(wr.add(b * B::SIZE));
+            let uq = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+            for j in 0..R {
+                let xb = &*x.add(j * nb + b);
+                let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, y), ones);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc[j]);
+                if !B::SIGNED {
+                    mins[j] += mn * xb.s;
+                }
+            }
+        }
+        for j in 0..R {
+            *out.add(r * m + j) = hsum(acc[j]) + mins[j];
+        }
+    }
+}
