@@ -4,13 +4,19 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fetch;
+pub mod generate;
 pub mod gguf;
+pub mod loader;
 pub mod model;
 pub mod safetensors;
+pub mod stop;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, EngineOptions, ForwardBatch, LogitsMode, SeqOutput, SeqStep};
 pub use error::RuntimeError;
+pub use generate::{generate, FinishReason, GenerateOptions, GenerationStats};
+pub use loader::{load, LoadedModel};
 pub use model::Model;
 pub use tokenizer::{ChatMessage, ChatTemplate, IncrementalDecoder, TokenKind, Tokenizer};

