@@ -8,9 +8,17 @@ pub enum KernelError {
     #[error("unsupported tensor type {0}: arbor reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K..Q6_K")]
     UnsupportedType(String),
     #[error("data for {ty} has {got} bytes, expected {expected}")]
-    DataSize { ty: String, got: usize, expected: usize },
+    DataSize {
+        ty: String,
+        got: usize,
+        expected: usize,
+    },
     #[error("KV cache is full: {needed} more pages needed, {free} free of {total}; raise --kv-cache-gb or shorten the request")]
-    KvFull { needed: usize, free: usize, total: usize },
+    KvFull {
+        needed: usize,
+        free: usize,
+        total: usize,
+    },
     #[error("{0}")]
     Invalid(String),
 }

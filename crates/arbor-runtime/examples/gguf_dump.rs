@@ -6,7 +6,12 @@ fn main() {
     };
     match arbor_runtime::gguf::GgufFile::open(path.as_ref()) {
         Ok(f) => {
-            println!("GGUF v{}, {} tensors, data at {}", f.header.version, f.header.tensors.len(), f.header.data_offset);
+            println!(
+                "GGUF v{}, {} tensors, data at {}",
+                f.header.version,
+                f.header.tensors.len(),
+                f.header.data_offset
+            );
             for (k, v) in &f.header.metadata {
                 println!("{k} = {v}");
             }

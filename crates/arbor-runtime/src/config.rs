@@ -78,13 +78,22 @@ impl ModelConfig {
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return bad(format!("{} heads cannot be grouped over {} KV heads", self.num_heads, self.num_kv_heads));
+            return bad(format!(
+                "{} heads cannot be grouped over {} KV heads",
+                self.num_heads, self.num_kv_heads
+            ));
         }
         if self.rope_dim == 0 || self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
-            return bad(format!("rotary dims {} do not fit head dim {}", self.rope_dim, self.head_dim));
+            return bad(format!(
+                "rotary dims {} do not fit head dim {}",
+                self.rope_dim, self.head_dim
+            ));
         }
         if !(self.rms_eps > 0.0 && self.rope_base > 0.0) {
-            return bad(format!("rms eps {} and rope base {} must be positive", self.rms_eps, self.rope_base));
+            return bad(format!(
+                "rms eps {} and rope base {} must be positive",
+                self.rms_eps, self.rope_base
+            ));
         }
         Ok(())
     }
@@ -110,16 +119,28 @@ impl ModelConfig {
         let head_dim = opt("attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
         let vocab_size = match opt("vocab_size") {
             Some(v) => v,
-            None => f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
+            None => f
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .unwrap_or(0),
         };
-        let rope_scaling = match (rope_freqs, f.get(&key("rope.scaling.type")).and_then(|v| v.as_str())) {
+        let rope_scaling = match (
+            rope_freqs,
+            f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()),
+        ) {
             (Some(factors), _) => RopeScaling::Factors(factors),
             (None, Some("linear")) => RopeScaling::Linear {
-                factor: f.get(&key("rope.scaling.factor")).and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
+                factor: f
+                    .get(&key("rope.scaling.factor"))
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(1.0) as f32,
             },
             (None, Some("none") | None) => RopeScaling::None,
             (None, Some(other)) => {
-                return Err(RuntimeError::Config(format!("rope scaling '{other}' is not supported yet")))
+                return Err(RuntimeError::Config(format!(
+                    "rope scaling '{other}' is not supported yet"
+                )))
             }
         };
         let cfg = ModelConfig {
@@ -132,8 +153,14 @@ impl ModelConfig {
             intermediate_size: req("feed_forward_length")?,
             vocab_size,
             max_context: req("context_length")?,
-            rms_eps: f.get(&key("attention.layer_norm_rms_epsilon")).and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
-            rope_base: f.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+            rms_eps: f
+                .get(&key("attention.layer_norm_rms_epsilon"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5) as f32,
+            rope_base: f
+                .get(&key("rope.freq_base"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10000.0) as f32,
             rope_scaling,
             rope_layout: match arch {
                 Arch::Llama | Arch::Mistral => RopeLayout::Interleaved,
@@ -149,41 +176,58 @@ impl ModelConfig {
 
     /// Reads an HF `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self, RuntimeError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| RuntimeError::Config(format!("config.json: {e}")))?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| RuntimeError::Config(format!("config.json: {e}")))?;
         let model_type = v
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| RuntimeError::Config("config.json has no model_type".into()))?;
         let arch = Arch::parse(model_type)?;
         let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-        let req = |k: &str| get(k).ok_or_else(|| RuntimeError::Config(format!("config.json lacks integer '{k}'")));
+        let req = |k: &str| {
+            get(k).ok_or_else(|| RuntimeError::Config(format!("config.json lacks integer '{k}'")))
+        };
         let hidden_size = req("hidden_size")?;
         let num_heads = req("num_attention_heads")?;
         let head_dim = get("head_dim").unwrap_or(hidden_size / num_heads.max(1));
         // transformers ≥ 5 nests rope settings in `rope_parameters`; older configs use
         // `rope_theta` + `rope_scaling`.
-        let rope = v.get("rope_parameters").or_else(|| v.get("rope_scaling")).filter(|r| r.is_object());
+        let rope = v
+            .get("rope_parameters")
+            .or_else(|| v.get("rope_scaling"))
+            .filter(|r| r.is_object());
         let f = |obj: Option<&Value>, k: &str| obj.and_then(|o| o.get(k)).and_then(Value::as_f64);
-        let rope_base = f(Some(&v), "rope_theta").or_else(|| f(rope, "rope_theta")).unwrap_or(10000.0) as f32;
+        let rope_base = f(Some(&v), "rope_theta")
+            .or_else(|| f(rope, "rope_theta"))
+            .unwrap_or(10000.0) as f32;
         let rope_type = rope
             .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
             .and_then(Value::as_str)
             .unwrap_or("default");
         let rope_scaling = match rope_type {
             "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear { factor: f(rope, "factor").unwrap_or(1.0) as f32 },
+            "linear" => RopeScaling::Linear {
+                factor: f(rope, "factor").unwrap_or(1.0) as f32,
+            },
             "llama3" => RopeScaling::Llama3 {
                 factor: f(rope, "factor").unwrap_or(8.0) as f32,
                 low_freq_factor: f(rope, "low_freq_factor").unwrap_or(1.0) as f32,
                 high_freq_factor: f(rope, "high_freq_factor").unwrap_or(4.0) as f32,
-                original_max_position: f(rope, "original_max_position_embeddings").unwrap_or(8192.0) as usize,
+                original_max_position: f(rope, "original_max_position_embeddings").unwrap_or(8192.0)
+                    as usize,
             },
-            other => return Err(RuntimeError::Config(format!("rope type '{other}' is not supported yet"))),
+            other => {
+                return Err(RuntimeError::Config(format!(
+                    "rope type '{other}' is not supported yet"
+                )))
+            }
         };
         let partial = f(Some(&v), "partial_rotary_factor").unwrap_or(1.0);
         let sliding_window = match arch {
             Arch::Mistral => get("sliding_window"),
-            Arch::Qwen2 | Arch::Qwen3 if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
+            Arch::Qwen2 | Arch::Qwen3
+                if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
+            {
                 get("sliding_window")
             }
             _ => None,
@@ -204,7 +248,10 @@ impl ModelConfig {
             rope_layout: RopeLayout::Neox,
             rope_dim: ((head_dim as f64 * partial) as usize) & !1,
             sliding_window,
-            tie_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         };
         cfg.validate()?;
         Ok(cfg)

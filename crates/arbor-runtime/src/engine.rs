@@ -18,7 +18,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { kv_cache_bytes: 512 << 20, page_size: 16 }
+        EngineOptions {
+            kv_cache_bytes: 512 << 20,
+            page_size: 16,
+        }
     }
 }
 
@@ -76,7 +79,10 @@ pub struct Engine {
 impl Engine {
     pub fn new(model: Model, opts: &EngineOptions) -> Result<Self, RuntimeError> {
         if ![8, 16, 32].contains(&opts.page_size) {
-            return Err(RuntimeError::Request(format!("page size {} must be 8, 16 or 32", opts.page_size)));
+            return Err(RuntimeError::Request(format!(
+                "page size {} must be 8, 16 or 32",
+                opts.page_size
+            )));
         }
         let c = &model.cfg;
         let layout = KvLayout {
@@ -93,7 +99,13 @@ impl Engine {
                 layout.bytes_per_page(4)
             )));
         }
-        Ok(Engine { model, cache: KvCache::new(layout, num_pages), tokens: HashMap::new(), next_seq: 0, computed_tokens: 0 })
+        Ok(Engine {
+            model,
+            cache: KvCache::new(layout, num_pages),
+            tokens: HashMap::new(),
+            next_seq: 0,
+            computed_tokens: 0,
+        })
     }
 
     /// Starts an empty sequence.
@@ -107,7 +119,11 @@ impl Engine {
 
     /// A new sequence sharing all of `parent`'s KV pages and tokens.
     pub fn fork_seq(&mut self, parent: SeqId) -> Result<SeqId, RuntimeError> {
-        let toks = self.tokens.get(&parent).cloned().ok_or_else(|| unknown(parent))?;
+        let toks = self
+            .tokens
+            .get(&parent)
+            .cloned()
+            .ok_or_else(|| unknown(parent))?;
         let id = self.next_seq;
         self.cache.fork(parent, id)?;
         self.next_seq += 1;
@@ -145,19 +161,37 @@ impl Engine {
             let have = self.tokens.get(&s.seq).ok_or_else(|| unknown(s.seq))?.len();
             let new_len = have + s.tokens.len();
             if s.tokens.is_empty() {
-                return Err(RuntimeError::Request(format!("sequence {} has no new tokens in this step", s.seq)));
+                return Err(RuntimeError::Request(format!(
+                    "sequence {} has no new tokens in this step",
+                    s.seq
+                )));
             }
             if new_len > cfg.max_context {
-                return Err(RuntimeError::ContextOverflow { tokens: new_len, context: cfg.max_context });
+                return Err(RuntimeError::ContextOverflow {
+                    tokens: new_len,
+                    context: cfg.max_context,
+                });
             }
             if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(RuntimeError::Request(format!("token id {t} is outside the vocabulary of {}", cfg.vocab_size)));
+                return Err(RuntimeError::Request(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
             }
-            if let Some(&(i, t)) = s.score.iter().find(|(i, t)| *i >= s.tokens.len() || *t as usize >= cfg.vocab_size) {
-                return Err(RuntimeError::Request(format!("score request ({i}, {t}) is out of range")));
+            if let Some(&(i, t)) = s
+                .score
+                .iter()
+                .find(|(i, t)| *i >= s.tokens.len() || *t as usize >= cfg.vocab_size)
+            {
+                return Err(RuntimeError::Request(format!(
+                    "score request ({i}, {t}) is out of range"
+                )));
             }
             if batch.seqs.iter().filter(|o| o.seq == s.seq).count() > 1 {
-                return Err(RuntimeError::Request(format!("sequence {} appears twice in one step", s.seq)));
+                return Err(RuntimeError::Request(format!(
+                    "sequence {} appears twice in one step",
+                    s.seq
+                )));
             }
             pages_needed += self.cache.pages_needed(s.seq, new_len);
             if BlockTable::pages_for(new_len, ps) > self.cache.allocator().num_total() {
@@ -169,7 +203,12 @@ impl Engine {
         }
         let free = self.cache.allocator().num_free();
         if pages_needed > free {
-            return Err(arbor_kernels::KernelError::KvFull { needed: pages_needed, free, total: self.cache.allocator().num_total() }.into());
+            return Err(arbor_kernels::KernelError::KvFull {
+                needed: pages_needed,
+                free,
+                total: self.cache.allocator().num_total(),
+            }
+            .into());
         }
 
         // Lay out rows and the rows whose logits are needed.
@@ -198,7 +237,9 @@ impl Engine {
             logit_rows.extend(rows.iter().map(|r| start + r));
             wanted.push(rows);
         }
-        let logits = self.model.forward(&mut self.cache, &all_tokens, &layout, &logit_rows)?;
+        let logits = self
+            .model
+            .forward(&mut self.cache, &all_tokens, &layout, &logit_rows)?;
         self.computed_tokens += all_tokens.len() as u64;
 
         let vocab = cfg.vocab_size;
@@ -211,7 +252,10 @@ impl Engine {
                 let k = base + rows.binary_search(&i).expect("row was requested");
                 &logits[k * vocab..(k + 1) * vocab]
             };
-            let sample = s.sample.as_ref().map(|p| ops::sample(row_logits(s.tokens.len() - 1), p, hist, hist.len() as u64));
+            let sample = s
+                .sample
+                .as_ref()
+                .map(|p| ops::sample(row_logits(s.tokens.len() - 1), p, hist, hist.len() as u64));
             let scores = s
                 .score
                 .iter()
@@ -225,9 +269,16 @@ impl Engine {
             let out_logits = match s.logits {
                 LogitsMode::None => vec![],
                 LogitsMode::Last => row_logits(s.tokens.len() - 1).to_vec(),
-                LogitsMode::All => (0..s.tokens.len()).flat_map(|i| row_logits(i).to_vec()).collect(),
+                LogitsMode::All => (0..s.tokens.len())
+                    .flat_map(|i| row_logits(i).to_vec())
+                    .collect(),
             };
-            outputs.push(SeqOutput { seq: s.seq, sample, logits: out_logits, scores });
+            outputs.push(SeqOutput {
+                seq: s.seq,
+                sample,
+                logits: out_logits,
+                scores,
+            });
             base += rows.len();
         }
         Ok(outputs)

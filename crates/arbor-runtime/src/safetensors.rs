@@ -24,19 +24,28 @@ pub struct SafeTensors {
 }
 
 fn err(path: &Path, detail: impl Into<String>) -> RuntimeError {
-    RuntimeError::Safetensors { path: path.to_path_buf(), detail: detail.into() }
+    RuntimeError::Safetensors {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
 }
 
 /// Parses a safetensors header from `buf`: tensor name → (dtype, shape, byte range of data).
-pub fn parse_header(buf: &[u8]) -> Result<Vec<(String, GgmlType, Vec<usize>, usize, usize)>, String> {
+pub fn parse_header(
+    buf: &[u8],
+) -> Result<Vec<(String, GgmlType, Vec<usize>, usize, usize)>, String> {
     if buf.len() < 8 {
         return Err("file is shorter than the 8-byte header length".into());
     }
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
     if n > (buf.len() - 8) as u64 {
-        return Err(format!("header length {n} exceeds the file ({} bytes): truncated or not safetensors", buf.len()));
+        return Err(format!(
+            "header length {n} exceeds the file ({} bytes): truncated or not safetensors",
+            buf.len()
+        ));
     }
-    let header: Value = serde_json::from_slice(&buf[8..8 + n as usize]).map_err(|e| format!("header is not JSON: {e}"))?;
+    let header: Value = serde_json::from_slice(&buf[8..8 + n as usize])
+        .map_err(|e| format!("header is not JSON: {e}"))?;
     let obj = header.as_object().ok_or("header is not a JSON object")?;
     let data_start = 8 + n as usize;
     let data_len = buf.len() - data_start;
@@ -45,12 +54,19 @@ pub fn parse_header(buf: &[u8]) -> Result<Vec<(String, GgmlType, Vec<usize>, usi
         if name == "__metadata__" {
             continue;
         }
-        let dtype_name = info.get("dtype").and_then(Value::as_str).ok_or(format!("tensor '{name}' has no dtype"))?;
+        let dtype_name = info
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or(format!("tensor '{name}' has no dtype"))?;
         let dtype = match dtype_name {
             "F32" => GgmlType::F32,
             "F16" => GgmlType::F16,
             "BF16" => GgmlType::BF16,
-            other => return Err(format!("tensor '{name}' has dtype {other}; arbor reads F32, F16 and BF16")),
+            other => {
+                return Err(format!(
+                    "tensor '{name}' has dtype {other}; arbor reads F32, F16 and BF16"
+                ))
+            }
         };
         let shape: Vec<usize> = info
             .get("shape")
@@ -60,12 +76,25 @@ pub fn parse_header(buf: &[u8]) -> Result<Vec<(String, GgmlType, Vec<usize>, usi
             .map(|d| d.as_u64().map(|d| d as usize))
             .collect::<Option<_>>()
             .ok_or(format!("tensor '{name}' has a non-integer dimension"))?;
-        let offs = info.get("data_offsets").and_then(Value::as_array).ok_or(format!("tensor '{name}' has no data_offsets"))?;
+        let offs = info
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .ok_or(format!("tensor '{name}' has no data_offsets"))?;
         let (s, e) = match offs.as_slice() {
-            [s, e] => (s.as_u64().unwrap_or(u64::MAX) as usize, e.as_u64().unwrap_or(0) as usize),
-            _ => return Err(format!("tensor '{name}': data_offsets must be [start, end]")),
+            [s, e] => (
+                s.as_u64().unwrap_or(u64::MAX) as usize,
+                e.as_u64().unwrap_or(0) as usize,
+            ),
+            _ => {
+                return Err(format!(
+                    "tensor '{name}': data_offsets must be [start, end]"
+                ))
+            }
         };
-        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or(format!("tensor '{name}' shape overflows"))?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or(format!("tensor '{name}' shape overflows"))?;
         if s > e || e > data_len || e - s != numel.saturating_mul(dtype.type_size()) {
             return Err(format!(
                 "tensor '{name}' {dtype_name}{shape:?}: bytes {s}..{e} do not match its shape or lie outside the {data_len}-byte data section"
@@ -81,9 +110,16 @@ impl SafeTensors {
     pub fn open_dir(dir: &Path) -> Result<Self, RuntimeError> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| RuntimeError::Io { path: index.clone(), source })?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| err(&index, format!("not JSON: {e}")))?;
-            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| err(&index, "no weight_map"))?;
+            let text = std::fs::read_to_string(&index).map_err(|source| RuntimeError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| err(&index, format!("not JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| err(&index, "no weight_map"))?;
             let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
             names.sort();
             names.dedup();
@@ -102,12 +138,33 @@ impl SafeTensors {
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let file = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.clone(), source })?;
+            let file = std::fs::File::open(path).map_err(|source| RuntimeError::Io {
+                path: path.clone(),
+                source,
+            })?;
             // SAFETY: read-only map of a model file arbor does not modify.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io { path: path.clone(), source })?;
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io {
+                path: path.clone(),
+                source,
+            })?;
             for (name, dtype, shape, start, end) in parse_header(&mmap).map_err(|d| err(path, d))? {
-                if tensors.insert(name.clone(), StTensor { dtype, shape, file: i, start, end }).is_some() {
-                    return Err(err(path, format!("tensor '{name}' appears in more than one shard")));
+                if tensors
+                    .insert(
+                        name.clone(),
+                        StTensor {
+                            dtype,
+                            shape,
+                            file: i,
+                            start,
+                            end,
+                        },
+                    )
+                    .is_some()
+                {
+                    return Err(err(
+                        path,
+                        format!("tensor '{name}' appears in more than one shard"),
+                    ));
                 }
             }
             files.push((path.clone(), mmap));

@@ -14,12 +14,19 @@ pub struct BlockAllocator {
 
 impl BlockAllocator {
     pub fn new(num_pages: usize) -> Self {
-        BlockAllocator { refcount: vec![0; num_pages], free: (0..num_pages as PageId).rev().collect() }
+        BlockAllocator {
+            refcount: vec![0; num_pages],
+            free: (0..num_pages as PageId).rev().collect(),
+        }
     }
 
     /// Takes a free page with refcount 1.
     pub fn allocate(&mut self) -> Result<PageId, KernelError> {
-        let p = self.free.pop().ok_or(KernelError::KvFull { needed: 1, free: 0, total: self.refcount.len() })?;
+        let p = self.free.pop().ok_or(KernelError::KvFull {
+            needed: 1,
+            free: 0,
+            total: self.refcount.len(),
+        })?;
         self.refcount[p as usize] = 1;
         Ok(p)
     }
@@ -33,7 +40,10 @@ impl BlockAllocator {
     /// One holder fewer; returns true when the page became free.
     pub fn release(&mut self, page: PageId) -> bool {
         let rc = &mut self.refcount[page as usize];
-        assert!(*rc > 0, "release of free page {page}: refcount would go negative");
+        assert!(
+            *rc > 0,
+            "release of free page {page}: refcount would go negative"
+        );
         *rc -= 1;
         if *rc == 0 {
             self.free.push(page);

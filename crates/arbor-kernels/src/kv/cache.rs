@@ -17,7 +17,11 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(layout: KvLayout, num_pages: usize) -> Self {
-        KvCache { pool: KvPool::new(layout, num_pages), alloc: BlockAllocator::new(num_pages), tables: HashMap::new() }
+        KvCache {
+            pool: KvPool::new(layout, num_pages),
+            alloc: BlockAllocator::new(num_pages),
+            tables: HashMap::new(),
+        }
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -61,7 +65,11 @@ impl KvCache {
     pub fn reserve(&mut self, seq: SeqId, new_len: usize) -> Result<(), KernelError> {
         let needed = self.pages_needed(seq, new_len);
         if needed > self.alloc.num_free() {
-            return Err(KernelError::KvFull { needed, free: self.alloc.num_free(), total: self.alloc.num_total() });
+            return Err(KernelError::KvFull {
+                needed,
+                free: self.alloc.num_free(),
+                total: self.alloc.num_total(),
+            });
         }
         let ps = self.pool.layout.page_size;
         let mut t = self.tables.remove(&seq).unwrap_or_default();
@@ -89,13 +97,14 @@ impl KvCache {
     /// `child` shares every page of `parent` (refcount +1 each); a shared partial last page is
     /// copied only when one of them writes into it.
     pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), KernelError> {
-        let t = self
-            .tables
-            .get(&parent)
-            .cloned()
-            .ok_or_else(|| KernelError::Invalid(format!("fork of unknown sequence {parent}")))?;
+        let t =
+            self.tables.get(&parent).cloned().ok_or_else(|| {
+                KernelError::Invalid(format!("fork of unknown sequence {parent}"))
+            })?;
         if self.tables.contains_key(&child) {
-            return Err(KernelError::Invalid(format!("fork into existing sequence {child}")));
+            return Err(KernelError::Invalid(format!(
+                "fork into existing sequence {child}"
+            )));
         }
         for &p in &t.pages {
             self.alloc.retain(p);

@@ -38,12 +38,18 @@ pub struct KvPool {
 impl KvPool {
     pub fn new(layout: KvLayout, num_pages: usize) -> Self {
         let n = layout.num_layers * num_pages * layout.page_elems_per_layer();
-        KvPool { layout, num_pages, data: vec![0.0; n] }
+        KvPool {
+            layout,
+            num_pages,
+            data: vec![0.0; n],
+        }
     }
 
     fn offset(&self, layer: usize, page: PageId, kv: usize, head: usize, slot: usize) -> usize {
         let l = &self.layout;
-        ((((layer * self.num_pages + page as usize) * 2 + kv) * l.num_kv_heads + head) * l.page_size + slot)
+        ((((layer * self.num_pages + page as usize) * 2 + kv) * l.num_kv_heads + head)
+            * l.page_size
+            + slot)
             * l.head_dim
     }
 

@@ -23,12 +23,24 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses `path`.
     pub fn open(path: &Path) -> Result<Self, RuntimeError> {
-        let file = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+        let file = std::fs::File::open(path).map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
         // SAFETY: the map is read-only; arbor never writes model files while they are loaded.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io { path: path.into(), source })?;
-        let header =
-            parse(&mmap).map_err(|detail| RuntimeError::Gguf { path: path.to_path_buf(), detail })?;
-        Ok(GgufFile { path: path.to_path_buf(), header, mmap })
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| RuntimeError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let header = parse(&mmap).map_err(|detail| RuntimeError::Gguf {
+            path: path.to_path_buf(),
+            detail,
+        })?;
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            header,
+            mmap,
+        })
     }
 
     /// Metadata value by key.

@@ -54,9 +54,17 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!("file ends inside {what} at byte {} (needs {n} more bytes, file has {})", self.pos, self.buf.len())
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "file ends inside {what} at byte {} (needs {n} more bytes, file has {})",
+                    self.pos,
+                    self.buf.len()
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -68,18 +76,27 @@ impl<'a> Cursor<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &str) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self, what: &str) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self, what: &str) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
     fn string(&mut self, what: &str) -> Result<String, String> {
         let len = self.u64(what)?;
         if len > self.remaining() as u64 {
-            return Err(format!("{what}: string length {len} exceeds the {} bytes left", self.remaining()));
+            return Err(format!(
+                "{what}: string length {len} exceeds the {} bytes left",
+                self.remaining()
+            ));
         }
         let bytes = self.take(len as usize, what)?;
         // llama.cpp writes some vocabularies with invalid UTF-8; keep them readable.
@@ -116,8 +133,14 @@ impl<'a> Cursor<'a> {
                     8..=12 => 8,
                     t => return Err(format!("{what}: unknown array element type {t}")),
                 };
-                if count.checked_mul(min_size).is_none_or(|n| n > self.remaining() as u64) {
-                    return Err(format!("{what}: array of {count} elements exceeds the {} bytes left", self.remaining()));
+                if count
+                    .checked_mul(min_size)
+                    .is_none_or(|n| n > self.remaining() as u64)
+                {
+                    return Err(format!(
+                        "{what}: array of {count} elements exceeds the {} bytes left",
+                        self.remaining()
+                    ));
                 }
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
@@ -136,21 +159,36 @@ impl<'a> Cursor<'a> {
 /// Parses a GGUF header (v2 or v3) and checks that every tensor's data lies inside `buf`.
 pub fn parse(buf: &[u8]) -> Result<GgufHeader, String> {
     let mut c = Cursor { buf, pos: 0 };
-    let magic = c.take(4, "the magic number").map_err(|_| "file is too short to be GGUF".to_string())?;
+    let magic = c
+        .take(4, "the magic number")
+        .map_err(|_| "file is too short to be GGUF".to_string())?;
     if magic != MAGIC {
-        return Err(format!("not a GGUF file: it starts with {magic:02x?}, not \"GGUF\""));
+        return Err(format!(
+            "not a GGUF file: it starts with {magic:02x?}, not \"GGUF\""
+        ));
     }
     let version = c.u32("the version")?;
     match version {
         2 | 3 => {}
-        1 => return Err("GGUF version 1 is not supported: convert the model again with a current llama.cpp".into()),
+        1 => {
+            return Err(
+                "GGUF version 1 is not supported: convert the model again with a current llama.cpp"
+                    .into(),
+            )
+        }
         v if v.swap_bytes() <= 3 => return Err("big-endian GGUF files are not supported".into()),
-        v => return Err(format!("unknown GGUF version {v}: arbor reads versions 2 and 3")),
+        v => {
+            return Err(format!(
+                "unknown GGUF version {v}: arbor reads versions 2 and 3"
+            ))
+        }
     }
     let n_tensors = c.u64("the tensor count")?;
     let n_kv = c.u64("the metadata count")?;
     // Each key/value takes at least 12 bytes and each tensor info at least 24.
-    if n_kv.saturating_mul(12) > c.remaining() as u64 || n_tensors.saturating_mul(24) > c.remaining() as u64 {
+    if n_kv.saturating_mul(12) > c.remaining() as u64
+        || n_tensors.saturating_mul(24) > c.remaining() as u64
+    {
         return Err(format!("header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file holds"));
     }
 
@@ -176,27 +214,48 @@ pub fn parse(buf: &[u8]) -> Result<GgufHeader, String> {
         let what = format!("tensor '{name}'");
         let n_dims = c.u32(&what)?;
         if n_dims == 0 || n_dims > 4 {
-            return Err(format!("{what} has {n_dims} dimensions; GGUF tensors have 1 to 4"));
+            return Err(format!(
+                "{what} has {n_dims} dimensions; GGUF tensors have 1 to 4"
+            ));
         }
-        let dims = (0..n_dims).map(|_| c.u64(&what)).collect::<Result<Vec<_>, _>>()?;
+        let dims = (0..n_dims)
+            .map(|_| c.u64(&what))
+            .collect::<Result<Vec<_>, _>>()?;
         let ty_id = c.u32(&what)?;
         let ty = GgmlType::from_id(ty_id).map_err(|e| format!("{what}: {e}"))?;
         let offset = c.u64(&what)?;
-        let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= 1 << 40);
+        let numel = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= 1 << 40);
         let numel = numel.ok_or_else(|| format!("{what} has an impossible shape {dims:?}"))?;
         if dims[0] % ty.block_size() as u64 != 0 {
-            return Err(format!("{what}: rows of {} elements are not whole {ty} blocks of {}", dims[0], ty.block_size()));
+            return Err(format!(
+                "{what}: rows of {} elements are not whole {ty} blocks of {}",
+                dims[0],
+                ty.block_size()
+            ));
         }
         let nbytes = numel / ty.block_size() as u64 * ty.type_size() as u64;
         if offset % alignment != 0 {
-            return Err(format!("{what}: data offset {offset} is not aligned to {alignment}"));
+            return Err(format!(
+                "{what}: data offset {offset} is not aligned to {alignment}"
+            ));
         }
-        tensors.push(TensorInfo { name, dims, ty, offset, nbytes: nbytes as usize });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ty,
+            offset,
+            nbytes: nbytes as usize,
+        });
     }
 
     let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
     for t in &tensors {
-        let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.nbytes as u64));
+        let end = data_offset
+            .checked_add(t.offset)
+            .and_then(|s| s.checked_add(t.nbytes as u64));
         if end.is_none_or(|e| e > buf.len() as u64) {
             return Err(format!(
                 "tensor '{}' ({} bytes at offset {}) runs past the end of the file ({} bytes): the file is truncated",
@@ -207,5 +266,11 @@ pub fn parse(buf: &[u8]) -> Result<GgufHeader, String> {
             ));
         }
     }
-    Ok(GgufHeader { version, metadata, tensors, alignment, data_offset: data_offset as usize })
+    Ok(GgufHeader {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset: data_offset as usize,
+    })
 }

@@ -106,7 +106,11 @@ impl fmt::Display for MetaValue {
             MetaValue::F32(v) => write!(f, "{v}"),
             MetaValue::F64(v) => write!(f, "{v}"),
             MetaValue::Bool(v) => write!(f, "{v}"),
-            other => write!(f, "{}", other.as_i64().map(|v| v.to_string()).unwrap_or_default()),
+            other => write!(
+                f,
+                "{}",
+                other.as_i64().map(|v| v.to_string()).unwrap_or_default()
+            ),
         }
     }
 }

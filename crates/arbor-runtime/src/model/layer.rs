@@ -48,11 +48,17 @@ pub fn stack_rows(parts: Vec<Weight>) -> Result<Weight, RuntimeError> {
     for w in &parts[1..] {
         match (&mut out, &w.data) {
             (WeightData::F32(a), WeightData::F32(b)) => a.extend_from_slice(b),
-            (WeightData::Raw { bytes: a, .. }, WeightData::Raw { bytes: b, .. }) => a.extend_from_slice(b),
+            (WeightData::Raw { bytes: a, .. }, WeightData::Raw { bytes: b, .. }) => {
+                a.extend_from_slice(b)
+            }
             _ => unreachable!("types checked equal above"),
         }
     }
-    Ok(Weight { rows, cols, data: out })
+    Ok(Weight {
+        rows,
+        cols,
+        data: out,
+    })
 }
 
 impl DecoderLayer {
@@ -158,9 +164,9 @@ impl DecoderLayer {
         let mut attn = vec![0.0f32; t * qd];
         for s in &batch.seqs {
             let rows = s.rows();
-            let table = cache
-                .table(s.seq)
-                .ok_or_else(|| RuntimeError::Request(format!("sequence {} has no KV cache", s.seq)))?;
+            let table = cache.table(s.seq).ok_or_else(|| {
+                RuntimeError::Request(format!("sequence {} has no KV cache", s.seq))
+            })?;
             ops::paged_attention(
                 &q[rows.start * qd..rows.end * qd],
                 &batch.positions[rows.clone()],

@@ -36,13 +36,18 @@ impl Model {
     pub fn open_source(path: &Path) -> Result<(ModelConfig, TensorSource), RuntimeError> {
         if path.is_dir() {
             let cfg_path = path.join("config.json");
-            let text = std::fs::read_to_string(&cfg_path).map_err(|source| RuntimeError::Io { path: cfg_path, source })?;
+            let text = std::fs::read_to_string(&cfg_path).map_err(|source| RuntimeError::Io {
+                path: cfg_path,
+                source,
+            })?;
             let cfg = ModelConfig::from_hf_json(&text)?;
             Ok((cfg, TensorSource::Safetensors(SafeTensors::open_dir(path)?)))
         } else {
             let f = GgufFile::open(path)?;
             let src = TensorSource::Gguf(f);
-            let TensorSource::Gguf(f) = &src else { unreachable!() };
+            let TensorSource::Gguf(f) = &src else {
+                unreachable!()
+            };
             let head_dim = ModelConfig::from_gguf(f, None).map(|c| c.rope_dim)?;
             let freqs = src.vector("rope_freqs.weight", head_dim / 2)?;
             let cfg = ModelConfig::from_gguf(f, freqs)?;
@@ -54,9 +59,20 @@ impl Model {
     pub fn from_source(cfg: ModelConfig, src: &TensorSource) -> Result<Self, RuntimeError> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = src.req_matrix("token_embd.weight", v, h)?;
-        let lm_head = if cfg.tie_embeddings { None } else { src.matrix("output.weight", v, h)? };
-        let layers = (0..cfg.num_layers).map(|i| DecoderLayer::load(src, &cfg, i)).collect::<Result<Vec<_>, _>>()?;
-        let rope = RopeTable::new(cfg.rope_layout, cfg.rope_dim, cfg.rope_base, &cfg.rope_scaling);
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            src.matrix("output.weight", v, h)?
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(src, &cfg, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rope = RopeTable::new(
+            cfg.rope_layout,
+            cfg.rope_dim,
+            cfg.rope_base,
+            &cfg.rope_scaling,
+        );
         Ok(Model {
             norm: src.req_vector("output_norm.weight", h)?,
             embed,
@@ -99,7 +115,9 @@ impl Model {
         let mut xn = vec![0.0f32; logit_rows.len() * h];
         xn.par_chunks_mut(h)
             .zip(logit_rows.par_iter())
-            .for_each(|(o, &r)| ops::rms_norm(&x[r * h..(r + 1) * h], &self.norm, self.cfg.rms_eps, o));
+            .for_each(|(o, &r)| {
+                ops::rms_norm(&x[r * h..(r + 1) * h], &self.norm, self.cfg.rms_eps, o)
+            });
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0.0f32; logit_rows.len() * self.cfg.vocab_size];
         ops::matmul(&xn, logit_rows.len(), head, &mut logits)?;

@@ -43,7 +43,10 @@ pub fn hf_name(gguf: &str) -> String {
 }
 
 fn tensor_err(name: &str, detail: impl Into<String>) -> RuntimeError {
-    RuntimeError::Tensor { name: name.to_string(), detail: detail.into() }
+    RuntimeError::Tensor {
+        name: name.to_string(),
+        detail: detail.into(),
+    }
 }
 
 impl TensorSource {
@@ -69,24 +72,42 @@ impl TensorSource {
 
     /// A `rows × cols` matrix kept in its stored type; `None` if absent, an error if its shape
     /// differs from the config's.
-    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Option<Weight>, RuntimeError> {
-        let Some((shape, ty, bytes)) = self.raw(name) else { return Ok(None) };
+    pub fn matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Weight>, RuntimeError> {
+        let Some((shape, ty, bytes)) = self.raw(name) else {
+            return Ok(None);
+        };
         if shape != [rows, cols] {
-            return Err(tensor_err(name, format!("shape {shape:?}, but the model config implies [{rows}, {cols}]")));
+            return Err(tensor_err(
+                name,
+                format!("shape {shape:?}, but the model config implies [{rows}, {cols}]"),
+            ));
         }
-        Weight::from_raw(rows, cols, ty, bytes.to_vec()).map(Some).map_err(|e| tensor_err(name, e.to_string()))
+        Weight::from_raw(rows, cols, ty, bytes.to_vec())
+            .map(Some)
+            .map_err(|e| tensor_err(name, e.to_string()))
     }
 
     /// A required matrix.
     pub fn req_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight, RuntimeError> {
-        self.matrix(name, rows, cols)?.ok_or_else(|| tensor_err(name, "missing from the weights"))
+        self.matrix(name, rows, cols)?
+            .ok_or_else(|| tensor_err(name, "missing from the weights"))
     }
 
     /// A vector of `len` values as f32; `None` if absent.
     pub fn vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, RuntimeError> {
-        let Some((shape, ty, bytes)) = self.raw(name) else { return Ok(None) };
+        let Some((shape, ty, bytes)) = self.raw(name) else {
+            return Ok(None);
+        };
         if shape.iter().product::<usize>() != len || shape.len() != 1 {
-            return Err(tensor_err(name, format!("shape {shape:?}, but the model config implies [{len}]")));
+            return Err(tensor_err(
+                name,
+                format!("shape {shape:?}, but the model config implies [{len}]"),
+            ));
         }
         let mut out = vec![0.0; len];
         dequantize(ty, bytes, &mut out).map_err(|e| tensor_err(name, e.to_string()))?;
@@ -95,7 +116,8 @@ impl TensorSource {
 
     /// A required vector.
     pub fn req_vector(&self, name: &str, len: usize) -> Result<Vec<f32>, RuntimeError> {
-        self.vector(name, len)?.ok_or_else(|| tensor_err(name, "missing from the weights"))
+        self.vector(name, len)?
+            .ok_or_else(|| tensor_err(name, "missing from the weights"))
     }
 
     /// Short description of the storage types used, e.g. "Q4_1 (210), Q8_0 (1), F32 (61)".
@@ -107,9 +129,16 @@ impl TensorSource {
         };
         match self {
             TensorSource::Gguf(f) => f.header.tensors.iter().for_each(|t| add(t.ty)),
-            TensorSource::Safetensors(st) => st.names().filter_map(|n| st.get(n)).for_each(|t| add(t.dtype)),
+            TensorSource::Safetensors(st) => st
+                .names()
+                .filter_map(|n| st.get(n))
+                .for_each(|t| add(t.dtype)),
         }
         counts.sort_by_key(|c| std::cmp::Reverse(c.1));
-        counts.iter().map(|(t, n)| format!("{t} ({n})")).collect::<Vec<_>>().join(", ")
+        counts
+            .iter()
+            .map(|(t, n)| format!("{t} ({n})"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
