@@ -26,6 +26,10 @@ pub struct ModelArgs {
     /// Token positions per KV page (8, 16 or 32).
     #[arg(long, default_value_t = 16)]
     pub page_size: usize,
+    /// Multiply quantised weights with f32 activations (as transformers does on a dequantised
+    /// GGUF) instead of 8-bit ones: slower, for validation.
+    #[arg(long)]
+    pub exact: bool,
 }
 
 impl ModelArgs {
@@ -82,6 +86,9 @@ impl ModelArgs {
             tokenizer,
             load_secs,
         } = arbor_runtime::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        if self.exact {
+            model.precision = arbor_runtime::model::Precision::Exact;
+        }
         let opts = EngineOptions {
             kv_cache_bytes: (self.kv_cache_gb * (1u64 << 30) as f64) as usize,
             page_size: self.page_size,

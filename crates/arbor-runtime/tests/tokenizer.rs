@@ -711,3 +711,24 @@ fn tiny_vocabularies_work_and_bad_ids_are_harmless() {
     assert_eq!(tok.token_bytes(4000), b"");
     assert_eq!(tok.encode("", true, true).unwrap(), Vec::<u32>::new());
 }
+
+/// Extra golden files given at run time, for checking against llama.cpp on any model:
+/// `ARBOR_TOKENIZER_GOLDEN="GGUF:INP:OUT[:special],..."` (`special`: the ids were made with
+/// special tokens parsed). Does nothing when unset.
+#[test]
+fn extra_golden_files_from_env() {
+    let Ok(spec) = std::env::var("ARBOR_TOKENIZER_GOLDEN") else {
+        return;
+    };
+    for entry in spec.split(',').filter(|e| !e.is_empty()) {
+        let parts: Vec<&str> = entry.split(':').collect();
+        assert!(
+            parts.len() >= 3,
+            "ARBOR_TOKENIZER_GOLDEN entry {entry:?} is not GGUF:INP:OUT[:special]"
+        );
+        let file = GgufFile::open(Path::new(parts[0])).unwrap_or_else(|e| panic!("{entry}: {e}"));
+        let tok = Tokenizer::from_gguf(&file).unwrap_or_else(|e| panic!("{entry}: {e}"));
+        let cases = read_cases(Path::new(parts[1]), Path::new(parts[2]));
+        check_golden_with(entry, &tok, &cases, parts.get(3) == Some(&"special"));
+    }
+}

@@ -2,6 +2,7 @@
 //! norm, sliding window) over the paged KV cache, and the feed-forward block.
 
 use super::batch::BatchLayout;
+use super::linear::{linear, Precision};
 use super::source::TensorSource;
 use crate::config::ModelConfig;
 use crate::RuntimeError;
@@ -115,6 +116,7 @@ impl DecoderLayer {
         batch: &BatchLayout,
         cache: &mut KvCache,
         x: &mut [f32],
+        precision: Precision,
     ) -> Result<(), RuntimeError> {
         let (h, hd, t) = (cfg.hidden_size, cfg.head_dim, batch.rows());
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -126,7 +128,7 @@ impl DecoderLayer {
             .zip(x.par_chunks(h))
             .for_each(|(o, xi)| ops::rms_norm(xi, &self.attn_norm, cfg.rms_eps, o));
         let mut qkv = vec![0.0f32; t * qkv_w];
-        ops::matmul(&xn, t, &self.qkv, &mut qkv)?;
+        linear(precision, &xn, t, &self.qkv, &mut qkv)?;
         let mut q = vec![0.0f32; t * qd];
         let mut k = vec![0.0f32; t * kvd];
         let mut v = vec![0.0f32; t * kvd];
@@ -178,7 +180,7 @@ impl DecoderLayer {
             );
         }
         let mut o = vec![0.0f32; t * h];
-        ops::matmul(&attn, t, &self.wo, &mut o)?;
+        linear(precision, &attn, t, &self.wo, &mut o)?;
 
         // Feed-forward block.
         x.par_chunks_mut(h)
@@ -188,12 +190,12 @@ impl DecoderLayer {
         let Ffn::Dense { gate_up, down } = &self.ffn;
         let inter = cfg.intermediate_size;
         let mut gu = vec![0.0f32; t * 2 * inter];
-        ops::matmul(&xn, t, gate_up, &mut gu)?;
+        linear(precision, &xn, t, gate_up, &mut gu)?;
         let mut act = vec![0.0f32; t * inter];
         act.par_chunks_mut(inter)
             .zip(gu.par_chunks(2 * inter))
             .for_each(|(a, g)| ops::swiglu(&g[..inter], &g[inter..], a));
-        ops::matmul(&act, t, down, &mut o)?;
+        linear(precision, &act, t, down, &mut o)?;
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         Ok(())
     }

@@ -2,10 +2,12 @@
 
 mod batch;
 mod layer;
+mod linear;
 mod source;
 
 pub use batch::{BatchLayout, SeqRows};
 pub use layer::{stack_rows, DecoderLayer, Ffn};
+pub use linear::{linear, Precision};
 pub use source::{hf_name, TensorSource};
 
 use crate::config::ModelConfig;
@@ -29,6 +31,8 @@ pub struct Model {
     rope: RopeTable,
     /// Storage types of the source tensors, for `arbor info`.
     pub quantization: String,
+    /// How matmuls over quantised weights are computed.
+    pub precision: Precision,
 }
 
 impl Model {
@@ -80,6 +84,7 @@ impl Model {
             lm_head,
             rope,
             quantization: src.type_summary(),
+            precision: Precision::default(),
             cfg,
         })
     }
@@ -110,7 +115,15 @@ impl Model {
         let mut x = vec![0.0f32; tokens.len() * h];
         ops::embedding(&self.embed, tokens, &mut x)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.forward(i, &self.cfg, &self.rope, batch, cache, &mut x)?;
+            layer.forward(
+                i,
+                &self.cfg,
+                &self.rope,
+                batch,
+                cache,
+                &mut x,
+                self.precision,
+            )?;
         }
         let mut xn = vec![0.0f32; logit_rows.len() * h];
         xn.par_chunks_mut(h)
@@ -120,7 +133,7 @@ impl Model {
             });
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0.0f32; logit_rows.len() * self.cfg.vocab_size];
-        ops::matmul(&xn, logit_rows.len(), head, &mut logits)?;
+        linear(self.precision, &xn, logit_rows.len(), head, &mut logits)?;
         Ok(logits)
     }
 }

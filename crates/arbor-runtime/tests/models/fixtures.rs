@@ -1,6 +1,7 @@
-//! The transformer against HF transformers: tiny random-weight llama, mistral, qwen2 and qwen3
-//! fixtures (made by scripts/make_fixtures.py) must give the same logits at every position.
+//! Tiny random-weight llama, mistral, qwen2 and qwen3 fixtures (made by
+//! scripts/make_fixtures.py) must give transformers' logits at every position.
 
+use super::errors;
 use arbor_kernels::ops::RopeLayout;
 use arbor_runtime::safetensors::SafeTensors;
 use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, Model, SeqStep};
@@ -38,19 +39,6 @@ fn reference(arch: &str) -> Vec<(Vec<u32>, Vec<f32>)> {
             (toks, logits)
         })
         .collect()
-}
-
-/// (NMSE, max abs error) of `got` against `want`.
-fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den, mut max) = (0.0f64, 0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want) {
-        let d = (*g as f64 - *w as f64).abs();
-        num += d * d;
-        den += (*w as f64) * (*w as f64);
-        max = max.max(d);
-    }
-    (num / den, max)
 }
 
 fn engine_for(model: Model) -> Engine {
