@@ -5,9 +5,11 @@
 
 mod parse;
 mod value;
+mod write;
 
 pub use parse::{parse, GgufHeader, TensorInfo};
 pub use value::MetaValue;
+pub use write::GgufWriter;
 
 use crate::RuntimeError;
 use memmap2::Mmap;
