@@ -27,28 +27,52 @@ pub enum WeightData {
 impl Weight {
     /// An f32 weight; checks that `data` fills `rows × cols`.
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self, KernelError> {
-        if data.len() != rows * cols {
+        if rows.checked_mul(cols) != Some(data.len()) {
             return Err(KernelError::Shape {
                 op: "Weight::from_f32",
-                detail: format!("{rows}x{cols} needs {} values, got {}", rows * cols, data.len()),
+                detail: format!("{rows}x{cols} does not hold {} values", data.len()),
             });
         }
-        Ok(Weight { rows, cols, data: WeightData::F32(data) })
+        Ok(Weight {
+            rows,
+            cols,
+            data: WeightData::F32(data),
+        })
     }
 
     /// A weight stored as `ty`; checks the byte count. F32 bytes are converted to f32.
-    pub fn from_raw(rows: usize, cols: usize, ty: GgmlType, bytes: Vec<u8>) -> Result<Self, KernelError> {
+    pub fn from_raw(
+        rows: usize,
+        cols: usize,
+        ty: GgmlType,
+        bytes: Vec<u8>,
+    ) -> Result<Self, KernelError> {
         let expected = ty.bytes_for(cols)?.checked_mul(rows).ok_or_else(|| {
             KernelError::Invalid(format!("weight of {rows}x{cols} {ty} overflows"))
         })?;
         if bytes.len() != expected {
-            return Err(KernelError::DataSize { ty: ty.to_string(), got: bytes.len(), expected });
+            return Err(KernelError::DataSize {
+                ty: ty.to_string(),
+                got: bytes.len(),
+                expected,
+            });
         }
         if ty == GgmlType::F32 {
-            let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            return Ok(Weight { rows, cols, data: WeightData::F32(data) });
+            let data = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            return Ok(Weight {
+                rows,
+                cols,
+                data: WeightData::F32(data),
+            });
         }
-        Ok(Weight { rows, cols, data: WeightData::Raw { ty, bytes } })
+        Ok(Weight {
+            rows,
+            cols,
+            data: WeightData::Raw { ty, bytes },
+        })
     }
 
     /// The stored element type.
@@ -68,28 +92,44 @@ impl Weight {
     }
 
     /// Writes row `i` as f32 into `out` (`out.len() == cols`). Used by embedding lookups.
+    /// Errors (never panics) on a bad row index or length, or storage too short for the shape
+    /// (the fields are public, so a `Weight` can be built inconsistent).
     pub fn row_to_f32(&self, i: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        let shape_err = || KernelError::Shape {
+            op: "Weight::row_to_f32",
+            detail: format!(
+                "row {i} of {}x{} {} into {}",
+                self.rows,
+                self.cols,
+                self.ty(),
+                out.len()
+            ),
+        };
         if i >= self.rows || out.len() != self.cols {
-            return Err(KernelError::Shape {
-                op: "Weight::row_to_f32",
-                detail: format!("row {i} of {}x{} into {}", self.rows, self.cols, out.len()),
-            });
+            return Err(shape_err());
         }
         match &self.data {
             WeightData::F32(v) => {
-                out.copy_from_slice(&v[i * self.cols..(i + 1) * self.cols]);
+                let row = v
+                    .get(i * self.cols..(i + 1) * self.cols)
+                    .ok_or_else(shape_err)?;
+                out.copy_from_slice(row);
                 Ok(())
             }
             WeightData::Raw { ty, bytes } => {
                 let rb = ty.bytes_for(self.cols)?;
-                crate::quant::dequantize(*ty, &bytes[i * rb..(i + 1) * rb], out)
+                let row = bytes.get(i * rb..(i + 1) * rb).ok_or_else(shape_err)?;
+                crate::quant::dequantize(*ty, row, out)
             }
         }
     }
 
     /// The whole matrix as f32 (tests and conversions; not the inference path).
     pub fn to_f32(&self) -> Result<Vec<f32>, KernelError> {
-        let mut out = vec![0.0; self.rows * self.cols];
+        let n = self.rows.checked_mul(self.cols).ok_or_else(|| {
+            KernelError::Invalid(format!("a {}x{} weight overflows", self.rows, self.cols))
+        })?;
+        let mut out = vec![0.0; n];
         for (i, row) in out.chunks_mut(self.cols.max(1)).enumerate().take(self.rows) {
             self.row_to_f32(i, row)?;
         }

@@ -1,22 +1,674 @@
 //! y = x · Wᵀ for a weight in any stored format.
+//!
+//! - Block-quantised weights (Q4_0 … Q8_0, Q2_K … Q8_K): the `m` activation rows are quantised
+//!   once to 8-bit blocks ([`QuantizedActs`]), then integer block dot products run over the
+//!   stored blocks (AVX2 where the CPU has it, portable Rust otherwise; see `quant::tile`).
+//! - F32 weights: `matrixmultiply`'s sgemm for `m ≥ 4`, plain dot products below that.
+//! - F16/BF16 weights: each task converts its rows to f32, then as F32.
+//!
+//! The weight rows are split into chunks, one rayon task each, so even `m = 1` (decode) uses
+//! every core and each task streams a contiguous run of weight bytes. With `m > 1` each task
+//! computes an `m × chunk` block of the output (reading its weights once from memory, then
+//! from cache once per four activation rows) and the blocks are copied into place.
 
+use rayon::prelude::*;
+
+pub use crate::quant::tile::Isa;
+use crate::quant::tile::{dot_tile, QuantizedActs};
+use crate::weight::WeightData;
 use crate::{KernelError, Weight};
 
-/// `x` is `m × w.cols` (row-major), `out` is `m × w.rows`.
+/// A task should have at least this many multiply-adds, or the rayon overhead shows.
+const MIN_TASK_MACS: usize = 1 << 16;
+/// With several activation rows, a quantised task's weights stay under this many bytes so
+/// they are re-read from L1/L2 for each group of four rows.
+const TILE_WEIGHT_BYTES: usize = 32 << 10;
+
+/// `x` is `m × w.cols` (row-major), `out` is `m × w.rows`: `out[i][r] = Σ_k x[i][k] · W[r][k]`.
+///
+/// Uses the fastest kernels this CPU supports. Quantised weights multiply 8-bit-quantised
+/// activations, so results differ from [`matmul_reference`] by the activation rounding
+/// (at most half a quantisation step, `max|x_block| / 254`, per element).
 pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(), KernelError> {
-    if x.len() != m * w.cols || out.len() != m * w.rows {
+    matmul_with(Isa::detect(), x, m, w, out)
+}
+
+/// [`matmul`] with the quantised kernels of a given instruction set (tests and benchmarks
+/// compare them); errors if the CPU does not support `isa`.
+pub fn matmul_with(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &Weight,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let (rows, cols) = (w.rows, w.cols);
+    if m.checked_mul(cols) != Some(x.len()) || m.checked_mul(rows) != Some(out.len()) {
         return Err(KernelError::Shape {
             op: "matmul",
-            detail: format!("x {} (m={m}), W {}x{}, out {}", x.len(), w.rows, w.cols, out.len()),
+            detail: format!("x {} (m={m}), W {rows}x{cols}, out {}", x.len(), out.len()),
         });
     }
-    let mut row = vec![0.0f32; w.cols];
-    for r in 0..w.rows {
+    check_storage(w)?;
+    if m == 0 || rows == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    match &w.data {
+        WeightData::F32(v) => {
+            let chunk = chunk_rows(rows, m, cols, usize::MAX);
+            run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
+                f32_block(x, m, cols, &v[r0 * cols..(r0 + nr) * cols], o, ld);
+                Ok(())
+            })
+        }
+        WeightData::Raw { ty, bytes } if !ty.is_quantized() => {
+            let (ty, row_bytes) = (*ty, ty.bytes_for(cols)?);
+            let chunk = chunk_rows(rows, m, cols, usize::MAX);
+            run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
+                let mut wf = vec![0.0f32; nr * cols];
+                crate::quant::dequantize(
+                    ty,
+                    &bytes[r0 * row_bytes..(r0 + nr) * row_bytes],
+                    &mut wf,
+                )?;
+                f32_block(x, m, cols, &wf, o, ld);
+                Ok(())
+            })
+        }
+        WeightData::Raw { ty, bytes } => {
+            let (ty, row_bytes) = (*ty, ty.bytes_for(cols)?);
+            let acts = QuantizedActs::new(ty, x, m, cols)?;
+            let max_rows = if m > 1 {
+                (TILE_WEIGHT_BYTES / row_bytes).max(4)
+            } else {
+                usize::MAX
+            };
+            let chunk = chunk_rows(rows, m, cols, max_rows);
+            run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
+                dot_tile(
+                    isa,
+                    &bytes[r0 * row_bytes..(r0 + nr) * row_bytes],
+                    &acts,
+                    o,
+                    ld,
+                )
+            })
+        }
+    }
+}
+
+/// The oracle: dequantises each weight row to f32 and accumulates each dot product in f64.
+/// Slow; tests and the CUDA path compare against it.
+pub fn matmul_reference(
+    x: &[f32],
+    m: usize,
+    w: &Weight,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let (rows, cols) = (w.rows, w.cols);
+    if m.checked_mul(cols) != Some(x.len()) || m.checked_mul(rows) != Some(out.len()) {
+        return Err(KernelError::Shape {
+            op: "matmul_reference",
+            detail: format!("x {} (m={m}), W {rows}x{cols}, out {}", x.len(), out.len()),
+        });
+    }
+    check_storage(w)?;
+    let mut row = vec![0.0f32; cols];
+    for r in 0..rows {
         w.row_to_f32(r, &mut row)?;
         for i in 0..m {
-            let xi = &x[i * w.cols..(i + 1) * w.cols];
-            out[i * w.rows + r] = xi.iter().zip(&row).map(|(a, b)| a * b).sum();
+            let xi = &x[i * cols..(i + 1) * cols];
+            out[i * rows + r] = xi
+                .iter()
+                .zip(&row)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>() as f32;
         }
     }
     Ok(())
+}
+
+/// `Weight`'s fields are public, so its storage may not match its shape: check before any
+/// kernel slices it.
+fn check_storage(w: &Weight) -> Result<(), KernelError> {
+    let (rows, cols) = (w.rows, w.cols);
+    let (got, expected) = match &w.data {
+        WeightData::F32(v) => (v.len(), rows.checked_mul(cols)),
+        WeightData::Raw { ty, bytes } => (bytes.len(), ty.bytes_for(cols)?.checked_mul(rows)),
+    };
+    match expected {
+        Some(e) if e == got => Ok(()),
+        _ => Err(KernelError::Shape {
+            op: "matmul",
+            detail: format!(
+                "a {rows}x{cols} {} weight holds {got} elements/bytes",
+                w.ty()
+            ),
+        }),
+    }
+}
+
+/// Weight rows per task: about four tasks per thread, none smaller than [`MIN_TASK_MACS`],
+/// none larger than `max_rows`.
+fn chunk_rows(rows: usize, m: usize, cols: usize, max_rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let min_rows = MIN_TASK_MACS.div_ceil(m.saturating_mul(cols).max(1));
+    let balanced = if threads == 1 {
+        rows
+    } else {
+        rows.div_ceil(threads * 4)
+    };
+    balanced.max(min_rows).min(max_rows).clamp(1, rows.max(1))
+}
+
+/// Runs `f(r0, nr, block, ld)` for each chunk of weight rows `r0..r0 + nr`, in parallel;
+/// `f` writes the `m × nr` output block `block[i·ld + r]`. Assembles `out` (`m × rows`).
+fn run_chunks<F>(
+    m: usize,
+    rows: usize,
+    chunk: usize,
+    out: &mut [f32],
+    f: F,
+) -> Result<(), KernelError>
+where
+    F: Fn(usize, usize, &mut [f32], usize) -> Result<(), KernelError> + Sync,
+{
+    if chunk >= rows {
+        return f(0, rows, out, rows);
+    }
+    if m == 1 {
+        // The output row is contiguous: tasks write straight into it.
+        return out
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(c, o)| f(c * chunk, o.len(), o, o.len()));
+    }
+    let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let (r0, nr) = (c * chunk, chunk.min(rows - c * chunk));
+            let mut block = vec![0.0f32; m * nr];
+            f(r0, nr, &mut block, nr)?;
+            Ok(block)
+        })
+        .collect::<Result<_, KernelError>>()?;
+    out.par_chunks_mut(rows).enumerate().for_each(|(i, orow)| {
+        for (c, block) in blocks.iter().enumerate() {
+            let nr = block.len() / m;
+            orow[c * chunk..c * chunk + nr].copy_from_slice(&block[i * nr..(i + 1) * nr]);
+        }
+    });
+    Ok(())
+}
+
+/// `out[i·ld + r] = x_i · w_r` for f32 weight rows `w` (`nr × cols`).
+fn f32_block(x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f32], ld: usize) {
+    let nr = w.len() / cols;
+    if m >= 4 {
+        // SAFETY: A = x is m × cols (row stride cols), B = wᵀ is cols × nr (element (k, r) at
+        // w[r·cols + k]), C is m × nr with row stride ld ≥ nr inside `out`, which holds
+        // (m − 1)·ld + nr elements; all three are live slices of at least those lengths.
+        debug_assert!(out.len() >= (m - 1) * ld + nr && x.len() >= m * cols);
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                cols,
+                nr,
+                1.0,
+                x.as_ptr(),
+                cols as isize,
+                1,
+                w.as_ptr(),
+                1,
+                cols as isize,
+                0.0,
+                out.as_mut_ptr(),
+                ld as isize,
+                1,
+            );
+        }
+        return;
+    }
+    for (r, wr) in w.chunks_exact(cols).enumerate() {
+        for i in 0..m {
+            out[i * ld + r] = dot_f32(&x[i * cols..(i + 1) * cols], wr);
+        }
+    }
+}
+
+/// f32 dot product with 16 independent partial sums (vectorises without fast-math).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..16 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::activation::{QK8, QK_K};
+    use crate::quant::GgmlType;
+    use half::{bf16, f16};
+    use std::time::Instant;
+
+    /// xorshift64*: deterministic test data without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        /// Uniform in [-1, 1).
+        fn uniform(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| self.uniform() * scale).collect()
+        }
+    }
+
+    const QUANT_TYPES: [GgmlType; 12] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::Q8K,
+    ];
+
+    /// Byte offsets of the f16 scales inside one block of `ty`.
+    fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4K | GgmlType::Q5K => {
+                &[0, 2]
+            }
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q3K => &[108],
+            GgmlType::Q6K => &[208],
+            _ => &[],
+        }
+    }
+
+    /// A `rows × cols` weight of `ty`: random quant bits with small random scales (every bit
+    /// pattern occurs), or random values for the float types.
+    fn random_weight(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Weight {
+        match ty {
+            GgmlType::F32 => Weight::from_f32(rows, cols, rng.vec(rows * cols, 1.0)).unwrap(),
+            GgmlType::F16 | GgmlType::BF16 => {
+                let bytes = rng
+                    .vec(rows * cols, 1.0)
+                    .iter()
+                    .flat_map(|&v| match ty {
+                        GgmlType::F16 => f16::from_f32(v).to_le_bytes(),
+                        _ => bf16::from_f32(v).to_le_bytes(),
+                    })
+                    .collect();
+                Weight::from_raw(rows, cols, ty, bytes).unwrap()
+            }
+            _ => {
+                let n = ty.bytes_for(cols).unwrap() * rows;
+                let mut bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                for block in bytes.chunks_exact_mut(ty.type_size()) {
+                    for &off in f16_scale_offsets(ty) {
+                        let v = f16::from_f32(rng.uniform() * 0.05);
+                        block[off..off + 2].copy_from_slice(&v.to_le_bytes());
+                    }
+                    if ty == GgmlType::Q8K {
+                        block[0..4].copy_from_slice(&(rng.uniform() * 0.01).to_le_bytes());
+                    }
+                }
+                Weight::from_raw(rows, cols, ty, bytes).unwrap()
+            }
+        }
+    }
+
+    fn isas() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2]
+            .into_iter()
+            .filter(|i| i.is_available())
+            .collect()
+    }
+
+    /// Checks `got` against the f64-accumulated reference: each element may differ by the
+    /// activation rounding (`Σ_k |w_rk| · amax(x block of k) / 254` for quantised weights, 0
+    /// otherwise) plus `rel · Σ_k |w_rk · x_ik|` for f32 rounding.
+    fn check_against_reference(
+        ty: GgmlType,
+        w: &Weight,
+        x: &[f32],
+        m: usize,
+        got: &[f32],
+        rel: f64,
+        what: &str,
+    ) {
+        let (rows, cols) = (w.rows, w.cols);
+        let wf = w.to_f32().unwrap();
+        let mut want = vec![0.0f32; m * rows];
+        matmul_reference(x, m, w, &mut want).unwrap();
+        let qblock = if ty.block_size() == QK_K { QK_K } else { QK8 };
+        for i in 0..m {
+            let xi = &x[i * cols..(i + 1) * cols];
+            let step: Vec<f64> = xi
+                .chunks(qblock)
+                .flat_map(|b| {
+                    let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+                    std::iter::repeat_n(amax / 254.0, b.len())
+                })
+                .collect();
+            for r in 0..rows {
+                let wr = &wf[r * cols..(r + 1) * cols];
+                let act: f64 = if ty.is_quantized() {
+                    wr.iter().zip(&step).map(|(a, s)| a.abs() as f64 * s).sum()
+                } else {
+                    0.0
+                };
+                let mag: f64 = wr
+                    .iter()
+                    .zip(xi)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                let tol = act * 1.001 + rel * mag + 1e-6;
+                let (g, e) = (got[i * rows + r] as f64, want[i * rows + r] as f64);
+                assert!(
+                    (g - e).abs() <= tol,
+                    "{what}: {ty} {rows}x{cols}, m={m}, out[{i}][{r}] = {g}, reference {e}, tolerance {tol}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantised_matmul_matches_reference_for_every_type_and_isa() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for ty in QUANT_TYPES {
+            let bs = ty.block_size();
+            // Row counts not divisible by the chunk or tile sizes; 300 rows make several tasks.
+            for (rows, nblocks) in [
+                (1, 1),
+                (7, 3),
+                (67, 2),
+                (300, if bs == QK_K { 2 } else { 10 }),
+            ] {
+                let cols = nblocks * bs;
+                let w = random_weight(ty, rows, cols, &mut rng);
+                for m in [1, 3, 17] {
+                    let x = rng.vec(m * cols, 2.0);
+                    for isa in isas() {
+                        let mut out = vec![f32::NAN; m * rows];
+                        matmul_with(isa, &x, m, &w, &mut out).unwrap();
+                        check_against_reference(ty, &w, &x, m, &out, 1e-5, &format!("{isa:?}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_kernels_match_the_scalar_kernels() {
+        if !Isa::Avx2.is_available() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut rng = Rng(42);
+        for ty in QUANT_TYPES {
+            let (rows, cols) = (
+                37,
+                3 * ty.block_size().max(QK8) * if ty.block_size() == QK_K { 1 } else { 4 },
+            );
+            let w = random_weight(ty, rows, cols, &mut rng);
+            let wf = w.to_f32().unwrap();
+            for m in [1, 2, 3, 4, 5, 17] {
+                let x = rng.vec(m * cols, 3.0);
+                let (mut a, mut s) = (vec![0.0f32; m * rows], vec![0.0f32; m * rows]);
+                matmul_with(Isa::Avx2, &x, m, &w, &mut a).unwrap();
+                matmul_with(Isa::Scalar, &x, m, &w, &mut s).unwrap();
+                for i in 0..m {
+                    for r in 0..rows {
+                        let mag: f32 = (0..cols)
+                            .map(|k| (wf[r * cols + k] * x[i * cols + k]).abs())
+                            .sum();
+                        let (g, e) = (a[i * rows + r], s[i * rows + r]);
+                        assert!(
+                            (g - e).abs() <= 2e-6 * mag + 1e-7,
+                            "{ty} m={m} [{i}][{r}]: avx2 {g}, scalar {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's result must not depend on which other rows share the batch (search branches
+    /// decode in batches of varying size and must stay reproducible).
+    #[test]
+    fn quantised_results_do_not_depend_on_batch_size() {
+        let mut rng = Rng(7);
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+            let (rows, cols) = (130, 512);
+            let w = random_weight(ty, rows, cols, &mut rng);
+            let m = 17;
+            let x = rng.vec(m * cols, 1.0);
+            for isa in isas() {
+                let mut all = vec![0.0f32; m * rows];
+                matmul_with(isa, &x, m, &w, &mut all).unwrap();
+                for i in 0..m {
+                    let mut one = vec![0.0f32; rows];
+                    matmul_with(isa, &x[i * cols..(i + 1) * cols], 1, &w, &mut one).unwrap();
+                    assert_eq!(one, all[i * rows..(i + 1) * rows], "{ty} {isa:?} row {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float_weights_match_reference() {
+        let mut rng = Rng(3);
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            for (rows, cols) in [(1, 1), (5, 33), (67, 100), (300, 256)] {
+                let w = random_weight(ty, rows, cols, &mut rng);
+                for m in [1, 3, 4, 17] {
+                    let x = rng.vec(m * cols, 1.0);
+                    let mut out = vec![f32::NAN; m * rows];
+                    matmul(&x, m, &w, &mut out).unwrap();
+                    check_against_reference(ty, &w, &x, m, &out, 1e-5, "f32 path");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_storage_are_errors_not_panics() {
+        let mut rng = Rng(5);
+        let w = random_weight(GgmlType::Q4_1, 4, 64, &mut rng);
+        let x = vec![0.5f32; 2 * 64];
+        let mut out = vec![0.0f32; 2 * 4];
+        assert!(matmul(&x[..127], 2, &w, &mut out).is_err(), "short x");
+        assert!(matmul(&x, 2, &w, &mut out[..7]).is_err(), "short out");
+        assert!(matmul(&x, 3, &w, &mut out).is_err(), "wrong m");
+        assert!(
+            matmul(&x, usize::MAX, &w, &mut out).is_err(),
+            "overflowing m"
+        );
+        // Fields are public: a weight whose bytes do not match its shape.
+        let mut bad = w.clone();
+        if let WeightData::Raw { bytes, .. } = &mut bad.data {
+            bytes.pop();
+        }
+        assert!(
+            matmul(&x, 2, &bad, &mut out).is_err(),
+            "truncated weight bytes"
+        );
+        let mut row = vec![0.0f32; 64];
+        assert!(
+            bad.row_to_f32(3, &mut row).is_err(),
+            "row past truncated bytes"
+        );
+        assert!(
+            bad.row_to_f32(2, &mut row).is_ok(),
+            "rows before the truncation"
+        );
+        assert!(
+            matmul_reference(&x, 2, &bad, &mut out).is_err(),
+            "truncated weight bytes (reference)"
+        );
+        let partial = Weight {
+            rows: 4,
+            cols: 60,
+            data: w.data.clone(),
+        };
+        assert!(
+            matmul(&x[..120], 2, &partial, &mut out).is_err(),
+            "cols not a whole number of blocks"
+        );
+        let short_f32 = Weight {
+            rows: 4,
+            cols: 64,
+            data: WeightData::F32(vec![0.0; 255]),
+        };
+        assert!(
+            matmul(&x, 2, &short_f32, &mut out).is_err(),
+            "short f32 weight"
+        );
+        // Degenerate but valid shapes.
+        assert!(matmul(&[], 0, &w, &mut []).is_ok());
+        let empty = Weight::from_f32(3, 0, vec![]).unwrap();
+        let mut o = vec![1.0f32; 6];
+        matmul(&[], 2, &empty, &mut o).unwrap();
+        assert_eq!(o, vec![0.0; 6]);
+    }
+
+    #[test]
+    fn dot_tile_rejects_mismatched_inputs() {
+        let mut rng = Rng(11);
+        let w = random_weight(GgmlType::Q4K, 3, 256, &mut rng);
+        let WeightData::Raw { bytes, .. } = &w.data else {
+            unreachable!()
+        };
+        let x = rng.vec(512, 1.0);
+        let acts = QuantizedActs::new(GgmlType::Q4K, &x[..256], 1, 256).unwrap();
+        let acts2 = QuantizedActs::new(GgmlType::Q4K, &x, 2, 256).unwrap();
+        let mut out = vec![0.0f32; 6];
+        let isa = Isa::Scalar;
+        assert!(dot_tile(isa, bytes, &acts, &mut out[..3], 3).is_ok());
+        assert!(
+            dot_tile(isa, &bytes[1..], &acts, &mut out[..3], 3).is_err(),
+            "ragged bytes"
+        );
+        assert!(
+            dot_tile(isa, &[], &acts, &mut out[..3], 3).is_ok(),
+            "no rows"
+        );
+        assert!(
+            dot_tile(isa, bytes, &acts, &mut out[..2], 3).is_err(),
+            "short out"
+        );
+        assert!(
+            dot_tile(isa, bytes, &acts, &mut out[..3], 2).is_err(),
+            "stride < rows"
+        );
+        assert!(
+            dot_tile(isa, bytes, &acts2, &mut out[..5], 3).is_err(),
+            "short for 2 rows"
+        );
+        assert!(dot_tile(isa, bytes, &acts2, &mut out, 3).is_ok(), "2 rows");
+        assert!(
+            QuantizedActs::new(GgmlType::Q4K, &x[..128], 1, 128).is_err(),
+            "partial block"
+        );
+        assert!(
+            QuantizedActs::new(GgmlType::Q4K, &x, 1, 256).is_err(),
+            "wrong x length"
+        );
+        assert!(
+            QuantizedActs::new(GgmlType::F32, &x[..256], 1, 256).is_err(),
+            "float type"
+        );
+    }
+
+    /// CPU seconds used by this process so far (Linux; 10 ms resolution), so kernel costs can
+    /// be read on a busy machine where wall time includes waiting for a core.
+    fn process_cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<f64> = after
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // Fields after the command: state is not numeric, so utime/stime are at 10 and 11.
+        f.get(10)
+            .zip(f.get(11))
+            .map(|(u, s)| (u + s) / 100.0)
+            .unwrap_or(0.0)
+    }
+
+    /// Timings for the SmolLM2-135M decode shapes; printed, not asserted:
+    /// `cargo test --release -p arbor-kernels --lib timing_matmul -- --ignored --nocapture`
+    /// (with `RAYON_NUM_THREADS=1`, the CPU column is the single-core cost of the kernels).
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn timing_matmul() {
+        let mut rng = Rng(1);
+        let cases = [
+            (GgmlType::Q8_0, 49152, 576, 1),
+            (GgmlType::Q4_1, 1536, 576, 1),
+            (GgmlType::Q4_1, 576, 1536, 1),
+            (GgmlType::Q4_1, 576, 576, 1),
+            (GgmlType::Q4_1, 192, 576, 1),
+            (GgmlType::Q4K, 1536, 768, 1),
+            (GgmlType::Q6K, 1536, 768, 1),
+            (GgmlType::Q4_1, 1536, 576, 4),
+            (GgmlType::Q4_1, 1536, 576, 128),
+        ];
+        let only_avx2 = std::env::var("ARBOR_TIMING_SCALAR").is_err();
+        for (ty, rows, cols, m) in cases {
+            let w = random_weight(ty, rows, cols, &mut rng);
+            let x = rng.vec(m * cols, 1.0);
+            let mut out = vec![0.0f32; m * rows];
+            for isa in isas() {
+                if only_avx2 && isa == Isa::Scalar && Isa::Avx2.is_available() {
+                    continue;
+                }
+                let iters = (1_000_000_000 / (w.nbytes() * m.min(8)).max(1)).clamp(5, 5000);
+                matmul_with(isa, &x, m, &w, &mut out).unwrap();
+                let (t, c) = (Instant::now(), process_cpu_seconds());
+                for _ in 0..iters {
+                    matmul_with(isa, &x, m, &w, &mut out).unwrap();
+                }
+                let s = t.elapsed().as_secs_f64() / iters as f64;
+                let cpu = (process_cpu_seconds() - c) / iters as f64;
+                println!(
+                    "{ty} {rows}x{cols} m={m} {isa:?}: {:.1} µs wall ({:.2} GB/s of weights, {:.1} GMAC/s), {:.1} µs CPU, {:.1} ns CPU/block-row",
+                    s * 1e6,
+                    w.nbytes() as f64 / s / 1e9,
+                    (rows * cols * m) as f64 / s / 1e9,
+                    cpu * 1e6,
+                    cpu * 1e9 / ((rows * cols / ty.block_size().max(32)) * m) as f64 * (ty.block_size().max(32) / 32) as f64
+                );
+            }
+        }
+    }
 }

@@ -38,12 +38,20 @@ pub struct BlockQ8K {
 
 impl BlockQ8 {
     /// An all-zero block.
-    pub const ZERO: BlockQ8 = BlockQ8 { d: 0.0, s: 0.0, qs: [0; QK8] };
+    pub const ZERO: BlockQ8 = BlockQ8 {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; QK8],
+    };
 }
 
 impl BlockQ8K {
     /// An all-zero block.
-    pub const ZERO: BlockQ8K = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+    pub const ZERO: BlockQ8K = BlockQ8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
 }
 
 /// Symmetric 8-bit quantisation of `x` into `q`; returns the scale `d` (`x ≈ d * q`).
@@ -78,7 +86,11 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
 /// # Panics
 /// If the lengths disagree (a caller bug: [`crate::ops::matmul`] checks shapes first).
 pub fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
-    assert_eq!(x.len(), out.len() * QK_K, "quantize_row_q8k: length mismatch");
+    assert_eq!(
+        x.len(),
+        out.len() * QK_K,
+        "quantize_row_q8k: length mismatch"
+    );
     for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
         b.d = quantize_symmetric(xb, &mut b.qs);
         for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
@@ -93,7 +105,9 @@ mod tests {
 
     #[test]
     fn q8_round_trip_is_within_half_a_step() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.13).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.13)
+            .collect();
         let mut b = [BlockQ8::ZERO; 2];
         quantize_row_q8(&x, &mut b);
         for (blk, xb) in b.iter().zip(x.chunks(32)) {

@@ -54,7 +54,10 @@ unsafe fn per16_scales(s: &[i16; 16]) -> [__m256i; 8] {
 #[inline(always)]
 unsafe fn split_nibbles(v: __m256i) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0x0F);
-    (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4))
+    (
+        _mm256_and_si256(v, m4),
+        _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+    )
 }
 
 trait SuperBlock {
@@ -88,7 +91,13 @@ impl SuperBlock for Q2K {
                 bits = _mm256_srli_epi16(bits, 2);
             }
         }
-        Unpacked { q, sc: per16_scales(&sc), cm, d: f16_at(p.add(80)), cd: -f16_at(p.add(82)) }
+        Unpacked {
+            q,
+            sc: per16_scales(&sc),
+            cm,
+            d: f16_at(p.add(80)),
+            cd: -f16_at(p.add(82)),
+        }
     }
 }
 
@@ -115,7 +124,13 @@ impl SuperBlock for Q3K {
             }
         }
         let d = f16_at(p.add(108));
-        Unpacked { q, sc: per16_scales(&sc), cm, d, cd: -4.0 * d }
+        Unpacked {
+            q,
+            sc: per16_scales(&sc),
+            cm,
+            d,
+            cd: -4.0 * d,
+        }
     }
 }
 
@@ -145,7 +160,13 @@ unsafe fn unpack_q45k(p: *const u8, five: bool) -> Unpacked {
             hbits = _mm256_srli_epi16(hbits, 1);
         }
     }
-    Unpacked { q, sc: scv, cm, d: f16_at(p), cd: -f16_at(p.add(2)) }
+    Unpacked {
+        q,
+        sc: scv,
+        cm,
+        d: f16_at(p),
+        cd: -f16_at(p.add(2)),
+    }
 }
 
 impl SuperBlock for Q4K {
@@ -185,43 +206,64 @@ impl SuperBlock for Q6K {
             q[4 * h + 3] = _mm256_or_si256(l3, _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
         }
         let d = f16_at(p.add(208));
-        Unpacked { q, sc: per16_scales(&sc), cm, d, cd: -32.0 * d }
+        Unpacked {
+            q,
+            sc: per16_scales(&sc),
+            cm,
+            d,
+            cd: -32.0 * d,
+        }
     }
 }
 
-/// `out_t[r·m + i] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
+/// `out[i·ld + r] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `ty` must be Q2_K..Q6_K; `w` must hold whole rows
 /// of `row_bytes` (a multiple of the block size), `x` at least `m · row_bytes / SIZE` blocks
-/// and `out_t` at least `rows · m` values.
+/// and `out` at least `(m − 1)·ld + rows` values, `ld ≥ rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8K], m: usize, out_t: &mut [f32]) {
+pub(crate) unsafe fn tile(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8K],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     match ty {
-        GgmlType::Q2K => tile_t::<Q2K>(w, row_bytes, x, m, out_t),
-        GgmlType::Q3K => tile_t::<Q3K>(w, row_bytes, x, m, out_t),
-        GgmlType::Q4K => tile_t::<Q4K>(w, row_bytes, x, m, out_t),
-        GgmlType::Q5K => tile_t::<Q5K>(w, row_bytes, x, m, out_t),
-        GgmlType::Q6K => tile_t::<Q6K>(w, row_bytes, x, m, out_t),
+        GgmlType::Q2K => tile_t::<Q2K>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q3K => tile_t::<Q3K>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q4K => tile_t::<Q4K>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5K => tile_t::<Q5K>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q6K => tile_t::<Q6K>(w, row_bytes, x, m, out, ld),
         _ => unreachable!("avx2_kquants::tile called with {ty}"),
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_t<K: SuperBlock>(w: &[u8], row_bytes: usize, x: &[BlockQ8K], m: usize, out_t: &mut [f32]) {
+unsafe fn tile_t<K: SuperBlock>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8K],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     let nb = row_bytes / K::SIZE;
     let nrows = w.len() / row_bytes;
-    debug_assert!(x.len() >= m * nb && out_t.len() >= nrows * m);
+    debug_assert!(x.len() >= m * nb && (m == 0 || out.len() >= (m - 1) * ld + nrows));
     let mut i0 = 0;
     while i0 < m {
         let xs = x.as_ptr().add(i0 * nb);
-        let out = out_t.as_mut_ptr().add(i0);
+        let o = out.as_mut_ptr().add(i0 * ld);
         let rc = (m - i0).min(4);
         match rc {
-            4 => rows::<K, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
-            3 => rows::<K, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
-            2 => rows::<K, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
-            _ => rows::<K, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
+            4 => rows::<K, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            3 => rows::<K, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            2 => rows::<K, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            _ => rows::<K, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
         }
         i0 += rc;
     }
@@ -234,15 +276,15 @@ unsafe fn rows<K: SuperBlock, const R: usize>(
     nrows: usize,
     nb: usize,
     x: *const BlockQ8K,
-    m: usize,
     out: *mut f32,
+    ld: usize,
 ) {
     for r in 0..nrows {
         let wr = w.add(r * row_bytes);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let u = K::unpack(wr.add(b * K::SIZE));
-            for j in 0..R {
+            for (j, a) in acc.iter_mut().enumerate() {
                 let xb = &*x.add(j * nb + b);
                 let ys = xb.qs.as_ptr();
                 let mut isum = _mm256_setzero_si256();
@@ -252,12 +294,12 @@ unsafe fn rows<K: SuperBlock, const R: usize>(
                 }
                 let bsums = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
                 let corr = _mm256_madd_epi16(u.cm, bsums);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(u.d * xb.d), _mm256_cvtepi32_ps(isum), acc[j]);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(u.cd * xb.d), _mm256_cvtepi32_ps(corr), acc[j]);
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(u.d * xb.d), _mm256_cvtepi32_ps(isum), *a);
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(u.cd * xb.d), _mm256_cvtepi32_ps(corr), *a);
             }
         }
-        for j in 0..R {
-            *out.add(r * m + j) = hsum(acc[j]);
+        for (j, a) in acc.iter().enumerate() {
+            *out.add(j * ld + r) = hsum(*a);
         }
     }
 }

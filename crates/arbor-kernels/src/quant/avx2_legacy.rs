@@ -45,7 +45,12 @@ unsafe fn fifth_bits(qh: u32) -> __m256i {
     // Byte j of the result reads byte j / 8 of qh and tests bit j % 8.
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(qh as i32),
-        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        ),
     );
     let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
     let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
@@ -95,7 +100,11 @@ impl Block for Q5_0 {
     unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
         let d = f16_at(p);
         let qh = (p.add(2) as *const u32).read_unaligned();
-        (_mm256_or_si256(nibbles(p.add(6)), fifth_bits(qh)), d, -16.0 * d)
+        (
+            _mm256_or_si256(nibbles(p.add(6)), fifth_bits(qh)),
+            d,
+            -16.0 * d,
+        )
     }
 }
 
@@ -115,7 +124,11 @@ impl Block for Q8_0 {
     const SIGNED: bool = true;
     #[inline(always)]
     unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        (_mm256_loadu_si256(p.add(2) as *const __m256i), f16_at(p), 0.0)
+        (
+            _mm256_loadu_si256(p.add(2) as *const __m256i),
+            f16_at(p),
+            0.0,
+        )
     }
 }
 
@@ -124,7 +137,11 @@ impl Block for Q8_1 {
     const SIGNED: bool = true;
     #[inline(always)]
     unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        (_mm256_loadu_si256(p.add(4) as *const __m256i), f16_at(p), 0.0)
+        (
+            _mm256_loadu_si256(p.add(4) as *const __m256i),
+            f16_at(p),
+            0.0,
+        )
     }
 }
 
@@ -136,47 +153,63 @@ pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// `out_t[r·m + i] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
+/// `out[i·ld + r] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `ty` must be a legacy type; `w` must hold whole
 /// rows of `row_bytes` (a multiple of the block size), `x` at least `m · row_bytes / SIZE`
-/// blocks and `out_t` at least `rows · m` values.
+/// blocks and `out` at least
+/// `(m − 1)·ld + rows` values, `ld ≥ rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], m: usize, out_t: &mut [f32]) {
+pub(crate) unsafe fn tile(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     match ty {
-        GgmlType::Q4_0 => tile_t::<Q4_0>(w, row_bytes, x, m, out_t),
-        GgmlType::Q4_1 => tile_t::<Q4_1>(w, row_bytes, x, m, out_t),
-        GgmlType::Q5_0 => tile_t::<Q5_0>(w, row_bytes, x, m, out_t),
-        GgmlType::Q5_1 => tile_t::<Q5_1>(w, row_bytes, x, m, out_t),
-        GgmlType::Q8_0 => tile_t::<Q8_0>(w, row_bytes, x, m, out_t),
-        GgmlType::Q8_1 => tile_t::<Q8_1>(w, row_bytes, x, m, out_t),
+        GgmlType::Q4_0 => tile_t::<Q4_0>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q4_1 => tile_t::<Q4_1>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5_0 => tile_t::<Q5_0>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5_1 => tile_t::<Q5_1>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q8_0 => tile_t::<Q8_0>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q8_1 => tile_t::<Q8_1>(w, row_bytes, x, m, out, ld),
         _ => unreachable!("avx2_legacy::tile called with {ty}"),
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_t<B: Block>(w: &[u8], row_bytes: usize, x: &[BlockQ8], m: usize, out_t: &mut [f32]) {
+unsafe fn tile_t<B: Block>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     let nb = row_bytes / B::SIZE;
     let nrows = w.len() / row_bytes;
-    debug_assert!(x.len() >= m * nb && out_t.len() >= nrows * m);
+    debug_assert!(x.len() >= m * nb && (m == 0 || out.len() >= (m - 1) * ld + nrows));
     let mut i0 = 0;
     while i0 < m {
         let xs = x.as_ptr().add(i0 * nb);
-        let out = out_t.as_mut_ptr().add(i0);
+        let o = out.as_mut_ptr().add(i0 * ld);
         let rc = (m - i0).min(4);
         match rc {
-            4 => rows::<B, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
-            3 => rows::<B, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
-            2 => rows::<B, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
-            _ => rows::<B, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, m, out),
+            4 => rows::<B, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            3 => rows::<B, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            2 => rows::<B, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            _ => rows::<B, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
         }
         i0 += rc;
     }
 }
 
 /// `R` activation rows (starting at `x`, `nb` blocks each) against every weight row; results
-/// go to `out[r·m + j]`.
+/// go to `out[j·ld + r]`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows<B: Block, const R: usize>(
     w: *const u8,
@@ -184,8 +217,8 @@ unsafe fn rows<B: Block, const R: usize>(
     nrows: usize,
     nb: usize,
     x: *const BlockQ8,
-    m: usize,
     out: *mut f32,
+    ld: usize,
 ) {
     let ones = _mm256_set1_epi16(1);
     for r in 0..nrows {
@@ -207,7 +240,7 @@ unsafe fn rows<B: Block, const R: usize>(
             }
         }
         for j in 0..R {
-            *out.add(r * m + j) = hsum(acc[j]) + mins[j];
+            *out.add(j * ld + r) = hsum(acc[j]) + mins[j];
         }
     }
 }

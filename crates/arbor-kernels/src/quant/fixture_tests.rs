@@ -1,14 +1,26 @@
 //! Dequantisation checked against blocks made by gguf-py (llama.cpp's Python reference), see
 //! `scripts/make_quant_fixtures.py`; plus the error cases and the integer-dot decoders.
 
-use super::{dequantize, kquants, legacy, GgmlType};
 use super::legacy::LegacyFormat;
+use super::{dequantize, kquants, legacy, GgmlType};
 
 macro_rules! fixture {
     ($name:literal) => {
         (
-            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/quant/", $name, ".bin")).as_slice(),
-            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/quant/", $name, ".f32")).as_slice(),
+            include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/fixtures/quant/",
+                $name,
+                ".bin"
+            ))
+            .as_slice(),
+            include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/fixtures/quant/",
+                $name,
+                ".f32"
+            ))
+            .as_slice(),
         )
     };
 }
@@ -36,21 +48,33 @@ fn fixtures() -> Vec<(GgmlType, &'static [u8], &'static [u8])> {
 }
 
 fn floats(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[test]
 fn every_type_dequantizes_bit_exactly_like_gguf_py() {
     for (ty, bin, f32s) in fixtures() {
         let want = floats(f32s);
-        assert_eq!(bin.len(), ty.bytes_for(want.len()).unwrap(), "{ty}: fixture size");
+        assert_eq!(
+            bin.len(),
+            ty.bytes_for(want.len()).unwrap(),
+            "{ty}: fixture size"
+        );
         let mut got = vec![0.0f32; want.len()];
         dequantize(ty, bin, &mut got).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             if w.is_nan() {
                 assert!(g.is_nan(), "{ty} element {i}: got {g}, want NaN");
             } else {
-                assert_eq!(g.to_bits(), w.to_bits(), "{ty} element {i} (block {}): got {g}, want {w}", i / ty.block_size());
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{ty} element {i} (block {}): got {g}, want {w}",
+                    i / ty.block_size()
+                );
             }
         }
     }
@@ -61,16 +85,28 @@ fn wrong_byte_counts_and_partial_blocks_are_errors() {
     for (ty, bin, f32s) in fixtures() {
         let n = f32s.len() / 4;
         let mut out = vec![0.0f32; n];
-        assert!(dequantize(ty, &bin[..bin.len() - 1], &mut out).is_err(), "{ty}: one byte short");
+        assert!(
+            dequantize(ty, &bin[..bin.len() - 1], &mut out).is_err(),
+            "{ty}: one byte short"
+        );
         let mut long = bin.to_vec();
         long.push(0);
-        assert!(dequantize(ty, &long, &mut out).is_err(), "{ty}: one byte over");
+        assert!(
+            dequantize(ty, &long, &mut out).is_err(),
+            "{ty}: one byte over"
+        );
         assert!(dequantize(ty, &[], &mut out).is_err(), "{ty}: no data");
         if ty.block_size() > 1 {
             let mut partial = vec![0.0f32; ty.block_size() - 1];
-            assert!(dequantize(ty, &bin[..ty.type_size()], &mut partial).is_err(), "{ty}: partial block");
+            assert!(
+                dequantize(ty, &bin[..ty.type_size()], &mut partial).is_err(),
+                "{ty}: partial block"
+            );
             let mut over = vec![0.0f32; ty.block_size() + 1];
-            assert!(dequantize(ty, &bin[..ty.type_size()], &mut over).is_err(), "{ty}: block and a bit");
+            assert!(
+                dequantize(ty, &bin[..ty.type_size()], &mut over).is_err(),
+                "{ty}: block and a bit"
+            );
         }
         assert!(dequantize(ty, &[], &mut []).is_ok(), "{ty}: nothing to do");
     }
@@ -82,7 +118,10 @@ fn wrong_byte_counts_and_partial_blocks_are_errors() {
 fn dot_decoders_reproduce_dequantized_values() {
     fn close(ty: GgmlType, i: usize, got: f32, want: f32, scale: f32) {
         let tol = 1e-6 * scale.abs().max(want.abs()) + f32::MIN_POSITIVE;
-        assert!((got - want).abs() <= tol, "{ty} element {i}: decoded {got}, dequantized {want}");
+        assert!(
+            (got - want).abs() <= tol,
+            "{ty} element {i}: decoded {got}, dequantized {want}"
+        );
     }
     for (ty, bin, f32s) in fixtures() {
         if !ty.is_quantized() {

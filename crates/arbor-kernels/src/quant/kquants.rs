@@ -118,7 +118,11 @@ fn dequant_q3k(b: &[u8], y: &mut [f32]) {
 fn dequant_q45k(five: bool, b: &[u8], y: &mut [f32]) {
     let (d, dmin) = (f16_le(b), f16_le(&b[2..]));
     let (sc, mn) = k4_scales_mins(&b[4..16]);
-    let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+    let (qh, qs) = if five {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[0..0], &b[16..144])
+    };
     for c in 0..4 {
         let (d1, m1) = (d * sc[2 * c] as f32, dmin * mn[2 * c] as f32);
         let (d2, m2) = (d * sc[2 * c + 1] as f32, dmin * mn[2 * c + 1] as f32);
@@ -176,7 +180,13 @@ pub(crate) struct DecodedK {
 
 /// Decodes any K-quant super-block (portable path).
 pub(crate) fn decode_k(ty: GgmlType, b: &[u8]) -> DecodedK {
-    let mut out = DecodedK { q: [0; QK_K], sc: [0; 16], cm: [0; 16], d: 0.0, cd: 0.0 };
+    let mut out = DecodedK {
+        q: [0; QK_K],
+        sc: [0; 16],
+        cm: [0; 16],
+        d: 0.0,
+        cd: 0.0,
+    };
     match ty {
         GgmlType::Q2K => {
             let qs = &b[16..80];
@@ -184,9 +194,9 @@ pub(crate) fn decode_k(ty: GgmlType, b: &[u8]) -> DecodedK {
                 let (h, j, i) = (e / 128, (e % 128) / 32, e % 32);
                 *q = (qs[32 * h + i] >> (2 * j)) & 3;
             }
-            for k in 0..16 {
-                out.sc[k] = (b[k] & 0x0F) as i16;
-                out.cm[k] = (b[k] >> 4) as i16;
+            for (k, &byte) in b[..16].iter().enumerate() {
+                out.sc[k] = (byte & 0x0F) as i16;
+                out.cm[k] = (byte >> 4) as i16;
             }
             out.d = f16_le(&b[80..]);
             out.cd = -f16_le(&b[82..]);
@@ -199,16 +209,20 @@ pub(crate) fn decode_k(ty: GgmlType, b: &[u8]) -> DecodedK {
                 *q = lo | (((hmask[i] >> (4 * h + j)) & 1) << 2);
             }
             let sc = k3_scales(&b[96..108]);
-            for k in 0..16 {
-                out.sc[k] = sc[k] as i16;
-                out.cm[k] = sc[k] as i16;
+            for (k, &s) in sc.iter().enumerate() {
+                out.sc[k] = s as i16;
+                out.cm[k] = s as i16;
             }
             out.d = f16_le(&b[108..]);
             out.cd = -4.0 * out.d;
         }
         GgmlType::Q4K | GgmlType::Q5K => {
             let five = ty == GgmlType::Q5K;
-            let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+            let (qh, qs) = if five {
+                (&b[16..48], &b[48..176])
+            } else {
+                (&b[0..0], &b[16..144])
+            };
             for c in 0..4 {
                 for l in 0..32 {
                     let byte = qs[32 * c + l];
@@ -272,13 +286,25 @@ fn block_dot(w: &DecodedK, y: &BlockQ8K) -> f32 {
     y.d * (w.d * sum as f32 + w.cd * corr as f32)
 }
 
-/// Portable kernel: `out_t[r·m + i] = dot(weight row r, activation row i)` for every row of
+/// Portable kernel: `out[i·ld + r] = dot(weight row r, activation row i)` for every row of
 /// `w` (rows of `row_bytes` bytes of `ty`) and `i < m`; `x` holds `m` rows of blocks.
-pub(crate) fn tile_scalar(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8K], m: usize, out_t: &mut [f32]) {
+pub(crate) fn tile_scalar(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8K],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     let size = ty.type_size();
     let nb = row_bytes / size;
     let nrows = w.len() / row_bytes;
-    assert!(nb * size == row_bytes && x.len() >= m * nb && out_t.len() >= nrows * m);
+    assert!(
+        nb * size == row_bytes
+            && x.len() >= m * nb
+            && (m == 0 || out.len() >= (m - 1) * ld + nrows)
+    );
     let mut i0 = 0;
     while i0 < m {
         let rcount = (m - i0).min(4);
@@ -290,7 +316,9 @@ pub(crate) fn tile_scalar(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8
                     *a += block_dot(&dec, &x[(i0 + j) * nb + b]);
                 }
             }
-            out_t[r * m + i0..r * m + i0 + rcount].copy_from_slice(&acc[..rcount]);
+            for (j, a) in acc.iter().enumerate().take(rcount) {
+                out[(i0 + j) * ld + r] = *a;
+            }
         }
         i0 += rcount;
     }

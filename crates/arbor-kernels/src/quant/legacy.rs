@@ -142,7 +142,11 @@ impl LegacyFormat for Q4_1 {
     fn decode(b: &[u8]) -> Decoded {
         let mut q = [0i8; QK];
         nibbles(&b[4..20], &mut q);
-        Decoded { q, d: f16_le(b), m: f16_le(&b[2..]) }
+        Decoded {
+            q,
+            d: f16_le(b),
+            m: f16_le(&b[2..]),
+        }
     }
 }
 
@@ -165,7 +169,11 @@ impl LegacyFormat for Q5_1 {
         let mut q = [0i8; QK];
         nibbles(&b[8..24], &mut q);
         add_fifth_bits(u32_le(&b[4..]), &mut q);
-        Decoded { q, d: f16_le(b), m: f16_le(&b[2..]) }
+        Decoded {
+            q,
+            d: f16_le(b),
+            m: f16_le(&b[2..]),
+        }
     }
 }
 
@@ -177,7 +185,11 @@ impl LegacyFormat for Q8_0 {
         for (v, &x) in q.iter_mut().zip(&b[2..34]) {
             *v = x as i8;
         }
-        Decoded { q, d: f16_le(b), m: 0.0 }
+        Decoded {
+            q,
+            d: f16_le(b),
+            m: 0.0,
+        }
     }
 }
 
@@ -189,7 +201,11 @@ impl LegacyFormat for Q8_1 {
         for (v, &x) in q.iter_mut().zip(&b[4..36]) {
             *v = x as i8;
         }
-        Decoded { q, d: f16_le(b), m: 0.0 }
+        Decoded {
+            q,
+            d: f16_le(b),
+            m: 0.0,
+        }
     }
 }
 
@@ -203,12 +219,23 @@ fn block_dot(w: &Decoded, x: &BlockQ8) -> f32 {
     w.d * x.d * sum as f32 + w.m * x.s
 }
 
-/// Portable kernel: `out_t[r·m + i] = dot(weight row r, activation row i)` for every row `r`
+/// Portable kernel: `out[i·ld + r] = dot(weight row r, activation row i)` for every row `r`
 /// of `w` (rows of `row_bytes`) and `i < m`; `x` holds `m` rows of `row_bytes / SIZE` blocks.
-pub(crate) fn tile_scalar<F: LegacyFormat>(w: &[u8], row_bytes: usize, x: &[BlockQ8], m: usize, out_t: &mut [f32]) {
+pub(crate) fn tile_scalar<F: LegacyFormat>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     let nb = row_bytes / F::SIZE;
     let nrows = w.len() / row_bytes;
-    assert!(nb * F::SIZE == row_bytes && x.len() >= m * nb && out_t.len() >= nrows * m);
+    assert!(
+        nb * F::SIZE == row_bytes
+            && x.len() >= m * nb
+            && (m == 0 || out.len() >= (m - 1) * ld + nrows)
+    );
     let mut i0 = 0;
     while i0 < m {
         let rcount = (m - i0).min(4);
@@ -220,7 +247,9 @@ pub(crate) fn tile_scalar<F: LegacyFormat>(w: &[u8], row_bytes: usize, x: &[Bloc
                     *a += block_dot(&dec, &x[(i0 + j) * nb + b]);
                 }
             }
-            out_t[r * m + i0..r * m + i0 + rcount].copy_from_slice(&acc[..rcount]);
+            for (j, a) in acc.iter().enumerate().take(rcount) {
+                out[(i0 + j) * ld + r] = *a;
+            }
         }
         i0 += rcount;
     }

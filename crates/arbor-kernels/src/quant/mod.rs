@@ -20,7 +20,7 @@ pub mod tile;
 mod fixture_tests;
 
 pub use activation::{quantize_row_q8, quantize_row_q8k, BlockQ8, BlockQ8K};
-pub use tile::{Isa, QuantizedActs};
+pub use tile::{dot_tile, ActBlocks, Isa, QuantizedActs};
 
 use crate::KernelError;
 use std::fmt;
@@ -76,7 +76,9 @@ impl GgmlType {
                     34 | 35 => "a ternary TQ quant",
                     _ => "unknown",
                 };
-                return Err(KernelError::UnsupportedType(format!("GGML type id {other} ({name})")));
+                return Err(KernelError::UnsupportedType(format!(
+                    "GGML type id {other} ({name})"
+                )));
             }
         })
     }
@@ -133,6 +135,7 @@ impl GgmlType {
     }
 
     /// Bytes taken by `n` elements; an error if `n` is not a whole number of blocks.
+    #[allow(clippy::manual_is_multiple_of)] // the workspace's MSRV (1.85) predates it
     pub fn bytes_for(self, n: usize) -> Result<usize, KernelError> {
         let bs = self.block_size();
         if n % bs != 0 {
@@ -186,18 +189,28 @@ impl fmt::Display for GgmlType {
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
     let expected = ty.bytes_for(out.len())?;
     if data.len() != expected {
-        return Err(KernelError::DataSize { ty: ty.to_string(), got: data.len(), expected });
+        return Err(KernelError::DataSize {
+            ty: ty.to_string(),
+            got: data.len(),
+            expected,
+        });
     }
     match ty {
         GgmlType::F32 => float::dequantize_f32(data, out),
         GgmlType::F16 => float::dequantize_f16(data, out),
         GgmlType::BF16 => float::dequantize_bf16(data, out),
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::Q8_1 => {
-            legacy::dequantize(ty, data, out)
-        }
-        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q8K => {
-            kquants::dequantize(ty, data, out)
-        }
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q8_0
+        | GgmlType::Q8_1 => legacy::dequantize(ty, data, out),
+        GgmlType::Q2K
+        | GgmlType::Q3K
+        | GgmlType::Q4K
+        | GgmlType::Q5K
+        | GgmlType::Q6K
+        | GgmlType::Q8K => kquants::dequantize(ty, data, out),
     }
     Ok(())
 }

@@ -37,7 +37,9 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => false,
@@ -46,9 +48,18 @@ impl Isa {
 }
 
 /// Activation rows quantised to 8 bits for one weight type: 32-blocks for the legacy types,
-/// 256-blocks (Q8_K layout) for the K-quants. Rows are stored one after another.
+/// 256-blocks (Q8_K layout) for the K-quants. Made once per matmul, shared by every task.
 #[derive(Clone, Debug)]
-pub enum QuantizedActs {
+pub struct QuantizedActs {
+    ty: GgmlType,
+    m: usize,
+    cols: usize,
+    blocks: ActBlocks,
+}
+
+/// The blocks of [`QuantizedActs`], rows one after another.
+#[derive(Clone, Debug)]
+pub enum ActBlocks {
     /// For Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 weights.
     Q8(Vec<BlockQ8>),
     /// For Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K weights.
@@ -58,13 +69,37 @@ pub enum QuantizedActs {
 /// Rows of at least this many elements in total are quantised in parallel.
 const PAR_QUANTIZE_MIN: usize = 1 << 16;
 
+/// Quantises each `cols`-row of `x` into `nb` blocks of `out` with `f`.
+fn quantize_rows<B: Send>(
+    x: &[f32],
+    cols: usize,
+    nb: usize,
+    out: &mut [B],
+    f: fn(&[f32], &mut [B]),
+) {
+    if cols == 0 {
+        return;
+    }
+    if x.len() >= PAR_QUANTIZE_MIN && x.len() > cols {
+        out.par_chunks_mut(nb)
+            .zip(x.par_chunks(cols))
+            .for_each(|(o, xr)| f(xr, o));
+    } else {
+        out.chunks_mut(nb)
+            .zip(x.chunks(cols))
+            .for_each(|(o, xr)| f(xr, o));
+    }
+}
+
 impl QuantizedActs {
     /// Quantises `m` rows of `cols` activations (`x.len() == m·cols`) for dot products with
     /// weights of block-quantised type `ty`. Errors if `ty` is not block-quantised, `cols` is
     /// not a whole number of its blocks, or `x` has the wrong length.
     pub fn new(ty: GgmlType, x: &[f32], m: usize, cols: usize) -> Result<Self, KernelError> {
         if !ty.is_quantized() {
-            return Err(KernelError::Invalid(format!("{ty} weights are not block-quantised")));
+            return Err(KernelError::Invalid(format!(
+                "{ty} weights are not block-quantised"
+            )));
         }
         ty.bytes_for(cols)?;
         if m.checked_mul(cols) != Some(x.len()) {
@@ -73,115 +108,121 @@ impl QuantizedActs {
                 detail: format!("{} values for {m} rows of {cols}", x.len()),
             });
         }
-        let parallel = x.len() >= PAR_QUANTIZE_MIN && m > 1;
-        if ty.block_size() == QK_K {
+        let blocks = if ty.block_size() == QK_K {
             let nb = cols / QK_K;
             let mut out = vec![BlockQ8K::ZERO; m * nb];
-            if cols > 0 {
-                if parallel {
-                    out.par_chunks_mut(nb).zip(x.par_chunks(cols)).for_each(|(o, xr)| quantize_row_q8k(xr, o));
-                } else {
-                    out.chunks_mut(nb).zip(x.chunks(cols)).for_each(|(o, xr)| quantize_row_q8k(xr, o));
-                }
-            }
-            Ok(QuantizedActs::Q8K(out))
+            quantize_rows(x, cols, nb, &mut out, quantize_row_q8k);
+            ActBlocks::Q8K(out)
         } else {
             let nb = cols / QK8;
             let mut out = vec![BlockQ8::ZERO; m * nb];
-            if cols > 0 {
-                if parallel {
-                    out.par_chunks_mut(nb).zip(x.par_chunks(cols)).for_each(|(o, xr)| quantize_row_q8(xr, o));
-                } else {
-                    out.chunks_mut(nb).zip(x.chunks(cols)).for_each(|(o, xr)| quantize_row_q8(xr, o));
-                }
-            }
-            Ok(QuantizedActs::Q8(out))
-        }
+            quantize_rows(x, cols, nb, &mut out, quantize_row_q8);
+            ActBlocks::Q8(out)
+        };
+        Ok(QuantizedActs {
+            ty,
+            m,
+            cols,
+            blocks,
+        })
     }
 
-    /// Number of blocks held (rows × blocks per row).
-    pub fn blocks(&self) -> usize {
-        match self {
-            QuantizedActs::Q8(v) => v.len(),
-            QuantizedActs::Q8K(v) => v.len(),
-        }
+    /// The weight type these activations were quantised for.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Number of activation rows.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Elements per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The quantised blocks.
+    pub fn blocks(&self) -> &ActBlocks {
+        &self.blocks
     }
 }
 
-/// Multiplies a run of weight rows with `m` quantised activation rows:
-/// `out_t[r·m + i] = Σ_k W[r][k] · x[i][k]` for every row `r` of `w` and `i < m` (the output
-/// is *transposed*: weight-row major).
+/// Multiplies a run of weight rows of `acts.ty()` with the `m = acts.rows()` activation rows:
+/// `out[i·ld + r] = Σ_k W[r][k] · x[i][k]` for every row `r` of `w` and `i < m`, i.e. an
+/// `m × rows` block of an output with row stride `ld` (`ld ≥ rows`).
 ///
-/// `w` holds whole rows of `row_bytes` bytes of `ty`; `acts` must have been made by
-/// [`QuantizedActs::new`] for `ty` with `cols = row_bytes / type_size · block_size` and `m`
-/// rows. Errors (no panic) on any mismatch, or if `isa` is not available on this CPU.
+/// `w` holds whole weight rows of `acts.cols()` elements. Errors (no panic) on any size
+/// mismatch, or if `isa` is not available on this CPU.
 pub fn dot_tile(
-    ty: GgmlType,
     isa: Isa,
     w: &[u8],
-    row_bytes: usize,
     acts: &QuantizedActs,
-    m: usize,
-    out_t: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
 ) -> Result<(), KernelError> {
-    let bad = |detail: String| Err(KernelError::Shape { op: "dot_tile", detail });
-    if !ty.is_quantized() {
-        return Err(KernelError::Invalid(format!("dot_tile needs a block-quantised type, got {ty}")));
-    }
+    let (ty, m) = (acts.ty, acts.m);
     if !isa.is_available() {
-        return Err(KernelError::Invalid(format!("{isa:?} kernels are not supported by this CPU")));
+        return Err(KernelError::Invalid(format!(
+            "{isa:?} kernels are not supported by this CPU"
+        )));
     }
-    let size = ty.type_size();
-    if row_bytes == 0 || row_bytes % size != 0 || w.len() % row_bytes != 0 {
-        return bad(format!("{} bytes are not whole rows of {row_bytes} bytes of {ty}", w.len()));
+    let row_bytes = ty.bytes_for(acts.cols)?;
+    let nrows = w.len().checked_div(row_bytes).unwrap_or(0);
+    let out_ok = m == 0
+        || (ld >= nrows
+            && (m - 1).checked_mul(ld).and_then(|v| v.checked_add(nrows)) <= Some(out.len()));
+    if row_bytes == 0 || nrows * row_bytes != w.len() || !out_ok {
+        return Err(KernelError::Shape {
+            op: "dot_tile",
+            detail: format!(
+                "{} bytes of {ty} weights in rows of {row_bytes}, m = {m}, out {} with stride {ld}",
+                w.len(),
+                out.len()
+            ),
+        });
     }
-    let nb = row_bytes / size;
-    let nrows = w.len() / row_bytes;
-    if acts.blocks() != m * nb || out_t.len() != nrows * m {
-        return bad(format!(
-            "{nrows} rows of {nb} blocks, {} activation blocks for m = {m}, out {}",
-            acts.blocks(),
-            out_t.len()
-        ));
-    }
-    match acts {
-        QuantizedActs::Q8(x) => {
-            if ty.block_size() != QK8 {
-                return Err(KernelError::Invalid(format!("{ty} weights need 256-element activation blocks")));
-            }
+    match &acts.blocks {
+        ActBlocks::Q8(x) => {
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx2 {
-                // SAFETY: the CPU has AVX2/FMA/F16C (checked above) and every length was checked.
-                unsafe { super::avx2_legacy::tile(ty, w, row_bytes, x, m, out_t) };
+                // SAFETY: the CPU has AVX2/FMA/F16C (checked above); `w` is whole rows, `x` has
+                // m rows of row_bytes / type_size blocks and `out` (m−1)·ld + nrows values.
+                unsafe { super::avx2_legacy::tile(ty, w, row_bytes, x, m, out, ld) };
                 return Ok(());
             }
-            legacy_scalar(ty, w, row_bytes, x, m, out_t);
+            legacy_scalar(ty, w, row_bytes, x, m, out, ld);
         }
-        QuantizedActs::Q8K(x) => {
-            if ty.block_size() != QK_K {
-                return Err(KernelError::Invalid(format!("{ty} weights need 32-element activation blocks")));
-            }
+        ActBlocks::Q8K(x) => {
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx2 && ty != GgmlType::Q8K {
-                // SAFETY: the CPU has AVX2/FMA/F16C (checked above) and every length was checked.
-                unsafe { super::avx2_kquants::tile(ty, w, row_bytes, x, m, out_t) };
+                // SAFETY: as above.
+                unsafe { super::avx2_kquants::tile(ty, w, row_bytes, x, m, out, ld) };
                 return Ok(());
             }
-            kquants::tile_scalar(ty, w, row_bytes, x, m, out_t);
+            kquants::tile_scalar(ty, w, row_bytes, x, m, out, ld);
         }
     }
     Ok(())
 }
 
-fn legacy_scalar(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[BlockQ8], m: usize, out_t: &mut [f32]) {
+fn legacy_scalar(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     use legacy::tile_scalar as t;
     match ty {
-        GgmlType::Q4_0 => t::<legacy::Q4_0>(w, row_bytes, x, m, out_t),
-        GgmlType::Q4_1 => t::<legacy::Q4_1>(w, row_bytes, x, m, out_t),
-        GgmlType::Q5_0 => t::<legacy::Q5_0>(w, row_bytes, x, m, out_t),
-        GgmlType::Q5_1 => t::<legacy::Q5_1>(w, row_bytes, x, m, out_t),
-        GgmlType::Q8_0 => t::<legacy::Q8_0>(w, row_bytes, x, m, out_t),
-        GgmlType::Q8_1 => t::<legacy::Q8_1>(w, row_bytes, x, m, out_t),
+        GgmlType::Q4_0 => t::<legacy::Q4_0>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q4_1 => t::<legacy::Q4_1>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5_0 => t::<legacy::Q5_0>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5_1 => t::<legacy::Q5_1>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q8_0 => t::<legacy::Q8_0>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q8_1 => t::<legacy::Q8_1>(w, row_bytes, x, m, out, ld),
         _ => unreachable!("legacy_scalar called with {ty}"),
     }
 }
