@@ -82,7 +82,7 @@ impl ModelArgs {
         }
         let path = self.resolve()?;
         let LoadedModel {
-            model,
+            mut model,
             tokenizer,
             load_secs,
         } = arbor_runtime::load(&path).with_context(|| format!("loading {}", path.display()))?;
