@@ -732,3 +732,86 @@ fn extra_golden_files_from_env() {
         check_golden_with(entry, &tok, &cases, parts.get(3) == Some(&"special"));
     }
 }
+
+/// A SentencePiece-style `tokenizer.json` (Metaspace normaliser, byte fallback, `Strip` decoder).
+#[test]
+fn tokenizer_json_sentencepiece_style() {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for b in 0..=255u32 {
+        vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
+    }
+    for (i, t) in ["▁", "a", "b", "▁a", "ab", "▁ab"].iter().enumerate() {
+        vocab.insert(t.to_string(), (259 + i).into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": ["▁ a", "a b", "▁a b"]}
+    });
+    let dir = temp_dir("spm");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&json).unwrap(),
+    )
+    .unwrap();
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+
+    assert_eq!(tok.bos_id(), Some(1), "BOS found from the post-processor");
+    assert!(tok.add_bos_default());
+    let ids = tok.encode("ab ab é", true, false).unwrap();
+    assert_eq!(ids, vec![1, 264, 264, 259, 3 + 0xC3, 3 + 0xA9]);
+    assert_eq!(tok.token_kind(3 + 0xC3), Some(TokenKind::Byte));
+    assert_eq!(tok.decode(&ids, true), "ab ab é");
+    let parts = stream(&tok, &ids);
+    assert_eq!(
+        parts.concat(),
+        "<s> ab ab é",
+        "HF strips only a leading space of the whole text"
+    );
+    assert_eq!(parts[4], "", "first byte of é waits for the second");
+}
+
+#[test]
+fn chat_template_json_context() {
+    let src =
+        "{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{{ m.tool_calls | tojson }}\
+               {% else %}{{ m.content }}{% endif %};{% endfor %}{{ tools is none }}";
+    let t = ChatTemplate::new(src).unwrap();
+    let ctx = serde_json::json!({
+        "messages": [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "tool_calls": [{"arguments": {"x": 1}, "name": "f"}]}],
+        "tools": null
+    });
+    assert_eq!(
+        t.render_json(&ctx).unwrap(),
+        "user:hi;assistant:[{\"arguments\": {\"x\": 1}, \"name\": \"f\"}];True"
+    );
+    assert_eq!(
+        t.render(&[ChatMessage::new("user", "x")], false, "", "")
+            .unwrap(),
+        "user:x;True"
+    );
+    assert!(t.render_json(&serde_json::json!([1])).is_err());
+}

@@ -81,13 +81,31 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String, RuntimeError> {
-        let tmpl = self.env.get_template(NAME).map_err(to_runtime)?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token,
             eos_token => eos_token,
+            tools => Value::from(()),
+            documents => Value::from(()),
         };
+        self.render_value(ctx)
+    }
+
+    /// Renders with a context given as JSON, for messages with more than role and content
+    /// (tool calls, content parts) or extra variables: an object such as
+    /// `{"messages": [...], "add_generation_prompt": true, "bos_token": "<s>", "tools": [...]}`.
+    pub fn render_json(&self, context: &serde_json::Value) -> Result<String, RuntimeError> {
+        if !context.is_object() {
+            return Err(RuntimeError::ChatTemplate(
+                "the template context must be a JSON object".into(),
+            ));
+        }
+        self.render_value(Value::from_serialize(context))
+    }
+
+    fn render_value(&self, ctx: Value) -> Result<String, RuntimeError> {
+        let tmpl = self.env.get_template(NAME).map_err(to_runtime)?;
         tmpl.render(ctx).map_err(to_runtime)
     }
 }

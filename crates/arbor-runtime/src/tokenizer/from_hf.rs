@@ -102,11 +102,12 @@ fn strips_leading_space(decoder: &Value) -> bool {
 }
 
 pub(crate) fn load(path: &Path) -> Result<Tokenizer, RuntimeError> {
-    let raw = read_json(path)?.ok_or_else(|| RuntimeError::Io {
+    let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
         path: path.into(),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+        source,
     })?;
-    let bytes = serde_json::to_vec(&raw).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+    let raw: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", path.display())))?;
     let hf = tokenizers::Tokenizer::from_bytes(&bytes)
         .map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", path.display())))?;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -172,7 +173,20 @@ pub(crate) fn load(path: &Path) -> Result<Tokenizer, RuntimeError> {
 
     // Special tokens.
     let id_of = |v: Option<&Value>| token_content(v).and_then(|t| token_to_id.get(t).copied());
-    let bos = id_of(config.get("bos_token"));
+    // Without a config, BOS is the control token the post-processor puts first, if any.
+    let first_added = || {
+        let with = hf.encode_fast("a", true).ok()?.get_ids().first().copied()?;
+        let without = hf.encode_fast("a", false).ok()?.get_ids().first().copied();
+        (Some(with) != without && kinds.get(with as usize) == Some(&TokenKind::Control))
+            .then_some(with)
+    };
+    let bos = id_of(config.get("bos_token")).or_else(|| {
+        if config.is_null() {
+            first_added()
+        } else {
+            None
+        }
+    });
     let eos = id_of(config.get("eos_token"));
     let unk = id_of(config.get("unk_token"));
     let add_bos = match config.get("add_bos_token").and_then(|v| v.as_bool()) {

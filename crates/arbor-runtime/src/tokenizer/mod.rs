@@ -373,7 +373,8 @@ pub(crate) struct DecodeState {
     emitted: bool,
 }
 
-/// Builds `pieces`, the special-token list and the end-of-generation set shared by all sources.
+/// Control, user-defined and unknown token ids, longest text first (ties by id): the order in
+/// which special tokens are searched for in text.
 pub(crate) fn special_token_order(texts: &[String], kinds: &[TokenKind]) -> Vec<u32> {
     let mut ids: Vec<u32> = (0..texts.len() as u32)
         .filter(|&i| {
