@@ -15,6 +15,9 @@ pub use embedding::embedding;
 pub use matmul::matmul;
 pub use norm::{add_rms_norm, rms_norm, rms_norm_rows};
 pub use rope::{RopeLayout, RopeScaling, RopeTable};
-pub use sample::{sample, SampleOutput, SamplingParams};
+pub use sample::{
+    apply_sampling_penalties, sample, sample_batch, sample_uniform, sampling_candidates,
+    SampleOutput, SamplingParams,
+};
 pub use softmax::{log_softmax, softmax_inplace};
 pub use swiglu::swiglu;

@@ -1,0 +1,6 @@
+//! Tests of the CPU reference ops against independent (mostly f64) references: one test
+//! binary, one module per op family.
+
+mod common;
+mod sample;
+mod timing;
