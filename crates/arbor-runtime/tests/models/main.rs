@@ -1,6 +1,7 @@
 //! The transformer against HF transformers: tiny random-weight fixtures of every dense
 //! architecture, and the real default model (SmolLM2-135M-Instruct GGUF).
 
+mod engine;
 mod fixtures;
 mod smollm2;
 
