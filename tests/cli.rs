@@ -208,3 +208,36 @@ fn bad_flags() {
         "chat template",
     );
 }
+
+#[test]
+fn chat_answers_each_turn_and_survives_errors() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        // --exact: on this prompt the fast path (like llama.cpp, which answers the same)
+        // starts with "L'Étoile"; f32 activations answer "The capital of France is Paris."
+        .args(["chat", "--temperature", "0", "--max-tokens", "8", "--exact"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let long = "word ".repeat(9000);
+    let input = format!("What is the capital of France?\n{long}\n/reset\nSay hi.\n/exit\n");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // The over-long turn is refused with an error, and the session goes on.
+    assert!(err.contains("does not fit the context"), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris"), "{text:?}");
+    assert!(
+        text.lines().filter(|l| !l.trim().is_empty()).count() >= 2,
+        "{text:?}"
+    );
+}
