@@ -39,7 +39,7 @@ fn fixtures() -> Option<PathBuf> {
 }
 
 /// Reads `inp`/`out` as test-tokenizer-0 does.
-fn read_cases(inp: &Path, out: &Path) -> Vec<(String, Vec<u32>)> {
+fn read_cases(inp: &Path, out: &Path) -> Cases {
     let raw = std::fs::read_to_string(inp).unwrap_or_else(|e| panic!("{}: {e}", inp.display()));
     let expected =
         std::fs::read_to_string(out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
@@ -75,7 +75,10 @@ fn read_cases(inp: &Path, out: &Path) -> Vec<(String, Vec<u32>)> {
     inputs.into_iter().zip(outputs).collect()
 }
 
-fn load_vocab(name: &str) -> Option<(Tokenizer, Vec<(String, Vec<u32>)>)> {
+/// Golden cases: input text and the ids llama.cpp gives.
+type Cases = Vec<(String, Vec<u32>)>;
+
+fn load_vocab(name: &str) -> Option<(Tokenizer, Cases)> {
     let dir = fixtures()?;
     let gguf = dir.join(format!("ggml-vocab-{name}.gguf"));
     let file = GgufFile::open(&gguf).unwrap_or_else(|e| panic!("{}: {e}", gguf.display()));

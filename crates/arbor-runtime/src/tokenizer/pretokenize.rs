@@ -16,13 +16,12 @@ use crate::RuntimeError;
 pub(crate) enum Rule {
     /// `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
     Gpt2,
-    /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
-    Llama3,
+    /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+    /// with N = `max_digits` (3: Llama 3; 1: Qwen2, for which llama.cpp runs the regex itself,
+    /// with the same result — checked against llama.cpp in the tests — far more slowly).
+    Llama3 { max_digits: usize },
     /// Any other regex, compiled for the collapsed text (`collapsed`) or the plain one.
-    Regex {
-        re: fancy_regex::Regex,
-        collapsed: bool,
-    },
+    Regex { re: Matcher, collapsed: bool },
 }
 
 /// What a `tokenizer.ggml.pre` value selects.
@@ -147,7 +146,7 @@ impl PreTokenizer {
         for rule in &self.rules {
             lens = match rule {
                 Rule::Gpt2 => split_gpt2(&cps, &classes, &lens),
-                Rule::Llama3 => split_llama3(&cps, &classes, &lens),
+                Rule::Llama3 { max_digits } => split_llama3(&cps, &classes, &lens, *max_digits),
                 Rule::Regex {
                     re,
                     collapsed: true,
@@ -223,18 +222,32 @@ impl Rule {
             return Ok(Rule::Gpt2);
         }
         if pattern == LLAMA3 {
-            return Ok(Rule::Llama3);
+            return Ok(Rule::Llama3 { max_digits: 3 });
         }
+        if pattern == QWEN2 {
+            return Ok(Rule::Llama3 { max_digits: 1 });
+        }
+        Self::compile_regex(pattern)
+    }
+
+    /// Compiles `pattern` for the regex engine, never for a hand-written matcher.
+    fn compile_regex(pattern: &str) -> Result<Rule, RuntimeError> {
         let collapsed = ["\\p{N}", "\\p{L}", "\\p{P}", "\\p{M}", "\\p{S}"]
             .iter()
             .any(|c| pattern.contains(c));
         let translated = translate(pattern, collapsed);
-        let re = fancy_regex::RegexBuilder::new(&translated)
-            .backtrack_limit(10_000_000)
-            .build()
-            .map_err(|e| {
-                RuntimeError::Tokenizer(format!("pre-tokenizer regex {pattern:?}: {e}"))
-            })?;
+        // The plain regex engine where the pattern allows it (no look-around), else fancy-regex.
+        let re = match regex::Regex::new(&translated) {
+            Ok(re) => Matcher::Plain(re),
+            Err(_) => Matcher::Fancy(
+                fancy_regex::RegexBuilder::new(&translated)
+                    .backtrack_limit(10_000_000)
+                    .build()
+                    .map_err(|e| {
+                        RuntimeError::Tokenizer(format!("pre-tokenizer regex {pattern:?}: {e}"))
+                    })?,
+            ),
+        };
         Ok(Rule::Regex { re, collapsed })
     }
 }
@@ -309,29 +322,54 @@ fn translate(pattern: &str, collapsed: bool) -> String {
     out
 }
 
+/// A compiled pre-tokenizer regex.
+pub(crate) enum Matcher {
+    Plain(regex::Regex),
+    Fancy(fancy_regex::Regex),
+}
+
+impl Matcher {
+    /// Byte spans of the successive matches in `hay`.
+    fn for_each_match(
+        &self,
+        hay: &str,
+        mut f: impl FnMut(usize, usize),
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Matcher::Plain(re) => re.find_iter(hay).for_each(|m| f(m.start(), m.end())),
+            Matcher::Fancy(re) => {
+                for m in re.find_iter(hay) {
+                    let m = m.map_err(|e| {
+                        RuntimeError::Tokenizer(format!("pre-tokenizer regex failed: {e}"))
+                    })?;
+                    f(m.start(), m.end());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Applies `re` to each piece of `view` (pieces given as lengths in codepoints).
-fn split_regex(
-    re: &fancy_regex::Regex,
-    view: &[char],
-    lens: &[usize],
-) -> Result<Vec<usize>, RuntimeError> {
+fn split_regex(re: &Matcher, view: &[char], lens: &[usize]) -> Result<Vec<usize>, RuntimeError> {
+    let text: String = view.iter().collect();
+    // Codepoint index of every byte offset (and of the end).
+    let mut char_at_byte = Vec::with_capacity(text.len() + 1);
+    let mut byte_at_char = Vec::with_capacity(view.len() + 1);
+    for (k, c) in view.iter().enumerate() {
+        byte_at_char.push(char_at_byte.len());
+        char_at_byte.extend(std::iter::repeat_n(k, c.len_utf8()));
+    }
+    byte_at_char.push(text.len());
+    char_at_byte.push(view.len());
     let mut out = Vec::with_capacity(lens.len());
     let mut start = 0;
-    let mut chunk = String::new();
-    let mut char_at_byte = Vec::new();
     for &len in lens {
-        chunk.clear();
-        char_at_byte.clear();
-        for (k, &c) in view[start..start + len].iter().enumerate() {
-            chunk.push(c);
-            char_at_byte.resize(chunk.len(), k);
-        }
-        char_at_byte.push(len);
-        let mut prev = 0;
-        for m in re.find_iter(&chunk) {
-            let m =
-                m.map_err(|e| RuntimeError::Tokenizer(format!("pre-tokenizer regex failed: {e}")))?;
-            let (s, e) = (char_at_byte[m.start()], char_at_byte[m.end()]);
+        let base = byte_at_char[start];
+        let chunk = &text[base..byte_at_char[start + len]];
+        let mut prev = start;
+        re.for_each_match(chunk, |ms, me| {
+            let (s, e) = (char_at_byte[base + ms], char_at_byte[base + me]);
             if s > prev {
                 out.push(s - prev);
             }
@@ -339,9 +377,9 @@ fn split_regex(
                 out.push(e - s);
             }
             prev = e.max(prev);
-        }
-        if prev < len {
-            out.push(len - prev);
+        })?;
+        if prev < start + len {
+            out.push(start + len - prev);
         }
         start += len;
     }
@@ -479,7 +517,12 @@ fn split_gpt2(cps: &[char], classes: &[CharClass], lens: &[usize]) -> Vec<usize>
     out
 }
 
-fn split_llama3(cps: &[char], classes: &[CharClass], lens: &[usize]) -> Vec<usize> {
+fn split_llama3(
+    cps: &[char],
+    classes: &[CharClass],
+    lens: &[usize],
+    max_digits: usize,
+) -> Vec<usize> {
     let mut out = Vec::with_capacity(lens.len());
     let mut start = 0;
     for &len in lens {
@@ -510,12 +553,12 @@ fn split_llama3(cps: &[char], classes: &[CharClass], lens: &[usize]) -> Vec<usiz
                 cut.cut(pos);
                 continue;
             }
-            // \p{N}{1,3}
+            // \p{N}{1,max_digits}
             if cut.is_number(pos) {
                 let mut ini = pos;
                 while cut.is_number(pos) {
                     pos += 1;
-                    if pos - ini >= 3 {
+                    if pos - ini >= max_digits {
                         cut.cut(pos);
                         ini = pos;
                     }
@@ -615,6 +658,60 @@ mod tests {
             ["Hello", " world", "'s", "  ", " end", "  "]
         );
         assert_eq!(words("smollm", "abc 123"), ["abc", " ", "1", "2", "3"]);
+    }
+
+    /// The hand-written matchers split exactly as their regexes do on the collapsed text.
+    #[test]
+    fn hand_matchers_agree_with_their_regexes() {
+        let samples = [
+            "Hello world's   end  ",
+            "I'M 12345 x\n\n y\r\n\t z  \n  ",
+            " \u{a0}\u{3000}a\u{2009}\u{85}b \u{200b}c\x0b\x0cd",
+            "我想在apple工作1314151天～ ½ Ⅻ ²³",
+            "🦙.cpp 😶\u{200d}🌫\u{fe0f} (normal) e\u{301} naïve Führer",
+            "it's 'S 'll 'LL 'Re x'd y'T don't  'xyz '' '",
+            "\u{378}\u{e000}\x01\x7f!!!\n\n\n  ???\r\n   ...   ",
+            "def f(x):\n    return x**2\n\n\n\tif a<=b: pass  # é",
+            "   ",
+            " ",
+            "\n",
+            "",
+            "a",
+            "1",
+            "'",
+            "' ",
+            " '",
+            "\u{a0}",
+            " \u{a0}x",
+        ];
+        let split = |rule: Rule, text: &str| {
+            let pre = PreTokenizer {
+                rules: vec![rule],
+                ignore_merges: false,
+                add_bos: false,
+                no_bos: false,
+            };
+            pre.split(text)
+                .unwrap()
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        let hand = |pattern: &str| match pattern {
+            GPT2 => Rule::Gpt2,
+            LLAMA3 => Rule::Llama3 { max_digits: 3 },
+            _ => Rule::Llama3 { max_digits: 1 },
+        };
+        for pattern in [GPT2, LLAMA3, QWEN2] {
+            for text in samples {
+                let by_regex = split(Rule::compile_regex(pattern).unwrap(), text);
+                assert_eq!(
+                    split(hand(pattern), text),
+                    by_regex,
+                    "{pattern} on {text:?}"
+                );
+            }
+        }
     }
 
     #[test]
