@@ -818,3 +818,10 @@ fn chat_template_json_context() {
     );
     assert!(t.render_json(&serde_json::json!([1])).is_err());
 }
+
+#[test]
+fn tokenizer_and_template_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Tokenizer>();
+    shared::<ChatTemplate>();
+}

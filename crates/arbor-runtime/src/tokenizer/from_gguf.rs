@@ -218,7 +218,13 @@ pub(crate) fn load(h: &GgufHeader) -> Result<Tokenizer, RuntimeError> {
             pre,
             ignore_merges,
         };
-        (model, bos, Some(11), None, add_bos, LeadingSpace::Keep)
+        // llama.cpp strips the first token's leading space on decoding whenever the vocabulary
+        // says add_space_prefix, even for BPE (which never adds one).
+        let lead = match get_bool("tokenizer.ggml.add_space_prefix") {
+            Some(true) => LeadingSpace::StripFirstToken,
+            _ => LeadingSpace::Keep,
+        };
+        (model, bos, Some(11), None, add_bos, lead)
     } else {
         let mut sc = Vec::with_capacity(n);
         if let Some(scores) = scores {
