@@ -1,24 +1,43 @@
 //! Causal GQA attention of a sequence's query rows over its paged KV cache.
+//!
+//! One task per (query row, KV head): the task holds the query vectors of every query head
+//! that shares the KV head, walks the sequence's pages in position order, and for each page
+//! scores all of its contiguous keys (`[slot][head_dim]` in the pool layout
+//! `[layer][page][k|v][kv_head][slot][head_dim]`) against each query head before moving on, so
+//! a page's K and V are read once per task while they sit in L1. When there are too few such
+//! tasks for the threads (decoding one sequence), a task is one (row, query head) instead. The softmax is online
+//! (running max and normaliser, accumulator rescaled when the max grows), so nothing grows
+//! with the context length; the accumulator is the output slice itself.
 
+use super::softmax::{exp_nonpos, lane_max};
 use crate::kv::{BlockTable, KvPool};
 use rayon::prelude::*;
 
 /// Shape and options of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionParams {
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads; divides `n_heads` (query head `h` reads KV head `h / (n_heads / n_kv_heads)`).
     pub n_kv_heads: usize,
+    /// Dimensions per head (queries, keys and values alike).
     pub head_dim: usize,
     /// Multiplier of q·k (usually 1/√head_dim).
     pub scale: f32,
-    /// Attend only to the last `w` positions (Mistral-style sliding window).
+    /// Attend only to the last `w` positions, the query's own included (Mistral-style
+    /// sliding window); `Some(0)` acts as `Some(1)`.
     pub sliding_window: Option<usize>,
 }
 
 /// For each query row `i` (at absolute position `positions[i]`), attends over positions
-/// `0..=positions[i]` of the sequence whose pages are `table`, in `layer` of `pool`.
-/// `q` and `out` are `rows × n_heads × head_dim`. The K/V of the query rows themselves must
-/// already be in the cache.
+/// `0..=positions[i]` (or the sliding window ending there) of the sequence whose pages are
+/// `table`, in `layer` of `pool`. `q` and `out` are `rows × n_heads × head_dim`. The K/V of
+/// the query rows themselves must already be in the cache.
+///
+/// # Panics
+/// When the shapes disagree (`q`, `out`, `positions` and the pool's layout), when `n_kv_heads`
+/// does not divide `n_heads`, or when a position lies beyond the pages of `table`: these are
+/// bugs of the caller, not conditions of the input data.
 pub fn paged_attention(
     q: &[f32],
     positions: &[usize],
@@ -29,28 +48,151 @@ pub fn paged_attention(
     out: &mut [f32],
 ) {
     let hd = p.head_dim;
-    let group = p.n_heads / p.n_kv_heads;
     let ps = pool.layout.page_size;
-    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-        let (row, head) = (idx / p.n_heads, idx % p.n_heads);
-        let kvh = head / group;
-        let pos = positions[row];
-        let qv = &q[idx * hd..(idx + 1) * hd];
-        let start = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let mut scores = Vec::with_capacity(pos + 1 - start);
-        for t in start..=pos {
-            let (page, slot) = table.locate(t, ps);
-            let k = &pool.keys(layer, page, kvh)[slot * hd..(slot + 1) * hd];
-            scores.push(qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * p.scale);
-        }
-        super::softmax_inplace(&mut scores);
-        o.fill(0.0);
-        for (t, w) in (start..=pos).zip(&scores) {
-            let (page, slot) = table.locate(t, ps);
-            let v = &pool.values(layer, page, kvh)[slot * hd..(slot + 1) * hd];
-            for (oi, vi) in o.iter_mut().zip(v) {
-                *oi += w * vi;
+    assert!(
+        p.n_kv_heads > 0 && p.n_heads / p.n_kv_heads * p.n_kv_heads == p.n_heads,
+        "paged_attention: {} query heads cannot share {} KV heads",
+        p.n_heads,
+        p.n_kv_heads
+    );
+    assert!(
+        hd == pool.layout.head_dim && p.n_kv_heads == pool.layout.num_kv_heads,
+        "paged_attention: params ({} KV heads × {hd}) disagree with the pool ({} × {})",
+        p.n_kv_heads,
+        pool.layout.num_kv_heads,
+        pool.layout.head_dim
+    );
+    let row_len = p.n_heads * hd;
+    assert!(
+        q.len() == positions.len() * row_len && out.len() == q.len(),
+        "paged_attention: {} rows need q and out of {} values, got {} and {}",
+        positions.len(),
+        positions.len() * row_len,
+        q.len(),
+        out.len()
+    );
+    let capacity = table.pages.len() * ps;
+    if let Some(&bad) = positions.iter().find(|&&pos| pos >= capacity) {
+        panic!("paged_attention: position {bad} is beyond the {capacity} positions of the sequence's pages");
+    }
+    if hd == 0 {
+        return;
+    }
+
+    let group = p.n_heads / p.n_kv_heads;
+    let window = p.sliding_window.map(|w| w.max(1));
+    // Query heads per task: the whole group shares each page read, but when that leaves too
+    // few tasks to keep the threads busy (decode of one sequence), one head per task.
+    let heads_per_task = if positions.len() * p.n_kv_heads >= 2 * rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
+    out.par_chunks_mut(heads_per_task * hd)
+        .enumerate()
+        .for_each(|(task, o)| {
+            let first_head = task * heads_per_task;
+            let (row, head) = (first_head / p.n_heads, first_head % p.n_heads);
+            let pos = positions[row];
+            let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let qs = &q[first_head * hd..(first_head + heads_per_task) * hd];
+            let kv = PagedHead {
+                pool,
+                layer,
+                table,
+                kv_head: head / group,
+            };
+            attend(qs, &kv, start, pos + 1, p.scale, hd, o);
+        });
+}
+
+/// One KV head of one sequence in one layer.
+struct PagedHead<'a> {
+    pool: &'a KvPool,
+    layer: usize,
+    table: &'a BlockTable,
+    kv_head: usize,
+}
+
+/// Online-softmax attention of the query heads in `qs` (`group × hd`) over positions
+/// `start..end` of `kv`, written to `o` (`group × hd`).
+fn attend(
+    qs: &[f32],
+    kv: &PagedHead,
+    start: usize,
+    end: usize,
+    scale: f32,
+    hd: usize,
+    o: &mut [f32],
+) {
+    let group = qs.len() / hd;
+    let ps = kv.pool.layout.page_size;
+    // Running max and normaliser per query head; `o` accumulates the unnormalised output.
+    let mut max = vec![f32::NEG_INFINITY; group];
+    let mut norm = vec![0.0f32; group];
+    let mut scores = vec![0.0f32; ps];
+    o.fill(0.0);
+
+    for page_idx in start / ps..end.div_ceil(ps) {
+        let page = kv.table.pages[page_idx];
+        let base = page_idx * ps;
+        let (lo, hi) = (start.max(base) - base, end.min(base + ps) - base);
+        let keys = &kv.pool.keys(kv.layer, page, kv.kv_head)[lo * hd..hi * hd];
+        let values = &kv.pool.values(kv.layer, page, kv.kv_head)[lo * hd..hi * hd];
+        let sc = &mut scores[..hi - lo];
+        for g in 0..group {
+            let qg = &qs[g * hd..(g + 1) * hd];
+            let acc = &mut o[g * hd..(g + 1) * hd];
+            for (s, k) in sc.iter_mut().zip(keys.chunks_exact(hd)) {
+                *s = dot(qg, k) * scale;
+            }
+            let new_max = max[g].max(lane_max(sc));
+            if new_max > max[g] {
+                // exp(−∞) = 0 on the first page: nothing to rescale yet.
+                let c = exp_nonpos(max[g] - new_max);
+                norm[g] *= c;
+                acc.iter_mut().for_each(|a| *a *= c);
+                max[g] = new_max;
+            }
+            // Weights in their own loop, which vectorises; then the weighted sum of values.
+            sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
+            norm[g] += sc.iter().sum::<f32>();
+            for (&w, v) in sc.iter().zip(values.chunks_exact(hd)) {
+                axpy(w, v, acc);
             }
         }
-    });
+    }
+    for (acc, &n) in o.chunks_exact_mut(hd).zip(&norm) {
+        let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
+        acc.iter_mut().for_each(|a| *a *= inv);
+    }
+}
+
+/// a · b with eight independent accumulators, so that it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        let (x, y) = (&x[..8], &y[..8]);
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// y += a · x.
+#[inline(always)]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
 }

@@ -1,6 +1,7 @@
 //! Tests of the CPU reference ops against independent (mostly f64) references: one test
 //! binary, one module per op family.
 
+mod attention;
 mod common;
 mod sample;
 mod timing;
