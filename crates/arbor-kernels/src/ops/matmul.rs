@@ -18,8 +18,9 @@ use crate::quant::tile::{dot_tile, QuantizedActs};
 use crate::weight::WeightData;
 use crate::{KernelError, Weight};
 
-/// A task should have at least this many multiply-adds, or the rayon overhead shows.
-const MIN_TASK_MACS: usize = 1 << 16;
+/// A task should have at least this many multiply-adds (about 5 µs of Q4_1 work on one
+/// core), or waking another thread costs more than it saves.
+const MIN_TASK_MACS: usize = 1 << 17;
 /// With several activation rows, a quantised task's weights stay under this many bytes so
 /// they are re-read from L1/L2 for each group of four rows.
 const TILE_WEIGHT_BYTES: usize = 32 << 10;
@@ -152,17 +153,18 @@ fn check_storage(w: &Weight) -> Result<(), KernelError> {
     }
 }
 
-/// Weight rows per task: about four tasks per thread, none smaller than [`MIN_TASK_MACS`],
-/// none larger than `max_rows`.
+/// Weight rows per task: up to four tasks per thread, a multiple of the thread count when
+/// there are more tasks than threads (so no thread gets a lone extra round), none with fewer
+/// than [`MIN_TASK_MACS`] multiply-adds (below that one task runs on the calling thread and
+/// no thread is woken), none longer than `max_rows`.
 fn chunk_rows(rows: usize, m: usize, cols: usize, max_rows: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let min_rows = MIN_TASK_MACS.div_ceil(m.saturating_mul(cols).max(1));
-    let balanced = if threads == 1 {
-        rows
-    } else {
-        rows.div_ceil(threads * 4)
-    };
-    balanced.max(min_rows).min(max_rows).clamp(1, rows.max(1))
+    let macs = rows.saturating_mul(m).saturating_mul(cols);
+    let mut tasks = (threads * 4).min(macs / MIN_TASK_MACS).max(1);
+    if tasks > threads {
+        tasks -= tasks % threads;
+    }
+    rows.div_ceil(tasks).min(max_rows).max(1)
 }
 
 /// Runs `f(r0, nr, block, ld)` for each chunk of weight rows `r0..r0 + nr`, in parallel;
@@ -406,12 +408,13 @@ mod tests {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for ty in QUANT_TYPES {
             let bs = ty.block_size();
-            // Row counts not divisible by the chunk or tile sizes; 300 rows make several tasks.
+            // Row counts not divisible by the chunk or tile sizes; 1001 rows make several
+            // tasks even for m = 1.
             for (rows, nblocks) in [
                 (1, 1),
                 (7, 3),
                 (67, 2),
-                (300, if bs == QK_K { 2 } else { 10 }),
+                (1001, if bs == QK_K { 2 } else { 10 }),
             ] {
                 let cols = nblocks * bs;
                 let w = random_weight(ty, rows, cols, &mut rng);
@@ -482,6 +485,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn chunks_cover_every_row_and_are_assembled_in_place() {
+        for (rows, m, chunk) in [(10, 1, 3), (10, 2, 3), (10, 5, 4), (7, 3, 7), (7, 3, 100)] {
+            let mut out = vec![f32::NAN; m * rows];
+            run_chunks(m, rows, chunk, &mut out, |r0, nr, block, ld| {
+                for i in 0..m {
+                    for r in 0..nr {
+                        block[i * ld + r] = (i * 1000 + r0 + r) as f32;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+            let want: Vec<f32> = (0..m * rows)
+                .map(|k| ((k / rows) * 1000 + k % rows) as f32)
+                .collect();
+            assert_eq!(out, want, "rows {rows}, m {m}, chunk {chunk}");
+        }
+        // Task sizes: small products stay on one task; big ones split evenly.
+        assert_eq!(chunk_rows(192, 1, 576, usize::MAX), 192);
+        let threads = rayon::current_num_threads();
+        let c = chunk_rows(49152, 1, 576, usize::MAX);
+        assert!(
+            c <= 49152usize.div_ceil(threads) && c >= 49152 / (4 * threads),
+            "chunk {c}"
+        );
+        assert!(chunk_rows(1536, 64, 576, 50) <= 50);
     }
 
     #[test]
@@ -609,20 +641,24 @@ mod tests {
         );
     }
 
-    /// CPU seconds used by this process so far (Linux; 10 ms resolution), so kernel costs can
-    /// be read on a busy machine where wall time includes waiting for a core.
+    /// CPU seconds used by this process so far (all threads, ns resolution), so kernel costs
+    /// can be read on a busy machine where wall time includes waiting for a core.
     fn process_cpu_seconds() -> f64 {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<f64> = after
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        // Fields after the command: state is not numeric, so utime/stime are at 10 and 11.
-        f.get(10)
-            .zip(f.get(11))
-            .map(|(u, s)| (u + s) / 100.0)
-            .unwrap_or(0.0)
+        #[repr(C)]
+        struct Timespec {
+            sec: i64,
+            nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+        }
+        const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+        let mut ts = Timespec { sec: 0, nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec (two longs on x86-64 Linux) into `ts`.
+        if unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+            return 0.0;
+        }
+        ts.sec as f64 + ts.nsec as f64 * 1e-9
     }
 
     /// Timings for the SmolLM2-135M decode shapes; printed, not asserted:
@@ -631,7 +667,6 @@ mod tests {
     #[test]
     #[ignore = "timing; run with --ignored --nocapture"]
     fn timing_matmul() {
-        let mut rng = Rng(1);
         let cases = [
             (GgmlType::Q8_0, 49152, 576, 1),
             (GgmlType::Q4_1, 1536, 576, 1),
@@ -644,7 +679,18 @@ mod tests {
             (GgmlType::Q4_1, 1536, 576, 128),
         ];
         let only_avx2 = std::env::var("ARBOR_TIMING_SCALAR").is_err();
-        for (ty, rows, cols, m) in cases {
+        // ARBOR_TIMING_IN_POOL=1: call from a rayon worker, as an engine step running inside
+        // the pool would, instead of from a thread outside it.
+        if std::env::var("ARBOR_TIMING_IN_POOL").is_ok() {
+            rayon::scope(|_| timing_cases(&cases, only_avx2));
+        } else {
+            timing_cases(&cases, only_avx2);
+        }
+    }
+
+    fn timing_cases(cases: &[(GgmlType, usize, usize, usize)], only_avx2: bool) {
+        let mut rng = Rng(1);
+        for &(ty, rows, cols, m) in cases {
             let w = random_weight(ty, rows, cols, &mut rng);
             let x = rng.vec(m * cols, 1.0);
             let mut out = vec![0.0f32; m * rows];
@@ -652,21 +698,26 @@ mod tests {
                 if only_avx2 && isa == Isa::Scalar && Isa::Avx2.is_available() {
                     continue;
                 }
-                let iters = (1_000_000_000 / (w.nbytes() * m.min(8)).max(1)).clamp(5, 5000);
+                let iters = (300_000_000 / (w.nbytes() * m.min(8)).max(1)).clamp(3, 2000);
                 matmul_with(isa, &x, m, &w, &mut out).unwrap();
-                let (t, c) = (Instant::now(), process_cpu_seconds());
-                for _ in 0..iters {
-                    matmul_with(isa, &x, m, &w, &mut out).unwrap();
+                // Best of five rounds, for wall and CPU time separately.
+                let (mut s, mut cpu) = (f64::MAX, f64::MAX);
+                for _ in 0..5 {
+                    let (t, c) = (Instant::now(), process_cpu_seconds());
+                    for _ in 0..iters {
+                        matmul_with(isa, &x, m, &w, &mut out).unwrap();
+                    }
+                    s = s.min(t.elapsed().as_secs_f64() / iters as f64);
+                    cpu = cpu.min((process_cpu_seconds() - c) / iters as f64);
                 }
-                let s = t.elapsed().as_secs_f64() / iters as f64;
-                let cpu = (process_cpu_seconds() - c) / iters as f64;
                 println!(
-                    "{ty} {rows}x{cols} m={m} {isa:?}: {:.1} µs wall ({:.2} GB/s of weights, {:.1} GMAC/s), {:.1} µs CPU, {:.1} ns CPU/block-row",
+                    "{ty} {rows}x{cols} m={m} {isa:?}: {:.1} µs wall ({:.2} GB/s of weights, \
+                     {:.1} GMAC/s), {:.1} µs CPU, {:.2} ns CPU per 32 MACs",
                     s * 1e6,
                     w.nbytes() as f64 / s / 1e9,
                     (rows * cols * m) as f64 / s / 1e9,
                     cpu * 1e6,
-                    cpu * 1e9 / ((rows * cols / ty.block_size().max(32)) * m) as f64 * (ty.block_size().max(32) / 32) as f64
+                    cpu * 1e9 * 32.0 / (rows * cols * m) as f64
                 );
             }
         }

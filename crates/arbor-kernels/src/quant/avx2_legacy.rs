@@ -202,9 +202,64 @@ unsafe fn tile_t<B: Block>(
             4 => rows::<B, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             3 => rows::<B, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             2 => rows::<B, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
-            _ => rows::<B, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            _ if B::SIGNED => rows::<B, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            _ => {
+                // One activation row (decode) with 4/5-bit weights: two weight rows per pass,
+                // so the activation blocks are loaded once for both and the two FMA chains
+                // overlap (~10% less CPU per block; measured slower for Q8_0, which streams
+                // twice the bytes and is bound by memory, so that keeps one row per pass).
+                let pairs = nrows / 2;
+                row_pairs::<B>(w.as_ptr(), row_bytes, pairs, nb, xs, o);
+                let wt = w.as_ptr().add(2 * pairs * row_bytes);
+                rows::<B, 1>(wt, row_bytes, nrows % 2, nb, xs, o.add(2 * pairs), ld);
+            }
         }
         i0 += rc;
+    }
+}
+
+/// One activation row against `2·pairs` weight rows; results go to `out[r]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_pairs<B: Block>(
+    w: *const u8,
+    row_bytes: usize,
+    pairs: usize,
+    nb: usize,
+    x: *const BlockQ8,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    for pr in 0..pairs {
+        let w0 = w.add(2 * pr * row_bytes);
+        let w1 = w0.add(row_bytes);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut min0, mut min1) = (0.0f32, 0.0f32);
+        for b in 0..nb {
+            let xb = &*x.add(b);
+            let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let (q0, d0, m0) = B::load(w0.add(b * B::SIZE));
+            let (q1, d1, m1) = B::load(w1.add(b * B::SIZE));
+            let (u0, y0) = if B::SIGNED {
+                (_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(y, q0))
+            } else {
+                (q0, y)
+            };
+            let (u1, y1) = if B::SIGNED {
+                (_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(y, q1))
+            } else {
+                (q1, y)
+            };
+            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, y0), ones);
+            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, y1), ones);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xb.d), _mm256_cvtepi32_ps(p0), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xb.d), _mm256_cvtepi32_ps(p1), acc1);
+            if !B::SIGNED {
+                min0 += m0 * xb.s;
+                min1 += m1 * xb.s;
+            }
+        }
+        *out.add(2 * pr) = hsum(acc0) + min0;
+        *out.add(2 * pr + 1) = hsum(acc1) + min1;
     }
 }
 
