@@ -3,5 +3,6 @@
 
 mod attention;
 mod common;
+mod rope;
 mod sample;
 mod timing;
