@@ -3,6 +3,7 @@
 
 mod attention;
 mod common;
+mod elementwise;
 mod rope;
 mod sample;
 mod timing;
