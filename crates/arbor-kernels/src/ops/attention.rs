@@ -9,7 +9,7 @@
 //! (running max and normaliser, accumulator rescaled when the max grows), so nothing grows
 //! with the context length; the accumulator is the output slice itself.
 
-use super::softmax::{exp_nonpos, lane_max};
+use super::softmax::{exp_nonpos, lane_max, with_wide_vectors};
 use crate::kv::{BlockTable, KvPool};
 use rayon::prelude::*;
 
@@ -102,7 +102,10 @@ pub fn paged_attention(
                 table,
                 kv_head: head / group,
             };
-            attend(qs, &kv, start, pos + 1, p.scale, hd, o);
+            with_wide_vectors(
+                #[inline(always)]
+                || attend(qs, &kv, start, pos + 1, p.scale, hd, o),
+            );
         });
 }
 
@@ -116,6 +119,7 @@ struct PagedHead<'a> {
 
 /// Online-softmax attention of the query heads in `qs` (`group × hd`) over positions
 /// `start..end` of `kv`, written to `o` (`group × hd`).
+#[inline(always)]
 fn attend(
     qs: &[f32],
     kv: &PagedHead,

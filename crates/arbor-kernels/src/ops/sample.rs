@@ -30,7 +30,7 @@
 mod penalties;
 mod truncate;
 
-use super::softmax::{exp_nonpos, lane_max, lane_sum, lane_sum2};
+use super::softmax::{exp_nonpos, lane_max, lane_sum, lane_sum2, with_wide_vectors};
 use penalties::apply_penalties;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -276,12 +276,17 @@ impl RawStats {
         }
         // With e_i = exp(x_i − max), s = Σ e_i and t = Σ e_i (x_i − max):
         // ln Z = max + ln s and H = −Σ p_i ln p_i = ln s − t / s.
-        let (s, t) = lane_sum2(x, |v| {
-            let d = v - max;
-            let e = exp_nonpos(d);
-            // e = 0 below −87; the clamp keeps 0 · (−∞) from making NaN.
-            (e, e * d.max(-88.0))
-        });
+        let (s, t) = with_wide_vectors(
+            #[inline(always)]
+            || {
+                lane_sum2(x, |v| {
+                    let d = v - max;
+                    let e = exp_nonpos(d);
+                    // e = 0 below −87; the clamp keeps 0 · (−∞) from making NaN.
+                    (e, e * d.max(-88.0))
+                })
+            },
+        );
         let ln_s = s.ln();
         RawStats {
             max,
@@ -297,15 +302,29 @@ impl RawStats {
     }
 }
 
-/// Index of the first element equal to `max` (0 if none).
+/// Index of the first element equal to `max` (0 if none). Whole runs of 64 are tested with a
+/// branch-free loop that vectorises; only the run holding `max` is searched element by element.
 fn argmax(x: &[f32], max: f32) -> usize {
-    x.iter().position(|&v| v == max).unwrap_or(0)
+    const RUN: usize = 64;
+    for (r, run) in x.chunks(RUN).enumerate() {
+        if run.iter().fold(false, |hit, &v| hit | (v == max)) {
+            return r * RUN + run.iter().position(|&v| v == max).unwrap_or(0);
+        }
+    }
+    0
 }
 
 /// `weights[i] = exp((logits[i] − zmax) · inv_t)`.
 fn fill_weights(weights: &mut Vec<f32>, logits: &[f32], zmax: f32, inv_t: f32) {
-    weights.clear();
-    weights.extend(logits.iter().map(|&v| exp_nonpos((v - zmax) * inv_t)));
+    weights.resize(logits.len(), 0.0);
+    with_wide_vectors(
+        #[inline(always)]
+        || {
+            for (w, &v) in weights.iter_mut().zip(logits) {
+                *w = exp_nonpos((v - zmax) * inv_t);
+            }
+        },
+    );
 }
 
 /// Tokens per block of the draw's walk: the block holding the target is found from block
@@ -317,14 +336,20 @@ const WALK_BLOCK: usize = 1024;
 fn draw(s: &mut Scratch, p: &SamplingParams, zmax: f32, u: f64) -> usize {
     fill_weights(&mut s.weights, &s.logits, zmax, 1.0 / p.temperature);
     let cut = keep_cut(&s.logits, &s.weights, &mut s.truncate, p, zmax);
-    if cut > f32::NEG_INFINITY {
-        for (w, &v) in s.weights.iter_mut().zip(&s.logits) {
-            *w = if v >= cut { *w } else { 0.0 };
-        }
-    }
     s.block_sums.clear();
-    s.block_sums
-        .extend(s.weights.chunks(WALK_BLOCK).map(|b| lane_sum(b, |w| w)));
+    with_wide_vectors(
+        #[inline(always)]
+        || {
+            if cut > f32::NEG_INFINITY {
+                for (w, &v) in s.weights.iter_mut().zip(&s.logits) {
+                    *w = if v >= cut { *w } else { 0.0 };
+                }
+            }
+            for block in s.weights.chunks(WALK_BLOCK) {
+                s.block_sums.push(lane_sum(block, |w| w));
+            }
+        },
+    );
     let target = u * s.block_sums.iter().sum::<f64>();
 
     let mut acc = 0.0f64;

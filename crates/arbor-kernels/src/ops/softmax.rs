@@ -11,6 +11,28 @@ const BLOCK: usize = 1024;
 /// Independent accumulators, so that the compiler can keep them in vector registers.
 const LANES: usize = 8;
 
+/// Runs `f` compiled for AVX2 when the CPU has it, otherwise as is. The helpers here are
+/// `#[inline(always)]`, so the loops of `f` then use 8-wide vectors; the arithmetic and its
+/// order are the same either way (reductions go through explicit lanes), so results are
+/// bit-identical on every CPU.
+#[inline(always)]
+pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// # Safety
+        /// Only called after the CPU was found to support AVX2.
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available on this CPU (checked just above).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// `e^x` for `x ≤ 0`, within a few ulp of the exact value, written with selects and integer
 /// bit operations only so that loops over it vectorise (libm's `expf` is a scalar call).
 /// Inputs below −87 (where `e^x` leaves the normal f32 range) and NaN give 0; positive inputs
@@ -93,7 +115,7 @@ pub(crate) fn lane_sum2(x: &[f32], f: impl Fn(f32) -> (f32, f32)) -> (f64, f64) 
 }
 
 /// Largest element, ignoring NaN; −∞ for an empty slice.
-#[inline]
+#[inline(always)]
 pub(crate) fn lane_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);

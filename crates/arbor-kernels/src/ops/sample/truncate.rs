@@ -2,7 +2,7 @@
 //! is at least its cut, so the three together keep those at or above the largest cut.
 
 use super::SamplingParams;
-use crate::ops::softmax::lane_max;
+use crate::ops::softmax::{lane_max, with_wide_vectors};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
@@ -90,11 +90,14 @@ fn histogram_nucleus_cut(
 ) -> f32 {
     let last = (BUCKETS - 1) as f32;
     let scale = last / RANGE;
-    s.buckets.clear();
-    s.buckets.extend(
-        logits
-            .iter()
-            .map(|&v| (((zmax - v) * inv_t * scale).min(last)) as u16),
+    s.buckets.resize(logits.len(), 0);
+    with_wide_vectors(
+        #[inline(always)]
+        || {
+            for (b, &v) in s.buckets.iter_mut().zip(logits) {
+                *b = ((zmax - v) * inv_t * scale).min(last) as u16;
+            }
+        },
     );
     s.hist.clear();
     s.hist.resize(BUCKETS, 0.0);
