@@ -135,6 +135,14 @@ pub(crate) fn lane_max(x: &[f32]) -> f32 {
 /// In-place softmax; returns the log of the normaliser (log-sum-exp, −∞ for a row with no
 /// distribution). See the module documentation for non-finite entries.
 pub fn softmax_inplace(x: &mut [f32]) -> f32 {
+    with_wide_vectors(
+        #[inline(always)]
+        || softmax_row(x),
+    )
+}
+
+#[inline(always)]
+fn softmax_row(x: &mut [f32]) -> f32 {
     let max = lane_max(x);
     if max == f32::NEG_INFINITY {
         x.fill(0.0);
@@ -166,6 +174,14 @@ pub fn softmax_inplace(x: &mut [f32]) -> f32 {
 /// entries.
 pub fn log_softmax(x: &[f32], out: &mut [f32]) {
     debug_assert_eq!(x.len(), out.len());
+    with_wide_vectors(
+        #[inline(always)]
+        || log_softmax_row(x, out),
+    );
+}
+
+#[inline(always)]
+fn log_softmax_row(x: &[f32], out: &mut [f32]) {
     let max = lane_max(x);
     if max == f32::NEG_INFINITY {
         out.fill(f32::NEG_INFINITY);

@@ -1,6 +1,6 @@
 //! SwiGLU gate: silu(gate) · up.
 
-use super::softmax::exp_nonpos;
+use super::softmax::{exp_nonpos, with_wide_vectors};
 
 /// `out = silu(gate) · up` elementwise, with `silu(g) = g · sigmoid(g)`.
 ///
@@ -8,9 +8,14 @@ use super::softmax::exp_nonpos;
 /// `e / (1 + e)` below), which never overflows and vectorises; `silu(−∞) = 0`, NaN stays NaN.
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     debug_assert!(gate.len() == up.len() && out.len() == gate.len());
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = silu(g) * u;
-    }
+    with_wide_vectors(
+        #[inline(always)]
+        || {
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = silu(g) * u;
+            }
+        },
+    );
 }
 
 /// `g · sigmoid(g)`.
