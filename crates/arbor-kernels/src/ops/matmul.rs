@@ -62,21 +62,34 @@ pub fn matmul_with(
         WeightData::F32(v) => {
             let chunk = chunk_rows(rows, m, cols, usize::MAX);
             run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
-                f32_block(x, m, cols, &v[r0 * cols..(r0 + nr) * cols], o, ld);
+                f32_block(isa, x, m, cols, &v[r0 * cols..(r0 + nr) * cols], o, ld);
                 Ok(())
             })
         }
         WeightData::Raw { ty, bytes } if !ty.is_quantized() => {
+            if ty == &crate::quant::GgmlType::F32 {
+                // Only reachable by building a Weight by hand (from_raw converts F32 bytes).
+                let w32 = Weight::from_raw(rows, cols, *ty, bytes.clone())?;
+                return matmul_with(isa, x, m, &w32, out);
+            }
             let (ty, row_bytes) = (*ty, ty.bytes_for(cols)?);
             let chunk = chunk_rows(rows, m, cols, usize::MAX);
             run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
-                let mut wf = vec![0.0f32; nr * cols];
-                crate::quant::dequantize(
-                    ty,
-                    &bytes[r0 * row_bytes..(r0 + nr) * row_bytes],
-                    &mut wf,
-                )?;
-                f32_block(x, m, cols, &wf, o, ld);
+                let wb = &bytes[r0 * row_bytes..(r0 + nr) * row_bytes];
+                if m >= 4 {
+                    // Convert the chunk once, then sgemm.
+                    let mut wf = vec![0.0f32; nr * cols];
+                    crate::quant::dequantize(ty, wb, &mut wf)?;
+                    f32_block(isa, x, m, cols, &wf, o, ld);
+                } else {
+                    // Convert while multiplying (F16C/AVX2 where available).
+                    for (r, rb) in wb.chunks_exact(row_bytes).enumerate() {
+                        for i in 0..m {
+                            let xi = &x[i * cols..(i + 1) * cols];
+                            o[i * ld + r] = crate::quant::float::dot_half_row(ty, isa, rb, xi);
+                        }
+                    }
+                }
                 Ok(())
             })
         }
@@ -208,7 +221,7 @@ where
 }
 
 /// `out[i·ld + r] = x_i · w_r` for f32 weight rows `w` (`nr × cols`).
-fn f32_block(x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f32], ld: usize) {
+fn f32_block(isa: Isa, x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f32], ld: usize) {
     let nr = w.len() / cols;
     if m >= 4 {
         // SAFETY: A = x is m × cols (row stride cols), B = wᵀ is cols × nr (element (k, r) at
@@ -237,27 +250,10 @@ fn f32_block(x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f32], ld: u
     }
     for (r, wr) in w.chunks_exact(cols).enumerate() {
         for i in 0..m {
-            out[i * ld + r] = dot_f32(&x[i * cols..(i + 1) * cols], wr);
+            out[i * ld + r] =
+                crate::quant::float::dot_f32_row(isa, &x[i * cols..(i + 1) * cols], wr);
         }
     }
-}
-
-/// f32 dot product with 16 independent partial sums (vectorises without fast-math).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..16 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -524,12 +520,29 @@ mod tests {
                 let w = random_weight(ty, rows, cols, &mut rng);
                 for m in [1, 3, 4, 17] {
                     let x = rng.vec(m * cols, 1.0);
-                    let mut out = vec![f32::NAN; m * rows];
-                    matmul(&x, m, &w, &mut out).unwrap();
-                    check_against_reference(ty, &w, &x, m, &out, 1e-5, "f32 path");
+                    for isa in isas() {
+                        let mut out = vec![f32::NAN; m * rows];
+                        matmul_with(isa, &x, m, &w, &mut out).unwrap();
+                        check_against_reference(ty, &w, &x, m, &out, 1e-5, &format!("{isa:?}"));
+                    }
                 }
             }
         }
+        // F32 bytes in a hand-built Raw weight (from_raw would have converted them).
+        let vals = rng.vec(6 * 40, 1.0);
+        let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let raw = Weight {
+            rows: 6,
+            cols: 40,
+            data: WeightData::Raw {
+                ty: GgmlType::F32,
+                bytes,
+            },
+        };
+        let x = rng.vec(2 * 40, 1.0);
+        let mut out = vec![0.0f32; 12];
+        matmul(&x, 2, &raw, &mut out).unwrap();
+        check_against_reference(GgmlType::F32, &raw, &x, 2, &out, 1e-5, "raw f32");
     }
 
     #[test]
@@ -677,6 +690,10 @@ mod tests {
             (GgmlType::Q6K, 1536, 768, 1),
             (GgmlType::Q4_1, 1536, 576, 4),
             (GgmlType::Q4_1, 1536, 576, 128),
+            (GgmlType::F32, 1536, 576, 1),
+            (GgmlType::F16, 1536, 576, 1),
+            (GgmlType::BF16, 1536, 576, 1),
+            (GgmlType::F16, 1536, 576, 64),
         ];
         let only_avx2 = std::env::var("ARBOR_TIMING_SCALAR").is_err();
         // ARBOR_TIMING_IN_POOL=1: call from a rayon worker, as an engine step running inside

@@ -8,10 +8,12 @@
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
+mod avx2_float;
+#[cfg(target_arch = "x86_64")]
 mod avx2_kquants;
 #[cfg(target_arch = "x86_64")]
 mod avx2_legacy;
-mod float;
+pub(crate) mod float;
 mod kquants;
 mod legacy;
 pub mod tile;
