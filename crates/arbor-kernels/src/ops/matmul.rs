@@ -3,13 +3,17 @@
 //! - Block-quantised weights (Q4_0 … Q8_0, Q2_K … Q8_K): the `m` activation rows are quantised
 //!   once to 8-bit blocks ([`QuantizedActs`]), then integer block dot products run over the
 //!   stored blocks (AVX2 where the CPU has it, portable Rust otherwise; see `quant::tile`).
-//! - F32 weights: `matrixmultiply`'s sgemm for `m ≥ 4`, plain dot products below that.
-//! - F16/BF16 weights: each task converts its rows to f32, then as F32.
+//! - F32 weights: `matrixmultiply`'s sgemm for `m ≥ 4`, AVX2/FMA dot products below that.
+//! - F16/BF16 weights: for `m ≥ 4` each task converts its rows to f32 and runs sgemm; below
+//!   that they are converted inside the dot product (F16C `vcvtph2ps`, bf16 by a shift).
 //!
 //! The weight rows are split into chunks, one rayon task each, so even `m = 1` (decode) uses
 //! every core and each task streams a contiguous run of weight bytes. With `m > 1` each task
 //! computes an `m × chunk` block of the output (reading its weights once from memory, then
 //! from cache once per four activation rows) and the blocks are copied into place.
+//!
+//! Every row's result is independent of `m` and of the chunking (bit for bit on the quantised
+//! path), so a search branch decodes the same whichever batch it is in.
 
 use rayon::prelude::*;
 

@@ -71,7 +71,7 @@ fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
 /// Quantises one activation row: `x.len()` must be `32 * out.len()`.
 ///
 /// # Panics
-/// If the lengths disagree (a caller bug: [`crate::ops::matmul`] checks shapes first).
+/// If the lengths disagree (a caller bug: [`matmul()`](crate::ops::matmul::matmul) checks shapes first).
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     assert_eq!(x.len(), out.len() * QK8, "quantize_row_q8: length mismatch");
     for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK8)) {
@@ -84,7 +84,7 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
 /// Quantises one activation row into 256-blocks: `x.len()` must be `256 * out.len()`.
 ///
 /// # Panics
-/// If the lengths disagree (a caller bug: [`crate::ops::matmul`] checks shapes first).
+/// If the lengths disagree (a caller bug: [`matmul()`](crate::ops::matmul::matmul) checks shapes first).
 pub fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(
         x.len(),

@@ -4,7 +4,7 @@
 //! One file per format family: `legacy.rs` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1),
 //! `kquants.rs` (Q2_K..Q6_K, Q8_K), `float.rs` (F32, F16, BF16). `activation.rs` holds the
 //! 8-bit activation blocks, `tile.rs` the quantised matmul kernels (portable, and AVX2 in
-//! `avx2_legacy.rs` / `avx2_kquants.rs`) that [`crate::ops::matmul`] drives.
+//! `avx2_legacy.rs` / `avx2_kquants.rs`) that [`matmul()`](crate::ops::matmul::matmul) drives.
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]

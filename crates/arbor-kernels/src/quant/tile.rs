@@ -1,7 +1,7 @@
 //! Entry points of the quantised matmul kernels: activation quantisation for a weight type,
 //! and a checked "tile" call that multiplies a run of weight rows with every activation row.
 //!
-//! [`crate::ops::matmul`] splits the weight rows into chunks, one rayon task each, and calls
+//! [`matmul()`](crate::ops::matmul::matmul) splits the weight rows into chunks, one rayon task each, and calls
 //! [`dot_tile`] per chunk. Inside a tile the kernels take the activation rows four at a time and,
 //! for each weight row, unpack each weight block once for all four, so a chunk's weights are
 //! read from memory once and from cache once per four activation rows.
