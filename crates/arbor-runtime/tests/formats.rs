@@ -319,3 +319,19 @@ fn config_json_is_validated() {
         ModelConfig::from_hf_json(&format!("{{{base},\"num_attention_heads\":4}}")).expect("valid");
     assert_eq!(cfg.head_dim, 16);
 }
+
+/// Inputs the fuzzer found (a minimised sample of its corpus, see fuzz/): each must parse or
+/// fail cleanly, and a parsed header must give a tokenizer or a clean error.
+#[test]
+fn fuzz_corpus_regressions() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fuzz/gguf");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("fuzz corpus directory") {
+        let bytes = std::fs::read(e.expect("entry").path()).expect("read");
+        if let Ok(h) = parse(&bytes) {
+            let _ = arbor_runtime::Tokenizer::from_gguf_header(&h);
+        }
+        n += 1;
+    }
+    assert!(n >= 20, "only {n} corpus files");
+}
