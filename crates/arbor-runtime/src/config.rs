@@ -77,13 +77,13 @@ impl ModelConfig {
                 return bad(format!("{name} is {v}"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} heads cannot be grouped over {} KV heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.rope_dim == 0 || self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+        if self.rope_dim == 0 || self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return bad(format!(
                 "rotary dims {} do not fit head dim {}",
                 self.rope_dim, self.head_dim

@@ -30,10 +30,19 @@ fn err(path: &Path, detail: impl Into<String>) -> RuntimeError {
     }
 }
 
-/// Parses a safetensors header from `buf`: tensor name → (dtype, shape, byte range of data).
-pub fn parse_header(
-    buf: &[u8],
-) -> Result<Vec<(String, GgmlType, Vec<usize>, usize, usize)>, String> {
+/// One tensor of a safetensors header.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: GgmlType,
+    pub shape: Vec<usize>,
+    /// Absolute byte range of the tensor's data in the file.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Parses a safetensors header from `buf`, checking every tensor's byte range.
+pub fn parse_header(buf: &[u8]) -> Result<Vec<HeaderEntry>, String> {
     if buf.len() < 8 {
         return Err("file is shorter than the 8-byte header length".into());
     }
@@ -100,7 +109,13 @@ pub fn parse_header(
                 "tensor '{name}' {dtype_name}{shape:?}: bytes {s}..{e} do not match its shape or lie outside the {data_len}-byte data section"
             ));
         }
-        out.push((name.clone(), dtype, shape, data_start + s, data_start + e));
+        out.push(HeaderEntry {
+            name: name.clone(),
+            dtype,
+            shape,
+            start: data_start + s,
+            end: data_start + e,
+        });
     }
     Ok(out)
 }
@@ -147,7 +162,14 @@ impl SafeTensors {
                 path: path.clone(),
                 source,
             })?;
-            for (name, dtype, shape, start, end) in parse_header(&mmap).map_err(|d| err(path, d))? {
+            for HeaderEntry {
+                name,
+                dtype,
+                shape,
+                start,
+                end,
+            } in parse_header(&mmap).map_err(|d| err(path, d))?
+            {
                 if tensors
                     .insert(
                         name.clone(),

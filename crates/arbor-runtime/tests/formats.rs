@@ -265,7 +265,7 @@ fn safetensors_headers_are_checked() {
     );
     let t = parse_header(&ok).expect("valid");
     assert_eq!(t.len(), 1);
-    assert_eq!(t[0].2, vec![2, 2]);
+    assert_eq!(t[0].shape, vec![2, 2]);
     let cases = [
         (vec![1, 2, 3], "shorter"),
         (u64::MAX.to_le_bytes().to_vec(), "exceeds"),

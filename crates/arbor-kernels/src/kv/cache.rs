@@ -51,7 +51,7 @@ impl KvCache {
         let ps = self.pool.layout.page_size;
         let t = self.tables.get(&seq).cloned().unwrap_or_default();
         let grow = BlockTable::pages_for(new_len, ps).saturating_sub(t.pages.len());
-        let cow = usize::from(new_len > t.len && t.len % ps != 0 && self.shared_last(&t));
+        let cow = usize::from(new_len > t.len && !t.len.is_multiple_of(ps) && self.shared_last(&t));
         grow + cow
     }
 
@@ -73,7 +73,7 @@ impl KvCache {
         }
         let ps = self.pool.layout.page_size;
         let mut t = self.tables.remove(&seq).unwrap_or_default();
-        if new_len > t.len && t.len % ps != 0 && self.shared_last(&t) {
+        if new_len > t.len && !t.len.is_multiple_of(ps) && self.shared_last(&t) {
             let old = *t.pages.last().expect("partial page exists");
             let new = self.alloc.allocate()?;
             self.pool.copy_page(old, new, t.len % ps);

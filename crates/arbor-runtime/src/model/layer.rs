@@ -12,6 +12,14 @@ use arbor_kernels::weight::WeightData;
 use arbor_kernels::Weight;
 use rayon::prelude::*;
 
+/// What every layer of a model shares during a forward pass.
+#[derive(Clone, Copy)]
+pub struct LayerCtx<'a> {
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a RopeTable,
+    pub precision: Precision,
+}
+
 /// The feed-forward block. `Moe` joins it with the [moe] issue.
 pub enum Ffn {
     /// SwiGLU: gate and up fused into one `2·intermediate × hidden` matrix (gate rows first).
@@ -111,13 +119,16 @@ impl DecoderLayer {
     pub fn forward(
         &self,
         layer: usize,
-        cfg: &ModelConfig,
-        rope: &RopeTable,
+        ctx: &LayerCtx,
         batch: &BatchLayout,
         cache: &mut KvCache,
         x: &mut [f32],
-        precision: Precision,
     ) -> Result<(), RuntimeError> {
+        let LayerCtx {
+            cfg,
+            rope,
+            precision,
+        } = *ctx;
         let (h, hd, t) = (cfg.hidden_size, cfg.head_dim, batch.rows());
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let qkv_w = qd + 2 * kvd;

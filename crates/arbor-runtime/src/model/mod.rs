@@ -6,7 +6,7 @@ mod linear;
 mod source;
 
 pub use batch::{BatchLayout, SeqRows};
-pub use layer::{stack_rows, DecoderLayer, Ffn};
+pub use layer::{stack_rows, DecoderLayer, Ffn, LayerCtx};
 pub use linear::{linear, Precision};
 pub use source::{hf_name, TensorSource};
 
@@ -114,16 +114,13 @@ impl Model {
         let h = self.cfg.hidden_size;
         let mut x = vec![0.0f32; tokens.len() * h];
         ops::embedding(&self.embed, tokens, &mut x)?;
+        let ctx = LayerCtx {
+            cfg: &self.cfg,
+            rope: &self.rope,
+            precision: self.precision,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.forward(
-                i,
-                &self.cfg,
-                &self.rope,
-                batch,
-                cache,
-                &mut x,
-                self.precision,
-            )?;
+            layer.forward(i, &ctx, batch, cache, &mut x)?;
         }
         let mut xn = vec![0.0f32; logit_rows.len() * h];
         xn.par_chunks_mut(h)
