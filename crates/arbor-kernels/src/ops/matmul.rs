@@ -48,13 +48,7 @@ pub fn matmul_with(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     let (rows, cols) = (w.rows, w.cols);
-    if m.checked_mul(cols) != Some(x.len()) || m.checked_mul(rows) != Some(out.len()) {
-        return Err(KernelError::Shape {
-            op: "matmul",
-            detail: format!("x {} (m={m}), W {rows}x{cols}, out {}", x.len(), out.len()),
-        });
-    }
-    check_storage(w)?;
+    check_shapes(x, m, w, out)?;
     if m == 0 || rows == 0 {
         return Ok(());
     }
@@ -148,6 +142,47 @@ pub fn matmul_reference(
         }
     }
     Ok(())
+}
+
+/// Like [`matmul`], but without 8-bit activations: quantised weights are dequantised chunk by
+/// chunk and multiplied with the f32 activations, which is what a framework computes on a
+/// dequantised model. Several times slower; arbor's `--exact` mode and validation use it.
+pub fn matmul_dequantized(
+    x: &[f32],
+    m: usize,
+    w: &Weight,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let (ty, bytes) = match &w.data {
+        WeightData::Raw { ty, bytes } if ty.is_quantized() => (*ty, bytes),
+        _ => return matmul(x, m, w, out),
+    };
+    check_shapes(x, m, w, out)?;
+    let (rows, cols) = (w.rows, w.cols);
+    if m == 0 || rows == 0 || cols == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let (isa, row_bytes) = (Isa::detect(), ty.bytes_for(cols)?);
+    let chunk = chunk_rows(rows, m, cols, usize::MAX);
+    run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
+        let mut wf = vec![0.0f32; nr * cols];
+        crate::quant::dequantize(ty, &bytes[r0 * row_bytes..(r0 + nr) * row_bytes], &mut wf)?;
+        f32_block(isa, x, m, cols, &wf, o, ld);
+        Ok(())
+    })
+}
+
+/// Checks that `x`, `out` and the weight's storage fit the weight's shape.
+fn check_shapes(x: &[f32], m: usize, w: &Weight, out: &[f32]) -> Result<(), KernelError> {
+    let (rows, cols) = (w.rows, w.cols);
+    if m.checked_mul(cols) != Some(x.len()) || m.checked_mul(rows) != Some(out.len()) {
+        return Err(KernelError::Shape {
+            op: "matmul",
+            detail: format!("x {} (m={m}), W {rows}x{cols}, out {}", x.len(), out.len()),
+        });
+    }
+    check_storage(w)
 }
 
 /// `Weight`'s fields are public, so its storage may not match its shape: check before any
@@ -426,6 +461,27 @@ mod tests {
                         check_against_reference(ty, &w, &x, m, &out, 1e-5, &format!("{isa:?}"));
                     }
                 }
+            }
+        }
+    }
+
+    /// The dequantised path has no activation rounding: it must match the f64 reference to
+    /// f32 accuracy, far tighter than the quantised kernels' bound.
+    #[test]
+    fn dequantized_matmul_matches_reference_without_activation_rounding() {
+        let mut rng = Rng(21);
+        for ty in QUANT_TYPES
+            .into_iter()
+            .chain([GgmlType::F16, GgmlType::F32])
+        {
+            let cols = 2 * ty.block_size().max(32);
+            let w = random_weight(ty, 301, cols, &mut rng);
+            for m in [1, 5] {
+                let x = rng.vec(m * cols, 2.0);
+                let mut out = vec![f32::NAN; m * 301];
+                matmul_dequantized(&x, m, &w, &mut out).unwrap();
+                // ty F32 → no activation term in the bound, only f32 rounding.
+                check_against_reference(GgmlType::F32, &w, &x, m, &out, 1e-5, "dequantized");
             }
         }
     }
