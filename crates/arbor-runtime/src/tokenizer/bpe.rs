@@ -33,28 +33,36 @@ impl Merges {
     }
 }
 
+/// One piece of a word being merged: a byte range of the word, in a doubly linked list.
 #[derive(Clone, Copy)]
-struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
+pub(crate) struct Symbol {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) prev: Option<usize>,
+    pub(crate) next: Option<usize>,
 }
 
-/// Splits a byte-level encoded `word` into merged pieces (byte ranges of `word`), in order.
-pub(crate) fn merge_word(word: &str, merges: &Merges) -> Vec<(usize, usize)> {
-    let mut symbols: Vec<Symbol> = Vec::with_capacity(word.len());
-    for (i, (start, c)) in word.char_indices().enumerate() {
-        symbols.push(Symbol {
+/// One symbol per character of `text`, linked in order: where BPE and SPM merging start.
+pub(crate) fn char_symbols(text: &str) -> Vec<Symbol> {
+    let mut symbols: Vec<Symbol> = text
+        .char_indices()
+        .enumerate()
+        .map(|(i, (start, c))| Symbol {
             start,
             len: c.len_utf8(),
             prev: i.checked_sub(1),
             next: Some(i + 1),
-        });
-    }
+        })
+        .collect();
     if let Some(last) = symbols.last_mut() {
         last.next = None;
     }
+    symbols
+}
+
+/// Splits a byte-level encoded `word` into merged pieces (byte ranges of `word`), in order.
+pub(crate) fn merge_word(word: &str, merges: &Merges) -> Vec<(usize, usize)> {
+    let mut symbols = char_symbols(word);
     // (rank, left index, combined length): a popped entry is stale when the lengths changed.
     let mut heap: BinaryHeap<Reverse<(u32, usize, usize)>> = BinaryHeap::new();
     let mut buf = String::new();

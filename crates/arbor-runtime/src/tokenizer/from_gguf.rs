@@ -74,7 +74,8 @@ const EOT_TEXTS: &[&str] = &[
     "_<EOT>",
     "<｜end▁of▁sentence｜>",
 ];
-const EOG_TEXTS: &[&str] = &[
+/// Texts of end-of-generation tokens, as llama.cpp recognises them (shared with tokenizer.json).
+pub(crate) const EOG_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
     "<|end|>",

@@ -207,15 +207,7 @@ pub(crate) fn load(path: &Path) -> Result<Tokenizer, RuntimeError> {
         Some(Value::Array(a)) => eog.extend(a.iter().filter_map(|x| x.as_u64()).map(|v| v as u32)),
         _ => {}
     }
-    for t in [
-        "<|eot_id|>",
-        "<|im_end|>",
-        "<|end|>",
-        "<end_of_turn>",
-        "<|endoftext|>",
-        "<|eom_id|>",
-        "<EOT>",
-    ] {
+    for &t in super::from_gguf::EOG_TEXTS {
         if let Some(&id) = token_to_id.get(t) {
             if kinds[id as usize] == TokenKind::Control {
                 eog.push(id);

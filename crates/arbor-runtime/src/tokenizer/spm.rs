@@ -2,15 +2,8 @@
 //! repeatedly merge the adjacent pair whose concatenation is a token with the highest score
 //! (leftmost on ties), then map leftovers that are not tokens to byte tokens.
 
+use super::bpe::{char_symbols, Symbol};
 use std::collections::{BinaryHeap, HashMap};
-
-#[derive(Clone, Copy)]
-struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
-}
 
 struct Candidate {
     score: f32,
@@ -47,18 +40,7 @@ pub(crate) fn tokenize(
     byte_token: impl Fn(u8) -> Option<u32>,
     out: &mut Vec<u32>,
 ) {
-    let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
-    for (i, (start, c)) in text.char_indices().enumerate() {
-        symbols.push(Symbol {
-            start,
-            len: c.len_utf8(),
-            prev: i.checked_sub(1),
-            next: Some(i + 1),
-        });
-    }
-    if let Some(last) = symbols.last_mut() {
-        last.next = None;
-    }
+    let mut symbols = char_symbols(text);
     let mut heap = BinaryHeap::new();
     let push = |heap: &mut BinaryHeap<Candidate>, symbols: &[Symbol], l: usize, r: usize| {
         let (a, b) = (symbols[l], symbols[r]);
