@@ -98,9 +98,9 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Reads `<arch>.*` keys of a GGUF file. `rope_freqs` is the `rope_freqs.weight` tensor
-    /// (Llama 3's frequency factors), when present.
-    pub fn from_gguf(f: &GgufFile, rope_freqs: Option<Vec<f32>>) -> Result<Self, RuntimeError> {
+    /// Reads `<arch>.*` keys of a GGUF file, and the `rope_freqs.weight` tensor (Llama 3's
+    /// frequency factors) when present.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, RuntimeError> {
         let arch_name = f
             .get("general.architecture")
             .and_then(|v| v.as_str())
@@ -124,6 +124,21 @@ impl ModelConfig {
                 .and_then(|v| v.as_array())
                 .map(|a| a.len())
                 .unwrap_or(0),
+        };
+        let rope_dim = opt("rope.dimension_count").unwrap_or(head_dim);
+        let rope_freqs = match f.tensor("rope_freqs.weight") {
+            None => None,
+            Some(t) => {
+                let mut v = vec![0.0; rope_dim / 2];
+                if t.numel() != v.len() as u64 {
+                    return Err(RuntimeError::Tensor {
+                        name: t.name.clone(),
+                        detail: format!("{} factors for {} rotary dims", t.numel(), rope_dim),
+                    });
+                }
+                arbor_kernels::quant::dequantize(t.ty, f.tensor_data(t), &mut v)?;
+                Some(v)
+            }
         };
         let rope_scaling = match (
             rope_freqs,
@@ -166,7 +181,7 @@ impl ModelConfig {
                 Arch::Llama | Arch::Mistral => RopeLayout::Interleaved,
                 Arch::Qwen2 | Arch::Qwen3 => RopeLayout::Neox,
             },
-            rope_dim: opt("rope.dimension_count").unwrap_or(head_dim),
+            rope_dim,
             sliding_window: opt("attention.sliding_window").filter(|&w| w > 0),
             tie_embeddings: f.tensor("output.weight").is_none(),
         };

@@ -157,6 +157,7 @@ impl Engine {
         let cfg = &self.model.cfg;
         let ps = self.cache.layout().page_size;
         let mut pages_needed = 0;
+        let mut seen = std::collections::HashSet::with_capacity(batch.seqs.len());
         for s in &batch.seqs {
             let have = self.tokens.get(&s.seq).ok_or_else(|| unknown(s.seq))?.len();
             let new_len = have + s.tokens.len();
@@ -187,7 +188,7 @@ impl Engine {
                     "score request ({i}, {t}) is out of range"
                 )));
             }
-            if batch.seqs.iter().filter(|o| o.seq == s.seq).count() > 1 {
+            if !seen.insert(s.seq) {
                 return Err(RuntimeError::Request(format!(
                     "sequence {} appears twice in one step",
                     s.seq

@@ -335,3 +335,25 @@ fn fuzz_corpus_regressions() {
     }
     assert!(n >= 20, "only {n} corpus files");
 }
+
+/// Llama 3 GGUFs carry RoPE frequency factors as `rope_freqs.weight` (rotary dims / 2 values).
+#[test]
+fn gguf_rope_freqs_become_factors_and_are_checked() {
+    use arbor_kernels::ops::RopeScaling;
+    // embedding 8, 2 heads → head dim 4 → 2 factors.
+    let ok = model_file("llama", |w| {
+        w.tensor_f32("rope_freqs.weight", &[2], &[1.0, 4.0])
+    });
+    let cfg = ModelConfig::from_gguf(&GgufFile::open(&ok).expect("open")).expect("config");
+    assert_eq!(cfg.rope_scaling, RopeScaling::Factors(vec![1.0, 4.0]));
+    let bad = model_file("llama", |w| {
+        w.tensor_f32("rope_freqs.weight", &[3], &[1.0; 3])
+    });
+    let e = ModelConfig::from_gguf(&GgufFile::open(&bad).expect("open"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rope_freqs.weight") && e.contains("3 factors"),
+        "{e}"
+    );
+}

@@ -48,14 +48,8 @@ impl Model {
             Ok((cfg, TensorSource::Safetensors(SafeTensors::open_dir(path)?)))
         } else {
             let f = GgufFile::open(path)?;
-            let src = TensorSource::Gguf(f);
-            let TensorSource::Gguf(f) = &src else {
-                unreachable!()
-            };
-            let head_dim = ModelConfig::from_gguf(f, None).map(|c| c.rope_dim)?;
-            let freqs = src.vector("rope_freqs.weight", head_dim / 2)?;
-            let cfg = ModelConfig::from_gguf(f, freqs)?;
-            Ok((cfg, src))
+            let cfg = ModelConfig::from_gguf(&f)?;
+            Ok((cfg, TensorSource::Gguf(f)))
         }
     }
 
