@@ -3,7 +3,7 @@
 
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
-use arbor_kernels::kv::{BlockTable, KvCache, KvLayout, SeqId};
+use arbor_kernels::kv::{BlockTable, KvCache, KvLayout, KvStats, KvUsage, SeqId};
 use arbor_kernels::ops::{self, SampleOutput, SamplingParams};
 use std::collections::HashMap;
 
@@ -64,9 +64,20 @@ pub struct SeqOutput {
     pub logits: Vec<f32>,
     /// Log-probabilities of the `score` requests, in order.
     pub scores: Vec<f32>,
+    /// Positions the model computed for this sequence (new tokens, plus recomputation of a
+    /// preempted history, minus reuse).
+    pub computed_tokens: usize,
+    /// Positions attached from the prefix cache instead of computed.
+    pub reused_tokens: usize,
 }
 
 /// One model with its KV cache.
+///
+/// Every sequence keeps its full token history here; the cache holds the K/V of a prefix of
+/// it (all of it, unless the sequence was preempted). A step first recomputes whatever the
+/// cache lacks, attaching cached pages of the prefix index instead wherever they hold the
+/// same tokens, so preemption and prefix reuse are invisible to callers except in
+/// [`Engine::computed_tokens`] and [`SeqOutput::reused_tokens`].
 pub struct Engine {
     pub model: Model,
     cache: KvCache,
@@ -74,9 +85,26 @@ pub struct Engine {
     tokens: HashMap<SeqId, Vec<u32>>,
     next_seq: SeqId,
     computed_tokens: u64,
+    reused_tokens: u64,
+}
+
+/// One sequence's part of a step, as planned: the tokens to run after its cached positions.
+struct Planned {
+    /// Cached positions before the step (to roll back to on failure).
+    old_len: usize,
+    /// Tokens the model runs (history the cache lacks, then the new tokens, minus reuse).
+    run: Vec<u32>,
+    /// Tokens taken from the prefix index.
+    reused: usize,
+    /// Rows of `run` whose logits are needed, ascending.
+    rows: Vec<usize>,
+    /// Offset of the step's first new token in `run` (may be negative after reuse, as `isize`).
+    new_at: isize,
 }
 
 impl Engine {
+    /// An engine for `model`, with a KV pool of `opts.kv_cache_bytes`. Set the model's
+    /// precision before this: cached K/V is keyed by the model's fingerprint.
     pub fn new(model: Model, opts: &EngineOptions) -> Result<Self, RuntimeError> {
         if ![8, 16, 32].contains(&opts.page_size) {
             return Err(RuntimeError::Request(format!(
@@ -99,12 +127,14 @@ impl Engine {
                 layout.bytes_per_page(4)
             )));
         }
+        let key = model.fingerprint();
         Ok(Engine {
             model,
-            cache: KvCache::new(layout, num_pages),
+            cache: KvCache::for_model(layout, num_pages, key),
             tokens: HashMap::new(),
             next_seq: 0,
             computed_tokens: 0,
+            reused_tokens: 0,
         })
     }
 
@@ -131,10 +161,31 @@ impl Engine {
         Ok(id)
     }
 
-    /// Ends a sequence and releases its pages.
+    /// Ends a sequence and releases its pages (its full pages stay cached for reuse).
     pub fn free_seq(&mut self, seq: SeqId) {
         self.cache.free_seq(seq);
         self.tokens.remove(&seq);
+    }
+
+    /// Drops the K/V pages of `seq` but keeps its tokens: its next step recomputes them (or
+    /// reattaches whatever of them is still cached). Returns the pages this released (shared
+    /// pages release nothing while another sequence holds them).
+    pub fn preempt(&mut self, seq: SeqId) -> Result<usize, RuntimeError> {
+        if !self.tokens.contains_key(&seq) {
+            return Err(unknown(seq));
+        }
+        let freed = self.cache.usage(&[seq]).freeable_pages;
+        self.cache.free_seq(seq);
+        self.cache.add_seq(seq);
+        Ok(freed)
+    }
+
+    /// Rolls `seq` back to its first `len` tokens (a rejected draft or branch suffix).
+    pub fn truncate_seq(&mut self, seq: SeqId, len: usize) -> Result<(), RuntimeError> {
+        let toks = self.tokens.get_mut(&seq).ok_or_else(|| unknown(seq))?;
+        toks.truncate(len);
+        self.cache.truncate(seq, len);
+        Ok(())
     }
 
     /// Tokens of a live sequence.
@@ -142,8 +193,38 @@ impl Engine {
         self.tokens.get(&seq).map(Vec::as_slice)
     }
 
+    /// Live sequence ids.
+    pub fn seqs(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.tokens.keys().copied()
+    }
+
     pub fn cache(&self) -> &KvCache {
         &self.cache
+    }
+
+    /// Page and token counts of the KV cache.
+    pub fn kv_stats(&self) -> KvStats {
+        self.cache.stats()
+    }
+
+    /// What `seqs` hold together, and what dropping them would free.
+    pub fn kv_usage(&self, seqs: &[SeqId]) -> KvUsage {
+        self.cache.usage(seqs)
+    }
+
+    /// Drops every cached (unheld) page: the next requests compute their prefixes afresh.
+    pub fn clear_prefix_cache(&mut self) {
+        self.cache.evict(usize::MAX);
+    }
+
+    /// Pages a step with `new_tokens` more tokens for `seq` would allocate at most (without
+    /// prefix reuse, with recomputation of a preempted sequence).
+    pub fn pages_needed(&self, seq: SeqId, new_tokens: usize) -> usize {
+        let pending = self
+            .tokens
+            .get(&seq)
+            .map_or(0, |t| t.len() - self.cache.len(seq));
+        self.cache.pages_needed(seq, pending + new_tokens)
     }
 
     /// Token positions computed by the model since the engine started (prefix reuse lowers it).
@@ -151,12 +232,32 @@ impl Engine {
         self.computed_tokens
     }
 
+    /// Token positions taken from the prefix cache instead of computed, since the start.
+    pub fn reused_tokens(&self) -> u64 {
+        self.reused_tokens
+    }
+
     /// Runs one batch: appends each sequence's new tokens, then samples and returns what each
     /// asked for. On error nothing is appended.
     pub fn step(&mut self, batch: &ForwardBatch) -> Result<Vec<SeqOutput>, RuntimeError> {
+        self.validate(batch)?;
+        let mut plans = Vec::with_capacity(batch.seqs.len());
+        for s in &batch.seqs {
+            plans.push(self.plan(s));
+        }
+        let result = self.run(batch, &plans);
+        if result.is_err() {
+            for (s, p) in batch.seqs.iter().zip(&plans) {
+                self.cache.truncate(s.seq, p.old_len);
+            }
+        }
+        result
+    }
+
+    /// Checks a batch without changing anything.
+    fn validate(&self, batch: &ForwardBatch) -> Result<(), RuntimeError> {
         let cfg = &self.model.cfg;
         let ps = self.cache.layout().page_size;
-        let mut pages_needed = 0;
         let mut seen = std::collections::HashSet::with_capacity(batch.seqs.len());
         for s in &batch.seqs {
             let have = self.tokens.get(&s.seq).ok_or_else(|| unknown(s.seq))?.len();
@@ -194,7 +295,6 @@ impl Engine {
                     s.seq
                 )));
             }
-            pages_needed += self.cache.pages_needed(s.seq, new_len);
             if BlockTable::pages_for(new_len, ps) > self.cache.allocator().num_total() {
                 return Err(RuntimeError::Request(format!(
                     "a sequence of {new_len} tokens needs more KV pages than the whole cache holds ({}): raise --kv-cache-gb",
@@ -202,41 +302,77 @@ impl Engine {
                 )));
             }
         }
-        let free = self.cache.allocator().num_free();
-        if pages_needed > free {
+        Ok(())
+    }
+
+    /// Decides what `s` runs: the history its cache lacks plus its new tokens, with the
+    /// longest cached prefix of those attached from the prefix index (never past the first
+    /// row whose logits are wanted).
+    fn plan(&mut self, s: &SeqStep) -> Planned {
+        let old_len = self.cache.len(s.seq);
+        let hist = &self.tokens[&s.seq];
+        let mut run: Vec<u32> = hist[old_len..].to_vec();
+        let pending = run.len();
+        run.extend_from_slice(&s.tokens);
+        let mut rows: Vec<usize> = match s.logits {
+            LogitsMode::All => (0..s.tokens.len()).collect(),
+            LogitsMode::Last => vec![s.tokens.len() - 1],
+            LogitsMode::None => vec![],
+        };
+        if s.sample.is_some() {
+            rows.push(s.tokens.len() - 1);
+        }
+        rows.extend(s.score.iter().map(|(i, _)| *i));
+        rows.sort_unstable();
+        rows.dedup();
+        // The last new token always runs: its K/V is what the next step attends to, and the
+        // step must do some work for the sequence.
+        let first_needed = rows.first().copied().unwrap_or(s.tokens.len() - 1);
+        let reused = self.cache.reuse_prefix(s.seq, &run, pending + first_needed);
+        run.drain(..reused);
+        let new_at = pending as isize - reused as isize;
+        Planned {
+            old_len,
+            run,
+            reused,
+            rows: rows
+                .iter()
+                .map(|&r| (new_at + r as isize) as usize)
+                .collect(),
+            new_at,
+        }
+    }
+
+    /// Reserves pages, runs the model and builds the outputs.
+    fn run(
+        &mut self,
+        batch: &ForwardBatch,
+        plans: &[Planned],
+    ) -> Result<Vec<SeqOutput>, RuntimeError> {
+        let needed: usize = batch
+            .seqs
+            .iter()
+            .zip(plans)
+            .map(|(s, p)| self.cache.pages_needed(s.seq, p.run.len()))
+            .sum();
+        let available = self.cache.available_pages();
+        if needed > available {
             return Err(arbor_kernels::KernelError::KvFull {
-                needed: pages_needed,
-                free,
+                needed,
+                free: available,
                 total: self.cache.allocator().num_total(),
             }
             .into());
         }
-
-        // Lay out rows and the rows whose logits are needed.
         let mut layout = BatchLayout::default();
         let mut all_tokens = Vec::new();
         let mut logit_rows = Vec::new();
-        // Per sequence: (index into logit_rows of its first requested row, rows requested).
-        let mut wanted: Vec<Vec<usize>> = Vec::new();
-        for s in &batch.seqs {
-            let pos0 = self.tokens[&s.seq].len();
-            self.cache.reserve(s.seq, pos0 + s.tokens.len())?;
-            let start = all_tokens.len();
-            layout.push(s.seq, pos0, s.tokens.len());
-            all_tokens.extend_from_slice(&s.tokens);
-            let mut rows: Vec<usize> = match s.logits {
-                LogitsMode::All => (0..s.tokens.len()).collect(),
-                LogitsMode::Last => vec![s.tokens.len() - 1],
-                LogitsMode::None => vec![],
-            };
-            if s.sample.is_some() {
-                rows.push(s.tokens.len() - 1);
-            }
-            rows.extend(s.score.iter().map(|(i, _)| *i));
-            rows.sort_unstable();
-            rows.dedup();
-            logit_rows.extend(rows.iter().map(|r| start + r));
-            wanted.push(rows);
+        for (s, p) in batch.seqs.iter().zip(plans) {
+            let pos0 = self.cache.len(s.seq);
+            self.cache.reserve(s.seq, p.run.len())?;
+            logit_rows.extend(p.rows.iter().map(|r| all_tokens.len() + r));
+            layout.push(s.seq, pos0, p.run.len());
+            all_tokens.extend_from_slice(&p.run);
         }
         // Run inside the rayon pool: every op's parallel loop then starts from a worker
         // instead of paying a hand-off from this thread (~10 µs × ~150 calls per step).
@@ -244,27 +380,30 @@ impl Engine {
         let logits = rayon::scope(|_| model.forward(cache, &all_tokens, &layout, &logit_rows))?;
         self.computed_tokens += all_tokens.len() as u64;
 
-        let vocab = cfg.vocab_size;
+        let vocab = self.model.cfg.vocab_size;
         let mut outputs = Vec::with_capacity(batch.seqs.len());
         let mut base = 0;
-        for (s, rows) in batch.seqs.iter().zip(&wanted) {
-            let hist = self.tokens.get_mut(&s.seq).expect("checked above");
+        for (s, p) in batch.seqs.iter().zip(plans) {
+            self.cache.commit(s.seq, &p.run);
+            self.reused_tokens += p.reused as u64;
+            let hist = self.tokens.get_mut(&s.seq).expect("validated");
             hist.extend_from_slice(&s.tokens);
+            // Logits after new token `i` of the step.
             let row_logits = |i: usize| {
-                let k = base + rows.binary_search(&i).expect("row was requested");
+                let r = (p.new_at + i as isize) as usize;
+                let k = base + p.rows.binary_search(&r).expect("row was requested");
                 &logits[k * vocab..(k + 1) * vocab]
             };
             let sample = s
                 .sample
                 .as_ref()
-                .map(|p| ops::sample(row_logits(s.tokens.len() - 1), p, hist, hist.len() as u64));
+                .map(|sp| ops::sample(row_logits(s.tokens.len() - 1), sp, hist, hist.len() as u64));
             let scores = s
                 .score
                 .iter()
                 .map(|&(i, t)| {
-                    let l = row_logits(i);
                     let mut lp = vec![0.0; vocab];
-                    ops::log_softmax(l, &mut lp);
+                    ops::log_softmax(row_logits(i), &mut lp);
                     lp[t as usize]
                 })
                 .collect();
@@ -280,8 +419,10 @@ impl Engine {
                 sample,
                 logits: out_logits,
                 scores,
+                computed_tokens: p.run.len(),
+                reused_tokens: p.reused,
             });
-            base += rows.len();
+            base += p.rows.len();
         }
         Ok(outputs)
     }

@@ -1,22 +1,30 @@
 //! Reference-counted page allocation.
+//!
+//! A page is in one of three states: *in use* (refcount ≥ 1: some sequence's block table
+//! holds it), *cached* (refcount 0 but kept by the prefix index for reuse) or *free*. The
+//! allocator owns the refcounts and the free list; which refcount-0 pages are cached rather
+//! than free is the prefix index's business (see [`super::KvCache`]).
 
 use crate::KernelError;
 
 /// Index of a page in the pool.
 pub type PageId = u32;
 
-/// Hands out pages and counts who holds each. A page with refcount 0 is free.
+/// Hands out pages and counts who holds each.
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     refcount: Vec<u32>,
     free: Vec<PageId>,
+    in_use: usize,
 }
 
 impl BlockAllocator {
+    /// `num_pages` pages, all free.
     pub fn new(num_pages: usize) -> Self {
         BlockAllocator {
             refcount: vec![0; num_pages],
             free: (0..num_pages as PageId).rev().collect(),
+            in_use: 0,
         }
     }
 
@@ -28,41 +36,69 @@ impl BlockAllocator {
             total: self.refcount.len(),
         })?;
         self.refcount[p as usize] = 1;
+        self.in_use += 1;
         Ok(p)
     }
 
-    /// One more holder of `page` (a fork).
+    /// One more holder of `page`: a fork, or a cached page taken back into use. The page must
+    /// not be on the free list.
     pub fn retain(&mut self, page: PageId) {
-        debug_assert!(self.refcount[page as usize] > 0, "retain of a free page");
-        self.refcount[page as usize] += 1;
+        let rc = &mut self.refcount[page as usize];
+        if *rc == 0 {
+            debug_assert!(!self.free.contains(&page), "retain of free page {page}");
+            self.in_use += 1;
+        }
+        *rc += 1;
     }
 
-    /// One holder fewer; returns true when the page became free.
+    /// One holder fewer; returns true when nobody holds the page any more. The caller then
+    /// either caches it or hands it to [`BlockAllocator::put_free`].
+    ///
+    /// # Panics
+    /// When the page has no holder (the refcount would go negative): a bookkeeping bug.
     pub fn release(&mut self, page: PageId) -> bool {
         let rc = &mut self.refcount[page as usize];
         assert!(
             *rc > 0,
-            "release of free page {page}: refcount would go negative"
+            "release of unheld page {page}: refcount would go negative"
         );
         *rc -= 1;
         if *rc == 0 {
-            self.free.push(page);
+            self.in_use -= 1;
             true
         } else {
             false
         }
     }
 
+    /// Returns an unheld page to the free list.
+    pub fn put_free(&mut self, page: PageId) {
+        debug_assert_eq!(self.refcount[page as usize], 0, "freeing held page {page}");
+        self.free.push(page);
+    }
+
+    /// Holders of `page`.
     pub fn refcount(&self, page: PageId) -> u32 {
         self.refcount[page as usize]
     }
+    /// Pages on the free list.
     pub fn num_free(&self) -> usize {
         self.free.len()
     }
+    /// Pages in the pool.
     pub fn num_total(&self) -> usize {
         self.refcount.len()
     }
-    pub fn num_used(&self) -> usize {
-        self.num_total() - self.num_free()
+    /// Pages with at least one holder.
+    pub fn num_in_use(&self) -> usize {
+        self.in_use
+    }
+    /// Pages that are neither held nor free: kept by the prefix index.
+    pub fn num_cached(&self) -> usize {
+        self.num_total() - self.in_use - self.free.len()
+    }
+    /// The free list (for consistency checks).
+    pub fn free_pages(&self) -> &[PageId] {
+        &self.free
     }
 }

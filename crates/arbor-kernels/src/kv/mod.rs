@@ -1,5 +1,6 @@
 //! The paged KV cache: one pool of fixed-size pages per model, a reference-counted block
-//! allocator, and per-sequence block tables.
+//! allocator, a radix prefix index that keeps finished pages for reuse, and per-sequence block
+//! tables.
 //!
 //! Layout of the pool: `[layer][page][k|v][kv_head][slot][head_dim]`. A page holds
 //! `page_size` consecutive token positions of one sequence (or of a prefix several
@@ -8,9 +9,12 @@
 mod allocator;
 mod cache;
 mod pool;
+mod prefix;
+mod stats;
 mod table;
 
 pub use allocator::{BlockAllocator, PageId};
 pub use cache::{KvCache, SeqId};
 pub use pool::{KvLayout, KvPool};
+pub use stats::{KvStats, KvUsage};
 pub use table::BlockTable;

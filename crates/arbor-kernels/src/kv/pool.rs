@@ -91,6 +91,11 @@ impl KvPool {
         }
     }
 
+    /// Bytes of one page across all layers.
+    pub fn page_bytes(&self) -> usize {
+        self.layout.bytes_per_page(4)
+    }
+
     /// Bytes of host memory the pool holds.
     pub fn nbytes(&self) -> usize {
         self.data.len() * 4

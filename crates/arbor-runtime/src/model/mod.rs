@@ -89,6 +89,21 @@ impl Model {
         Self::from_source(cfg, &src)
     }
 
+    /// A key naming these weights and this precision, for the prefix cache: K/V computed by
+    /// one model (or one precision) must never be reused by another. Hashes the config, the
+    /// precision, the final norm and the first embedding row.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{:?} {:?}", self.cfg, self.precision).hash(&mut h);
+        let mut row = vec![0.0f32; self.cfg.hidden_size];
+        if self.embed.row_to_f32(0, &mut row).is_ok() {
+            row.iter().for_each(|x| x.to_bits().hash(&mut h));
+        }
+        self.norm.iter().for_each(|x| x.to_bits().hash(&mut h));
+        h.finish()
+    }
+
     /// Bytes of weights held in memory.
     pub fn weight_bytes(&self) -> usize {
         self.embed.nbytes()

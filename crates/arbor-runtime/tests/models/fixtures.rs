@@ -95,7 +95,7 @@ fn check_arch(arch: &str) {
             );
         }
     }
-    assert_eq!(engine.cache().allocator().num_used(), 0, "pages leaked");
+    assert_eq!(engine.cache().allocator().num_in_use(), 0, "pages leaked");
 }
 
 #[test]
