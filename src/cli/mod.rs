@@ -3,6 +3,7 @@
 mod chat;
 mod info;
 mod model;
+mod profile_kv;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Describe the model, its quantisation, KV bytes per token and the backend.
     Info(info::InfoArgs),
+    /// Run a best-of-N or beam workload and report its KV memory: pages, distinct tokens,
+    /// bytes per unique token against per-branch copies.
+    ProfileKv(profile_kv::ProfileKvArgs),
 }
 
 /// Runs the chosen subcommand.
@@ -31,5 +35,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::chat(a),
         Command::Info(a) => info::info(a),
+        Command::ProfileKv(a) => profile_kv::profile_kv(a),
     }
 }

@@ -21,8 +21,12 @@ pub struct ModelArgs {
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
     /// KV cache size in GiB.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, conflicts_with = "kv_cache_fraction")]
     pub kv_cache_gb: f64,
+    /// KV cache size as a fraction (0..1] of the device's free memory after the weights load
+    /// (instead of --kv-cache-gb).
+    #[arg(long)]
+    pub kv_cache_fraction: Option<f64>,
     /// Token positions per KV page (8, 16 or 32).
     #[arg(long, default_value_t = 16)]
     pub page_size: usize,
@@ -63,6 +67,23 @@ impl ModelArgs {
         Ok(path)
     }
 
+    /// Bytes for the KV pool: --kv-cache-fraction of the free memory, or --kv-cache-gb.
+    fn kv_cache_bytes(&self) -> anyhow::Result<usize> {
+        let Some(f) = self.kv_cache_fraction else {
+            return Ok((self.kv_cache_gb * (1u64 << 30) as f64) as usize);
+        };
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("--kv-cache-fraction must be in (0, 1]");
+        }
+        let free = self.device.available_memory().with_context(|| {
+            format!(
+                "cannot tell the free memory of {}: use --kv-cache-gb instead",
+                self.device
+            )
+        })?;
+        Ok((free as f64 * f) as usize)
+    }
+
     /// Sets up threads and the device, and loads the model into an engine.
     pub fn load(&self) -> anyhow::Result<(Engine, arbor_runtime::Tokenizer, f64)> {
         if let Device::Cuda(_) = self.device {
@@ -90,7 +111,7 @@ impl ModelArgs {
             model.precision = arbor_runtime::model::Precision::Exact;
         }
         let opts = EngineOptions {
-            kv_cache_bytes: (self.kv_cache_gb * (1u64 << 30) as f64) as usize,
+            kv_cache_bytes: self.kv_cache_bytes()?,
             page_size: self.page_size,
         };
         Ok((Engine::new(model, &opts)?, tokenizer, load_secs))

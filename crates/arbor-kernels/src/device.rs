@@ -19,6 +19,28 @@ impl fmt::Display for Device {
     }
 }
 
+impl Device {
+    /// Bytes of memory free for new allocations on this device: `MemAvailable` of
+    /// /proc/meminfo on the CPU. `None` when it cannot be told (another OS, or a CUDA device
+    /// in a build without the CUDA backend).
+    pub fn available_memory(self) -> Option<u64> {
+        match self {
+            Device::Cpu => {
+                let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+                parse_mem_available(&info)
+            }
+            Device::Cuda(_) => None,
+        }
+    }
+}
+
+/// `MemAvailable` of a /proc/meminfo text, in bytes.
+fn parse_mem_available(info: &str) -> Option<u64> {
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -60,5 +82,18 @@ impl fmt::Display for DType {
             DType::BF16 => "bf16",
         };
         f.write_str(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let info = "MemTotal:       24576000 kB\nMemFree: 100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_mem_available(info), Some(20_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
     }
 }

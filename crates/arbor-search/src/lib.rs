@@ -2,14 +2,16 @@
 //!
 //! - [`tree`]: the search tree every strategy works on (what was expanded, scored, pruned
 //!   and why), exportable as JSON for inspection and plotting;
-//! - [`strategy`]: the event-driven interface strategies implement.
-//!
-//! The scheduler (packing every search's sequences into one `ForwardBatch`), the strategies
-//! and the verifiers arrive with the [search] issue; the runtime's `Engine::step` is their
-//! only way to run a model.
+//! - [`strategy`]: the event-driven interface strategies implement, and the contract every
+//!   runner keeps;
+//! - [`sim`]: a deterministic runner with a scripted policy and verifiers, for strategy tests.
 
+pub mod params;
+pub mod sim;
+pub mod strategies;
 pub mod strategy;
 pub mod tree;
 
-pub use strategy::{Action, Event, Strategy};
-pub use tree::{Node, NodeId, NodeStatus, SearchTree};
+pub use params::Params;
+pub use strategy::{Action, Event, Strategy, Until};
+pub use tree::{Node, NodeId, NodeStatus, SearchTree, StopReason};

@@ -1,4 +1,6 @@
-//! The search tree: nodes are runs of generated tokens below a shared prompt.
+//! The search tree: nodes are runs of generated tokens below a prompt. Node 0 is the search's
+//! prompt; strategies that start fresh prompts from earlier results (tournament,
+//! parallel-distill-refine) add further roots.
 
 use serde::Serialize;
 
@@ -9,9 +11,12 @@ pub type NodeId = usize;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum NodeStatus {
-    /// May still be expanded.
+    /// May be expanded (a prompt, or a branch that stopped at a step delimiter or its
+    /// per-expansion token limit).
     Open,
-    /// Ended (EOS, a stop string or the token limit).
+    /// Being generated: tokens arrive each step.
+    Running,
+    /// A complete candidate: ended at EOS, a stop string or the context limit.
     Finished { reason: String },
     /// Cut by the strategy; `reason` says why (shown in the exported tree).
     Pruned { reason: String },
@@ -24,11 +29,56 @@ pub struct Node {
     pub parent: Option<NodeId>,
     pub children: Vec<NodeId>,
     pub tokens: Vec<u32>,
+    /// The tokens' text (for a root: the prompt's text).
+    pub text: String,
     /// Sum of the tokens' log-probabilities under the policy.
     pub logprob: f64,
-    /// Verifier score, once scored.
+    /// Log-probability of each generated token (empty for roots).
+    #[serde(skip)]
+    pub token_logprobs: Vec<f32>,
+    /// Entropy (nats) of the policy's distribution at each generated token.
+    #[serde(skip)]
+    pub token_entropies: Vec<f32>,
+    /// Latest verifier score, once scored.
     pub score: Option<f64>,
+    /// Why generation of this node stopped, once it has.
+    pub stop: Option<StopReason>,
     pub status: NodeStatus,
+}
+
+/// Why the generation of a node stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model's end-of-generation token.
+    Eos,
+    /// One of the expansion's stop strings (the node is a complete candidate).
+    Stop,
+    /// One of the expansion's step delimiters (the node stays open for more steps).
+    Delimiter,
+    /// The expansion's token limit (the node stays open).
+    Length,
+    /// The model's context is full.
+    Context,
+    /// The strategy cut it while it ran (see [`crate::Strategy::on_token`]).
+    Cut,
+}
+
+impl Node {
+    /// Mean token log-probability (0 for a node without generated tokens).
+    pub fn mean_logprob(&self) -> f64 {
+        if self.token_logprobs.is_empty() {
+            0.0
+        } else {
+            self.logprob / self.token_logprobs.len() as f64
+        }
+    }
+    pub fn is_open(&self) -> bool {
+        self.status == NodeStatus::Open
+    }
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status, NodeStatus::Finished { .. })
+    }
 }
 
 /// A tree rooted at the prompt (node 0).
@@ -40,16 +90,77 @@ pub struct SearchTree {
 impl SearchTree {
     /// A tree whose root holds the prompt's tokens.
     pub fn new(prompt: Vec<u32>) -> Self {
-        let root = Node {
-            id: 0,
-            parent: None,
+        let mut t = SearchTree { nodes: vec![] };
+        t.add_root(prompt, String::new());
+        t
+    }
+
+    fn blank(id: NodeId, parent: Option<NodeId>, tokens: Vec<u32>, text: String) -> Node {
+        Node {
+            id,
+            parent,
             children: vec![],
-            tokens: prompt,
+            tokens,
+            text,
             logprob: 0.0,
+            token_logprobs: vec![],
+            token_entropies: vec![],
             score: None,
+            stop: None,
             status: NodeStatus::Open,
-        };
-        SearchTree { nodes: vec![root] }
+        }
+    }
+
+    /// Adds a further root (a fresh prompt built from earlier results).
+    pub fn add_root(&mut self, tokens: Vec<u32>, text: String) -> NodeId {
+        let id = self.nodes.len();
+        self.nodes.push(Self::blank(id, None, tokens, text));
+        id
+    }
+
+    /// Mutable access for the runner (the scheduler or the simulator) that fills nodes in.
+    pub fn node_mut(&mut self, id: NodeId) -> Option<&mut Node> {
+        self.nodes.get_mut(id)
+    }
+
+    /// Every node, in creation order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The root above `id`.
+    pub fn root_of(&self, id: NodeId) -> NodeId {
+        self.path(id).first().copied().unwrap_or(0)
+    }
+
+    /// Depth of `id` (a root is 0).
+    pub fn depth(&self, id: NodeId) -> usize {
+        self.path(id).len().saturating_sub(1)
+    }
+
+    /// Text generated from the root down to `id` (the root's prompt text excluded).
+    pub fn path_text(&self, id: NodeId) -> String {
+        self.path(id)
+            .iter()
+            .skip(1)
+            .map(|&n| self.nodes[n].text.as_str())
+            .collect()
+    }
+
+    /// Finished nodes (complete candidates), in creation order.
+    pub fn finished(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_finished())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Sets `id` running: generation into it has started.
+    pub fn set_running(&mut self, id: NodeId) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.status = NodeStatus::Running;
+        }
     }
 
     pub fn root(&self) -> NodeId {
@@ -72,16 +183,37 @@ impl SearchTree {
     pub fn add_child(&mut self, parent: NodeId, tokens: Vec<u32>, logprob: f64) -> Option<NodeId> {
         let id = self.nodes.len();
         self.nodes.get_mut(parent)?.children.push(id);
-        self.nodes.push(Node {
-            id,
-            parent: Some(parent),
-            children: vec![],
-            tokens,
-            logprob,
-            score: None,
-            status: NodeStatus::Open,
-        });
+        let mut n = Self::blank(id, Some(parent), tokens, String::new());
+        n.logprob = logprob;
+        self.nodes.push(n);
         Some(id)
+    }
+
+    /// Appends one generated token (its text, logprob and the distribution's entropy).
+    pub fn push_token(&mut self, id: NodeId, token: u32, text: &str, logprob: f32, entropy: f32) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.tokens.push(token);
+            n.text.push_str(text);
+            n.logprob += logprob as f64;
+            n.token_logprobs.push(logprob);
+            n.token_entropies.push(entropy);
+        }
+    }
+
+    /// Records why generation of `id` stopped and sets its status: finished for EOS, a stop
+    /// string or a full context; open (expandable) for a delimiter, a length limit or a cut.
+    pub fn stop(&mut self, id: NodeId, reason: StopReason) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.status = match reason {
+                StopReason::Eos | StopReason::Stop | StopReason::Context => {
+                    NodeStatus::Finished {
+                        reason: format!("{reason:?}").to_lowercase(),
+                    }
+                }
+                StopReason::Delimiter | StopReason::Length | StopReason::Cut => NodeStatus::Open,
+            };
+            n.stop = Some(reason);
+        }
     }
 
     /// Nodes from the root down to `id`.
@@ -129,7 +261,7 @@ impl SearchTree {
             .is_some()
     }
 
-    /// Prunes `id` and every open node below it; returns the nodes it pruned.
+    /// Prunes `id` and every open or running node below it; returns the nodes it pruned.
     pub fn prune(&mut self, id: NodeId, reason: &str) -> Vec<NodeId> {
         let mut stack = vec![id];
         let mut pruned = vec![];
@@ -137,7 +269,7 @@ impl SearchTree {
             let Some(node) = self.nodes.get_mut(n) else {
                 continue;
             };
-            if node.status == NodeStatus::Open {
+            if matches!(node.status, NodeStatus::Open | NodeStatus::Running) {
                 node.status = NodeStatus::Pruned {
                     reason: reason.into(),
                 };
