@@ -19,4 +19,6 @@ pub use error::RuntimeError;
 pub use generate::{generate, FinishReason, GenerateOptions, GenerationStats};
 pub use loader::{load, LoadedModel};
 pub use model::Model;
-pub use tokenizer::{ChatMessage, ChatTemplate, IncrementalDecoder, TokenKind, Tokenizer};
+pub use tokenizer::{
+    ChatMessage, ChatTemplate, DetachedDecoder, IncrementalDecoder, TokenKind, Tokenizer,
+};

@@ -7,11 +7,17 @@
 //! - [`sim`]: a deterministic runner with a scripted policy and verifiers, for strategy tests.
 
 pub mod params;
+pub mod scheduler;
 pub mod sim;
 pub mod strategies;
 pub mod strategy;
 pub mod tree;
+pub mod verifier;
 
 pub use params::Params;
+pub use scheduler::{
+    GenerateRequest, GenerateResult, Outcome, RequestId, Scheduler, SchedulerOptions,
+    SearchRequest, SearchResult,
+};
 pub use strategy::{Action, Event, Strategy, Until};
 pub use tree::{Node, NodeId, NodeStatus, SearchTree, StopReason};

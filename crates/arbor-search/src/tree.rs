@@ -47,7 +47,7 @@ pub struct Node {
 }
 
 /// Why the generation of a node stopped.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// The model's end-of-generation token.
@@ -205,11 +205,9 @@ impl SearchTree {
     pub fn stop(&mut self, id: NodeId, reason: StopReason) {
         if let Some(n) = self.nodes.get_mut(id) {
             n.status = match reason {
-                StopReason::Eos | StopReason::Stop | StopReason::Context => {
-                    NodeStatus::Finished {
-                        reason: format!("{reason:?}").to_lowercase(),
-                    }
-                }
+                StopReason::Eos | StopReason::Stop | StopReason::Context => NodeStatus::Finished {
+                    reason: format!("{reason:?}").to_lowercase(),
+                },
                 StopReason::Delimiter | StopReason::Length | StopReason::Cut => NodeStatus::Open,
             };
             n.stop = Some(reason);

@@ -9,9 +9,7 @@ use super::{DecodeState, Tokenizer};
 /// `decode` of all the ids.
 pub struct IncrementalDecoder<'a> {
     tok: &'a Tokenizer,
-    skip_special: bool,
-    state: DecodeState,
-    pending: Vec<u8>,
+    inner: DetachedDecoder,
 }
 
 impl<'a> IncrementalDecoder<'a> {
@@ -24,6 +22,40 @@ impl<'a> IncrementalDecoder<'a> {
     pub fn with_special(tok: &'a Tokenizer, skip_special: bool) -> Self {
         IncrementalDecoder {
             tok,
+            inner: DetachedDecoder::new(skip_special),
+        }
+    }
+
+    /// Adds one token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> String {
+        self.inner.push(self.tok, id)
+    }
+
+    /// Ends the stream: whatever bytes are left (an incomplete character) as U+FFFD.
+    pub fn finish(&mut self) -> String {
+        self.inner.finish()
+    }
+
+    /// Whether bytes of an incomplete character are waiting.
+    pub fn has_pending(&self) -> bool {
+        self.inner.has_pending()
+    }
+}
+
+/// The state of an [`IncrementalDecoder`] without the borrow of its tokenizer, for holders
+/// that keep many streams beside one tokenizer (the scheduler): pass the tokenizer to each
+/// call.
+#[derive(Debug, Default)]
+pub struct DetachedDecoder {
+    skip_special: bool,
+    state: DecodeState,
+    pending: Vec<u8>,
+}
+
+impl DetachedDecoder {
+    /// A decoder that leaves out control tokens if `skip_special`.
+    pub fn new(skip_special: bool) -> Self {
+        DetachedDecoder {
             skip_special,
             state: DecodeState::default(),
             pending: Vec::new(),
@@ -31,9 +63,8 @@ impl<'a> IncrementalDecoder<'a> {
     }
 
     /// Adds one token; returns the text it completes (possibly empty).
-    pub fn push(&mut self, id: u32) -> String {
-        self.tok
-            .append_piece(id, self.skip_special, &mut self.state, &mut self.pending);
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        tok.append_piece(id, self.skip_special, &mut self.state, &mut self.pending);
         let mut out = String::new();
         let mut start = 0;
         loop {

@@ -18,7 +18,7 @@ mod spm;
 mod unicode_class;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
-pub use incremental::IncrementalDecoder;
+pub use incremental::{DetachedDecoder, IncrementalDecoder};
 
 use crate::gguf::GgufFile;
 use crate::RuntimeError;

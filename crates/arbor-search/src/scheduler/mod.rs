@@ -1,0 +1,603 @@
+//! The engine's one scheduler: plain generation requests and searches share every step.
+//!
+//! Each [`Scheduler::tick`] (1) lets searches react to what happened (their strategies'
+//! actions become jobs), (2) packs every runnable job of every request and search into one
+//! [`ForwardBatch`] under a token budget, a sequence limit and the KV pages that can be had,
+//! oldest work first — preempting idle or waiting sequences, those whose dropping frees the
+//! most pages, when pages run short — (3) steps the engine once and (4) hands each job its
+//! output. A search's node keeps an *anchor* sequence holding its path minus the last token,
+//! so children fork it and share its pages; the last token is fed by each child with its own
+//! sampling.
+//!
+//! Nothing is lost: a request or search ends with a result or an error naming the cause
+//! (cancelled, cannot fit in the KV cache, model error).
+
+mod job;
+mod search;
+
+pub use search::{Accounting, Candidate, SearchRequest, SearchResult};
+
+use crate::tree::{NodeId, StopReason};
+use arbor_kernels::kv::{BlockTable, SeqId};
+use arbor_kernels::ops::SamplingParams;
+use arbor_runtime::{Engine, ForwardBatch, LogitsMode, SeqStep, Tokenizer};
+use job::{Job, JobKind};
+use search::SearchState;
+use std::collections::{BTreeMap, HashSet};
+
+/// Identifies a request or a search.
+pub type RequestId = u64;
+
+/// Limits of one step.
+#[derive(Clone, Debug)]
+pub struct SchedulerOptions {
+    /// Most token positions one step computes (prompt chunks count in full).
+    pub max_batch_tokens: usize,
+    /// Most sequences in one step.
+    pub max_seqs: usize,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions {
+            max_batch_tokens: 2048,
+            max_seqs: 256,
+        }
+    }
+}
+
+/// A plain generation request.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Most tokens to generate (0: up to the context).
+    pub max_tokens: usize,
+    /// Texts that end the generation.
+    pub stop: Vec<String>,
+}
+
+/// What a plain request produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateResult {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    pub prompt_tokens: usize,
+}
+
+/// How a request ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Generate(Result<GenerateResult, String>),
+    Search(Result<Box<SearchResult>, String>),
+}
+
+/// One entry of a step's batch, for inspection (tests, metrics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub owner: RequestId,
+    pub seq: SeqId,
+    pub tokens: usize,
+}
+
+enum Req {
+    Generate { prompt_tokens: usize },
+    Search(Box<SearchState>),
+}
+
+/// The scheduler of one policy engine.
+pub struct Scheduler {
+    engine: Engine,
+    tokenizer: Tokenizer,
+    opts: SchedulerOptions,
+    next_id: RequestId,
+    reqs: BTreeMap<RequestId, Req>,
+    jobs: Vec<Job>,
+    done: Vec<(RequestId, Outcome)>,
+    last_batch: Vec<BatchEntry>,
+    ticks: u64,
+    preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(engine: Engine, tokenizer: Tokenizer, opts: SchedulerOptions) -> Self {
+        Scheduler {
+            engine,
+            tokenizer,
+            opts,
+            next_id: 1,
+            reqs: BTreeMap::new(),
+            jobs: Vec::new(),
+            done: Vec::new(),
+            last_batch: Vec::new(),
+            ticks: 0,
+            preemptions: 0,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    /// The batch of the last step.
+    pub fn last_batch(&self) -> &[BatchEntry] {
+        &self.last_batch
+    }
+    /// Steps run so far.
+    pub fn ticks(&self) -> u64 {
+        self.ticks
+    }
+    /// Sequences preempted (pages dropped, to be recomputed) so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+    /// Requests and searches not yet ended.
+    pub fn active(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// Tokenises `text` as a user turn through the chat template (or plain, with BOS, for a
+    /// model without one).
+    pub fn render_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
+        search::render(&self.tokenizer, text)
+    }
+
+    /// Queues a plain request.
+    pub fn submit_generate(&mut self, r: GenerateRequest) -> RequestId {
+        let id = self.fresh_id();
+        if let Err(e) = self.check_prompt(&r.prompt) {
+            self.done.push((id, Outcome::Generate(Err(e))));
+            return id;
+        }
+        let seq = self.engine.new_seq();
+        let mut job = Job::new(id, seq, JobKind::Generate { node: None }, r.prompt.clone());
+        job.sampling = r.sampling;
+        job.until = crate::Until {
+            max_tokens: r.max_tokens,
+            stop: r.stop,
+            delimiters: vec![],
+        };
+        self.jobs.push(job);
+        self.reqs.insert(
+            id,
+            Req::Generate {
+                prompt_tokens: r.prompt.len(),
+            },
+        );
+        id
+    }
+
+    /// Queues a search; its strategy starts once the prompt is in the KV cache.
+    pub fn submit_search(&mut self, r: SearchRequest) -> RequestId {
+        let id = self.fresh_id();
+        if let Err(e) = self.check_prompt(&r.prompt) {
+            self.done.push((id, Outcome::Search(Err(e))));
+            return id;
+        }
+        let mut state = SearchState::new(r);
+        let (seq, feed) = self.anchor_prefill(&state.tree.node(0).expect("root").tokens);
+        state.prefilling.insert(0);
+        self.jobs
+            .push(Job::new(id, seq, JobKind::Prefill { node: 0 }, feed));
+        self.reqs.insert(id, Req::Search(Box::new(state)));
+        id
+    }
+
+    /// Ends a request or search now, freeing all it holds; it reports "cancelled".
+    pub fn cancel(&mut self, id: RequestId) {
+        self.fail(id, "cancelled".into());
+    }
+
+    /// Takes the outcomes of ended requests.
+    pub fn take_finished(&mut self) -> Vec<(RequestId, Outcome)> {
+        std::mem::take(&mut self.done)
+    }
+
+    /// Runs ticks until nothing is active; returns every outcome.
+    pub fn run_to_completion(&mut self) -> Vec<(RequestId, Outcome)> {
+        while self.active() > 0 {
+            self.tick();
+        }
+        self.take_finished()
+    }
+
+    fn fresh_id(&mut self) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn check_prompt(&self, prompt: &[u32]) -> Result<(), String> {
+        let cfg = &self.engine.model.cfg;
+        if prompt.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if let Some(t) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(format!(
+                "token id {t} is outside the vocabulary of {}",
+                cfg.vocab_size
+            ));
+        }
+        if prompt.len() >= cfg.max_context {
+            return Err(format!(
+                "the prompt of {} tokens leaves no room in the context of {}",
+                prompt.len(),
+                cfg.max_context
+            ));
+        }
+        let ps = self.engine.cache().layout().page_size;
+        let total = self.engine.cache().allocator().num_total();
+        if BlockTable::pages_for(prompt.len() + 1, ps) > total {
+            return Err(format!(
+                "the prompt of {} tokens needs more KV pages than the cache holds ({total}): raise --kv-cache-gb",
+                prompt.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A new sequence and the tokens to prefill into it: all of `tokens` but the last.
+    fn anchor_prefill(&mut self, tokens: &[u32]) -> (SeqId, Vec<u32>) {
+        let seq = self.engine.new_seq();
+        (seq, tokens[..tokens.len().saturating_sub(1)].to_vec())
+    }
+
+    /// Ends `id` with an error, freeing its sequences.
+    fn fail(&mut self, id: RequestId, why: String) {
+        let Some(req) = self.reqs.remove(&id) else {
+            return;
+        };
+        for j in self.jobs.iter().filter(|j| j.owner == id) {
+            self.engine.free_seq(j.seq);
+        }
+        self.jobs.retain(|j| j.owner != id);
+        let outcome = match req {
+            Req::Generate { .. } => Outcome::Generate(Err(why)),
+            Req::Search(mut s) => {
+                s.free_all(&mut self.engine);
+                Outcome::Search(Err(why))
+            }
+        };
+        self.done.push((id, outcome));
+    }
+
+    /// One scheduling step: searches react, a batch is packed and run, outputs are handed
+    /// out. Returns the number of sequences stepped.
+    pub fn tick(&mut self) -> usize {
+        self.react();
+        let picked = self.pack();
+        self.last_batch.clear();
+        if picked.is_empty() {
+            if let Some(j) = self.jobs.first() {
+                // Work exists but none fits even after preemption: the oldest cannot run.
+                let owner = j.owner;
+                self.fail(
+                    owner,
+                    "the KV cache cannot hold this request beside nothing else: raise --kv-cache-gb or shorten it"
+                        .into(),
+                );
+            }
+            return 0;
+        }
+        let batch = ForwardBatch {
+            seqs: picked.iter().map(|(i, s)| self.step_for(*i, s)).collect(),
+        };
+        self.ticks += 1;
+        match self.engine.step(&batch) {
+            Ok(outputs) => {
+                for ((i, n), out) in picked.iter().zip(outputs) {
+                    self.last_batch.push(BatchEntry {
+                        owner: self.jobs[*i].owner,
+                        seq: out.seq,
+                        tokens: *n,
+                    });
+                    self.absorb(*i, *n, out);
+                }
+            }
+            Err(e) => {
+                let owners: HashSet<RequestId> =
+                    picked.iter().map(|(i, _)| self.jobs[*i].owner).collect();
+                for o in owners {
+                    self.fail(o, format!("model step failed: {e}"));
+                }
+                return 0;
+            }
+        }
+        self.reap();
+        self.measure_kv();
+        picked.len()
+    }
+
+    /// Updates each search's peak of KV bytes held.
+    fn measure_kv(&mut self) {
+        let page_bytes = self.engine.kv_stats().page_bytes as u64;
+        let mut seqs: BTreeMap<RequestId, Vec<SeqId>> = BTreeMap::new();
+        for j in &self.jobs {
+            seqs.entry(j.owner).or_default().push(j.seq);
+        }
+        for (id, r) in &mut self.reqs {
+            if let Req::Search(s) = r {
+                let mut v = seqs.remove(id).unwrap_or_default();
+                v.extend(s.anchors.values().copied());
+                let bytes = self.engine.kv_usage(&v).pages as u64 * page_bytes;
+                s.acct.kv_peak_bytes = s.acct.kv_peak_bytes.max(bytes);
+            }
+        }
+    }
+
+    /// Chooses jobs for this step: `(job index, tokens to feed)`.
+    fn pack(&mut self) -> Vec<(usize, usize)> {
+        let mut picked = Vec::new();
+        let mut tokens = 0;
+        let mut pages = 0;
+        let mut in_batch: HashSet<SeqId> = HashSet::new();
+        for i in 0..self.jobs.len() {
+            if picked.len() >= self.opts.max_seqs || tokens >= self.opts.max_batch_tokens {
+                break;
+            }
+            let j = &self.jobs[i];
+            if j.done.is_some() || j.feed.is_empty() {
+                continue;
+            }
+            let n = j.feed.len().min(self.opts.max_batch_tokens - tokens);
+            let need = self.engine.pages_needed(j.seq, n);
+            in_batch.insert(j.seq);
+            while pages + need > self.engine.cache().available_pages() {
+                if !self.preempt_one(&in_batch) {
+                    break;
+                }
+            }
+            if pages + need > self.engine.cache().available_pages() {
+                in_batch.remove(&self.jobs[i].seq);
+                continue;
+            }
+            pages += need;
+            tokens += n;
+            picked.push((i, n));
+        }
+        picked
+    }
+
+    /// Drops the pages of the idle or waiting sequence (not in `keep`) whose dropping frees
+    /// the most; false when none frees anything.
+    fn preempt_one(&mut self, keep: &HashSet<SeqId>) -> bool {
+        let mut cands: Vec<SeqId> = self
+            .jobs
+            .iter()
+            .map(|j| j.seq)
+            .filter(|s| !keep.contains(s))
+            .collect();
+        for r in self.reqs.values() {
+            if let Req::Search(s) = r {
+                cands.extend(s.anchors.values().copied());
+            }
+        }
+        let best = cands
+            .into_iter()
+            .map(|s| (self.engine.kv_usage(&[s]).freeable_pages, s))
+            .max();
+        match best {
+            Some((freed, s)) if freed > 0 => {
+                self.preemptions += 1;
+                self.engine.preempt(s).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    fn step_for(&self, i: usize, n: &usize) -> SeqStep {
+        let j = &self.jobs[i];
+        let last = *n == j.feed.len();
+        let mut s = SeqStep {
+            seq: j.seq,
+            tokens: j.feed[..*n].to_vec(),
+            ..Default::default()
+        };
+        if !last {
+            return s; // a prompt chunk
+        }
+        match &j.kind {
+            JobKind::Prefill { .. } => {}
+            JobKind::Generate { .. } => s.sample = Some(j.sampling.clone()),
+            JobKind::TopK { k, .. } => {
+                s.sample = Some(SamplingParams {
+                    top_logprobs: *k,
+                    ..Default::default()
+                })
+            }
+            JobKind::Judge { yes, no, .. } => {
+                s.logits = LogitsMode::None;
+                s.score = vec![(*n - 1, *yes), (*n - 1, *no)];
+            }
+        }
+        s
+    }
+
+    /// Hands job `i` its output of a step that fed `n` of its tokens.
+    fn absorb(&mut self, i: usize, n: usize, out: arbor_runtime::SeqOutput) {
+        let owner = self.jobs[i].owner;
+        let verifier = matches!(self.jobs[i].kind, JobKind::Judge { .. });
+        if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
+            s.account(out.computed_tokens, verifier, self.ticks);
+        }
+        self.jobs[i].feed.drain(..n);
+        if !self.jobs[i].feed.is_empty() {
+            return; // more prompt to feed
+        }
+        let max_context = self.engine.model.cfg.max_context;
+        let kind = self.jobs[i].kind.clone();
+        match kind {
+            JobKind::Prefill { node } => {
+                self.jobs[i].done = Some(StopReason::Length);
+                if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
+                    s.prefilling.remove(&node);
+                    s.anchors.insert(node, self.jobs[i].seq);
+                    if node == 0 {
+                        s.start();
+                    } else {
+                        s.release_waiting(node);
+                    }
+                }
+            }
+            JobKind::Generate { node } => {
+                let Some(sample) = out.sample else { return };
+                let job = &mut self.jobs[i];
+                let (news, stop) = job.take_token(
+                    &self.tokenizer,
+                    sample.token,
+                    sample.logprob,
+                    sample.entropy,
+                    max_context,
+                );
+                let mut stop = stop;
+                if let Some(news) = &news {
+                    job.feed = vec![news.token];
+                }
+                if let (Some(node), Some(Req::Search(s))) = (node, self.reqs.get_mut(&owner)) {
+                    if let Some(news) = &news {
+                        s.tree
+                            .push_token(node, news.token, &news.text, news.logprob, news.entropy);
+                        if stop.is_none() && !s.strategy.on_token(&s.tree, node) {
+                            stop = Some(StopReason::Cut);
+                        }
+                    }
+                }
+                if let Some(reason) = stop {
+                    self.jobs[i].done = Some(reason);
+                }
+            }
+            JobKind::TopK { node, k } => {
+                self.jobs[i].done = Some(StopReason::Length);
+                let seq = self.jobs[i].seq;
+                let Some(Req::Search(s)) = self.reqs.get_mut(&owner) else {
+                    return;
+                };
+                let tops = out.sample.map(|x| x.top_logprobs).unwrap_or_default();
+                let mut children = Vec::new();
+                for (c, &(tok, lp)) in tops.iter().take(k).enumerate() {
+                    let Some(child) = s.tree.add_child(node, vec![], 0.0) else {
+                        continue;
+                    };
+                    let text = self.tokenizer.decode(&[tok], true);
+                    s.tree.push_token(child, tok, &text, lp, 0.0);
+                    let reason = if self.tokenizer.is_eog(tok) {
+                        StopReason::Eos
+                    } else {
+                        StopReason::Length
+                    };
+                    s.tree.stop(child, reason);
+                    if reason == StopReason::Length {
+                        let anchor = if c == 0 {
+                            seq
+                        } else {
+                            match self.engine.fork_seq(seq) {
+                                Ok(f) => f,
+                                Err(_) => continue,
+                            }
+                        };
+                        s.anchors.insert(child, anchor);
+                    }
+                    children.push(child);
+                }
+                // The job's sequence now belongs to the first child (or is freed at reaping).
+                if s.anchors.values().any(|&a| a == seq) {
+                    self.jobs[i].seq = SeqId::MAX;
+                }
+                s.events
+                    .push_back(crate::Event::ExpandedTopK { node, children });
+            }
+            JobKind::Judge { node, verifier, .. } => {
+                self.jobs[i].done = Some(StopReason::Length);
+                if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
+                    let (ly, ln) = (out.scores[0] as f64, out.scores[1] as f64);
+                    let m = ly.max(ln);
+                    let score = (ly - m).exp() / ((ly - m).exp() + (ln - m).exp());
+                    s.scored(node, verifier, score);
+                }
+            }
+        }
+    }
+
+    /// Removes finished jobs: results for plain requests, events and anchors for searches.
+    fn reap(&mut self) {
+        let mut i = 0;
+        while i < self.jobs.len() {
+            let Some(reason) = self.jobs[i].done.clone() else {
+                i += 1;
+                continue;
+            };
+            let job = self.jobs.remove(i);
+            match (&job.kind, self.reqs.get_mut(&job.owner)) {
+                (JobKind::Generate { node: None }, Some(Req::Generate { prompt_tokens })) => {
+                    let mut job = job;
+                    let tail = job.decoder.finish();
+                    job.text.push_str(&tail);
+                    let r = GenerateResult {
+                        tokens: job.generated,
+                        text: job.text,
+                        stop: reason,
+                        prompt_tokens: *prompt_tokens,
+                    };
+                    self.engine.free_seq(job.seq);
+                    self.reqs.remove(&job.owner);
+                    self.done.push((job.owner, Outcome::Generate(Ok(r))));
+                }
+                (JobKind::Generate { node: Some(node) }, Some(Req::Search(s))) => {
+                    let node = *node;
+                    s.child_stopped(&mut self.engine, node, job.seq, reason);
+                }
+                (JobKind::Prefill { .. }, _) => {} // the sequence became an anchor
+                _ => {
+                    if job.seq != SeqId::MAX {
+                        self.engine.free_seq(job.seq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets every search react to its events, turning actions into jobs; ends finished ones.
+    fn react(&mut self) {
+        let ids: Vec<RequestId> = self.reqs.keys().copied().collect();
+        for id in ids {
+            let Some(Req::Search(s)) = self.reqs.get_mut(&id) else {
+                continue;
+            };
+            let mut new_jobs = Vec::new();
+            let r = s.react(&mut self.engine, &self.tokenizer, id, &mut new_jobs);
+            let killed: HashSet<NodeId> = s.killed.drain(..).collect();
+            self.jobs.extend(new_jobs);
+            for j in &mut self.jobs {
+                if let (true, JobKind::Generate { node: Some(n) }) = (j.owner == id, &j.kind) {
+                    if killed.contains(n) {
+                        j.done = Some(StopReason::Cut);
+                    }
+                }
+            }
+            if let Err(e) = r {
+                self.fail(id, e);
+                continue;
+            }
+            let Some(Req::Search(s)) = self.reqs.get_mut(&id) else {
+                continue;
+            };
+            if let Some(over) = s.budget_exceeded() {
+                s.finish_best(over);
+            }
+            if s.outcome.is_some() {
+                let Some(Req::Search(mut s)) = self.reqs.remove(&id) else {
+                    unreachable!()
+                };
+                for j in self.jobs.iter().filter(|j| j.owner == id) {
+                    self.engine.free_seq(j.seq);
+                }
+                self.jobs.retain(|j| j.owner != id);
+                let result = s.result(&mut self.engine);
+                self.done.push((id, Outcome::Search(Ok(Box::new(result)))));
+            }
+        }
+    }
+}

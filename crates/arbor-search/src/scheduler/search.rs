@@ -1,0 +1,441 @@
+//! One search inside the scheduler: its tree, strategy, verifiers, anchors (the sequences
+//! its nodes' children fork) and accounting. Turns the strategy's actions into jobs.
+
+use super::job::{Job, JobKind};
+use super::RequestId;
+use crate::strategy::{Action, Event, Strategy};
+use crate::tree::{NodeId, NodeStatus, SearchTree, StopReason};
+use crate::verifier::Verifier;
+use arbor_kernels::kv::SeqId;
+use arbor_kernels::ops::SamplingParams;
+use arbor_runtime::{ChatMessage, Engine, Tokenizer};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// A search to run.
+pub struct SearchRequest {
+    /// The prompt's tokens (as the policy sees them).
+    pub prompt: Vec<u32>,
+    /// The question as text, for verifiers and strategy-built prompts.
+    pub question: String,
+    pub strategy: Box<dyn Strategy>,
+    /// Verifier `i` answers `Action::Score { verifier: i }`.
+    pub verifiers: Vec<Verifier>,
+    /// Sampling of every expansion (each child gets its own seed from `seed`).
+    pub sampling: SamplingParams,
+    /// Stop after this many policy tokens, answering with the best candidate so far.
+    pub max_policy_tokens: Option<u64>,
+    /// Stop after this long, likewise.
+    pub max_wall: Option<Duration>,
+}
+
+/// What a search spent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Accounting {
+    /// Positions the policy computed for this search (prompt, branches, recomputation).
+    pub policy_tokens: u64,
+    /// Positions model verifiers computed.
+    pub verifier_tokens: u64,
+    /// Engine steps the search took part in.
+    pub forward_passes: u64,
+    pub wall_ms: u64,
+    /// Most KV bytes the search's sequences held at once.
+    pub kv_peak_bytes: u64,
+}
+
+/// One candidate of a result.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Candidate {
+    pub node: NodeId,
+    pub text: String,
+    pub score: Option<f64>,
+    pub logprob: f64,
+    pub finish: String,
+}
+
+/// What a search produced.
+#[derive(Debug)]
+pub struct SearchResult {
+    pub strategy: String,
+    pub verifiers: Vec<String>,
+    pub answer: Option<NodeId>,
+    pub answer_text: String,
+    /// Finished candidates in creation order.
+    pub candidates: Vec<Candidate>,
+    pub accounting: Accounting,
+    /// Set when the search was cut short (budget) and answered with the best so far.
+    pub note: Option<String>,
+    pub tree: SearchTree,
+}
+
+pub(crate) struct SearchState {
+    pub tree: SearchTree,
+    pub strategy: Box<dyn Strategy>,
+    verifiers: Vec<Verifier>,
+    question: String,
+    sampling: SamplingParams,
+    /// Node → sequence holding its path minus the last token.
+    pub anchors: HashMap<NodeId, SeqId>,
+    /// Nodes whose anchor is being computed.
+    pub prefilling: HashSet<NodeId>,
+    /// Actions waiting for a node's anchor.
+    waiting: HashMap<NodeId, Vec<Action>>,
+    pub events: VecDeque<Event>,
+    pending: VecDeque<Action>,
+    /// Nodes pruned since the scheduler last looked (their running jobs must stop).
+    pub killed: Vec<NodeId>,
+    pub outcome: Option<(Option<NodeId>, Option<String>)>,
+    note: Option<String>,
+    pub acct: Accounting,
+    t0: Instant,
+    last_tick: u64,
+    children_started: u64,
+    max_policy_tokens: Option<u64>,
+    max_wall: Option<Duration>,
+}
+
+impl SearchState {
+    pub fn new(r: SearchRequest) -> Self {
+        let mut tree = SearchTree::new(r.prompt);
+        if let Some(n) = tree.node_mut(0) {
+            n.text = r.question.clone();
+        }
+        SearchState {
+            tree,
+            strategy: r.strategy,
+            verifiers: r.verifiers,
+            question: r.question,
+            sampling: r.sampling,
+            anchors: HashMap::new(),
+            prefilling: HashSet::new(),
+            waiting: HashMap::new(),
+            events: VecDeque::new(),
+            pending: VecDeque::new(),
+            killed: Vec::new(),
+            outcome: None,
+            note: None,
+            acct: Accounting::default(),
+            t0: Instant::now(),
+            last_tick: 0,
+            children_started: 0,
+            max_policy_tokens: r.max_policy_tokens,
+            max_wall: r.max_wall,
+        }
+    }
+
+    /// The prompt is cached: the strategy starts.
+    pub fn start(&mut self) {
+        let first = self.strategy.start(&self.tree);
+        self.pending.extend(first);
+    }
+
+    pub fn release_waiting(&mut self, node: NodeId) {
+        if let Some(a) = self.waiting.remove(&node) {
+            self.pending.extend(a);
+        }
+    }
+
+    pub fn scored(&mut self, node: NodeId, verifier: usize, score: f64) {
+        self.tree.set_score(node, score);
+        self.events.push_back(Event::Scored {
+            node,
+            verifier,
+            score,
+        });
+    }
+
+    /// A generating child stopped; its sequence becomes its anchor if it stays open.
+    pub fn child_stopped(&mut self, engine: &mut Engine, node: NodeId, seq: SeqId, r: StopReason) {
+        let pruned = self
+            .tree
+            .node(node)
+            .is_none_or(|n| matches!(n.status, NodeStatus::Pruned { .. }));
+        if pruned || self.outcome.is_some() {
+            engine.free_seq(seq);
+            return;
+        }
+        self.tree.stop(node, r);
+        if self.tree.node(node).is_some_and(|n| n.is_open()) {
+            self.anchors.insert(node, seq);
+        } else {
+            engine.free_seq(seq);
+        }
+        let parent = self.tree.node(node).and_then(|n| n.parent).unwrap_or(0);
+        self.events.push_back(Event::Expanded {
+            node: parent,
+            child: node,
+        });
+    }
+
+    pub fn account(&mut self, computed: usize, verifier: bool, tick: u64) {
+        if verifier {
+            self.acct.verifier_tokens += computed as u64;
+        } else {
+            self.acct.policy_tokens += computed as u64;
+        }
+        if tick != self.last_tick {
+            self.last_tick = tick;
+            self.acct.forward_passes += 1;
+        }
+    }
+
+    /// Why the search must stop now, if a budget is spent.
+    pub fn budget_exceeded(&self) -> Option<String> {
+        if self.outcome.is_some() {
+            return None;
+        }
+        if let Some(m) = self
+            .max_policy_tokens
+            .filter(|&m| self.acct.policy_tokens >= m)
+        {
+            return Some(format!("policy token budget of {m} spent"));
+        }
+        if let Some(w) = self.max_wall.filter(|&w| self.t0.elapsed() >= w) {
+            return Some(format!("time budget of {w:?} spent"));
+        }
+        None
+    }
+
+    /// Ends the search with the best candidate so far (finished first, by score then mean
+    /// logprob; else the best open node).
+    pub fn finish_best(&mut self, note: String) {
+        let key = |id: NodeId| {
+            let n = self.tree.node(id).expect("node");
+            (
+                n.is_finished(),
+                n.score.unwrap_or(f64::NEG_INFINITY),
+                n.mean_logprob(),
+            )
+        };
+        let best = (1..self.tree.len()).max_by(|&a, &b| {
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        self.outcome = Some((best, None));
+        self.note = Some(note);
+    }
+
+    /// Frees every anchor.
+    pub fn free_all(&mut self, engine: &mut Engine) {
+        for (_, s) in self.anchors.drain() {
+            engine.free_seq(s);
+        }
+    }
+
+    /// Sequences the search holds beside its jobs'.
+    pub fn result(&mut self, engine: &mut Engine) -> SearchResult {
+        self.free_all(engine);
+        self.acct.wall_ms = self.t0.elapsed().as_millis() as u64;
+        let (answer, text) = self.outcome.clone().unwrap_or((None, None));
+        let answer_text =
+            text.unwrap_or_else(|| answer.map(|a| self.tree.path_text(a)).unwrap_or_default());
+        let candidates = self
+            .tree
+            .finished()
+            .into_iter()
+            .map(|id| {
+                let n = self.tree.node(id).expect("node");
+                Candidate {
+                    node: id,
+                    text: self.tree.path_text(id),
+                    score: n.score,
+                    logprob: self.tree.path_logprob(id),
+                    finish: n
+                        .stop
+                        .as_ref()
+                        .map_or("".into(), |s| format!("{s:?}").to_lowercase()),
+                }
+            })
+            .collect();
+        SearchResult {
+            strategy: self.strategy.name().to_string(),
+            verifiers: self.verifiers.iter().map(Verifier::name).collect(),
+            answer,
+            answer_text,
+            candidates,
+            accounting: self.acct.clone(),
+            note: self.note.take(),
+            tree: std::mem::replace(&mut self.tree, SearchTree::new(vec![])),
+        }
+    }
+
+    /// Delivers events and carries out actions until the strategy waits for the model.
+    pub fn react(
+        &mut self,
+        engine: &mut Engine,
+        tok: &Tokenizer,
+        owner: RequestId,
+        jobs: &mut Vec<Job>,
+    ) -> Result<(), String> {
+        while self.outcome.is_none() {
+            if let Some(a) = self.pending.pop_front() {
+                self.apply(a, engine, tok, owner, jobs)?;
+            } else if let Some(e) = self.events.pop_front() {
+                let next = self.strategy.on_event(&self.tree, e);
+                self.pending.extend(next);
+            } else {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        a: Action,
+        engine: &mut Engine,
+        tok: &Tokenizer,
+        owner: RequestId,
+        jobs: &mut Vec<Job>,
+    ) -> Result<(), String> {
+        let node_of = |a: &Action| match a {
+            Action::Expand { node, .. } | Action::ExpandTopK { node, .. } => Some(*node),
+            _ => None,
+        };
+        if let Some(node) = node_of(&a) {
+            if self.tree.node(node).is_none() {
+                return Err(format!(
+                    "strategy {} acted on unknown node {node}",
+                    self.strategy.name()
+                ));
+            }
+            if !self.anchors.contains_key(&node) {
+                // Compute (or re-attach from the prefix cache) the node's path first.
+                if self.prefilling.insert(node) {
+                    let path = self.tree.path_tokens(node);
+                    let seq = engine.new_seq();
+                    let feed = path[..path.len().saturating_sub(1)].to_vec();
+                    jobs.push(Job::new(owner, seq, JobKind::Prefill { node }, feed));
+                }
+                self.waiting.entry(node).or_default().push(a);
+                return Ok(());
+            }
+        }
+        match a {
+            Action::Expand { node, k, until } => {
+                let anchor = self.anchors[&node];
+                let path = self.tree.path_tokens(node);
+                let last = *path.last().ok_or("expansion of an empty prompt")?;
+                for _ in 0..k {
+                    let child = self.tree.add_child(node, vec![], 0.0).expect("node exists");
+                    self.tree.set_running(child);
+                    let seq = engine.fork_seq(anchor).map_err(|e| e.to_string())?;
+                    let mut j = Job::new(
+                        owner,
+                        seq,
+                        JobKind::Generate { node: Some(child) },
+                        vec![last],
+                    );
+                    j.sampling = SamplingParams {
+                        seed: self.sampling.seed.wrapping_add(self.children_started),
+                        ..self.sampling.clone()
+                    };
+                    self.children_started += 1;
+                    j.until = until.clone();
+                    j.context = path.len();
+                    jobs.push(j);
+                }
+            }
+            Action::ExpandTopK { node, k } => {
+                let anchor = self.anchors[&node];
+                let last = *self
+                    .tree
+                    .path_tokens(node)
+                    .last()
+                    .ok_or("expansion of an empty prompt")?;
+                let seq = engine.fork_seq(anchor).map_err(|e| e.to_string())?;
+                jobs.push(Job::new(owner, seq, JobKind::TopK { node, k }, vec![last]));
+            }
+            Action::Score { node, verifier } => {
+                if self.tree.node(node).is_none() {
+                    return Err(format!("score of unknown node {node}"));
+                }
+                let answer = self.tree.path_text(node);
+                match self.verifiers.get_mut(verifier) {
+                    None => {
+                        return Err(format!(
+                            "strategy asked for verifier {verifier} but the search has {}",
+                            self.verifiers.len()
+                        ))
+                    }
+                    Some(Verifier::Text(v)) => {
+                        let s = v.score(&self.question, &answer)?;
+                        self.scored(node, verifier, s);
+                    }
+                    Some(Verifier::Judge(j)) => {
+                        let prompt = render(tok, &j.prompt(&self.question, &answer))?;
+                        let first = |t: &str| {
+                            tok.encode(t, false, false)
+                                .ok()
+                                .and_then(|v| v.first().copied())
+                                .ok_or_else(|| format!("the judge's reply '{t}' has no token"))
+                        };
+                        let (yes, no) = (first(&j.yes)?, first(&j.no)?);
+                        if prompt.len() + 1 >= engine.model.cfg.max_context {
+                            return Err("the judging prompt does not fit the context".into());
+                        }
+                        let seq = engine.new_seq();
+                        jobs.push(Job::new(
+                            owner,
+                            seq,
+                            JobKind::Judge {
+                                node,
+                                verifier,
+                                yes,
+                                no,
+                            },
+                            prompt,
+                        ));
+                    }
+                }
+            }
+            Action::Prompt { text, k, until } => {
+                let tokens = render(tok, &text)?;
+                if tokens.len() + 1 >= engine.model.cfg.max_context {
+                    return Err(format!(
+                        "a strategy prompt of {} tokens does not fit the context",
+                        tokens.len()
+                    ));
+                }
+                let root = self.tree.add_root(tokens.clone(), text);
+                let seq = engine.new_seq();
+                self.prefilling.insert(root);
+                jobs.push(Job::new(
+                    owner,
+                    seq,
+                    JobKind::Prefill { node: root },
+                    tokens[..tokens.len() - 1].to_vec(),
+                ));
+                self.waiting.entry(root).or_default().push(Action::Expand {
+                    node: root,
+                    k,
+                    until,
+                });
+            }
+            Action::Prune { node, reason } => {
+                for n in self.tree.prune(node, &reason) {
+                    if let Some(s) = self.anchors.remove(&n) {
+                        engine.free_seq(s);
+                    }
+                    self.killed.push(n);
+                }
+            }
+            Action::Finish { answer, text } => self.outcome = Some((answer, text)),
+        }
+        Ok(())
+    }
+}
+
+/// Tokenises `text` as a user turn through the chat template, or as plain text with BOS for
+/// a model without one.
+pub(crate) fn render(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
+    let r = if tok.chat_template().is_some() {
+        tok.apply_chat_template(&[ChatMessage::new("user", text)], true)
+            .and_then(|s| tok.encode(&s, false, true))
+    } else {
+        tok.encode(text, tok.add_bos_default(), false)
+    };
+    r.map_err(|e| e.to_string())
+}

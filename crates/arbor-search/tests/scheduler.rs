@@ -1,0 +1,418 @@
+//! The scheduler on the tiny qwen2 fixture: packing of mixed work into shared steps, the
+//! equivalence of a scheduled plain request with `generate`, top-k expansion, the LM judge,
+//! preemption under KV pressure, and a stress run of random searches with random
+//! cancellations that must leak no KV page.
+
+use arbor_kernels::ops::SamplingParams;
+use arbor_runtime::{Engine, EngineOptions, Model};
+use arbor_search::verifier::{Judge, TextVerifier, Verifier};
+use arbor_search::{
+    Action, Event, GenerateRequest, NodeId, Outcome, Scheduler, SchedulerOptions, SearchRequest,
+    SearchTree, Strategy, Until,
+};
+use std::path::PathBuf;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen2")
+}
+
+fn scheduler(kv_bytes: usize, opts: SchedulerOptions) -> Scheduler {
+    let loaded = arbor_runtime::load(&fixture()).expect("fixture");
+    let engine = Engine::new(
+        loaded.model,
+        &EngineOptions {
+            kv_cache_bytes: kv_bytes,
+            page_size: 8,
+        },
+    )
+    .expect("engine");
+    Scheduler::new(engine, loaded.tokenizer, opts)
+}
+
+/// Scores a candidate by its length, so tests know the ranking.
+struct LengthVerifier;
+impl TextVerifier for LengthVerifier {
+    fn name(&self) -> String {
+        "length".into()
+    }
+    fn score(&mut self, _q: &str, answer: &str) -> Result<f64, String> {
+        Ok(answer.len() as f64)
+    }
+}
+
+/// Expands the root `k` ways, scores every child as it stops, prunes all but the best and
+/// finishes with it.
+struct Probe {
+    k: usize,
+    tokens: usize,
+    stopped: usize,
+    scored: Vec<(NodeId, f64)>,
+}
+
+impl Probe {
+    fn new(k: usize, tokens: usize) -> Self {
+        Probe {
+            k,
+            tokens,
+            stopped: 0,
+            scored: vec![],
+        }
+    }
+}
+
+impl Strategy for Probe {
+    fn name(&self) -> &str {
+        "probe"
+    }
+    fn width(&self) -> usize {
+        self.k
+    }
+    fn start(&mut self, _t: &SearchTree) -> Vec<Action> {
+        vec![Action::Expand {
+            node: 0,
+            k: self.k,
+            until: Until::tokens(self.tokens),
+        }]
+    }
+    fn on_event(&mut self, _t: &SearchTree, e: Event) -> Vec<Action> {
+        match e {
+            Event::Expanded { child, .. } => {
+                self.stopped += 1;
+                vec![Action::Score {
+                    node: child,
+                    verifier: 0,
+                }]
+            }
+            Event::Scored { node, score, .. } => {
+                self.scored.push((node, score));
+                if self.scored.len() < self.k {
+                    return vec![];
+                }
+                let best = self
+                    .scored
+                    .iter()
+                    .fold(self.scored[0], |b, &x| if x.1 > b.1 { x } else { b });
+                let mut acts: Vec<Action> = self
+                    .scored
+                    .iter()
+                    .filter(|x| x.0 != best.0)
+                    .map(|x| Action::Prune {
+                        node: x.0,
+                        reason: "not best".into(),
+                    })
+                    .collect();
+                acts.push(Action::finish(best.0));
+                acts
+            }
+            Event::ExpandedTopK { .. } => vec![],
+        }
+    }
+}
+
+fn probe_search(prompt: Vec<u32>, k: usize, tokens: usize, seed: u64) -> SearchRequest {
+    SearchRequest {
+        prompt,
+        question: "q".into(),
+        strategy: Box::new(Probe::new(k, tokens)),
+        verifiers: vec![Verifier::Text(Box::new(LengthVerifier))],
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        },
+        max_policy_tokens: None,
+        max_wall: None,
+    }
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 31 + salt * 7 + 3) % 380)
+        .collect()
+}
+
+fn assert_clean(s: &Scheduler) {
+    s.engine().cache().check().expect("KV bookkeeping");
+    assert_eq!(s.engine().kv_stats().pages_in_use, 0, "pages leaked");
+    assert_eq!(s.engine().seqs().count(), 0, "sequences leaked");
+}
+
+#[test]
+fn searches_and_plain_requests_share_steps() {
+    let mut s = scheduler(8 << 20, SchedulerOptions::default());
+    let a = s.submit_search(probe_search(prompt(20, 1), 4, 6, 1));
+    let b = s.submit_search(probe_search(prompt(17, 2), 3, 6, 2));
+    let plain: Vec<_> = (0..3)
+        .map(|i| {
+            s.submit_generate(GenerateRequest {
+                prompt: prompt(9 + i, 10 + i as u32),
+                sampling: SamplingParams::default(),
+                max_tokens: 8,
+                stop: vec![],
+            })
+        })
+        .collect();
+    let mut mixed = false;
+    while s.active() > 0 {
+        s.tick();
+        let owners: std::collections::HashSet<_> = s.last_batch().iter().map(|e| e.owner).collect();
+        if owners.contains(&a) && owners.contains(&b) && plain.iter().any(|p| owners.contains(p)) {
+            mixed = true;
+        }
+    }
+    assert!(mixed, "no step carried both searches and a plain request");
+    let out = s.take_finished();
+    assert_eq!(out.len(), 5);
+    for (id, o) in out {
+        match o {
+            Outcome::Search(r) => {
+                let r = r.expect("search ok");
+                assert!(id == a || id == b);
+                let best = r.answer.expect("an answer");
+                let pruned = r
+                    .tree
+                    .nodes()
+                    .iter()
+                    .filter(|n| matches!(n.status, arbor_search::NodeStatus::Pruned { .. }))
+                    .count();
+                assert_eq!(pruned, if id == a { 3 } else { 2 });
+                assert!(r.tree.node(best).is_some());
+                assert!(r.accounting.policy_tokens > 0 && r.accounting.forward_passes > 0);
+                assert!(r.accounting.kv_peak_bytes > 0);
+            }
+            Outcome::Generate(g) => assert!(g.expect("generate ok").tokens.len() <= 8),
+        }
+    }
+    assert_clean(&s);
+}
+
+#[test]
+fn a_scheduled_request_equals_generate() {
+    let loaded = arbor_runtime::load(&fixture()).expect("fixture");
+    let mut engine = Engine::new(
+        Model::load(&fixture()).expect("fixture"),
+        &EngineOptions {
+            kv_cache_bytes: 4 << 20,
+            page_size: 8,
+        },
+    )
+    .expect("engine");
+    let p = prompt(13, 5);
+    let opts = arbor_runtime::GenerateOptions {
+        max_tokens: 20,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    let want = arbor_runtime::generate(&mut engine, &loaded.tokenizer, &p, &opts, &mut |_| {})
+        .expect("generate");
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    // Busy the scheduler with a search so the request shares steps.
+    s.submit_search(probe_search(prompt(11, 9), 3, 10, 3));
+    let id = s.submit_generate(GenerateRequest {
+        prompt: p,
+        sampling: SamplingParams::default(),
+        max_tokens: 20,
+        stop: vec![],
+    });
+    let out = s.run_to_completion();
+    let got = out
+        .into_iter()
+        .find_map(|(i, o)| match (i == id, o) {
+            (true, Outcome::Generate(g)) => Some(g.expect("ok")),
+            _ => None,
+        })
+        .expect("result");
+    assert_eq!(got.tokens, want.tokens);
+    assert_clean(&s);
+}
+
+/// Top-k expansion of the root, then the policy judges each child.
+struct TopKJudge {
+    children: Vec<NodeId>,
+    scores: Vec<(NodeId, f64)>,
+}
+impl Strategy for TopKJudge {
+    fn name(&self) -> &str {
+        "topk-judge"
+    }
+    fn width(&self) -> usize {
+        3
+    }
+    fn start(&mut self, _t: &SearchTree) -> Vec<Action> {
+        vec![Action::ExpandTopK { node: 0, k: 3 }]
+    }
+    fn on_event(&mut self, _t: &SearchTree, e: Event) -> Vec<Action> {
+        match e {
+            Event::ExpandedTopK { children, .. } => {
+                self.children = children.clone();
+                children
+                    .iter()
+                    .map(|&c| Action::Score {
+                        node: c,
+                        verifier: 0,
+                    })
+                    .collect()
+            }
+            Event::Scored { node, score, .. } => {
+                self.scores.push((node, score));
+                if self.scores.len() == self.children.len() {
+                    vec![Action::Finish {
+                        answer: Some(self.children[0]),
+                        text: None,
+                    }]
+                } else {
+                    vec![]
+                }
+            }
+            Event::Expanded { .. } => vec![],
+        }
+    }
+}
+
+#[test]
+fn top_k_children_are_the_most_likely_tokens_and_the_judge_scores_them() {
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    let p = prompt(10, 4);
+    let id = s.submit_search(SearchRequest {
+        prompt: p.clone(),
+        question: "2+2?".into(),
+        strategy: Box::new(TopKJudge {
+            children: vec![],
+            scores: vec![],
+        }),
+        verifiers: vec![Verifier::Judge(Judge::default())],
+        sampling: SamplingParams::default(),
+        max_policy_tokens: None,
+        max_wall: None,
+    });
+    let out = s.run_to_completion();
+    let r = match out.into_iter().find(|(i, _)| *i == id) {
+        Some((_, Outcome::Search(r))) => r.expect("ok"),
+        _ => panic!("no result"),
+    };
+    // The children are the 3 most likely next tokens of the prompt, in order.
+    let mut e = Engine::new(
+        Model::load(&fixture()).expect("fixture"),
+        &EngineOptions {
+            kv_cache_bytes: 4 << 20,
+            page_size: 8,
+        },
+    )
+    .expect("engine");
+    let seq = e.new_seq();
+    let o = e
+        .step(&arbor_runtime::ForwardBatch {
+            seqs: vec![arbor_runtime::SeqStep {
+                seq,
+                tokens: p,
+                logits: arbor_runtime::LogitsMode::Last,
+                ..Default::default()
+            }],
+        })
+        .expect("step");
+    let mut order: Vec<usize> = (0..o[0].logits.len()).collect();
+    order.sort_by(|&a, &b| o[0].logits[b].total_cmp(&o[0].logits[a]).then(a.cmp(&b)));
+    let kids = &r.tree.node(0).expect("root").children;
+    assert_eq!(kids.len(), 3);
+    for (i, &c) in kids.iter().enumerate() {
+        let n = r.tree.node(c).expect("child");
+        assert_eq!(n.tokens, vec![order[i] as u32]);
+        let score = n.score.expect("judged");
+        assert!(score > 0.0 && score < 1.0, "{score}");
+    }
+    assert!(r.accounting.verifier_tokens > 0);
+    assert_eq!(r.verifiers, vec!["judge:policy".to_string()]);
+    assert_clean(&s);
+}
+
+#[test]
+fn pressure_preempts_and_every_search_still_ends() {
+    // A pool of ~40 pages of 8 tokens: twelve searches of 5 branches cannot all fit at once.
+    let page = 2 * 2 * 64 * 8 * 4 * 2; // generous upper bound of the fixture's page bytes
+    let mut s = scheduler(40 * page, SchedulerOptions::default());
+    let pages = s.engine().cache().allocator().num_total();
+    assert!(pages < 200, "{pages} pages: the test wants pressure");
+    let ids: Vec<_> = (0..12)
+        .map(|i| s.submit_search(probe_search(prompt(30 + i, i as u32), 5, 40, i as u64)))
+        .collect();
+    let out = s.run_to_completion();
+    assert_eq!(out.len(), ids.len());
+    let mut ok = 0;
+    for (_, o) in out {
+        match o {
+            Outcome::Search(r) => match r {
+                Ok(_) => ok += 1,
+                Err(e) => assert!(e.contains("--kv-cache-gb"), "{e}"),
+            },
+            Outcome::Generate(_) => unreachable!(),
+        }
+    }
+    assert_eq!(
+        ok,
+        ids.len(),
+        "every search fits alone, so every one must finish"
+    );
+    assert!(
+        s.preemptions() > 0,
+        "the pool was meant to be too small for all at once"
+    );
+    assert_clean(&s);
+}
+
+#[test]
+fn thousands_of_random_searches_with_cancellations_leak_nothing() {
+    let t0 = std::time::Instant::now();
+    let mut s = scheduler(
+        2 << 20,
+        SchedulerOptions {
+            max_batch_tokens: 512,
+            max_seqs: 64,
+        },
+    );
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let (mut submitted, mut ended) = (0, 0);
+    let mut live: Vec<u64> = vec![];
+    while submitted < 2000 {
+        for _ in 0..next(6) {
+            let k = 1 + next(4) as usize;
+            let len = 2 + next(40) as usize;
+            let id = if next(4) == 0 {
+                s.submit_generate(GenerateRequest {
+                    prompt: prompt(len, next(1000) as u32),
+                    sampling: SamplingParams {
+                        temperature: 1.0,
+                        seed: next(1 << 30),
+                        ..Default::default()
+                    },
+                    max_tokens: 1 + next(10) as usize,
+                    stop: vec![],
+                })
+            } else {
+                s.submit_search(probe_search(
+                    prompt(len, next(1000) as u32),
+                    k,
+                    1 + next(10) as usize,
+                    next(1 << 30),
+                ))
+            };
+            live.push(id);
+            submitted += 1;
+        }
+        if !live.is_empty() && next(3) == 0 {
+            let victim = live.swap_remove(next(live.len() as u64) as usize);
+            s.cancel(victim);
+        }
+        s.tick();
+        ended += s.take_finished().len();
+    }
+    ended += s.run_to_completion().len();
+    assert_eq!(ended, submitted, "every request ends exactly once");
+    assert_clean(&s);
+    assert!(t0.elapsed().as_secs() < 120, "stress run too slow");
+}
