@@ -349,12 +349,13 @@ impl Engine {
         batch: &ForwardBatch,
         plans: &[Planned],
     ) -> Result<Vec<SeqOutput>, RuntimeError> {
-        let needed: usize = batch
+        let steps: Vec<(SeqId, usize)> = batch
             .seqs
             .iter()
             .zip(plans)
-            .map(|(s, p)| self.cache.pages_needed(s.seq, p.run.len()))
-            .sum();
+            .map(|(s, p)| (s.seq, p.run.len()))
+            .collect();
+        let needed = self.cache.pages_needed_batch(&steps);
         let available = self.cache.available_pages();
         if needed > available {
             return Err(arbor_kernels::KernelError::KvFull {

@@ -131,6 +131,32 @@ impl KvCache {
         grow + usize::from(self.must_copy_last(s))
     }
 
+    /// Pages a step growing each `(seq, n_new)` of `steps` needs together. Like the sum of
+    /// [`KvCache::pages_needed`], except that when every holder of a shared partial last page
+    /// writes in this step, the last of them writes in place instead of copying.
+    pub fn pages_needed_batch(&self, steps: &[(SeqId, usize)]) -> usize {
+        let ps = self.page_size();
+        let mut total = 0;
+        let mut writers: HashMap<PageId, u32> = HashMap::new();
+        for &(seq, n) in steps {
+            total += self.pages_needed(seq, n);
+            let Some(s) = self.seqs.get(&seq) else {
+                continue;
+            };
+            if n > 0 && self.must_copy_last(s) {
+                let p = s.table.pages[s.table.len / ps];
+                if self.index.node_of(p).is_none() {
+                    *writers.entry(p).or_default() += 1;
+                }
+            }
+        }
+        let in_place = writers
+            .iter()
+            .filter(|(&p, &w)| w == self.alloc.refcount(p))
+            .count();
+        total - in_place
+    }
+
     /// Attaches to `seq` the longest run of cached full pages that continues it with a prefix
     /// of `tokens[..max]`, and commits those tokens. Returns how many tokens were attached (a
     /// multiple of the page size; 0 unless `seq` ends on a page boundary).

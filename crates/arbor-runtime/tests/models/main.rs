@@ -3,6 +3,7 @@
 
 mod engine;
 mod fixtures;
+mod kv_tree;
 mod smollm2;
 
 /// (NMSE, max abs error) of `got` against `want`.

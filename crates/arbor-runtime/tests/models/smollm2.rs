@@ -18,7 +18,7 @@ fn fixture_dir() -> PathBuf {
 }
 
 /// The model file, fetched once per test run (into ARBOR_CACHE or the user cache).
-fn model_path() -> PathBuf {
+pub(super) fn model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         DEFAULT_MODEL
@@ -28,7 +28,7 @@ fn model_path() -> PathBuf {
     .clone()
 }
 
-fn engine(precision: Precision) -> (Engine, arbor_runtime::Tokenizer) {
+pub(super) fn engine(precision: Precision) -> (Engine, arbor_runtime::Tokenizer) {
     let loaded = arbor_runtime::load(&model_path()).expect("load SmolLM2");
     let mut model = loaded.model;
     model.precision = precision;
