@@ -353,11 +353,15 @@ impl KvCache {
         self.alloc.retain(page);
     }
 
-    /// One holder fewer; an unheld page is cached if indexed, freed otherwise.
+    /// One holder fewer; an unheld page is cached if indexed (its recency counted from now, so
+    /// a prefix held until just now outlives one released long ago), freed otherwise.
     fn release(&mut self, page: PageId) {
         if self.alloc.release(page) {
             match self.index.node_of(page) {
-                Some(n) => self.mark_if_evictable(n),
+                Some(n) => {
+                    self.index.touch(n);
+                    self.mark_if_evictable(n);
+                }
                 None => self.alloc.put_free(page),
             }
         }
