@@ -5,6 +5,7 @@ mod info;
 mod model;
 mod profile_kv;
 mod run;
+mod search;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Describe the model, its quantisation, KV bytes per token and the backend.
     Info(info::InfoArgs),
+    /// Run a search strategy (best-of-N, voting, beam, MCTS, …) on a prompt or a JSONL
+    /// dataset; one JSON object per prompt on stdout.
+    Search(search::SearchArgs),
     /// Run a best-of-N or beam workload and report its KV memory: pages, distinct tokens,
     /// bytes per unique token against per-branch copies.
     ProfileKv(profile_kv::ProfileKvArgs),
@@ -35,6 +39,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::chat(a),
         Command::Info(a) => info::info(a),
+        Command::Search(a) => search::search(a),
         Command::ProfileKv(a) => profile_kv::profile_kv(a),
     }
 }

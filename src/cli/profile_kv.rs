@@ -46,7 +46,8 @@ pub struct ProfileKvArgs {
     pub json: bool,
 }
 
-const TEXT: &str = "Question: A farmer has a rectangular field whose length is three times its width. \
+const TEXT: &str =
+    "Question: A farmer has a rectangular field whose length is three times its width. \
     She walks once around its edge and counts 480 steps of 0.8 metres each. Explain, step by \
     step, how to find the area of the field in square metres, then check the answer. \
     Background notes for the student follow. The perimeter of a rectangle is twice the sum of \
@@ -268,8 +269,5 @@ fn report(e: &Engine, a: &ProfileKvArgs, branches: &[SeqId], st: &KvStats, secs:
         private_pages,
         mib(private_pages)
     );
-    println!(
-        "computed {} positions in {secs:.1} s",
-        e.computed_tokens()
-    );
+    println!("computed {} positions in {secs:.1} s", e.computed_tokens());
 }

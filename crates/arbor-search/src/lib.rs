@@ -6,6 +6,7 @@
 //!   runner keeps;
 //! - [`sim`]: a deterministic runner with a scripted policy and verifiers, for strategy tests.
 
+pub mod answer;
 pub mod params;
 pub mod scheduler;
 pub mod sim;

@@ -99,7 +99,10 @@ impl<'a> Simulator<'a> {
             max_ticks: 10_000,
         }
     }
-    pub fn with_topk(mut self, f: impl FnMut(&SearchTree, NodeId, usize) -> Vec<SimToken> + 'a) -> Self {
+    pub fn with_topk(
+        mut self,
+        f: impl FnMut(&SearchTree, NodeId, usize) -> Vec<SimToken> + 'a,
+    ) -> Self {
         self.topk = Box::new(f);
         self
     }
@@ -149,7 +152,10 @@ impl<'a> Simulator<'a> {
             // One token for every running child.
             let mut still = Vec::new();
             for mut r in running.drain(..) {
-                if tree.node(r.node).is_none_or(|n| !n.status.eq(&crate::NodeStatus::Running)) {
+                if tree
+                    .node(r.node)
+                    .is_none_or(|n| !n.status.eq(&crate::NodeStatus::Running))
+                {
                     continue; // pruned
                 }
                 let stop = step(&mut tree, &mut r);
@@ -171,7 +177,11 @@ impl<'a> Simulator<'a> {
             }
             running = still;
         }
-        Err(format!("strategy {} ran past {} ticks", strategy.name(), self.max_ticks))
+        Err(format!(
+            "strategy {} ran past {} ticks",
+            strategy.name(),
+            self.max_ticks
+        ))
     }
 
     fn apply(
@@ -193,7 +203,14 @@ impl<'a> Simulator<'a> {
                 for t in (self.topk)(tree, node, k).into_iter().take(k) {
                     let c = tree.add_child(node, vec![], 0.0).expect("node exists");
                     tree.push_token(c, intern(&t.text), &t.text, t.logprob, t.entropy);
-                    tree.stop(c, if t.eos { StopReason::Eos } else { StopReason::Length });
+                    tree.stop(
+                        c,
+                        if t.eos {
+                            StopReason::Eos
+                        } else {
+                            StopReason::Length
+                        },
+                    );
                     children.push(c);
                 }
                 later.push_back(Event::ExpandedTopK { node, children });
@@ -267,10 +284,18 @@ fn step(tree: &mut SearchTree, r: &mut Running) -> Option<StopReason> {
     tree.push_token(r.node, intern(&t.text), &t.text, t.logprob, t.entropy);
     let n = tree.node(r.node).expect("running node exists");
     let tail = &n.text[r.generated..];
-    if r.until.stop.iter().any(|s| !s.is_empty() && tail.contains(s.as_str())) {
+    if r.until
+        .stop
+        .iter()
+        .any(|s| !s.is_empty() && tail.contains(s.as_str()))
+    {
         return Some(StopReason::Stop);
     }
-    if r.until.delimiters.iter().any(|s| !s.is_empty() && tail.contains(s.as_str())) {
+    if r.until
+        .delimiters
+        .iter()
+        .any(|s| !s.is_empty() && tail.contains(s.as_str()))
+    {
         return Some(StopReason::Delimiter);
     }
     if r.until.max_tokens > 0 && n.tokens.len() >= r.until.max_tokens {

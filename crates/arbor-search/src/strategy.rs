@@ -51,14 +51,22 @@ impl Until {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Sample `k` continuations of `node`, each a new child, until `until`.
-    Expand { node: NodeId, k: usize, until: Until },
+    Expand {
+        node: NodeId,
+        k: usize,
+        until: Until,
+    },
     /// Add the `k` most likely next tokens of `node` as children (token-level beam).
     ExpandTopK { node: NodeId, k: usize },
     /// Score the candidate ending at `node` with the search's verifier number `verifier`.
     Score { node: NodeId, verifier: usize },
     /// Start a fresh prompt (a user message, formatted like the search's own prompt) built
     /// from earlier results, and sample `k` continuations of it.
-    Prompt { text: String, k: usize, until: Until },
+    Prompt {
+        text: String,
+        k: usize,
+        until: Until,
+    },
     /// Prune `node` and the open or running nodes below it, freeing their KV pages.
     Prune { node: NodeId, reason: String },
     /// The search is over. `answer` is the chosen candidate; `text`, if given, is the answer

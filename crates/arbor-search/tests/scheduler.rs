@@ -416,3 +416,81 @@ fn thousands_of_random_searches_with_cancellations_leak_nothing() {
     assert_clean(&s);
     assert!(t0.elapsed().as_secs() < 120, "stress run too slow");
 }
+
+/// Every strategy, all sixteen at once in one scheduler on the real default model, with the
+/// policy as its own judge: each must end with an answer, and they must share steps.
+#[test]
+fn every_strategy_runs_to_a_result_on_smollm2() {
+    use arbor_search::{strategies, Params};
+    let path = arbor_runtime::fetch::DEFAULT_MODEL
+        .ensure(&|_, _| {})
+        .expect("fetch the default model (network needed once)");
+    let loaded = arbor_runtime::load(&path).expect("load SmolLM2");
+    let engine = Engine::new(
+        loaded.model,
+        &EngineOptions {
+            kv_cache_bytes: 256 << 20,
+            page_size: 16,
+        },
+    )
+    .expect("engine");
+    let mut s = Scheduler::new(engine, loaded.tokenizer, SchedulerOptions::default());
+    let question = "What is 12 times 3?";
+    let prompt = s.render_prompt(question).expect("prompt");
+    let mut ids = Vec::new();
+    for (i, name) in strategies::NAMES.iter().enumerate() {
+        let items: Vec<String> = match *name {
+            "beam" => vec!["max_tokens=6".into()],
+            "step-beam" | "dvts" | "lookahead" | "rebase" | "backtrack" => {
+                vec!["step_tokens=6".into(), "max_steps=2".into()]
+            }
+            "mcts" => vec![
+                "step_tokens=6".into(),
+                "max_steps=2".into(),
+                "simulations=3".into(),
+            ],
+            "pdr" => vec![
+                "max_tokens=8".into(),
+                "summary_tokens=8".into(),
+                "rounds=1".into(),
+            ],
+            _ => vec!["max_tokens=8".into()],
+        };
+        let params = Params::parse(2, &items).expect("params");
+        let strategy = strategies::build(name, &params).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let id = s.submit_search(SearchRequest {
+            prompt: prompt.clone(),
+            question: question.into(),
+            strategy,
+            verifiers: vec![Verifier::Judge(Judge::default())],
+            sampling: SamplingParams {
+                temperature: 0.8,
+                seed: i as u64,
+                ..Default::default()
+            },
+            max_policy_tokens: None,
+            max_wall: None,
+        });
+        ids.push((id, *name));
+    }
+    let mut widest = 0;
+    while s.active() > 0 {
+        s.tick();
+        let owners: std::collections::HashSet<_> = s.last_batch().iter().map(|e| e.owner).collect();
+        widest = widest.max(owners.len());
+    }
+    assert!(
+        widest >= 8,
+        "searches should share steps; at most {widest} did"
+    );
+    let out = s.take_finished();
+    for (id, name) in ids {
+        let r = match out.iter().find(|(i, _)| *i == id) {
+            Some((_, Outcome::Search(r))) => r.as_ref().unwrap_or_else(|e| panic!("{name}: {e}")),
+            _ => panic!("{name}: no outcome"),
+        };
+        assert!(!r.answer_text.trim().is_empty(), "{name}: empty answer");
+        assert!(r.accounting.policy_tokens > 0, "{name}");
+    }
+    assert_clean(&s);
+}

@@ -23,7 +23,7 @@ use arbor_kernels::ops::SamplingParams;
 use arbor_runtime::{Engine, ForwardBatch, LogitsMode, SeqStep, Tokenizer};
 use job::{Job, JobKind};
 use search::SearchState;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 /// Identifies a request or a search.
 pub type RequestId = u64;
@@ -98,6 +98,8 @@ pub struct Scheduler {
     last_batch: Vec<BatchEntry>,
     ticks: u64,
     preemptions: u64,
+    /// Searches waiting for room, with the pages they need.
+    admit_queue: VecDeque<(RequestId, usize)>,
 }
 
 impl Scheduler {
@@ -113,6 +115,7 @@ impl Scheduler {
             last_batch: Vec::new(),
             ticks: 0,
             preemptions: 0,
+            admit_queue: VecDeque::new(),
         }
     }
 
@@ -177,13 +180,52 @@ impl Scheduler {
             self.done.push((id, Outcome::Search(Err(e))));
             return id;
         }
-        let mut state = SearchState::new(r);
-        let (seq, feed) = self.anchor_prefill(&state.tree.node(0).expect("root").tokens);
-        state.prefilling.insert(0);
-        self.jobs
-            .push(Job::new(id, seq, JobKind::Prefill { node: 0 }, feed));
-        self.reqs.insert(id, Req::Search(Box::new(state)));
+        let need = self.admission_pages(r.prompt.len(), r.strategy.width());
+        let total = self.engine.cache().allocator().num_total();
+        if need > total {
+            self.done.push((
+                id,
+                Outcome::Search(Err(format!(
+                    "a search of width {} on a {}-token prompt needs {need} KV pages, the cache holds {total}: raise --kv-cache-gb or lower the width",
+                    r.strategy.width(),
+                    r.prompt.len()
+                ))),
+            ));
+            return id;
+        }
+        self.reqs
+            .insert(id, Req::Search(Box::new(SearchState::new(r))));
+        self.admit_queue.push_back((id, need));
         id
+    }
+
+    /// Pages a search must be able to get before it starts: its prompt plus one page per
+    /// branch (each branch's first own page).
+    fn admission_pages(&self, prompt: usize, width: usize) -> usize {
+        let ps = self.engine.cache().layout().page_size;
+        BlockTable::pages_for(prompt + 1, ps) + width.max(1)
+    }
+
+    /// Starts queued searches, oldest first, while the pages they need (beside those
+    /// reserved for searches started this tick) can be had.
+    fn admit(&mut self) {
+        let mut reserved = 0;
+        while let Some(&(id, need)) = self.admit_queue.front() {
+            let idle = self.jobs.is_empty();
+            if !idle && reserved + need > self.engine.cache().available_pages() {
+                break;
+            }
+            self.admit_queue.pop_front();
+            reserved += need;
+            let Some(Req::Search(state)) = self.reqs.get_mut(&id) else {
+                continue; // cancelled while queued
+            };
+            state.prefilling.insert(0);
+            let prompt = state.tree.node(0).expect("root").tokens.clone();
+            let (seq, feed) = self.anchor_prefill(&prompt);
+            self.jobs
+                .push(Job::new(id, seq, JobKind::Prefill { node: 0 }, feed));
+        }
     }
 
     /// Ends a request or search now, freeing all it holds; it reports "cancelled".
@@ -250,6 +292,7 @@ impl Scheduler {
         let Some(req) = self.reqs.remove(&id) else {
             return;
         };
+        self.admit_queue.retain(|(q, _)| *q != id);
         for j in self.jobs.iter().filter(|j| j.owner == id) {
             self.engine.free_seq(j.seq);
         }
@@ -267,6 +310,7 @@ impl Scheduler {
     /// One scheduling step: searches react, a batch is packed and run, outputs are handed
     /// out. Returns the number of sequences stepped.
     pub fn tick(&mut self) -> usize {
+        self.admit();
         self.react();
         let picked = self.pack();
         self.last_batch.clear();
@@ -525,7 +569,7 @@ impl Scheduler {
     fn reap(&mut self) {
         let mut i = 0;
         while i < self.jobs.len() {
-            let Some(reason) = self.jobs[i].done.clone() else {
+            let Some(reason) = self.jobs[i].done else {
                 i += 1;
                 continue;
             };

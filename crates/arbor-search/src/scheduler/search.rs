@@ -61,7 +61,7 @@ pub struct SearchResult {
     pub verifiers: Vec<String>,
     pub answer: Option<NodeId>,
     pub answer_text: String,
-    /// Finished candidates in creation order.
+    /// Finished candidates, and leaves that stopped at their token limit, in creation order.
     pub candidates: Vec<Candidate>,
     pub accounting: Accounting,
     /// Set when the search was cut short (budget) and answered with the best so far.
@@ -217,6 +217,15 @@ impl SearchState {
         self.note = Some(note);
     }
 
+    /// Frees a node's anchor once its children hold forks of it: only frontier nodes keep
+    /// one, so a long beam does not pin a partial page per round. Expanding the node again
+    /// rebuilds the anchor, re-attaching its full pages from the prefix cache.
+    fn drop_anchor(&mut self, engine: &mut Engine, node: NodeId) {
+        if let Some(a) = self.anchors.remove(&node) {
+            engine.free_seq(a);
+        }
+    }
+
     /// Frees every anchor.
     pub fn free_all(&mut self, engine: &mut Engine) {
         for (_, s) in self.anchors.drain() {
@@ -231,9 +240,17 @@ impl SearchState {
         let (answer, text) = self.outcome.clone().unwrap_or((None, None));
         let answer_text =
             text.unwrap_or_else(|| answer.map(|a| self.tree.path_text(a)).unwrap_or_default());
+        // Candidates: finished nodes, and leaves that stopped at their token limit.
         let candidates = self
             .tree
-            .finished()
+            .nodes()
+            .iter()
+            .filter(|n| {
+                n.is_finished()
+                    || (n.is_open() && n.children.is_empty() && n.stop == Some(StopReason::Length))
+            })
+            .map(|n| n.id)
+            .collect::<Vec<_>>()
             .into_iter()
             .map(|id| {
                 let n = self.tree.node(id).expect("node");
@@ -337,6 +354,7 @@ impl SearchState {
                     j.context = path.len();
                     jobs.push(j);
                 }
+                self.drop_anchor(engine, node);
             }
             Action::ExpandTopK { node, k } => {
                 let anchor = self.anchors[&node];
@@ -347,6 +365,7 @@ impl SearchState {
                     .ok_or("expansion of an empty prompt")?;
                 let seq = engine.fork_seq(anchor).map_err(|e| e.to_string())?;
                 jobs.push(Job::new(owner, seq, JobKind::TopK { node, k }, vec![last]));
+                self.drop_anchor(engine, node);
             }
             Action::Score { node, verifier } => {
                 if self.tree.node(node).is_none() {

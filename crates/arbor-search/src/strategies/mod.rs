@@ -1,3 +1,161 @@
 //! Every search strategy, and [`build`] to make one by name.
+//!
+//! Strategies over whole samples of the prompt, one family per file:
+//! - [`sampling`]: `sampling` (the most likely of n samples);
+//! - [`best_of_n`]: `best-of-n` (the best of n samples by the verifier);
+//! - [`vote`]: `vote` (self-consistency) and `weighted-vote` (verifier-weighted);
+//! - [`st_bon`]: `st-bon` (self-truncating best-of-n);
+//! - [`early_stop`]: `early-stop` (confidence-filtered sampling, DeepConf-style);
+//! - [`adaptive`]: `adaptive` (compute-optimal sample counts, and [`adaptive::allocate`]).
+//!
+//! All of them take `max_tokens` (most tokens a sample may add, default 512; 0: up to the
+//! context) and `stop` (a text that ends a sample, default none), sample the prompt (node 0)
+//! with one `Expand`, and use verifier 0 as the search's verifier. [`stepwise`] holds the
+//! strategies that search over steps.
 
+pub mod adaptive;
+pub mod best_of_n;
+pub mod early_stop;
+pub mod sampling;
+pub mod st_bon;
 pub mod stepwise;
+pub mod vote;
+
+use crate::params::Params;
+use crate::strategy::{Strategy, Until};
+use crate::tree::{NodeId, SearchTree};
+
+/// Every strategy name the CLI accepts.
+pub const NAMES: &[&str] = &[
+    "sampling",
+    "best-of-n",
+    "vote",
+    "weighted-vote",
+    "beam",
+    "step-beam",
+    "dvts",
+    "lookahead",
+    "mcts",
+    "rebase",
+    "st-bon",
+    "early-stop",
+    "backtrack",
+    "tournament",
+    "pdr",
+    "adaptive",
+];
+
+/// Makes the strategy called `name` from `p` (names of step searches go to
+/// [`stepwise::build`]).
+pub fn build(name: &str, p: &Params) -> Result<Box<dyn Strategy>, String> {
+    Ok(match name {
+        "sampling" => Box::new(sampling::Sampling::from_params(p)?),
+        "best-of-n" => Box::new(best_of_n::BestOfN::from_params(p)?),
+        "vote" => Box::new(vote::Vote::from_params(p)?),
+        "weighted-vote" => Box::new(vote::Vote::weighted_from_params(p)?),
+        "st-bon" => Box::new(st_bon::StBon::from_params(p)?),
+        "early-stop" => Box::new(early_stop::EarlyStop::from_params(p)?),
+        "adaptive" => Box::new(adaptive::Adaptive::from_params(p)?),
+        _ => return stepwise::build(name, p),
+    })
+}
+
+/// The parameters every sampling strategy takes.
+const COMMON: [&str; 2] = ["max_tokens", "stop"];
+
+/// Rejects names outside `own` and the common ones, and a zero width; returns the width.
+pub(crate) fn sample_width(p: &Params, own: &[&str]) -> Result<usize, String> {
+    let mut known = COMMON.to_vec();
+    known.extend(own);
+    p.check_known(&known)?;
+    if p.width == 0 {
+        return Err("width must be at least 1".into());
+    }
+    Ok(p.width)
+}
+
+/// One sample: `max_tokens` tokens (default 512) or up to the `stop` text.
+pub(crate) fn sample_until(p: &Params) -> Result<Until, String> {
+    let stop = p.string("stop", "");
+    Ok(Until {
+        max_tokens: p.usize("max_tokens", 512)?,
+        stop: if stop.is_empty() { vec![] } else { vec![stop] },
+        delimiters: vec![],
+    })
+}
+
+/// The node with the highest key; ties go to the lower node id; NaN never wins over a
+/// number.
+pub(crate) fn argmax(items: impl IntoIterator<Item = (NodeId, f64)>) -> Option<NodeId> {
+    let mut best: Option<(NodeId, f64)> = None;
+    for (n, k) in items {
+        let k = if k.is_nan() { f64::NEG_INFINITY } else { k };
+        if best.is_none_or(|(bn, bk)| k > bk || (k == bk && n < bn)) {
+            best = Some((n, k));
+        }
+    }
+    best.map(|(n, _)| n)
+}
+
+/// The most likely sample among `ids`: highest mean token log-probability; samples without
+/// tokens (which would read as certain) rank below every other; ties go to the lower id.
+pub(crate) fn most_likely(tree: &SearchTree, ids: &[NodeId]) -> Option<NodeId> {
+    argmax(ids.iter().filter_map(|&id| {
+        let n = tree.node(id)?;
+        let lp = if n.token_logprobs.is_empty() {
+            f64::MIN
+        } else {
+            n.mean_logprob()
+        };
+        Some((id, lp))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_each_name_and_rejects_bad_params() {
+        for name in NAMES {
+            let s = build(name, &Params::new(4)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.name(), *name);
+        }
+        assert!(build("nope", &Params::new(4)).is_err());
+        for name in [
+            "sampling",
+            "best-of-n",
+            "vote",
+            "weighted-vote",
+            "st-bon",
+            "early-stop",
+            "adaptive",
+        ] {
+            assert!(build(name, &Params::new(0)).is_err(), "{name} took width 0");
+            let typo = Params::new(4).set("max_token", 2);
+            let err = build(name, &typo).err().unwrap_or_default();
+            assert!(
+                err.contains("unknown parameter 'max_token'"),
+                "{name}: {err}"
+            );
+            let bad = Params::new(4).set("max_tokens", "many");
+            assert!(build(name, &bad).is_err(), "{name} took max_tokens=many");
+        }
+    }
+
+    #[test]
+    fn common_params() {
+        let p = Params::new(2).set("stop", "\\n\\nQ:").set("max_tokens", 64);
+        let u = sample_until(&p).unwrap();
+        assert_eq!((u.max_tokens, u.stop), (64, vec!["\n\nQ:".to_string()]));
+        assert_eq!(sample_until(&Params::new(1)).unwrap(), Until::tokens(512));
+    }
+
+    #[test]
+    fn argmax_prefers_lower_ids_and_numbers_over_nan() {
+        assert_eq!(argmax([(3, 1.0), (1, 1.0), (2, 0.5)]), Some(1));
+        assert_eq!(argmax([(1, f64::NAN), (2, -5.0)]), Some(2));
+        assert_eq!(argmax([(4, f64::NAN)]), Some(4));
+        assert_eq!(argmax([]), None);
+    }
+}
