@@ -7,10 +7,10 @@
 //! gain in pass@N is p(1−p)^N. Easy prompts (p near 1) stop early; so do prompts that look
 //! hopeless (p = 0 gives no gain; smooth p first if that is not wanted).
 
-use super::{argmax, sample_until, sample_width};
+use super::{sample_until, sample_width, ScoreEach};
 use crate::params::Params;
 use crate::strategy::{Action, Event, Strategy, Until};
-use crate::tree::{NodeId, SearchTree};
+use crate::tree::SearchTree;
 
 /// Adaptive best-of-N for one prompt: samples `probe` candidates and has verifier 0 score
 /// them; p = the fraction scoring at least `threshold`. It then draws more samples, in one
@@ -31,8 +31,7 @@ pub struct Adaptive {
     until: Until,
     requested: usize,
     probing: bool,
-    expanded: Vec<NodeId>,
-    scores: Vec<(NodeId, f64)>,
+    each: ScoreEach,
 }
 
 impl Adaptive {
@@ -64,8 +63,7 @@ impl Adaptive {
             until: sample_until(p)?,
             requested: 0,
             probing: true,
-            expanded: vec![],
-            scores: vec![],
+            each: ScoreEach::default(),
         })
     }
 }
@@ -132,27 +130,23 @@ impl Strategy for Adaptive {
 
     fn on_event(&mut self, tree: &SearchTree, event: Event) -> Vec<Action> {
         match event {
-            Event::Expanded { node, child }
-                if node == tree.root() && !self.expanded.contains(&child) =>
-            {
-                self.expanded.push(child);
-                vec![Action::Score {
-                    node: child,
-                    verifier: 0,
-                }]
-            }
+            Event::Expanded { node, child } => self.each.on_expanded(tree, node, child),
             Event::Scored {
                 node,
-                verifier: 0,
+                verifier,
                 score,
-            } if self.expanded.contains(&node) && !self.scores.iter().any(|s| s.0 == node) => {
-                self.scores.push((node, score));
-                if self.scores.len() < self.requested {
+            } if self.each.on_scored(node, verifier, score) => {
+                if self.each.scores.len() < self.requested {
                     return vec![];
                 }
                 if self.probing {
                     self.probing = false;
-                    let passes = self.scores.iter().filter(|s| s.1 >= self.threshold).count();
+                    let passes = self
+                        .each
+                        .scores
+                        .iter()
+                        .filter(|s| s.1 >= self.threshold)
+                        .count();
                     let p = passes as f64 / self.probe as f64;
                     let more = more_samples(p, self.probe, self.budget, self.min_gain);
                     if more > 0 {
@@ -165,7 +159,7 @@ impl Strategy for Adaptive {
                     }
                 }
                 vec![Action::Finish {
-                    answer: argmax(self.scores.iter().copied()),
+                    answer: self.each.best(),
                     text: None,
                 }]
             }
@@ -182,6 +176,7 @@ impl Strategy for Adaptive {
 mod tests {
     use super::*;
     use crate::sim::{words, SimOutcome, Simulator};
+    use crate::tree::NodeId;
 
     /// Sample i is "s<i>" and scores `scores[i]`.
     fn run(p: Params, scores: &[f64]) -> SimOutcome {

@@ -1,9 +1,9 @@
 //! `best-of-n`: n samples of the prompt, each scored by the verifier; the best one wins.
 
-use super::{argmax, sample_until, sample_width};
+use super::{sample_until, sample_width, ScoreEach};
 use crate::params::Params;
 use crate::strategy::{Action, Event, Strategy, Until};
-use crate::tree::{NodeId, SearchTree};
+use crate::tree::SearchTree;
 
 /// Best-of-N: draws n = `width` samples of the prompt in one expansion, asks verifier 0 to
 /// score each as soon as it stops, and answers with the highest score (ties: the lower node
@@ -18,8 +18,7 @@ use crate::tree::{NodeId, SearchTree};
 pub struct BestOfN {
     n: usize,
     until: Until,
-    expanded: Vec<NodeId>,
-    scores: Vec<(NodeId, f64)>,
+    each: ScoreEach,
 }
 
 impl BestOfN {
@@ -27,8 +26,7 @@ impl BestOfN {
         Ok(BestOfN {
             n: sample_width(p, &[])?,
             until: sample_until(p)?,
-            expanded: vec![],
-            scores: vec![],
+            each: ScoreEach::default(),
         })
     }
 }
@@ -48,26 +46,17 @@ impl Strategy for BestOfN {
 
     fn on_event(&mut self, tree: &SearchTree, event: Event) -> Vec<Action> {
         match event {
-            Event::Expanded { node, child }
-                if node == tree.root() && !self.expanded.contains(&child) =>
-            {
-                self.expanded.push(child);
-                vec![Action::Score {
-                    node: child,
-                    verifier: 0,
-                }]
-            }
+            Event::Expanded { node, child } => self.each.on_expanded(tree, node, child),
             Event::Scored {
                 node,
-                verifier: 0,
+                verifier,
                 score,
-            } if self.expanded.contains(&node) && !self.scores.iter().any(|s| s.0 == node) => {
-                self.scores.push((node, score));
-                if self.scores.len() < self.n {
+            } if self.each.on_scored(node, verifier, score) => {
+                if self.each.scores.len() < self.n {
                     return vec![];
                 }
                 vec![Action::Finish {
-                    answer: argmax(self.scores.iter().copied()),
+                    answer: self.each.best(),
                     text: None,
                 }]
             }
@@ -84,6 +73,7 @@ impl Strategy for BestOfN {
 mod tests {
     use super::*;
     use crate::sim::{words, Simulator};
+    use crate::tree::NodeId;
 
     fn score(node: NodeId) -> Action {
         Action::Score { node, verifier: 0 }

@@ -22,7 +22,7 @@ pub mod stepwise;
 pub mod vote;
 
 use crate::params::Params;
-use crate::strategy::{Strategy, Until};
+use crate::strategy::{Action, Strategy, Until};
 use crate::tree::{NodeId, SearchTree};
 
 /// Every strategy name the CLI accepts.
@@ -67,7 +67,13 @@ const COMMON: [&str; 2] = ["max_tokens", "stop"];
 pub(crate) fn sample_width(p: &Params, own: &[&str]) -> Result<usize, String> {
     let mut known = COMMON.to_vec();
     known.extend(own);
-    p.check_known(&known)?;
+    check_width(p, &known)
+}
+
+/// Rejects names outside `known` and a zero width; returns the width. Every strategy's
+/// constructor goes through it.
+pub(crate) fn check_width(p: &Params, known: &[&str]) -> Result<usize, String> {
+    p.check_known(known)?;
     if p.width == 0 {
         return Err("width must be at least 1".into());
     }
@@ -89,12 +95,59 @@ pub(crate) fn sample_until(p: &Params) -> Result<Until, String> {
 pub(crate) fn argmax(items: impl IntoIterator<Item = (NodeId, f64)>) -> Option<NodeId> {
     let mut best: Option<(NodeId, f64)> = None;
     for (n, k) in items {
-        let k = if k.is_nan() { f64::NEG_INFINITY } else { k };
+        let k = num(k);
         if best.is_none_or(|(bn, bk)| k > bk || (k == bk && n < bn)) {
             best = Some((n, k));
         }
     }
     best.map(|(n, _)| n)
+}
+
+/// `x`, with NaN read as minus infinity so that it never wins.
+pub(crate) fn num(x: f64) -> f64 {
+    if x.is_nan() {
+        f64::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+/// Bookkeeping of strategies that sample the root and score each sample with verifier 0 as
+/// it stops: which samples are ours and their first scores.
+#[derive(Debug, Default)]
+pub(crate) struct ScoreEach {
+    pub expanded: Vec<NodeId>,
+    pub scores: Vec<(NodeId, f64)>,
+}
+
+impl ScoreEach {
+    /// The `Score` action for a newly stopped sample of the root; nothing for other events.
+    pub fn on_expanded(&mut self, tree: &SearchTree, node: NodeId, child: NodeId) -> Vec<Action> {
+        if node != tree.root() || self.expanded.contains(&child) {
+            return vec![];
+        }
+        self.expanded.push(child);
+        vec![Action::Score {
+            node: child,
+            verifier: 0,
+        }]
+    }
+
+    /// Records the first verifier-0 score of one of our samples; false for any other score.
+    pub fn on_scored(&mut self, node: NodeId, verifier: usize, score: f64) -> bool {
+        let ours = verifier == 0
+            && self.expanded.contains(&node)
+            && !self.scores.iter().any(|s| s.0 == node);
+        if ours {
+            self.scores.push((node, score));
+        }
+        ours
+    }
+
+    /// The best-scored sample (ties: lower node id).
+    pub fn best(&self) -> Option<NodeId> {
+        argmax(self.scores.iter().copied())
+    }
 }
 
 /// The most likely sample among `ids`: highest mean token log-probability; samples without

@@ -40,6 +40,7 @@ pub use rebase::Rebase;
 pub use step_beam::StepBeam;
 pub use tournament::Tournament;
 
+pub(crate) use super::num;
 use crate::params::Params;
 use crate::strategy::{Action, Strategy, Until};
 use crate::tree::{NodeId, NodeStatus, SearchTree};
@@ -113,20 +114,7 @@ pub(crate) fn check(p: &Params, own: &[&str], steps: bool) -> Result<usize, Stri
     if steps {
         known.extend(Steps::PARAMS);
     }
-    p.check_known(&known)?;
-    if p.width == 0 {
-        return Err("width must be at least 1".into());
-    }
-    Ok(p.width)
-}
-
-/// `x`, with NaN read as minus infinity so that it never wins.
-pub(crate) fn num(x: f64) -> f64 {
-    if x.is_nan() {
-        f64::NEG_INFINITY
-    } else {
-        x
-    }
+    super::check_width(p, &known)
 }
 
 /// The node of `nodes` with the highest `key`; ties go to the earlier one.
