@@ -3,7 +3,7 @@
 use super::model::ModelArgs;
 use anyhow::{bail, Context};
 use arbor_kernels::ops::SamplingParams;
-use arbor_runtime::{generate, ChatMessage, GenerateOptions, Tokenizer};
+use arbor_runtime::{generate, GenerateOptions};
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
@@ -98,17 +98,6 @@ pub struct RunArgs {
     sampling: SamplingArgs,
 }
 
-/// Tokenises a prompt, as a chat turn or as plain text.
-pub fn encode_prompt(tok: &Tokenizer, text: &str, chat: bool) -> anyhow::Result<Vec<u32>> {
-    if chat {
-        let rendered = tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
-        // The template writes BOS itself where the model wants one.
-        Ok(tok.encode(&rendered, false, true)?)
-    } else {
-        Ok(tok.encode(text, tok.add_bos_default(), false)?)
-    }
-}
-
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
@@ -119,7 +108,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let opts = args.sampling.options()?;
     let (mut engine, tok, load_secs) = args.model.load()?;
-    let ids = encode_prompt(&tok, &prompt, args.chat)?;
+    let ids = tok.encode_prompt(&prompt, args.chat)?;
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
     let stats = generate(&mut engine, &tok, &ids, &opts, &mut |text| {

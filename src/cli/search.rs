@@ -3,7 +3,6 @@
 //! candidates with scores, accounting; progress on stderr.
 
 use super::model::ModelArgs;
-use super::run::encode_prompt;
 use anyhow::{bail, Context};
 use arbor_kernels::ops::SamplingParams;
 use arbor_search::verifier::{CommandVerifier, Judge, RuleVerifier, Verifier};
@@ -160,11 +159,9 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
     let (engine, tokenizer, _) = a.model.load()?;
     let mut prompts = Vec::with_capacity(items.len());
     for it in &items {
-        prompts.push(encode_prompt(
-            &tokenizer,
-            &it.question,
-            !a.raw && tokenizer.chat_template().is_some(),
-        )?);
+        prompts.push(
+            tokenizer.encode_prompt(&it.question, !a.raw && tokenizer.chat_template().is_some())?,
+        );
     }
     let mut sched = Scheduler::new(engine, tokenizer, SchedulerOptions::default());
     let mut tree_out = match &a.tree {

@@ -346,6 +346,18 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Tokenises a prompt: as one user turn through the chat template when `chat` (an error
+    /// if the model has none), else as plain text with the model's default BOS.
+    pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>, RuntimeError> {
+        if chat {
+            let rendered = self.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
+            // The template writes BOS itself where the model wants one.
+            self.encode(&rendered, false, true)
+        } else {
+            self.encode(text, self.add_bos_default(), false)
+        }
+    }
+
     /// Renders the tokenizer's own chat template with its BOS/EOS texts.
     pub fn apply_chat_template(
         &self,

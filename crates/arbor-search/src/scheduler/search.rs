@@ -8,7 +8,7 @@ use crate::tree::{NodeId, NodeStatus, SearchTree, StopReason};
 use crate::verifier::Verifier;
 use arbor_kernels::kv::SeqId;
 use arbor_kernels::ops::SamplingParams;
-use arbor_runtime::{ChatMessage, Engine, Tokenizer};
+use arbor_runtime::{Engine, Tokenizer};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -450,11 +450,6 @@ impl SearchState {
 /// Tokenises `text` as a user turn through the chat template, or as plain text with BOS for
 /// a model without one.
 pub(crate) fn render(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
-    let r = if tok.chat_template().is_some() {
-        tok.apply_chat_template(&[ChatMessage::new("user", text)], true)
-            .and_then(|s| tok.encode(&s, false, true))
-    } else {
-        tok.encode(text, tok.add_bos_default(), false)
-    };
-    r.map_err(|e| e.to_string())
+    tok.encode_prompt(text, tok.chat_template().is_some())
+        .map_err(|e| e.to_string())
 }
