@@ -5,7 +5,7 @@ use crate::strategy::Until;
 use crate::tree::{NodeId, StopReason};
 use arbor_kernels::kv::SeqId;
 use arbor_kernels::ops::SamplingParams;
-use arbor_runtime::{DetachedDecoder, Tokenizer};
+use arbor_runtime::{DetachedDecoder, Engine, Tokenizer};
 
 use super::RequestId;
 
@@ -68,6 +68,14 @@ impl Job {
             decoder: DetachedDecoder::new(true),
             done: None,
         }
+    }
+
+    /// The job that computes the anchor of `node` (a fresh sequence holding all of the node's
+    /// path `path` but its last token, which each child feeds itself).
+    pub fn prefill(engine: &mut Engine, owner: RequestId, node: NodeId, path: &[u32]) -> Self {
+        let seq = engine.new_seq();
+        let feed = path[..path.len().saturating_sub(1)].to_vec();
+        Job::new(owner, seq, JobKind::Prefill { node }, feed)
     }
 
     /// Takes a sampled token: EOS ends the job; otherwise the token is recorded, its text

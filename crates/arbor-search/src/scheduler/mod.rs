@@ -221,10 +221,9 @@ impl Scheduler {
                 continue; // cancelled while queued
             };
             state.prefilling.insert(0);
-            let prompt = state.tree.node(0).expect("root").tokens.clone();
-            let (seq, feed) = self.anchor_prefill(&prompt);
+            let prompt = &state.tree.node(0).expect("root").tokens;
             self.jobs
-                .push(Job::new(id, seq, JobKind::Prefill { node: 0 }, feed));
+                .push(Job::prefill(&mut self.engine, id, 0, prompt));
         }
     }
 
@@ -279,12 +278,6 @@ impl Scheduler {
             ));
         }
         Ok(())
-    }
-
-    /// A new sequence and the tokens to prefill into it: all of `tokens` but the last.
-    fn anchor_prefill(&mut self, tokens: &[u32]) -> (SeqId, Vec<u32>) {
-        let seq = self.engine.new_seq();
-        (seq, tokens[..tokens.len().saturating_sub(1)].to_vec())
     }
 
     /// Ends `id` with an error, freeing its sequences.

@@ -322,9 +322,7 @@ impl SearchState {
                 // Compute (or re-attach from the prefix cache) the node's path first.
                 if self.prefilling.insert(node) {
                     let path = self.tree.path_tokens(node);
-                    let seq = engine.new_seq();
-                    let feed = path[..path.len().saturating_sub(1)].to_vec();
-                    jobs.push(Job::new(owner, seq, JobKind::Prefill { node }, feed));
+                    jobs.push(Job::prefill(engine, owner, node, &path));
                 }
                 self.waiting.entry(node).or_default().push(a);
                 return Ok(());
@@ -419,14 +417,8 @@ impl SearchState {
                     ));
                 }
                 let root = self.tree.add_root(tokens.clone(), text);
-                let seq = engine.new_seq();
                 self.prefilling.insert(root);
-                jobs.push(Job::new(
-                    owner,
-                    seq,
-                    JobKind::Prefill { node: root },
-                    tokens[..tokens.len() - 1].to_vec(),
-                ));
+                jobs.push(Job::prefill(engine, owner, root, &tokens));
                 self.waiting.entry(root).or_default().push(Action::Expand {
                     node: root,
                     k,
