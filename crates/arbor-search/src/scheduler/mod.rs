@@ -350,7 +350,7 @@ impl Scheduler {
 
     /// Updates each search's peak of KV bytes held.
     fn measure_kv(&mut self) {
-        let page_bytes = self.engine.kv_stats().page_bytes as u64;
+        let page_bytes = self.engine.cache().pool.page_bytes() as u64;
         let mut seqs: BTreeMap<RequestId, Vec<SeqId>> = BTreeMap::new();
         for j in &self.jobs {
             seqs.entry(j.owner).or_default().push(j.seq);
