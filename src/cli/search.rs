@@ -5,7 +5,7 @@
 use super::model::ModelArgs;
 use anyhow::{bail, Context};
 use arbor_kernels::ops::SamplingParams;
-use arbor_search::verifier::{CommandVerifier, Judge, RuleVerifier, Verifier};
+use arbor_search::verifier::{CodeVerifier, CommandVerifier, Judge, RuleVerifier, Verifier};
 use arbor_search::{strategies, Outcome, Params, Scheduler, SchedulerOptions, SearchRequest};
 use clap::Args;
 use std::collections::{BTreeMap, VecDeque};
@@ -28,11 +28,13 @@ pub struct SearchArgs {
     #[arg(long = "param", short = 'P')]
     pub params: Vec<String>,
     /// Verifier: `judge` (the policy as LM-as-judge, the default), `command:CMD` (stdin JSON
-    /// {question, answer} → a number on stdout), `rule` (the extracted answer equals the
+    /// {question, answer} → a number on stdout), `code[:PYTHON]` (runs each candidate Python
+    /// program on the prompt's worked examples under limits; score = examples passed, ties to
+    /// the largest cluster of identical behaviour), `rule` (the extracted answer equals the
     /// dataset line's "answer"), or `regex:PATTERN` (1 if the candidate matches).
     #[arg(long, default_value = "judge")]
     pub verifier: String,
-    /// Seconds an external verifier command may take per candidate.
+    /// Seconds an external verifier command or a code candidate may take.
     #[arg(long, default_value_t = 10.0)]
     pub verifier_timeout: f64,
     /// The question.

@@ -1,0 +1,88 @@
+//! Verifiers: what scores a candidate. Text verifiers (rules, an external command, running
+//! candidate programs) run on the
+//! host as soon as they are asked; model verifiers (LM-as-judge) become sequences of the
+//! scheduler and run in the same engine steps as the policy.
+
+mod code;
+mod command;
+mod examples;
+mod rule;
+mod subprocess;
+
+pub use code::CodeVerifier;
+pub use command::CommandVerifier;
+pub use examples::{extract_examples, Example};
+pub use rule::RuleVerifier;
+
+/// Scores a candidate answer's text for a question; higher is better.
+pub trait TextVerifier: Send {
+    /// Short name shown in results (e.g. "command:./check.py").
+    fn name(&self) -> String;
+    /// The score of `answer` to `question`, or why it could not be computed.
+    fn score(&mut self, question: &str, answer: &str) -> Result<f64, String>;
+}
+
+/// LM-as-judge: the probability that the model answers `yes` (rather than `no`) after a judging
+/// prompt that shows the question and the candidate. Works with any causal LM the scheduler
+/// runs; by default the policy judges its own candidates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judge {
+    /// The judging prompt; `{question}` and `{answer}` are replaced. It is sent as a user
+    /// message through the model's chat template when the model has one.
+    pub template: String,
+    /// The reply meaning "correct" (its first token is scored).
+    pub yes: String,
+    /// The reply meaning "incorrect".
+    pub no: String,
+}
+
+impl Default for Judge {
+    fn default() -> Self {
+        Judge {
+            template: "Question:\n{question}\n\nProposed answer:\n{answer}\n\nIs the proposed \
+                       answer correct? Reply with Yes or No."
+                .into(),
+            yes: "Yes".into(),
+            no: "No".into(),
+        }
+    }
+}
+
+impl Judge {
+    /// The judging prompt for one candidate.
+    pub fn prompt(&self, question: &str, answer: &str) -> String {
+        self.template
+            .replace("{question}", question)
+            .replace("{answer}", answer)
+    }
+}
+
+/// One verifier of a search.
+pub enum Verifier {
+    /// Scored on the host.
+    Text(Box<dyn TextVerifier>),
+    /// LM-as-judge on the policy model.
+    Judge(Judge),
+}
+
+impl Verifier {
+    /// Name shown in results.
+    pub fn name(&self) -> String {
+        match self {
+            Verifier::Text(t) => t.name(),
+            Verifier::Judge(_) => "judge:policy".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judge_prompt_fills_the_template() {
+        let j = Judge::default();
+        let p = j.prompt("2+2?", "4");
+        assert!(p.contains("2+2?") && p.contains("4") && p.contains("Yes or No"));
+    }
+}
