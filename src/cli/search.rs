@@ -5,6 +5,7 @@
 use super::model::ModelArgs;
 use anyhow::{bail, Context};
 use arbor_kernels::ops::SamplingParams;
+use arbor_search::strategies::adaptive::Adaptive;
 use arbor_search::verifier::{CodeVerifier, CommandVerifier, Judge, RuleVerifier, Verifier};
 use arbor_search::{strategies, Outcome, Params, Scheduler, SchedulerOptions, SearchRequest};
 use clap::Args;
@@ -158,6 +159,14 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
     // Check the strategy and its parameters before loading anything.
     strategies::build(&a.strategy, &params).map_err(anyhow::Error::msg)?;
     let items = items(&a)?;
+    // Adaptive over a data set: one sample budget split across its prompts by marginal gain.
+    let pool = match a.strategy.as_str() {
+        "adaptive" if items.len() > 1 && params.bool("pooled", true).unwrap_or(true) => {
+            let s = Adaptive::from_params(&params).map_err(anyhow::Error::msg)?;
+            Some(s.pool_for(items.len()))
+        }
+        _ => None,
+    };
     let (engine, tokenizer, _) = a.model.load()?;
     let mut prompts = Vec::with_capacity(items.len());
     for it in &items {
@@ -184,7 +193,14 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
             let req = SearchRequest {
                 prompt: prompts[i].clone(),
                 question: it.question.clone(),
-                strategy: strategies::build(&a.strategy, &params).map_err(anyhow::Error::msg)?,
+                strategy: match &pool {
+                    Some(pool) => Box::new(
+                        Adaptive::from_params(&params)
+                            .map_err(anyhow::Error::msg)?
+                            .share(pool),
+                    ),
+                    None => strategies::build(&a.strategy, &params).map_err(anyhow::Error::msg)?,
+                },
                 verifiers: vec![verifier(&a, it)?],
                 sampling: SamplingParams {
                     temperature: a.temperature,
@@ -254,6 +270,13 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
     }
     if let Some(mut w) = tree_out {
         w.flush()?;
+    }
+    if let Some(pool) = pool {
+        let (granted, unspent) = pool.totals();
+        eprintln!(
+            "adaptive: {granted} samples beyond the probes went to the prompts with the most \
+             to gain; {unspent} of the pooled budget had no gain left and were not drawn"
+        );
     }
     Ok(())
 }

@@ -186,6 +186,53 @@ fn searches_and_plain_requests_share_steps() {
     assert_clean(&s);
 }
 
+/// Scores candidates 1, 0, 1, 0, … in the order asked.
+struct Alternating(u32);
+impl TextVerifier for Alternating {
+    fn name(&self) -> String {
+        "alternating".into()
+    }
+    fn score(&mut self, _q: &str, _answer: &str) -> Result<f64, String> {
+        self.0 += 1;
+        Ok(f64::from(self.0 % 2))
+    }
+}
+
+#[test]
+fn a_second_expansion_of_the_root_draws_its_samples() {
+    // Adaptive probes 2 samples (p = 0.5), then expands the root again for the rest of its
+    // budget: the root's anchor was dropped after the probes, so it is recomputed first, and
+    // that must release the waiting expansion, not restart the strategy.
+    use arbor_search::{strategies, Params};
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    let params = Params::new(2)
+        .set("budget", 6)
+        .set("probe", 2)
+        .set("min_gain", 0)
+        .set("max_tokens", 4);
+    let id = s.submit_search(SearchRequest {
+        prompt: prompt(12, 9),
+        question: "q".into(),
+        strategy: strategies::build("adaptive", &params).unwrap(),
+        verifiers: vec![Verifier::Text(Box::new(Alternating(0)))],
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: 5,
+            ..Default::default()
+        },
+        max_policy_tokens: None,
+        max_wall: None,
+    });
+    let mut done = s.run_to_completion();
+    let (got, Outcome::Search(Ok(r))) = done.remove(0) else {
+        panic!("search failed");
+    };
+    assert_eq!(got, id);
+    assert_eq!(r.candidates.len(), 6, "probes plus the rest of the budget");
+    assert_eq!(r.tree.node(0).unwrap().children.len(), 6);
+    assert_clean(&s);
+}
+
 #[test]
 fn a_scheduled_request_equals_generate() {
     let loaded = arbor_runtime::load(&fixture()).expect("fixture");

@@ -472,11 +472,7 @@ impl Scheduler {
                 if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
                     s.prefilling.remove(&node);
                     s.anchors.insert(node, self.jobs[i].seq);
-                    if node == 0 {
-                        s.start();
-                    } else {
-                        s.release_waiting(node);
-                    }
+                    s.anchored(node);
                 }
             }
             JobKind::Generate { node } => {

@@ -79,6 +79,8 @@ pub(crate) struct SearchState {
     pub anchors: HashMap<NodeId, SeqId>,
     /// Nodes whose anchor is being computed.
     pub prefilling: HashSet<NodeId>,
+    /// The strategy has started (its root was computed once).
+    started: bool,
     /// Actions waiting for a node's anchor.
     waiting: HashMap<NodeId, Vec<Action>>,
     pub events: VecDeque<Event>,
@@ -109,6 +111,7 @@ impl SearchState {
             sampling: r.sampling,
             anchors: HashMap::new(),
             prefilling: HashSet::new(),
+            started: false,
             waiting: HashMap::new(),
             events: VecDeque::new(),
             pending: VecDeque::new(),
@@ -124,14 +127,14 @@ impl SearchState {
         }
     }
 
-    /// The prompt is cached: the strategy starts.
-    pub fn start(&mut self) {
-        let first = self.strategy.start(&self.tree);
-        self.pending.extend(first);
-    }
-
-    pub fn release_waiting(&mut self, node: NodeId) {
-        if let Some(a) = self.waiting.remove(&node) {
+    /// `node`'s path is in the cache: the first time the root's is, the strategy starts;
+    /// otherwise the actions waiting for the node go ahead.
+    pub fn anchored(&mut self, node: NodeId) {
+        if !self.started {
+            self.started = true;
+            let first = self.strategy.start(&self.tree);
+            self.pending.extend(first);
+        } else if let Some(a) = self.waiting.remove(&node) {
             self.pending.extend(a);
         }
     }

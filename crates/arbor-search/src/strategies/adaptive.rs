@@ -11,6 +11,7 @@ use super::{sample_until, sample_width, ScoreEach};
 use crate::params::Params;
 use crate::strategy::{Action, Event, Strategy, Until};
 use crate::tree::SearchTree;
+use std::sync::{Arc, Mutex};
 
 /// Adaptive best-of-N for one prompt: samples `probe` candidates and has verifier 0 score
 /// them; p = the fraction scoring at least `threshold`. It then draws more samples, in one
@@ -22,6 +23,11 @@ use crate::tree::SearchTree;
 /// (default min(4, budget), 1..=budget), `threshold` (score that counts as a pass, default
 /// 0.5), `min_gain` (default 0.01, ≥ 0; 0 spends the whole budget), `max_tokens` (default
 /// 512), `stop` (default none).
+///
+/// Pooled ([`Adaptive::share`]; what `arbor search --dataset` does for more than one prompt
+/// unless `pooled=false`): `budget` is the mean per prompt of a [`SharedBudget`] split across
+/// the data set by marginal gain, `min_gain` is not used, and one prompt may draw up to
+/// `max_samples` (default 4 × budget).
 #[derive(Debug)]
 pub struct Adaptive {
     probe: usize,
@@ -32,12 +38,27 @@ pub struct Adaptive {
     requested: usize,
     probing: bool,
     each: ScoreEach,
+    /// Most samples in all when the budget is pooled.
+    max_samples: usize,
+    pool: Option<SharedBudget>,
 }
 
 impl Adaptive {
     pub fn from_params(p: &Params) -> Result<Self, String> {
-        let width = sample_width(p, &["budget", "probe", "threshold", "min_gain"])?;
+        let width = sample_width(
+            p,
+            &[
+                "budget",
+                "probe",
+                "threshold",
+                "min_gain",
+                "max_samples",
+                "pooled",
+            ],
+        )?;
         let budget = p.usize("budget", width)?;
+        let max_samples = p.usize("max_samples", budget.saturating_mul(4))?;
+        p.bool("pooled", true)?;
         let probe = p.usize("probe", budget.min(4))?;
         let threshold = p.f64("threshold", 0.5)?;
         let min_gain = p.f64("min_gain", 0.01)?;
@@ -47,6 +68,11 @@ impl Adaptive {
         if probe == 0 || probe > budget {
             return Err(format!(
                 "parameter probe={probe} must be in 1..={budget} (the budget)"
+            ));
+        }
+        if max_samples < budget {
+            return Err(format!(
+                "parameter max_samples={max_samples} must be at least the budget ({budget})"
             ));
         }
         if !threshold.is_finite() {
@@ -64,7 +90,74 @@ impl Adaptive {
             requested: 0,
             probing: true,
             each: ScoreEach::default(),
+            max_samples,
+            pool: None,
         })
+    }
+
+    /// A budget of `budget` samples per prompt, on average, for `prompts` searches of these
+    /// parameters to share.
+    pub fn pool_for(&self, prompts: usize) -> SharedBudget {
+        SharedBudget::new(prompts, self.budget, self.probe)
+    }
+
+    /// Draws the samples after the probes from `pool` instead of this prompt's own budget.
+    pub fn share(mut self, pool: &SharedBudget) -> Self {
+        self.pool = Some(pool.clone());
+        self
+    }
+}
+
+/// A sample budget shared by the adaptive searches of a data set (Snell et al.'s
+/// compute-optimal split across prompts): every prompt first draws its probes; then, as
+/// each finishes probing with pass rate p, it is granted extra samples by [`allocate_from`]
+/// over itself and the prompts still probing (whose rate is guessed as the mean of the rates
+/// reported so far), out of what is left. Grants are final, so a prompt never waits for
+/// another: the split is the greedy online form of the offline allocation.
+#[derive(Clone, Debug)]
+pub struct SharedBudget(Arc<Mutex<Pool>>);
+
+#[derive(Debug)]
+struct Pool {
+    remaining: usize,
+    pending: usize,
+    rates: Vec<f64>,
+    granted: usize,
+}
+
+impl SharedBudget {
+    /// `per_prompt` samples on average for each of `prompts` prompts, `probe` of which each
+    /// draws before asking for more.
+    pub fn new(prompts: usize, per_prompt: usize, probe: usize) -> Self {
+        SharedBudget(Arc::new(Mutex::new(Pool {
+            remaining: prompts.saturating_mul(per_prompt.saturating_sub(probe)),
+            pending: prompts,
+            rates: Vec::new(),
+            granted: 0,
+        })))
+    }
+
+    /// Extra samples for a prompt that drew `drawn` and passed at rate `p`, at most `cap`
+    /// samples in all.
+    pub fn grant(&self, p: f64, drawn: usize, cap: usize) -> usize {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
+        pool.rates.push(p);
+        let others = pool.pending.saturating_sub(1);
+        let prior = pool.rates.iter().sum::<f64>() / pool.rates.len() as f64;
+        let mut rates = vec![prior; others + 1];
+        rates[0] = p;
+        let share = allocate_from(&rates, &vec![drawn; others + 1], pool.remaining, cap)[0];
+        pool.remaining -= share;
+        pool.pending = others;
+        pool.granted += share;
+        share
+    }
+
+    /// Samples granted so far, and samples still unspent.
+    pub fn totals(&self) -> (usize, usize) {
+        let pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (pool.granted, pool.remaining)
     }
 }
 
@@ -89,10 +182,13 @@ pub fn more_samples(p: f64, drawn: usize, budget: usize, min_gain: f64) -> usize
 /// largest marginal gain p(1−p)^n, n = the samples it was given so far (ties: the earlier
 /// prompt). A prompt at p = 1 gets one sample (gain 1, then 0) and one at p = 0 none;
 /// samples with no gain anywhere are not handed out, so the total may be below `budget`.
-///
-/// `arbor search --dataset` calls it to split a data set's sample budget among its prompts
-/// from pass rates measured on a few probe samples each.
 pub fn allocate(pass_rates: &[f64], budget: usize) -> Vec<usize> {
+    allocate_from(pass_rates, &vec![0; pass_rates.len()], budget, usize::MAX)
+}
+
+/// [`allocate`] for prompts that already drew `drawn[i]` samples, none ending above `cap`
+/// samples in all; returns the extra samples of each.
+pub fn allocate_from(pass_rates: &[f64], drawn: &[usize], budget: usize, cap: usize) -> Vec<usize> {
     let p: Vec<f64> = pass_rates
         .iter()
         .map(|&x| if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) })
@@ -101,8 +197,9 @@ pub fn allocate(pass_rates: &[f64], budget: usize) -> Vec<usize> {
     for _ in 0..budget {
         let mut best: Option<(usize, f64)> = None;
         for (i, &pi) in p.iter().enumerate() {
-            let g = gain(pi, given[i]);
-            if g > 0.0 && best.is_none_or(|(_, bg)| g > bg) {
+            let n = drawn.get(i).copied().unwrap_or(0) + given[i];
+            let g = gain(pi, n);
+            if n < cap && g > 0.0 && best.is_none_or(|(_, bg)| g > bg) {
                 best = Some((i, g));
             }
         }
@@ -148,7 +245,10 @@ impl Strategy for Adaptive {
                         .filter(|s| s.1 >= self.threshold)
                         .count();
                     let p = passes as f64 / self.probe as f64;
-                    let more = more_samples(p, self.probe, self.budget, self.min_gain);
+                    let more = match &self.pool {
+                        Some(pool) => pool.grant(p, self.probe, self.max_samples),
+                        None => more_samples(p, self.probe, self.budget, self.min_gain),
+                    };
                     if more > 0 {
                         self.requested += more;
                         return vec![Action::Expand {
@@ -168,7 +268,12 @@ impl Strategy for Adaptive {
     }
 
     fn width(&self) -> usize {
-        self.probe.max(self.budget - self.probe)
+        let most = if self.pool.is_some() {
+            self.max_samples
+        } else {
+            self.budget
+        };
+        self.probe.max(most - self.probe)
     }
 }
 
@@ -258,6 +363,8 @@ mod tests {
             Params::new(4).set("budget", 0),
             Params::new(4).set("min_gain", -1),
             Params::new(4).set("threshold", "inf"),
+            Params::new(4).set("max_samples", 3),
+            Params::new(4).set("pooled", "maybe"),
             Params::new(4).set("samples", 3),
         ] {
             assert!(Adaptive::from_params(&bad).is_err(), "{bad:?}");
@@ -292,5 +399,52 @@ mod tests {
             a[2] > a[1],
             "the hardest prompt that still gains gets the most: {a:?}"
         );
+    }
+
+    #[test]
+    fn allocation_from_drawn_samples_respects_the_cap() {
+        // p = 0.5 after 4 drawn: gain 0.031; p = 0.2 after 4: 0.082; so 0.2 goes first.
+        assert_eq!(allocate_from(&[0.5, 0.2], &[4, 4], 1, 100), vec![0, 1]);
+        assert_eq!(allocate_from(&[0.5, 0.2], &[4, 4], 6, 6), vec![2, 2]);
+        assert_eq!(allocate(&[0.5, 0.0, 1.0], 3), vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn a_pooled_budget_goes_where_it_helps_most() {
+        // Three prompts, 8 samples each on average, 4 probes each: 12 extra to share.
+        let pool = SharedBudget::new(3, 8, 4);
+        // Solved prompt: no gain, nothing granted; its unspent share stays in the pool.
+        assert_eq!(pool.grant(1.0, 4, 32), 0);
+        // A hard prompt (p = 0.25) against one pending prompt guessed at the mean, 0.625.
+        let hard = pool.grant(0.25, 4, 32);
+        assert!(hard >= 6, "{hard}");
+        // The last prompt takes what is left, up to its cap.
+        let last = pool.grant(0.5, 4, 8);
+        assert_eq!(last, (12 - hard).min(4));
+        assert_eq!(pool.totals(), (hard + last, 12 - hard - last));
+    }
+
+    #[test]
+    fn pooled_searches_draw_their_grant() {
+        let p = Params::new(4).set("budget", 8);
+        let pool = Adaptive::from_params(&p).unwrap().pool_for(2);
+        let mut s = Adaptive::from_params(&p).unwrap().share(&pool);
+        assert_eq!(s.width(), 28);
+        let scores = [
+            0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+        ];
+        let out = Simulator::new(|_, _, i| words(&format!("s{i}"), -1.0))
+            .with_verifier(|t, n, _| {
+                let i: usize = t.node(n).unwrap().text[1..].parse().unwrap();
+                scores[i]
+            })
+            .run(&mut s, "Q")
+            .unwrap();
+        // p = 0.25 with one more prompt pending, guessed at the same rate: the pool's 8
+        // extra samples are split evenly and this prompt draws its half.
+        let granted = pool.totals().0;
+        assert_eq!(out.actions[5], expand(granted));
+        assert!(granted > 0);
+        assert_eq!(out.answer, Some(1));
     }
 }
