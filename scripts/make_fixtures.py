@@ -43,7 +43,24 @@ Weights are initialised with N(0, 0.3) (biases too) and norm weights with
 N(1, 0.2), not the HF default 0.02, so attention is far from uniform and a
 wrong RoPE layout or GQA head mapping changes the logits a lot.
 
-Usage: python3 scripts/make_fixtures.py [--out tests/fixtures/models]
+REWARD HEADS (make_reward_fixtures; `--only reward` makes just these):
+  reward-orm  Qwen2ForSequenceClassification, num_labels 1 (outcome reward:
+              score = Linear(64, 1, bias=False) on the last token's final-normed
+              hidden state), backbone shaped like qwen2, weights bf16.
+  reward-prm  LlamaForTokenClassification, num_labels 2 (process reward: score =
+              Linear(64, 2) with bias at every position), backbone shaped like
+              llama, weights f16. transformers 5 writes neither num_labels nor
+              id2label for 2 labels: the loader must default to 2.
+  Both: config.json as save_pretrained writes it, tokenizer.json copied from the
+  fixture of the same family, reference.json {"input_ids", "score_inputs",
+  "sequence_scores" (reward-orm: the class's pooled output for each of
+  score_inputs, run alone), ...} and logits.safetensors f32 "logits.<i>" of
+  shape [80, num_labels]: the head's output at every position of input_ids[i].
+  llama/hidden.safetensors: f32 "hidden.<i>" [80, 64], the llama fixture's
+  final-normed hidden states (LlamaModel's last_hidden_state, what lm_head
+  reads) for its input_ids[i], for the engine's hidden-state summary.
+
+Usage: python3 scripts/make_fixtures.py [--out tests/fixtures/models] [--only all|causal|reward]
 Needs torch, transformers (tested with 5.23), tokenizers, safetensors. CPU only.
 """
 
@@ -56,8 +73,9 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, LlamaConfig, MistralConfig,
+                          Qwen2Config, Qwen3Config)
 
 SEQ_LEN = 80
 VOCAB_TARGET = 384
@@ -192,10 +210,79 @@ def run_logits(model, ids):
     return [model(input_ids=torch.tensor([s])).logits[0].float().contiguous() for s in ids]
 
 
+# name -> (family fixture, class, num_labels, storage dtype, seed)
+REWARD_FIXTURES = {
+    "reward-orm": ("qwen2", AutoModelForSequenceClassification, 1, torch.bfloat16, 11),
+    "reward-prm": ("llama", AutoModelForTokenClassification, 2, torch.float16, 12),
+}
+
+
+@torch.no_grad()
+def make_reward_fixtures(root, vocab, special_ids, input_ids):
+    """Reward-head models (see REWARD HEADS above) and llama/hidden.safetensors."""
+    for name, (family, auto, num_labels, sdtype, seed) in REWARD_FIXTURES.items():
+        cfg = build(family, vocab, special_ids)[0]
+        cfg.num_labels = num_labels
+        model = auto.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+        init_weights(model, seed)
+        model = model.to(sdtype).eval()
+        out = os.path.abspath(os.path.join(root, name))
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        model.save_pretrained(out)
+        shutil.copy(os.path.join(root, family, "tokenizer.json"), out)
+
+        ref = auto.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+        mine = dict(model.named_parameters())
+        for pname, p in ref.named_parameters():
+            assert torch.equal(p, mine[pname].float()), f"{name}: {pname} differs after reload"
+        refj = {"input_ids": input_ids, "num_labels": num_labels,
+                "architecture": type(ref).__name__}
+        if auto is AutoModelForTokenClassification:
+            per_pos = [ref(input_ids=torch.tensor([s])).logits[0].contiguous() for s in input_ids]
+        else:
+            # The class pools the last token's row; the head at every position is score(h).
+            per_pos = [ref.score(ref.model(input_ids=torch.tensor([s])).last_hidden_state)[0]
+                       .contiguous() for s in input_ids]
+            lens = [(0, SEQ_LEN), (1, SEQ_LEN), (0, 23), (1, 57), (0, 1)]
+            refj["score_inputs"] = [input_ids[i][:n] for i, n in lens]
+            refj["sequence_scores"] = [ref(input_ids=torch.tensor([s])).logits[0].tolist()
+                                       for s in refj["score_inputs"]]
+            for k in range(2):
+                assert torch.allclose(per_pos[k][-1], torch.tensor(refj["sequence_scores"][k]),
+                                      atol=1e-5)
+        save_file({f"logits.{i}": l for i, l in enumerate(per_pos)},
+                  os.path.join(out, "logits.safetensors"))
+        refj["dtype_note"] = (f"weights stored as {str(sdtype)[6:]}; reference computed in f32 "
+                              "from them upcast, eager attention, batch 1, transformers "
+                              + __import__("transformers").__version__)
+        with open(os.path.join(out, "reference.json"), "w") as f:
+            f.write(dump_compact(refj))
+        size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+        print(f"{name}: {type(ref).__name__} head {tuple(ref.score.weight.shape)} "
+              f"max|out| {torch.cat(per_pos).abs().max():.3f} dir {size / 1024:.0f} KiB")
+
+    # Hidden-state summary reference: the llama fixture's final-normed hidden states.
+    d = os.path.join(root, "llama")
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    with open(os.path.join(d, "reference.json")) as f:
+        ids = json.load(f)["input_ids"]
+    hidden = [ref.model(input_ids=torch.tensor([s])).last_hidden_state[0].contiguous()
+              for s in ids]
+    for h, s in zip(hidden, ids):  # it is what lm_head reads
+        assert torch.allclose(ref.lm_head(h), ref(input_ids=torch.tensor([s])).logits[0],
+                              atol=1e-5)
+    save_file({f"hidden.{i}": h for i, h in enumerate(hidden)},
+              os.path.join(d, "hidden.safetensors"))
+    print(f"llama/hidden.safetensors: {len(hidden)} x {tuple(hidden[0].shape)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "models"))
+    ap.add_argument("--only", choices=["all", "causal", "reward"], default="all")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -210,7 +297,7 @@ def main():
     input_ids = [text_ids[:SEQ_LEN], rand_ids]
     print(f"tokenizer: vocab {vocab}, text -> {len(text_ids)} tokens")
 
-    for arch in ["llama", "mistral", "qwen2", "qwen3"]:
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] if args.only != "reward" else []:
         cfg, sdtype, sdtype_name, seed, shard = build(arch, vocab, special_ids)
         cfg._attn_implementation = "eager"
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
@@ -292,6 +379,9 @@ def main():
         print(f"{arch:8s} params {sum(p.numel() for p in ref.parameters()):7d} "
               f"max|logit| {allv.abs().max():7.3f} std {allv.std():6.3f} "
               f"dir {size / 1024:.0f} KiB files {sorted(os.listdir(out))}")
+
+    if args.only != "causal":
+        make_reward_fixtures(os.path.abspath(args.out), vocab, special_ids, input_ids)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! Model configuration, read from GGUF metadata or an HF `config.json`.
 
 use crate::gguf::GgufFile;
+use crate::reward::RewardHead;
 use crate::RuntimeError;
 use arbor_kernels::ops::{RopeLayout, RopeScaling};
 use serde_json::Value;
@@ -56,6 +57,9 @@ pub struct ModelConfig {
     pub rope_dim: usize,
     pub sliding_window: Option<usize>,
     pub tie_embeddings: bool,
+    /// `Some` for a reward model: the output head is a classifier (`score`) with
+    /// `num_labels` outputs instead of the LM head. GGUF models are always causal LMs.
+    pub reward: Option<RewardHead>,
 }
 
 impl ModelConfig {
@@ -184,6 +188,7 @@ impl ModelConfig {
             rope_dim,
             sliding_window: opt("attention.sliding_window").filter(|&w| w > 0),
             tie_embeddings: f.tensor("output.weight").is_none(),
+            reward: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -198,6 +203,7 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| RuntimeError::Config("config.json has no model_type".into()))?;
         let arch = Arch::parse(model_type)?;
+        let reward = RewardHead::from_hf_config(&v)?;
         let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
         let req = |k: &str| {
             get(k).ok_or_else(|| RuntimeError::Config(format!("config.json lacks integer '{k}'")))
@@ -267,9 +273,17 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            reward,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Width of an output row: the vocabulary for a causal LM, `num_labels` for a reward model.
+    pub fn out_dim(&self) -> usize {
+        self.reward
+            .as_ref()
+            .map_or(self.vocab_size, |r| r.num_labels)
     }
 
     /// Parameters in the weight matrices and norms (embedding counted once when tied).
@@ -282,6 +296,11 @@ impl ModelConfig {
         );
         let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
         let embed = self.vocab_size as u64 * h;
-        embed * if self.tie_embeddings { 1 } else { 2 } + self.num_layers as u64 * layer + h
+        let head = match &self.reward {
+            Some(r) => r.num_labels as u64 * h,
+            None if self.tie_embeddings => 0,
+            None => embed,
+        };
+        embed + head + self.num_layers as u64 * layer + h
     }
 }

@@ -47,6 +47,9 @@ pub struct SeqStep {
     pub logits: LogitsMode,
     /// `(i, token)`: return log p(token | sequence up to and including new token i).
     pub score: Vec<(usize, u32)>,
+    /// Return [`SeqOutput::hidden`]: the final-normed hidden state after the last new token
+    /// (ST-BoN's summary of a sequence). Costs nothing unless set.
+    pub hidden: bool,
 }
 
 /// Everything one step runs.
@@ -60,7 +63,8 @@ pub struct ForwardBatch {
 pub struct SeqOutput {
     pub seq: SeqId,
     pub sample: Option<SampleOutput>,
-    /// Requested logits, `rows × vocab`.
+    /// Requested logits, `rows × vocab` (for a reward model: head outputs,
+    /// `rows × num_labels`, see [`crate::reward`]).
     pub logits: Vec<f32>,
     /// Log-probabilities of the `score` requests, in order.
     pub scores: Vec<f32>,
@@ -69,6 +73,9 @@ pub struct SeqOutput {
     pub computed_tokens: usize,
     /// Positions attached from the prefix cache instead of computed.
     pub reused_tokens: usize,
+    /// With [`SeqStep::hidden`]: the final-normed hidden state (`hidden_size` values, the
+    /// vector the output head reads) after the last new token; else empty.
+    pub hidden: Vec<f32>,
 }
 
 /// One model with its KV cache.
@@ -86,6 +93,8 @@ pub struct Engine {
     next_seq: SeqId,
     computed_tokens: u64,
     reused_tokens: u64,
+    /// Forks share pages and steps reuse the prefix index (see [`Engine::set_prefix_sharing`]).
+    sharing: bool,
 }
 
 /// One sequence's part of a step, as planned: the tokens to run after its cached positions.
@@ -135,6 +144,7 @@ impl Engine {
             next_seq: 0,
             computed_tokens: 0,
             reused_tokens: 0,
+            sharing: true,
         })
     }
 
@@ -147,6 +157,18 @@ impl Engine {
         id
     }
 
+    /// With `false`, the engine works as one without prefix sharing (a benchmark baseline):
+    /// a fork gets `parent`'s tokens but no pages, so its next step computes and stores its
+    /// own copy of the whole history; no step attaches pages of the prefix index, and freed
+    /// pages are not kept for reuse. Default `true`.
+    pub fn set_prefix_sharing(&mut self, on: bool) {
+        self.sharing = on;
+        self.cache.set_indexing(on);
+        if !on {
+            self.clear_prefix_cache();
+        }
+    }
+
     /// A new sequence sharing all of `parent`'s KV pages and tokens.
     pub fn fork_seq(&mut self, parent: SeqId) -> Result<SeqId, RuntimeError> {
         let toks = self
@@ -155,7 +177,11 @@ impl Engine {
             .cloned()
             .ok_or_else(|| unknown(parent))?;
         let id = self.next_seq;
-        self.cache.fork(parent, id)?;
+        if self.sharing {
+            self.cache.fork(parent, id)?;
+        } else {
+            self.cache.add_seq(id);
+        }
         self.next_seq += 1;
         self.tokens.insert(id, toks);
         Ok(id)
@@ -283,10 +309,16 @@ impl Engine {
             if let Some(&(i, t)) = s
                 .score
                 .iter()
-                .find(|(i, t)| *i >= s.tokens.len() || *t as usize >= cfg.vocab_size)
+                .find(|(i, t)| *i >= s.tokens.len() || *t as usize >= cfg.out_dim())
             {
                 return Err(RuntimeError::Request(format!(
                     "score request ({i}, {t}) is out of range"
+                )));
+            }
+            if s.sample.is_some() && cfg.reward.is_some() {
+                return Err(RuntimeError::Request(format!(
+                    "sequence {}: a reward model scores sequences, it cannot sample tokens",
+                    s.seq
                 )));
             }
             if !seen.insert(s.seq) {
@@ -328,7 +360,11 @@ impl Engine {
         // The last new token always runs: its K/V is what the next step attends to, and the
         // step must do some work for the sequence.
         let first_needed = rows.first().copied().unwrap_or(s.tokens.len() - 1);
-        let reused = self.cache.reuse_prefix(s.seq, &run, pending + first_needed);
+        let reused = if self.sharing {
+            self.cache.reuse_prefix(s.seq, &run, pending + first_needed)
+        } else {
+            0
+        };
         run.drain(..reused);
         let new_at = pending as isize - reused as isize;
         Planned {
@@ -368,20 +404,29 @@ impl Engine {
         let mut layout = BatchLayout::default();
         let mut all_tokens = Vec::new();
         let mut logit_rows = Vec::new();
+        let mut hidden_rows = Vec::new();
         for (s, p) in batch.seqs.iter().zip(plans) {
             let pos0 = self.cache.len(s.seq);
             self.cache.reserve(s.seq, p.run.len())?;
             logit_rows.extend(p.rows.iter().map(|r| all_tokens.len() + r));
+            if s.hidden {
+                // The last new token always runs (see `plan`).
+                hidden_rows.push(all_tokens.len() + p.run.len() - 1);
+            }
             layout.push(s.seq, pos0, p.run.len());
             all_tokens.extend_from_slice(&p.run);
         }
         // Run inside the rayon pool: every op's parallel loop then starts from a worker
         // instead of paying a hand-off from this thread (~10 µs × ~150 calls per step).
         let (model, cache) = (&self.model, &mut self.cache);
-        let logits = rayon::scope(|_| model.forward(cache, &all_tokens, &layout, &logit_rows))?;
+        let (logits, hidden) = rayon::scope(|_| {
+            model.forward_hidden(cache, &all_tokens, &layout, &logit_rows, &hidden_rows)
+        })?;
         self.computed_tokens += all_tokens.len() as u64;
 
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.model.cfg.out_dim();
+        let h = self.model.cfg.hidden_size;
+        let mut hidden_rows = hidden.chunks_exact(h);
         let mut outputs = Vec::with_capacity(batch.seqs.len());
         let mut base = 0;
         for (s, p) in batch.seqs.iter().zip(plans) {
@@ -422,6 +467,10 @@ impl Engine {
                 scores,
                 computed_tokens: p.run.len(),
                 reused_tokens: p.reused,
+                hidden: match s.hidden {
+                    true => hidden_rows.next().expect("one row per request").to_vec(),
+                    false => Vec::new(),
+                },
             });
             base += p.rows.len();
         }

@@ -2,6 +2,7 @@
 //! chat templates, the transformer, and [`engine::Engine::step`], the only way a model runs.
 
 pub mod config;
+pub mod dummy;
 pub mod engine;
 pub mod error;
 pub mod fetch;
@@ -9,6 +10,7 @@ pub mod generate;
 pub mod gguf;
 pub mod loader;
 pub mod model;
+pub mod reward;
 pub mod safetensors;
 pub mod stop;
 pub mod tokenizer;
@@ -19,6 +21,7 @@ pub use error::RuntimeError;
 pub use generate::{generate, FinishReason, GenerateOptions, GenerationStats};
 pub use loader::{load, LoadedModel};
 pub use model::Model;
+pub use reward::{RewardHead, RewardKind};
 pub use tokenizer::{
     ChatMessage, ChatTemplate, DetachedDecoder, IncrementalDecoder, TokenKind, Tokenizer,
 };

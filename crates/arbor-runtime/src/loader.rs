@@ -36,6 +36,7 @@ pub fn load(path: &Path) -> Result<LoadedModel, RuntimeError> {
             }
             Tokenizer::from_file(&tj)?
         }
+        TensorSource::Memory(_) => unreachable!("open_source reads files"),
     };
     if tokenizer.vocab_size() > cfg.vocab_size {
         return Err(RuntimeError::Tokenizer(format!(

@@ -39,6 +39,8 @@ pub struct KvCache {
     alloc: BlockAllocator,
     index: PrefixIndex,
     seqs: HashMap<SeqId, SeqKv>,
+    /// Full pages are entered into (and deduplicated against) the prefix index.
+    indexing: bool,
 }
 
 impl KvCache {
@@ -55,6 +57,7 @@ impl KvCache {
             alloc: BlockAllocator::new(num_pages),
             index: PrefixIndex::new(num_pages, model_key),
             seqs: HashMap::new(),
+            indexing: true,
         }
     }
 
@@ -229,6 +232,14 @@ impl KvCache {
         self.pool.write(layer, page, slot, k, v);
     }
 
+    /// With `false`, committed pages are not entered into the prefix index: they are never
+    /// swapped for an identical indexed page nor kept after they are freed (a baseline
+    /// without prefix sharing). Sequences committed meanwhile stay unindexed until their next
+    /// commit with indexing on. Default `true`.
+    pub fn set_indexing(&mut self, on: bool) {
+        self.indexing = on;
+    }
+
     /// Records that `tokens` were written after the committed positions of `seq`, and indexes
     /// every page they filled (or swaps it for the page already indexed under the same chain).
     pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) {
@@ -243,7 +254,7 @@ impl KvCache {
         );
         s.tokens.extend_from_slice(tokens);
         s.table.len += tokens.len();
-        while s.nodes.len() < s.table.len / ps {
+        while self.indexing && s.nodes.len() < s.table.len / ps {
             let i = s.nodes.len();
             let parent = s.nodes.last().copied().unwrap_or(self.index.root());
             let chunk = &s.tokens[i * ps..(i + 1) * ps];
@@ -431,7 +442,11 @@ impl KvCache {
         }
         let mut holders = vec![0u32; a.num_total()];
         for (id, s) in &self.seqs {
-            if s.tokens.len() != s.table.len || s.nodes.len() != s.table.len / ps {
+            let nodes_ok = match self.indexing {
+                true => s.nodes.len() == s.table.len / ps,
+                false => s.nodes.len() <= s.table.len / ps,
+            };
+            if s.tokens.len() != s.table.len || !nodes_ok {
                 return Err(format!("sequence {id}: tokens, length and nodes disagree"));
             }
             if s.table.pages.len() < BlockTable::pages_for(s.table.len, ps) {

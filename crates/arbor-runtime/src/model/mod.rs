@@ -1,14 +1,16 @@
 //! The dense transformer: embeddings → N × [`DecoderLayer`] → norm → logits.
 
 mod batch;
+mod head;
 mod layer;
 mod linear;
 mod source;
 
 pub use batch::{BatchLayout, SeqRows};
+pub use head::Head;
 pub use layer::{stack_rows, DecoderLayer, Ffn, LayerCtx};
 pub use linear::{linear, Precision};
-pub use source::{hf_name, TensorSource};
+pub use source::{hf_name, MemTensor, TensorSource};
 
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
@@ -26,8 +28,8 @@ pub struct Model {
     embed: Weight,
     layers: Vec<DecoderLayer>,
     norm: Vec<f32>,
-    /// `None` when the output projection is tied to the embedding.
-    lm_head: Option<Weight>,
+    /// LM head (tied or not) or a reward model's classifier.
+    head: Head,
     rope: RopeTable,
     /// Storage types of the source tensors, for `arbor info`.
     pub quantization: String,
@@ -57,11 +59,7 @@ impl Model {
     pub fn from_source(cfg: ModelConfig, src: &TensorSource) -> Result<Self, RuntimeError> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = src.req_matrix("token_embd.weight", v, h)?;
-        let lm_head = if cfg.tie_embeddings {
-            None
-        } else {
-            src.matrix("output.weight", v, h)?
-        };
+        let head = Head::load(src, &cfg)?;
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(src, &cfg, i))
             .collect::<Result<Vec<_>, _>>()?;
@@ -75,7 +73,7 @@ impl Model {
             norm: src.req_vector("output_norm.weight", h)?,
             embed,
             layers,
-            lm_head,
+            head,
             rope,
             quantization: src.type_summary(),
             precision: Precision::default(),
@@ -107,12 +105,13 @@ impl Model {
     /// Bytes of weights held in memory.
     pub fn weight_bytes(&self) -> usize {
         self.embed.nbytes()
-            + self.lm_head.as_ref().map_or(0, Weight::nbytes)
+            + self.head.nbytes()
             + self.layers.iter().map(DecoderLayer::nbytes).sum::<usize>()
     }
 
     /// Runs `tokens` (laid out by `batch`) through the model, writing K/V into `cache`, and
-    /// returns the logits (`logit_rows.len() × vocab`) of the rows in `logit_rows`.
+    /// returns the output rows (`logit_rows.len() × cfg.out_dim()`: logits, or a reward
+    /// model's label scores) of the rows in `logit_rows`.
     pub fn forward(
         &self,
         cache: &mut KvCache,
@@ -120,6 +119,21 @@ impl Model {
         batch: &BatchLayout,
         logit_rows: &[usize],
     ) -> Result<Vec<f32>, RuntimeError> {
+        Ok(self
+            .forward_hidden(cache, tokens, batch, logit_rows, &[])?
+            .0)
+    }
+
+    /// [`Model::forward`], also returning the final-normed hidden states (what the head
+    /// reads; `hidden_rows.len() × hidden_size`) of the rows in `hidden_rows`.
+    pub fn forward_hidden(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        logit_rows: &[usize],
+        hidden_rows: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
         let h = self.cfg.hidden_size;
         let mut x = vec![0.0f32; tokens.len() * h];
         ops::embedding(&self.embed, tokens, &mut x)?;
@@ -131,15 +145,26 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(i, &ctx, batch, cache, &mut x)?;
         }
-        let mut xn = vec![0.0f32; logit_rows.len() * h];
-        xn.par_chunks_mut(h)
-            .zip(logit_rows.par_iter())
-            .for_each(|(o, &r)| {
-                ops::rms_norm(&x[r * h..(r + 1) * h], &self.norm, self.cfg.rms_eps, o)
-            });
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = vec![0.0f32; logit_rows.len() * self.cfg.vocab_size];
-        linear(self.precision, &xn, logit_rows.len(), head, &mut logits)?;
-        Ok(logits)
+        let normed = |rows: &[usize]| {
+            let mut xn = vec![0.0f32; rows.len() * h];
+            xn.par_chunks_mut(h)
+                .zip(rows.par_iter())
+                .for_each(|(o, &r)| {
+                    ops::rms_norm(&x[r * h..(r + 1) * h], &self.norm, self.cfg.rms_eps, o)
+                });
+            xn
+        };
+        let xn = normed(logit_rows);
+        let mut logits = vec![0.0f32; logit_rows.len() * self.cfg.out_dim()];
+        self.head.apply(
+            self.precision,
+            &self.embed,
+            &xn,
+            logit_rows.len(),
+            &mut logits,
+        )?;
+        // Normed again rather than picked out of `xn`: a hidden row need not be a logit row,
+        // and the norm of one row costs nothing next to the head.
+        Ok((logits, normed(hidden_rows)))
     }
 }

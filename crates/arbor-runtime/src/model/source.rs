@@ -11,6 +11,15 @@ use arbor_kernels::Weight;
 pub enum TensorSource {
     Gguf(GgufFile),
     Safetensors(SafeTensors),
+    /// Tensors built in memory (e.g. [`crate::dummy`]), keyed by GGUF name.
+    Memory(std::collections::HashMap<String, MemTensor>),
+}
+
+/// One in-memory tensor: shape as [rows, cols] (outer first), type and raw bytes.
+pub struct MemTensor {
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    pub bytes: Vec<u8>,
 }
 
 /// The HF safetensors name of a GGUF-named tensor.
@@ -62,6 +71,9 @@ impl TensorSource {
                 let t = st.get(&hf_name(name))?;
                 Some((t.shape.clone(), t.dtype, st.data(t)))
             }
+            TensorSource::Memory(m) => m
+                .get(name)
+                .map(|t| (t.shape.clone(), t.ty, t.bytes.as_slice())),
         }
     }
 
@@ -133,6 +145,7 @@ impl TensorSource {
                 .names()
                 .filter_map(|n| st.get(n))
                 .for_each(|t| add(t.dtype)),
+            TensorSource::Memory(m) => m.values().for_each(|t| add(t.ty)),
         }
         counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         counts

@@ -4,6 +4,7 @@
 mod engine;
 mod fixtures;
 mod kv_tree;
+mod reward;
 mod smollm2;
 
 /// (NMSE, max abs error) of `got` against `want`.
