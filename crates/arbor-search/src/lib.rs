@@ -10,6 +10,7 @@ pub mod answer;
 pub mod params;
 pub mod scheduler;
 pub mod sim;
+pub mod spec;
 pub mod strategies;
 pub mod strategy;
 pub mod tree;
@@ -17,8 +18,8 @@ pub mod verifier;
 
 pub use params::Params;
 pub use scheduler::{
-    GenerateRequest, GenerateResult, Outcome, RequestId, Scheduler, SchedulerOptions,
-    SearchRequest, SearchResult,
+    GenerateRequest, GenerateResult, Outcome, RequestId, Scheduler, SchedulerOptions, Scoring,
+    SearchRequest, SearchResult, VerifierModel,
 };
 pub use strategy::{Action, Event, Strategy, Until};
 pub use tree::{Node, NodeId, NodeStatus, SearchTree, StopReason};

@@ -18,6 +18,8 @@ pub struct SimToken {
     pub entropy: f32,
     /// End of generation.
     pub eos: bool,
+    /// The hidden state the runner reports with this token (see [`crate::tree::Node::hidden`]).
+    pub hidden: Vec<f32>,
 }
 
 impl SimToken {
@@ -28,6 +30,7 @@ impl SimToken {
             logprob,
             entropy: 1.0,
             eos: false,
+            hidden: vec![],
         }
     }
     /// The end-of-generation token.
@@ -37,6 +40,7 @@ impl SimToken {
             logprob: 0.0,
             entropy: 1.0,
             eos: true,
+            hidden: vec![],
         }
     }
 }
@@ -281,6 +285,7 @@ fn step(tree: &mut SearchTree, r: &mut Running) -> Option<StopReason> {
     if t.eos {
         return Some(StopReason::Eos);
     }
+    tree.set_hidden(r.node, t.hidden.clone());
     tree.push_token(r.node, intern(&t.text), &t.text, t.logprob, t.entropy);
     let n = tree.node(r.node).expect("running node exists");
     let tail = &n.text[r.generated..];

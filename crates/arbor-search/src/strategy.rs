@@ -115,6 +115,11 @@ pub trait Strategy: Send {
     fn on_token(&mut self, _tree: &SearchTree, _node: NodeId) -> bool {
         true
     }
+    /// Whether the runner should set [`crate::tree::Node::hidden`] before each
+    /// [`Strategy::on_token`] (it costs a copy of one hidden state per token).
+    fn wants_hidden(&self) -> bool {
+        false
+    }
     /// How many sequences the strategy runs at once at most (admission reserves room for
     /// them).
     fn width(&self) -> usize;

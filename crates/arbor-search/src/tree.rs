@@ -39,6 +39,10 @@ pub struct Node {
     /// Entropy (nats) of the policy's distribution at each generated token.
     #[serde(skip)]
     pub token_entropies: Vec<f32>,
+    /// The policy's final-normed hidden state from which the latest token was sampled, when
+    /// the strategy asks for it ([`crate::Strategy::wants_hidden`]); else empty.
+    #[serde(skip)]
+    pub hidden: Vec<f32>,
     /// Latest verifier score, once scored.
     pub score: Option<f64>,
     /// Why generation of this node stopped, once it has.
@@ -105,6 +109,7 @@ impl SearchTree {
             logprob: 0.0,
             token_logprobs: vec![],
             token_entropies: vec![],
+            hidden: vec![],
             score: None,
             stop: None,
             status: NodeStatus::Open,
@@ -197,6 +202,13 @@ impl SearchTree {
             n.logprob += logprob as f64;
             n.token_logprobs.push(logprob);
             n.token_entropies.push(entropy);
+        }
+    }
+
+    /// Sets the hidden state behind `id`'s next token (see [`Node::hidden`]).
+    pub fn set_hidden(&mut self, id: NodeId, hidden: Vec<f32>) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.hidden = hidden;
         }
     }
 

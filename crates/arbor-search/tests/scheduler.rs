@@ -12,6 +12,9 @@ use arbor_search::{
 };
 use std::path::PathBuf;
 
+#[path = "scheduler/verifier_models.rs"]
+mod verifier_models;
+
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen2")
 }
@@ -539,5 +542,35 @@ fn every_strategy_runs_to_a_result_on_smollm2() {
         assert!(!r.answer_text.trim().is_empty(), "{name}: empty answer");
         assert!(r.accounting.policy_tokens > 0, "{name}");
     }
+    assert_clean(&s);
+}
+
+#[test]
+fn st_bon_gets_hidden_states_from_the_engine() {
+    use arbor_search::{strategies, Params};
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    let params = Params::new(3).set("window", 4).set("max_tokens", 8);
+    s.submit_search(SearchRequest {
+        prompt: prompt(9, 5),
+        question: "q".into(),
+        strategy: strategies::build("st-bon", &params).unwrap(),
+        verifiers: vec![],
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        },
+        max_policy_tokens: None,
+        max_wall: None,
+    });
+    let (_, o) = s.run_to_completion().remove(0);
+    let Outcome::Search(Ok(r)) = o else {
+        panic!("{o:?}")
+    };
+    let json = r.tree.to_json().to_string();
+    assert!(
+        json.contains("hidden-state consistency"),
+        "losers must be cut by hidden-state consistency: {json}"
+    );
     assert_clean(&s);
 }

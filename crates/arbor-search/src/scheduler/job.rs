@@ -78,7 +78,7 @@ impl Job {
         Job::new(owner, seq, JobKind::Prefill { node }, feed)
     }
 
-    /// Takes a sampled token: EOS ends the job; otherwise the token is recorded, its text
+    /// Takes a sampled token: EOS ends the job (unless `ignore_eos`); otherwise the token is recorded, its text
     /// decoded, and the job's limits checked. Returns the news (None for EOS) and the stop.
     pub fn take_token(
         &mut self,
@@ -87,8 +87,9 @@ impl Job {
         logprob: f32,
         entropy: f32,
         max_context: usize,
+        ignore_eos: bool,
     ) -> (Option<TokenNews>, Option<StopReason>) {
-        if tok.is_eog(token) {
+        if !ignore_eos && tok.is_eog(token) {
             return (None, Some(StopReason::Eos));
         }
         let text = self.decoder.push(tok, token);

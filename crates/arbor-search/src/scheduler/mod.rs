@@ -12,9 +12,14 @@
 //! Nothing is lost: a request or search ends with a result or an error naming the cause
 //! (cancelled, cannot fit in the KV cache, model error).
 
+mod group;
 mod job;
+mod lane;
+mod progress;
 mod search;
 
+pub use lane::{Scoring, VerifierModel};
+pub use progress::{Progress, SearchProgress, TokenProgress};
 pub use search::{Accounting, Candidate, SearchRequest, SearchResult};
 
 use crate::tree::{NodeId, StopReason};
@@ -82,8 +87,12 @@ pub struct BatchEntry {
 }
 
 enum Req {
-    Generate { prompt_tokens: usize },
+    Generate {
+        prompt_tokens: usize,
+    },
     Search(Box<SearchState>),
+    /// Members of a grouped request waiting for their shared prompt (see `group.rs`).
+    Group(Vec<Job>),
 }
 
 /// The scheduler of one policy engine.
@@ -100,6 +109,11 @@ pub struct Scheduler {
     preemptions: u64,
     /// Searches waiting for room, with the pages they need.
     admit_queue: VecDeque<(RequestId, usize)>,
+    /// Verifier models, stepped in every tick beside the policy.
+    lanes: Vec<VerifierModel>,
+    /// Sampled EOS tokens do not end a generation (see [`Scheduler::set_ignore_eos`]).
+    ignore_eos: bool,
+    progress: progress::ProgressLog,
 }
 
 impl Scheduler {
@@ -116,6 +130,9 @@ impl Scheduler {
             ticks: 0,
             preemptions: 0,
             admit_queue: VecDeque::new(),
+            lanes: Vec::new(),
+            ignore_eos: false,
+            progress: Default::default(),
         }
     }
 
@@ -142,6 +159,30 @@ impl Scheduler {
         self.reqs.len()
     }
 
+    /// With `true`, a sampled or top-k EOS token is kept as an ordinary token, so every
+    /// generation runs to its token limit (benchmarks of fixed lengths). Default `false`.
+    pub fn set_ignore_eos(&mut self, on: bool) {
+        self.ignore_eos = on;
+    }
+
+    /// Ends the scheduler and gives back its engine and tokenizer (call when nothing is
+    /// active: whatever still runs is dropped with its sequences still held).
+    pub fn into_parts(self) -> (Engine, Tokenizer) {
+        (self.engine, self.tokenizer)
+    }
+
+    /// Adds a verifier model (its own engine and KV pool); searches name it as
+    /// `Verifier::Model { lane, .. }` with the returned lane.
+    pub fn add_verifier_model(&mut self, model: VerifierModel) -> usize {
+        self.lanes.push(model);
+        self.lanes.len() - 1
+    }
+
+    /// The verifier models, by lane.
+    pub fn verifier_models(&self) -> &[VerifierModel] {
+        &self.lanes
+    }
+
     /// Tokenises `text` as a user turn through the chat template (or plain, with BOS, for a
     /// model without one).
     pub fn render_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
@@ -158,6 +199,7 @@ impl Scheduler {
         let seq = self.engine.new_seq();
         let mut job = Job::new(id, seq, JobKind::Generate { node: None }, r.prompt.clone());
         job.sampling = r.sampling;
+        job.context = r.prompt.len();
         job.until = crate::Until {
             max_tokens: r.max_tokens,
             stop: r.stop,
@@ -286,6 +328,9 @@ impl Scheduler {
             return;
         };
         self.admit_queue.retain(|(q, _)| *q != id);
+        for lane in &mut self.lanes {
+            lane.cancel(id);
+        }
         for j in self.jobs.iter().filter(|j| j.owner == id) {
             self.engine.free_seq(j.seq);
         }
@@ -296,6 +341,7 @@ impl Scheduler {
                 s.free_all(&mut self.engine);
                 Outcome::Search(Err(why))
             }
+            Req::Group(members) => return self.fail_group(members, &why),
         };
         self.done.push((id, outcome));
     }
@@ -304,6 +350,7 @@ impl Scheduler {
     /// out. Returns the number of sequences stepped.
     pub fn tick(&mut self) -> usize {
         self.admit();
+        let verified = self.step_lanes();
         self.react();
         let picked = self.pack();
         self.last_batch.clear();
@@ -317,7 +364,7 @@ impl Scheduler {
                         .into(),
                 );
             }
-            return 0;
+            return verified;
         }
         let batch = ForwardBatch {
             seqs: picked.iter().map(|(i, s)| self.step_for(*i, s)).collect(),
@@ -340,12 +387,51 @@ impl Scheduler {
                 for o in owners {
                     self.fail(o, format!("model step failed: {e}"));
                 }
-                return 0;
+                return verified;
             }
         }
         self.reap();
         self.measure_kv();
-        picked.len()
+        picked.len() + verified
+    }
+
+    /// Steps every verifier model once and hands the scores to their searches; returns the
+    /// sequences stepped.
+    fn step_lanes(&mut self) -> usize {
+        let mut stepped = 0;
+        for l in 0..self.lanes.len() {
+            let outs = self.lanes[l].step(self.opts.max_batch_tokens, self.opts.max_seqs);
+            stepped += outs.len();
+            for o in outs {
+                let Some(Req::Search(s)) = self.reqs.get_mut(&o.owner) else {
+                    continue;
+                };
+                s.account(o.computed, true, self.ticks);
+                match o.scored {
+                    Some((node, verifier, Ok(score))) => s.scored(node, verifier, score),
+                    Some((_, _, Err(e))) => self.fail(o.owner, e),
+                    None => {}
+                }
+            }
+        }
+        stepped
+    }
+
+    /// Queues the candidates a search sent to verifier models.
+    fn send_to_lanes(&mut self, id: RequestId) -> Result<(), String> {
+        let Some(Req::Search(s)) = self.reqs.get_mut(&id) else {
+            return Ok(());
+        };
+        for (lane, node, verifier, answer) in std::mem::take(&mut s.model_scores) {
+            let Some(model) = self.lanes.get_mut(lane) else {
+                return Err(format!(
+                    "verifier model {lane} is not loaded (the scheduler has {})",
+                    self.lanes.len()
+                ));
+            };
+            model.submit(id, node, verifier, &s.question, &answer)?;
+        }
+        Ok(())
     }
 
     /// Updates each search's peak of KV bytes held.
@@ -438,7 +524,11 @@ impl Scheduler {
         }
         match &j.kind {
             JobKind::Prefill { .. } => {}
-            JobKind::Generate { .. } => s.sample = Some(j.sampling.clone()),
+            JobKind::Generate { node } => {
+                s.sample = Some(j.sampling.clone());
+                s.hidden = node.is_some()
+                    && matches!(self.reqs.get(&j.owner), Some(Req::Search(r)) if r.strategy.wants_hidden());
+            }
             JobKind::TopK { k, .. } => {
                 s.sample = Some(SamplingParams {
                     top_logprobs: *k,
@@ -484,13 +574,20 @@ impl Scheduler {
                     sample.logprob,
                     sample.entropy,
                     max_context,
+                    self.ignore_eos,
                 );
                 let mut stop = stop;
                 if let Some(news) = &news {
                     job.feed = vec![news.token];
+                    if node.is_none() {
+                        self.progress.token(owner, news, &sample.top_logprobs);
+                    }
                 }
                 if let (Some(node), Some(Req::Search(s))) = (node, self.reqs.get_mut(&owner)) {
                     if let Some(news) = &news {
+                        if !out.hidden.is_empty() {
+                            s.tree.set_hidden(node, out.hidden);
+                        }
                         s.tree
                             .push_token(node, news.token, &news.text, news.logprob, news.entropy);
                         if stop.is_none() && !s.strategy.on_token(&s.tree, node) {
@@ -516,7 +613,7 @@ impl Scheduler {
                     };
                     let text = self.tokenizer.decode(&[tok], true);
                     s.tree.push_token(child, tok, &text, lp, 0.0);
-                    let reason = if self.tokenizer.is_eog(tok) {
+                    let reason = if !self.ignore_eos && self.tokenizer.is_eog(tok) {
                         StopReason::Eos
                     } else {
                         StopReason::Length
@@ -546,9 +643,7 @@ impl Scheduler {
                 self.jobs[i].done = Some(StopReason::Length);
                 if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
                     let (ly, ln) = (out.scores[0] as f64, out.scores[1] as f64);
-                    let m = ly.max(ln);
-                    let score = (ly - m).exp() / ((ly - m).exp() + (ln - m).exp());
-                    s.scored(node, verifier, score);
+                    s.scored(node, verifier, crate::verifier::Judge::probability(ly, ln));
                 }
             }
         }
@@ -582,6 +677,9 @@ impl Scheduler {
                     let node = *node;
                     s.child_stopped(&mut self.engine, node, job.seq, reason);
                 }
+                (JobKind::Prefill { .. }, Some(Req::Group(_))) => {
+                    self.start_group(job.owner, job.seq)
+                }
                 (JobKind::Prefill { .. }, _) => {} // the sequence became an anchor
                 _ => {
                     if job.seq != SeqId::MAX {
@@ -601,6 +699,7 @@ impl Scheduler {
             };
             let mut new_jobs = Vec::new();
             let r = s.react(&mut self.engine, &self.tokenizer, id, &mut new_jobs);
+            self.progress.search(id, s);
             let killed: HashSet<NodeId> = s.killed.drain(..).collect();
             self.jobs.extend(new_jobs);
             for j in &mut self.jobs {
@@ -610,7 +709,7 @@ impl Scheduler {
                     }
                 }
             }
-            if let Err(e) = r {
+            if let Err(e) = r.and_then(|_| self.send_to_lanes(id)) {
                 self.fail(id, e);
                 continue;
             }

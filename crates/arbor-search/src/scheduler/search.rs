@@ -73,7 +73,7 @@ pub(crate) struct SearchState {
     pub tree: SearchTree,
     pub strategy: Box<dyn Strategy>,
     verifiers: Vec<Verifier>,
-    question: String,
+    pub question: String,
     sampling: SamplingParams,
     /// Node → sequence holding its path minus the last token.
     pub anchors: HashMap<NodeId, SeqId>,
@@ -81,9 +81,14 @@ pub(crate) struct SearchState {
     pub prefilling: HashSet<NodeId>,
     /// The strategy has started (its root was computed once).
     started: bool,
+    /// Candidates for verifier models: `(lane, node, verifier, answer)`, taken by the
+    /// scheduler after each reaction.
+    pub model_scores: Vec<(usize, NodeId, usize, String)>,
     /// Actions waiting for a node's anchor.
     waiting: HashMap<NodeId, Vec<Action>>,
     pub events: VecDeque<Event>,
+    /// Events delivered to the strategy, kept for progress reports (drained each tick).
+    pub delivered: Vec<Event>,
     pending: VecDeque<Action>,
     /// Nodes pruned since the scheduler last looked (their running jobs must stop).
     pub killed: Vec<NodeId>,
@@ -112,8 +117,10 @@ impl SearchState {
             anchors: HashMap::new(),
             prefilling: HashSet::new(),
             started: false,
+            model_scores: Vec::new(),
             waiting: HashMap::new(),
             events: VecDeque::new(),
+            delivered: Vec::new(),
             pending: VecDeque::new(),
             killed: Vec::new(),
             outcome: None,
@@ -293,6 +300,7 @@ impl SearchState {
             if let Some(a) = self.pending.pop_front() {
                 self.apply(a, engine, tok, owner, jobs)?;
             } else if let Some(e) = self.events.pop_front() {
+                self.delivered.push(e.clone());
                 let next = self.strategy.on_event(&self.tree, e);
                 self.pending.extend(next);
             } else {
@@ -383,6 +391,9 @@ impl SearchState {
                     Some(Verifier::Text(v)) => {
                         let s = v.score(&self.question, &answer)?;
                         self.scored(node, verifier, s);
+                    }
+                    Some(Verifier::Model { lane, .. }) => {
+                        self.model_scores.push((*lane, node, verifier, answer));
                     }
                     Some(Verifier::Judge(j)) => {
                         let prompt = render(tok, &j.prompt(&self.question, &answer))?;

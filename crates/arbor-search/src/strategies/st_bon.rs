@@ -12,10 +12,12 @@ use std::collections::HashSet;
 /// first sample to end ends, if that comes first), it keeps the sample most consistent with
 /// the others and cuts the rest, then finishes with that one when it ends. No verifier.
 ///
-/// Consistency of a sample is the mean, over the other samples, of the Jaccard similarity of
-/// the sets of token bigrams of the samples' first c + `buffer` tokens. This is a
-/// token-level proxy for the paper's chain-of-embedding consistency of hidden states.
-// hidden-state consistency: needs Engine support (the runner returns no hidden states).
+/// Consistency of a sample is the mean, over the other samples, of the cosine similarity
+/// of the samples' mean final-layer hidden states over their first c + `buffer` tokens (the
+/// engine returns them on request, [`Strategy::wants_hidden`]): a one-layer form of the
+/// paper's chain-of-embedding consistency. With `consistency=bigram`, or where a runner
+/// reports no hidden states, it is instead the mean Jaccard similarity of the sets of token
+/// bigrams of those tokens, a token-level proxy.
 ///
 /// Samples that stop before the truncation point take part with the tokens they have; if
 /// every sample stops first, the choice is made among the complete samples. Ties go to the
@@ -26,8 +28,8 @@ use std::collections::HashSet;
 ///
 /// Parameters: `width` (samples, ≥ 1), `buffer` (tokens past c before truncating, default
 /// c itself, i.e. truncation at 2c: the authors' `tau_coeff` = 1), `window` (truncate at
-/// this many tokens instead, ignoring c; default 0: off), `max_tokens` (default 512),
-/// `stop` (default none).
+/// this many tokens instead, ignoring c; default 0: off), `consistency` (`hidden`, the
+/// default, or `bigram`), `max_tokens` (default 512), `stop` (default none).
 #[derive(Debug)]
 pub struct StBon {
     n: usize,
@@ -44,11 +46,24 @@ pub struct StBon {
     /// Losers still to prune (with their reasons), handed out with the next event.
     to_prune: Vec<(NodeId, String)>,
     done: bool,
+    /// Measure consistency on hidden states (else on token bigrams).
+    hidden: bool,
+    /// Per branch: sum of the hidden states of its tokens inside the window, and their count.
+    sums: Vec<(Vec<f64>, usize)>,
 }
 
 impl StBon {
     pub fn from_params(p: &Params) -> Result<Self, String> {
-        let n = sample_width(p, &["buffer", "window"])?;
+        let n = sample_width(p, &["buffer", "window", "consistency"])?;
+        let hidden = match p.string("consistency", "hidden").as_str() {
+            "hidden" => true,
+            "bigram" => false,
+            other => {
+                return Err(format!(
+                    "parameter consistency={other}: use hidden or bigram"
+                ))
+            }
+        };
         let buffer = match p.usize("buffer", usize::MAX)? {
             usize::MAX => None,
             b => Some(b),
@@ -64,6 +79,8 @@ impl StBon {
             survivor: None,
             to_prune: vec![],
             done: false,
+            hidden,
+            sums: vec![(Vec::new(), 0); n],
         })
     }
 
@@ -136,32 +153,13 @@ impl StBon {
         } else {
             usize::MAX
         };
-        let grams: Vec<HashSet<(u32, u32)>> = self
-            .branches
-            .iter()
-            .map(|&b| {
-                let t = Self::tokens(tree, b);
-                t[..t.len().min(len)]
-                    .windows(2)
-                    .map(|w| (w[0], w[1]))
-                    .collect()
-            })
-            .collect();
-        let jaccard = |x: &HashSet<(u32, u32)>, y: &HashSet<(u32, u32)>| {
-            let union = x.union(y).count();
-            if union == 0 {
-                1.0
-            } else {
-                x.intersection(y).count() as f64 / union as f64
-            }
-        };
         let m = self.branches.len();
-        let consistency: Vec<f64> = (0..m)
-            .map(|i| {
-                let others = (0..m).filter(|&j| j != i);
-                others.map(|j| jaccard(&grams[i], &grams[j])).sum::<f64>() / (m - 1).max(1) as f64
-            })
-            .collect();
+        let have_hidden = self.hidden && self.sums.iter().take(m).all(|s| s.1 > 0);
+        let consistency = if have_hidden {
+            hidden_consistency(&self.sums[..m])
+        } else {
+            bigram_consistency(tree, &self.branches, len)
+        };
         let best = argmax((0..m).map(|i| (i, consistency[i]))).unwrap_or(0);
         let s = self.branches[best];
         self.survivor = Some(s);
@@ -169,11 +167,38 @@ impl StBon {
             let finished = tree.node(b).is_some_and(|n| n.is_finished());
             if b != s && !finished {
                 let reason = format!(
-                    "st-bon: kept node {s} (consistency {:.3}; this one {:.3})",
-                    consistency[best], consistency[i]
+                    "st-bon: kept node {s} ({} consistency {:.3}; this one {:.3})",
+                    if have_hidden {
+                        "hidden-state"
+                    } else {
+                        "bigram"
+                    },
+                    consistency[best],
+                    consistency[i]
                 );
                 self.to_prune.push((b, reason));
             }
+        }
+    }
+
+    /// Adds branch `i`'s latest hidden state to its sum while it is inside the window.
+    fn accumulate(&mut self, tree: &SearchTree, i: usize) {
+        let Some(n) = tree.node(self.branches[i]) else {
+            return;
+        };
+        let inside = self.cut_at.is_none_or(|t| n.tokens.len() <= t);
+        if !self.hidden || n.hidden.is_empty() || !inside {
+            return;
+        }
+        let (sum, count) = &mut self.sums[i];
+        if sum.is_empty() {
+            sum.resize(n.hidden.len(), 0.0);
+        }
+        if sum.len() == n.hidden.len() {
+            sum.iter_mut()
+                .zip(&n.hidden)
+                .for_each(|(a, &b)| *a += f64::from(b));
+            *count += 1;
         }
     }
 
@@ -186,9 +211,64 @@ impl StBon {
     }
 }
 
+/// Mean cosine similarity of each branch's mean hidden state to the others'.
+fn hidden_consistency(sums: &[(Vec<f64>, usize)]) -> Vec<f64> {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let cos = |a: &[f64], b: &[f64]| {
+        let d = norm(a) * norm(b);
+        if d == 0.0 {
+            0.0
+        } else {
+            a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>() / d
+        }
+    };
+    // The mean's direction is the sum's: no need to divide by the counts.
+    let m = sums.len();
+    (0..m)
+        .map(|i| {
+            let others = (0..m).filter(|&j| j != i);
+            others.map(|j| cos(&sums[i].0, &sums[j].0)).sum::<f64>() / (m - 1).max(1) as f64
+        })
+        .collect()
+}
+
+/// Mean Jaccard similarity of each branch's set of token bigrams (first `len` tokens) to
+/// the others'.
+fn bigram_consistency(tree: &SearchTree, branches: &[NodeId], len: usize) -> Vec<f64> {
+    let grams: Vec<HashSet<(u32, u32)>> = branches
+        .iter()
+        .map(|&b| {
+            let t = StBon::tokens(tree, b);
+            t[..t.len().min(len)]
+                .windows(2)
+                .map(|w| (w[0], w[1]))
+                .collect()
+        })
+        .collect();
+    let jaccard = |x: &HashSet<(u32, u32)>, y: &HashSet<(u32, u32)>| {
+        let union = x.union(y).count();
+        if union == 0 {
+            1.0
+        } else {
+            x.intersection(y).count() as f64 / union as f64
+        }
+    };
+    let m = branches.len();
+    (0..m)
+        .map(|i| {
+            let others = (0..m).filter(|&j| j != i);
+            others.map(|j| jaccard(&grams[i], &grams[j])).sum::<f64>() / (m - 1).max(1) as f64
+        })
+        .collect()
+}
+
 impl Strategy for StBon {
     fn name(&self) -> &str {
         "st-bon"
+    }
+
+    fn wants_hidden(&self) -> bool {
+        self.hidden
     }
 
     fn start(&mut self, tree: &SearchTree) -> Vec<Action> {
@@ -204,6 +284,7 @@ impl Strategy for StBon {
             let Some(i) = self.branch_index(tree, node) else {
                 return true;
             };
+            self.accumulate(tree, i);
             self.update(tree, i);
             self.try_decide(tree);
         }
@@ -255,7 +336,7 @@ mod tests {
     fn prune(node: NodeId, kept: &str, this: &str) -> Action {
         Action::Prune {
             node,
-            reason: format!("st-bon: kept node 1 (consistency {kept}; this one {this})"),
+            reason: format!("st-bon: kept node 1 (bigram consistency {kept}; this one {this})"),
         }
     }
 
@@ -292,7 +373,7 @@ mod tests {
         let p = Params::new(3).set("window", 3);
         let out = run(p, &["x y ", "p q r s ", "p q r t "]);
         // Node 1 finished before the choice: it is not chosen, and not pruned.
-        let reason = "st-bon: kept node 2 (consistency 0.500; this one 0.500)";
+        let reason = "st-bon: kept node 2 (bigram consistency 0.500; this one 0.500)";
         assert_eq!(
             out.actions[1..],
             [
@@ -311,7 +392,7 @@ mod tests {
         // Sample 1 ends after 2 tokens: c = 2, cut at 4 tokens, where {a b} shares a bigram
         // with 3's {a b, b d, d e} (1/3), and 2's {a c, c d, d e} shares one with 3 (1/5).
         let out = run(Params::new(3), &["a b ", "a c d e f ", "a b d e f "]);
-        let reason = "st-bon: kept node 3 (consistency 0.267; this one 0.100)";
+        let reason = "st-bon: kept node 3 (bigram consistency 0.267; this one 0.100)";
         assert_eq!(
             out.actions[1..],
             [
@@ -338,7 +419,7 @@ mod tests {
             [
                 Action::Prune {
                     node: 2,
-                    reason: "st-bon: kept node 1 (consistency 0.000; this one 0.000)".into()
+                    reason: "st-bon: kept node 1 (bigram consistency 0.000; this one 0.000)".into()
                 },
                 Action::finish(1)
             ]
@@ -346,5 +427,48 @@ mod tests {
         assert!(StBon::from_params(&Params::new(2).set("window", "x")).is_err());
         assert!(StBon::from_params(&Params::new(2).set("percentile", 5)).is_err());
         assert!(StBon::from_params(&Params::new(0)).is_err());
+    }
+
+    #[test]
+    fn hidden_states_decide_when_the_runner_reports_them() {
+        // Bigrams favour sample 1 (as in the first test); the hidden states say samples 2
+        // and 3 agree and 1 is the odd one out: hidden-state consistency keeps 2.
+        let scripts = [
+            "the cat sat on the mat ok",
+            "the cat ran far away fast ok",
+            "the dog sat on the mat ok",
+        ];
+        let dirs = [[1.0, 0.0], [0.2, 1.0], [0.0, 1.0]];
+        let mut s = StBon::from_params(&Params::new(3)).unwrap();
+        assert!(s.wants_hidden());
+        let out = Simulator::new(|_, _, i| {
+            words(scripts[i], -1.0)
+                .into_iter()
+                .map(|mut t| {
+                    t.hidden = dirs[i].to_vec();
+                    t
+                })
+                .collect()
+        })
+        .run(&mut s, "Q")
+        .unwrap();
+        let reason = |this: &str| Action::Prune {
+            node: if this == "0.098" { 1 } else { 3 },
+            reason: format!(
+                "st-bon: kept node 2 (hidden-state consistency 0.588; this one {this})"
+            ),
+        };
+        assert_eq!(
+            out.actions[1..],
+            [reason("0.098"), reason("0.490"), Action::finish(2)]
+        );
+        // consistency=bigram ignores them.
+        let mut s = StBon::from_params(&Params::new(3).set("consistency", "bigram")).unwrap();
+        assert!(!s.wants_hidden());
+        let out = Simulator::new(|_, _, i| words(scripts[i], -1.0))
+            .run(&mut s, "Q")
+            .unwrap();
+        assert_eq!(out.answer, Some(1));
+        assert!(StBon::from_params(&Params::new(3).set("consistency", "vibes")).is_err());
     }
 }

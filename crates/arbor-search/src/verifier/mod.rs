@@ -49,6 +49,14 @@ impl Default for Judge {
 }
 
 impl Judge {
+    /// The score from the log-probabilities of the yes and the no token:
+    /// p(yes) / (p(yes) + p(no)).
+    pub fn probability(logp_yes: f64, logp_no: f64) -> f64 {
+        let m = logp_yes.max(logp_no);
+        let (y, n) = ((logp_yes - m).exp(), (logp_no - m).exp());
+        y / (y + n)
+    }
+
     /// The judging prompt for one candidate.
     pub fn prompt(&self, question: &str, answer: &str) -> String {
         self.template
@@ -63,6 +71,9 @@ pub enum Verifier {
     Text(Box<dyn TextVerifier>),
     /// LM-as-judge on the policy model.
     Judge(Judge),
+    /// A verifier model the scheduler runs beside the policy (a reward model, or another LM
+    /// as judge): lane `lane` of [`crate::Scheduler::add_verifier_model`].
+    Model { lane: usize, name: String },
 }
 
 impl Verifier {
@@ -71,6 +82,7 @@ impl Verifier {
         match self {
             Verifier::Text(t) => t.name(),
             Verifier::Judge(_) => "judge:policy".into(),
+            Verifier::Model { name, .. } => name.clone(),
         }
     }
 }

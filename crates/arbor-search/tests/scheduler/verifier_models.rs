@@ -1,0 +1,212 @@
+//! Verifier models in their own engines, stepped in the same ticks as the policy: a trained
+//! outcome reward model, a process reward model and another LM as judge.
+
+use super::{assert_clean, fixture, prompt, scheduler};
+use arbor_kernels::ops::SamplingParams;
+use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, SeqStep};
+use arbor_search::verifier::{Judge, Verifier};
+use arbor_search::{
+    strategies, Outcome, Params, Scheduler, SchedulerOptions, Scoring, SearchRequest, VerifierModel,
+};
+use std::path::{Path, PathBuf};
+
+fn model_dir(name: &str) -> PathBuf {
+    fixture().join("..").join(name)
+}
+
+/// A lane for the model at `dir`, scoring by its reward head (or as judge when `judge`).
+fn lane(dir: &Path, judge: bool) -> VerifierModel {
+    let loaded = arbor_runtime::load(dir).expect("verifier fixture");
+    let scoring = match loaded.model.cfg.reward.clone() {
+        Some(head) if !judge => Scoring::Reward {
+            head,
+            separator: "\n".into(),
+        },
+        _ => Scoring::Judge(Judge::default()),
+    };
+    let engine = Engine::new(
+        loaded.model,
+        &EngineOptions {
+            kv_cache_bytes: 2 << 20,
+            page_size: 8,
+        },
+    )
+    .expect("engine");
+    VerifierModel::new(dir.display().to_string(), engine, loaded.tokenizer, scoring)
+}
+
+fn best_of(s: &mut Scheduler, n: usize, verifier: Verifier) -> u64 {
+    let params = Params::new(n).set("max_tokens", 5);
+    s.submit_search(SearchRequest {
+        prompt: prompt(11, 3),
+        question: "q".into(),
+        strategy: strategies::build("best-of-n", &params).unwrap(),
+        verifiers: vec![verifier],
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: 11,
+            ..Default::default()
+        },
+        max_policy_tokens: None,
+        max_wall: None,
+    })
+}
+
+/// What the reward model says about `answer` to "q" when run alone: the lane's rendering
+/// for a tokenizer without a chat template is `question \n answer`.
+fn direct_score(dir: &Path, answer: &str) -> f64 {
+    let loaded = arbor_runtime::load(dir).expect("fixture");
+    let head = loaded.model.cfg.reward.clone().expect("reward head");
+    assert!(loaded.tokenizer.chat_template().is_none());
+    let tok = &loaded.tokenizer;
+    let tokens = tok
+        .encode(&format!("q\n{answer}"), tok.add_bos_default(), false)
+        .unwrap();
+    let mut e = Engine::new(loaded.model, &EngineOptions::default()).unwrap();
+    let seq = e.new_seq();
+    let out = e
+        .step(&ForwardBatch {
+            seqs: vec![SeqStep {
+                seq,
+                tokens,
+                logits: LogitsMode::Last,
+                ..Default::default()
+            }],
+        })
+        .unwrap();
+    f64::from(head.prob(&out[0].logits))
+}
+
+#[test]
+fn an_outcome_reward_model_scores_in_the_same_ticks() {
+    let dir = model_dir("reward-orm");
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    let l = s.add_verifier_model(lane(&dir, false));
+    let name = s.verifier_models()[l].name.clone();
+    let id = best_of(
+        &mut s,
+        4,
+        Verifier::Model {
+            lane: l,
+            name: name.clone(),
+        },
+    );
+    let mut done = s.run_to_completion();
+    let (got, Outcome::Search(Ok(r))) = done.remove(0) else {
+        panic!("search failed")
+    };
+    assert_eq!(got, id);
+    assert_eq!(r.verifiers, vec![name]);
+    assert_eq!(r.candidates.len(), 4);
+    assert!(r.accounting.verifier_tokens > 0, "{:?}", r.accounting);
+    for c in &r.candidates {
+        let want = direct_score(&dir, &c.text);
+        let got = c.score.expect("scored");
+        assert!(
+            (got - want).abs() < 1e-5,
+            "{got} vs {want} for {:?}",
+            c.text
+        );
+    }
+    let best = r
+        .candidates
+        .iter()
+        .map(|c| c.score.unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(
+        r.candidates[0].score,
+        Some(best),
+        "the answer is the best-scored"
+    );
+    assert_clean(&s);
+    assert_eq!(s.verifier_models()[l].engine().kv_stats().pages_in_use, 0);
+}
+
+#[test]
+fn a_process_reward_model_and_a_second_lm_judge_share_a_tick() {
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    let prm = s.add_verifier_model(lane(&model_dir("reward-prm"), false));
+    let judge = s.add_verifier_model(lane(&model_dir("llama"), true));
+    let a = best_of(
+        &mut s,
+        3,
+        Verifier::Model {
+            lane: prm,
+            name: "prm".into(),
+        },
+    );
+    let b = best_of(
+        &mut s,
+        3,
+        Verifier::Model {
+            lane: judge,
+            name: "judge".into(),
+        },
+    );
+    // Cancelling a search frees its scoring sequences too.
+    let c = best_of(
+        &mut s,
+        2,
+        Verifier::Model {
+            lane: judge,
+            name: "judge".into(),
+        },
+    );
+    let mut both_lanes_busy = false;
+    let mut ticks = 0;
+    while s.active() > 0 {
+        both_lanes_busy |= s.verifier_models().iter().all(|m| m.pending() > 0);
+        s.tick();
+        ticks += 1;
+        if ticks == 4 {
+            s.cancel(c);
+        }
+        assert!(ticks < 10_000);
+    }
+    assert!(
+        both_lanes_busy,
+        "the two verifier models never had work in the same tick"
+    );
+    let done = s.take_finished();
+    for (id, o) in done {
+        match o {
+            Outcome::Search(Ok(r)) if id == a || id == b => {
+                assert_eq!(r.candidates.len(), 3);
+                for c in &r.candidates {
+                    let x = c.score.expect("scored");
+                    assert!(x > 0.0 && x < 1.0, "{x}");
+                }
+            }
+            Outcome::Search(Err(e)) if id == c => assert!(e.contains("cancelled"), "{e}"),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_clean(&s);
+    for m in s.verifier_models() {
+        assert_eq!(
+            m.engine().kv_stats().pages_in_use,
+            0,
+            "{} leaked pages",
+            m.name
+        );
+    }
+}
+
+#[test]
+fn a_missing_lane_is_a_clear_error() {
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    best_of(
+        &mut s,
+        2,
+        Verifier::Model {
+            lane: 3,
+            name: "nope".into(),
+        },
+    );
+    let (_, o) = s.run_to_completion().remove(0);
+    let Outcome::Search(Err(e)) = o else {
+        panic!("{o:?}")
+    };
+    assert!(e.contains("verifier model 3 is not loaded"), "{e}");
+    assert_clean(&s);
+}
