@@ -241,3 +241,313 @@ fn chat_answers_each_turn_and_survives_errors() {
         "{text:?}"
     );
 }
+
+// ---- arbor bench and arbor profile-kv ----
+
+/// Keys every `arbor bench --json` record has.
+const BENCH_KEYS: &[&str] = &[
+    "strategy",
+    "width",
+    "prompt_len",
+    "gen_len",
+    "sharing",
+    "tokens_per_s",
+    "steps_per_s",
+    "step_p50_ms",
+    "step_p99_ms",
+    "kv_peak_bytes",
+    "kv_bytes_per_unique_token",
+    "generated_tokens",
+    "processed_tokens",
+    "steps",
+    "wall_s",
+    "model",
+    "device",
+    "kv_peak_pages",
+    "page_bytes",
+];
+
+fn is_svg(path: &Path) -> bool {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let head = text.trim_start();
+    (head.starts_with("<svg") || head.starts_with("<?xml")) && text.trim_end().ends_with("</svg>")
+}
+
+#[test]
+fn bench_grid_reports_consistent_cells_csv_and_plots() {
+    let dir = temp_dir("bench");
+    let m = fixture("qwen2");
+    let out = arbor(&[
+        "bench",
+        "--model",
+        &m,
+        "--page-size",
+        "8",
+        "--strategy",
+        "best-of-n,beam",
+        "--width",
+        "1,4",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "8",
+        "--sharing",
+        "on,off",
+        "--json",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(recs.len(), 8, "2 strategies × 2 widths × 2 sharing modes");
+    let n = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(-1.0);
+    for r in &recs {
+        for k in BENCH_KEYS {
+            assert!(r.get(*k).is_some_and(|v| !v.is_null()), "{k} missing: {r}");
+        }
+        assert_eq!(n(r, "errors"), 0.0, "{r}");
+        // Every branch generates exactly gen_len tokens (EOS ignored), one search per cell.
+        assert_eq!(n(r, "generated_tokens"), n(r, "width") * 8.0, "{r}");
+        assert_eq!(
+            n(r, "kv_peak_bytes"),
+            n(r, "kv_peak_pages") * n(r, "page_bytes")
+        );
+        assert!(n(r, "tokens_per_s") > 0.0 && n(r, "step_p99_ms") >= n(r, "step_p50_ms"));
+    }
+    let cell = |s: &str, w: f64, sh: &str| {
+        recs.iter()
+            .find(|r| r["strategy"] == s && n(r, "width") == w && r["sharing"] == sh)
+            .unwrap_or_else(|| panic!("no cell {s} {w} {sh}"))
+    };
+    for s in ["best-of-n", "beam"] {
+        let (on, off) = (cell(s, 4.0, "on"), cell(s, 4.0, "off"));
+        assert!(
+            n(off, "kv_peak_pages") > n(on, "kv_peak_pages"),
+            "{on}\n{off}"
+        );
+        // Off: each of the 4 branches computes and stores its own 2-page prompt.
+        assert!(n(off, "kv_peak_pages") >= 8.0, "{off}");
+        assert!(n(off, "processed_tokens") - n(on, "processed_tokens") >= 4.0 * 15.0);
+        assert!(n(off, "kv_bytes_per_unique_token") > n(on, "kv_bytes_per_unique_token"));
+    }
+    let csv = std::fs::read_to_string(dir.join("bench.csv")).expect("bench.csv");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("header").split(',').collect();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), recs.len());
+    for (row, r) in rows.iter().zip(&recs) {
+        assert_eq!(row.len(), header.len(), "{row:?}");
+        for k in [
+            "strategy",
+            "width",
+            "sharing",
+            "generated_tokens",
+            "kv_peak_pages",
+        ] {
+            let i = header.iter().position(|h| h == &k).expect("column");
+            let want = r[k].as_str().map_or(r[k].to_string(), str::to_string);
+            assert_eq!(row[i], want, "{k}");
+        }
+    }
+    for f in ["tokens_per_s_p16_g8.svg", "kv_peak_p16_g8.svg"] {
+        assert!(is_svg(&dir.join(f)), "{f} is not an SVG");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_rejects_bad_grids() {
+    let m = fixture("qwen2");
+    fails_with(
+        &arbor(&["bench", "--model", &m, "--strategy", "vote"]),
+        "not benchmarked",
+    );
+    fails_with(
+        &arbor(&["bench", "--model", &m, "--width", "0"]),
+        "at least 1",
+    );
+    fails_with(
+        &arbor(&["bench", "--model", &m, "--sharing", "maybe"]),
+        "neither on nor off",
+    );
+    fails_with(
+        &arbor(&["bench", "--model", &m, "--prompt-len", "200"]),
+        "exceed the model's context",
+    );
+    fails_with(
+        &arbor(&["bench", "--dummy-weights", "gpt-5", "--width", "1"]),
+        "known shapes are smollm2-135m",
+    );
+}
+
+#[test]
+fn profile_kv_writes_a_timeline_and_a_fits_table() {
+    let dir = temp_dir("profile-kv");
+    let m = fixture("qwen2");
+    let out = arbor(&[
+        "profile-kv",
+        "--model",
+        &m,
+        "--width",
+        "4",
+        "--prompt-tokens",
+        "32",
+        "--gen-tokens",
+        "16",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "Fits",
+        "need = weights",
+        "24 GB",
+        "48 GB",
+        "80 GB",
+        "141 GB",
+    ] {
+        assert!(text.contains(want), "no {want:?} in {text}");
+    }
+    let csv = std::fs::read_to_string(dir.join("kv_timeline.csv")).expect("timeline");
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("step,t_ms,pages_in_use,pages_cached,kv_bytes,unique_tokens,gpu_mem_used_bytes")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    // One prompt step, then 16 sampling steps and the last write.
+    assert_eq!(rows.len(), 18);
+    let mut per_page = None;
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.len(), 7, "{r:?}");
+        assert_eq!(r[0], (i + 1).to_string());
+        let v: Vec<f64> = r[1..6].iter().map(|x| x.parse().expect("number")).collect();
+        assert!(r[6].is_empty() || r[6].parse::<u64>().is_ok());
+        let bytes_per_page = v[3] / v[1];
+        assert_eq!(*per_page.get_or_insert(bytes_per_page), bytes_per_page);
+    }
+    assert!(is_svg(&dir.join("kv_timeline.svg")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- arbor search ----
+
+fn search_lines(out: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+#[test]
+fn search_with_a_reward_model_beside_the_policy() {
+    let orm = format!("orm:{}", fixture("reward-orm"));
+    let out = arbor(&[
+        "search",
+        "-m",
+        &fixture("qwen2"),
+        "--strategy",
+        "best-of-n",
+        "--width",
+        "3",
+        "-P",
+        "max_tokens=6",
+        "--prompt",
+        "hello",
+        "--verifier",
+        &orm,
+    ]);
+    let v = &search_lines(&out)[0];
+    assert_eq!(v["verifier"][0], orm.as_str());
+    let cands = v["candidates"].as_array().expect("candidates");
+    assert_eq!(cands.len(), 3);
+    for c in cands {
+        let s = c["score"].as_f64().expect("scored");
+        assert!(s > 0.0 && s < 1.0, "{s}");
+    }
+    assert!(v["accounting"]["verifier_tokens"].as_u64().unwrap() > 0);
+    // The wrong kind of model, and a model spec that does not load, fail clearly.
+    let prm = format!("prm:{}", fixture("reward-orm"));
+    let out = arbor(&[
+        "search",
+        "-m",
+        &fixture("qwen2"),
+        "--strategy",
+        "best-of-n",
+        "--prompt",
+        "x",
+        "--verifier",
+        &prm,
+    ]);
+    fails_with(&out, "ForTokenClassification");
+    let out = arbor(&[
+        "search",
+        "-m",
+        &fixture("qwen2"),
+        "--strategy",
+        "best-of-n",
+        "--prompt",
+        "x",
+        "--verifier",
+        "judge:/no/such/model",
+    ]);
+    fails_with(&out, "/no/such/model");
+}
+
+#[test]
+fn adaptive_over_a_dataset_pools_its_budget() {
+    let dir = temp_dir("adaptive");
+    let data = dir.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\":\"What is 2+2?\"}\n{\"prompt\":\"What is 3+5?\"}\n{\"prompt\":\"Name a colour.\"}\n",
+    )
+    .unwrap();
+    let out = arbor(&[
+        "search",
+        "-m",
+        &fixture("qwen2"),
+        "--strategy",
+        "adaptive",
+        "--width",
+        "4",
+        "-P",
+        "budget=4",
+        "-P",
+        "probe=2",
+        "-P",
+        "max_tokens=6",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--verifier",
+        "regex:^ [a-z]",
+    ]);
+    let lines = search_lines(&out);
+    assert_eq!(lines.len(), 3);
+    let drawn: usize = lines
+        .iter()
+        .map(|v| v["candidates"].as_array().unwrap().len())
+        .sum();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let granted: usize = err
+        .split("adaptive: ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pool summary: {err}"));
+    // Every prompt draws its 2 probes; the pool's grants are drawn in full, never more than
+    // the 3 × (4 − 2) it holds.
+    assert_eq!(drawn, 6 + granted, "{err}");
+    assert!(granted <= 6);
+}

@@ -14,6 +14,11 @@ pub struct ModelArgs {
     /// Default: SmolLM2-135M-Instruct, fetched on first use into the cache (ARBOR_CACHE).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// Instead of a model file: random weights of a published shape, `SHAPE[:q4_0|q8_0]`
+    /// (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama-3.2-1b, llama-3-8b), with
+    /// a synthetic byte-level tokenizer; for benchmarks of models not at hand.
+    #[arg(long, value_name = "SHAPE", conflicts_with = "model")]
+    pub dummy_weights: Option<String>,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
@@ -39,6 +44,9 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The model path: `--model`, or the default model (fetched if not cached).
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        if let Some(d) = &self.dummy_weights {
+            return Ok(PathBuf::from(format!("dummy:{d}")));
+        }
         if let Some(p) = &self.model {
             return Ok(p.clone());
         }
@@ -101,12 +109,17 @@ impl ModelArgs {
         if !(self.kv_cache_gb > 0.0 && self.kv_cache_gb.is_finite()) {
             bail!("--kv-cache-gb must be a positive number of GiB");
         }
-        let path = self.resolve()?;
         let LoadedModel {
             mut model,
             tokenizer,
             load_secs,
-        } = arbor_runtime::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        } = match &self.dummy_weights {
+            Some(spec) => dummy(spec)?,
+            None => {
+                let path = self.resolve()?;
+                arbor_runtime::load(&path).with_context(|| format!("loading {}", path.display()))?
+            }
+        };
         if self.exact {
             model.precision = arbor_runtime::model::Precision::Exact;
         }
@@ -116,4 +129,22 @@ impl ModelArgs {
         };
         Ok((Engine::new(model, &opts)?, tokenizer, load_secs))
     }
+}
+
+/// Builds the random-weight model of `spec` and its synthetic tokenizer.
+fn dummy(spec: &str) -> anyhow::Result<LoadedModel> {
+    let t0 = std::time::Instant::now();
+    let (shape, _) = arbor_runtime::dummy::parse_spec(spec)?;
+    eprintln!(
+        "Building {} with random weights ({:.2} B parameters)",
+        shape.name,
+        shape.published_params as f64 / 1e9
+    );
+    let model = arbor_runtime::dummy::model(spec, 0)?;
+    let tokenizer = arbor_runtime::dummy::tokenizer(model.cfg.vocab_size)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        load_secs: t0.elapsed().as_secs_f64(),
+    })
 }

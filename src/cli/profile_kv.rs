@@ -1,7 +1,14 @@
 //! `arbor profile-kv`: runs a fixed-shape search workload (best-of-N or token-level beam) and
 //! reports what its KV cache holds at the end: pages in use, distinct token positions, and
 //! KV bytes per unique token beside what per-branch private copies would cost.
+//!
+//! After every step it samples the engine's page accounting and, through NVML, the GPU's
+//! memory (`--out DIR`: `kv_timeline.csv` and `kv_timeline.svg`), and it prints which
+//! width × context budgets fit on 24, 48, 80 and 141 GB GPUs (formula at
+//! [`super::kv_timeline::fits_table`]).
 
+use super::gpu::GpuMem;
+use super::kv_timeline::{fits_table, Timeline};
 use super::model::ModelArgs;
 use anyhow::{bail, Context};
 use arbor_kernels::kv::{BlockTable, KvStats, SeqId};
@@ -44,6 +51,9 @@ pub struct ProfileKvArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Write the per-step timeline (kv_timeline.csv, kv_timeline.svg) into this directory.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 const TEXT: &str =
@@ -92,15 +102,57 @@ pub fn profile_kv(a: ProfileKvArgs) -> anyhow::Result<()> {
     }
     prompt.truncate(a.prompt_tokens);
 
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let gpu = GpuMem::open(match a.model.device {
+        arbor_kernels::Device::Cuda(i) => i as u32,
+        _ => 0,
+    });
+    if !gpu.available() {
+        eprintln!(
+            "NVML absent: engine accounting only ({})",
+            gpu.note().trim_start_matches("NVML absent: ")
+        );
+    }
+    let mut tl = Timeline::new(gpu);
     let t0 = Instant::now();
     let branches = match a.strategy {
-        Workload::BestOfN => best_of_n(&mut engine, &prompt, &a)?,
-        Workload::Beam => beam(&mut engine, &prompt, &a)?,
+        Workload::BestOfN => best_of_n(&mut engine, &prompt, &a, &mut tl)?,
+        Workload::Beam => beam(&mut engine, &prompt, &a, &mut tl)?,
     };
     let secs = t0.elapsed().as_secs_f64();
     let stats = engine.kv_stats();
     engine.cache().check().map_err(anyhow::Error::msg)?;
     report(&engine, &a, &branches, &stats, secs);
+    let fits = fits_table(
+        match a.strategy {
+            Workload::BestOfN => "best-of-n",
+            Workload::Beam => "beam",
+        },
+        engine.model.cfg.param_count(),
+        stats.bytes_per_unique_token().unwrap_or(1.0),
+        engine.cache().layout().bytes_per_token(2),
+        a.gen_tokens,
+        engine.model.cfg.max_context,
+    );
+    if a.json {
+        eprint!("{fits}");
+    } else {
+        print!("\n{fits}");
+    }
+    if let Some(dir) = &a.out {
+        let csv = dir.join("kv_timeline.csv");
+        tl.write_csv(&csv)
+            .with_context(|| format!("writing {}", csv.display()))?;
+        let title = format!("KV memory over time: {:?} width {}", a.strategy, a.width);
+        tl.write_svg(&dir.join("kv_timeline.svg"), &title)?;
+        eprintln!(
+            "wrote {} steps to {} and kv_timeline.svg",
+            tl.samples.len(),
+            csv.display()
+        );
+    }
     for s in branches {
         engine.free_seq(s);
     }
@@ -109,10 +161,15 @@ pub fn profile_kv(a: ProfileKvArgs) -> anyhow::Result<()> {
 
 /// Forks `width` branches from the prompt and samples `gen_tokens` each, all branches in one
 /// step per token.
-fn best_of_n(e: &mut Engine, prompt: &[u32], a: &ProfileKvArgs) -> anyhow::Result<Vec<SeqId>> {
+fn best_of_n(
+    e: &mut Engine,
+    prompt: &[u32],
+    a: &ProfileKvArgs,
+    tl: &mut Timeline,
+) -> anyhow::Result<Vec<SeqId>> {
     let (last, head) = prompt.split_last().expect("prompt has ≥ 2 tokens");
     let root = e.new_seq();
-    run(e, vec![step_of(root, head.to_vec(), None)])?;
+    run(e, vec![step_of(root, head.to_vec(), None)], tl)?;
     let mut branches = Vec::with_capacity(a.width);
     for _ in 0..a.width {
         branches.push(e.fork_seq(root)?);
@@ -133,7 +190,7 @@ fn best_of_n(e: &mut Engine, prompt: &[u32], a: &ProfileKvArgs) -> anyhow::Resul
             .enumerate()
             .map(|(i, (&s, &tok))| step_of(s, vec![tok], (t < a.gen_tokens).then(|| params(i))))
             .collect();
-        let out = run(e, seqs)?;
+        let out = run(e, seqs, tl)?;
         next = out
             .iter()
             .map(|o| o.sample.as_ref().map_or(0, |s| s.token))
@@ -143,10 +200,15 @@ fn best_of_n(e: &mut Engine, prompt: &[u32], a: &ProfileKvArgs) -> anyhow::Resul
 }
 
 /// Token-level beam search by cumulative log-probability.
-fn beam(e: &mut Engine, prompt: &[u32], a: &ProfileKvArgs) -> anyhow::Result<Vec<SeqId>> {
+fn beam(
+    e: &mut Engine,
+    prompt: &[u32],
+    a: &ProfileKvArgs,
+    tl: &mut Timeline,
+) -> anyhow::Result<Vec<SeqId>> {
     let (last, head) = prompt.split_last().expect("prompt has ≥ 2 tokens");
     let root = e.new_seq();
-    run(e, vec![step_of(root, head.to_vec(), None)])?;
+    run(e, vec![step_of(root, head.to_vec(), None)], tl)?;
     // (sequence, cumulative logprob, token to append next)
     let mut beams: Vec<(SeqId, f64, u32)> = vec![(root, 0.0, *last)];
     let greedy = SamplingParams {
@@ -158,7 +220,7 @@ fn beam(e: &mut Engine, prompt: &[u32], a: &ProfileKvArgs) -> anyhow::Result<Vec
             .iter()
             .map(|&(s, _, tok)| step_of(s, vec![tok], Some(greedy.clone())))
             .collect();
-        let out = run(e, seqs)?;
+        let out = run(e, seqs, tl)?;
         let mut cands: Vec<(f64, usize, u32)> = Vec::new();
         for (b, o) in out.iter().enumerate() {
             let s = o.sample.as_ref().context("beam step returned no sample")?;
@@ -191,7 +253,7 @@ fn beam(e: &mut Engine, prompt: &[u32], a: &ProfileKvArgs) -> anyhow::Result<Vec
         .iter()
         .map(|&(s, _, tok)| step_of(s, vec![tok], None))
         .collect();
-    run(e, seqs)?;
+    run(e, seqs, tl)?;
     Ok(beams.into_iter().map(|(s, _, _)| s).collect())
 }
 
@@ -205,8 +267,15 @@ fn step_of(seq: SeqId, tokens: Vec<u32>, sample: Option<SamplingParams>) -> SeqS
     }
 }
 
-fn run(e: &mut Engine, seqs: Vec<SeqStep>) -> anyhow::Result<Vec<arbor_runtime::SeqOutput>> {
-    Ok(e.step(&ForwardBatch { seqs })?)
+/// Steps the engine and samples the timeline.
+fn run(
+    e: &mut Engine,
+    seqs: Vec<SeqStep>,
+    tl: &mut Timeline,
+) -> anyhow::Result<Vec<arbor_runtime::SeqOutput>> {
+    let out = e.step(&ForwardBatch { seqs })?;
+    tl.record(e);
+    Ok(out)
 }
 
 fn report(e: &Engine, a: &ProfileKvArgs, branches: &[SeqId], st: &KvStats, secs: f64) {

@@ -5,8 +5,9 @@
 use super::model::ModelArgs;
 use anyhow::{bail, Context};
 use arbor_kernels::ops::SamplingParams;
+use arbor_search::spec::{self, VerifierOptions};
 use arbor_search::strategies::adaptive::Adaptive;
-use arbor_search::verifier::{CodeVerifier, CommandVerifier, Judge, RuleVerifier, Verifier};
+use arbor_search::verifier::Verifier;
 use arbor_search::{strategies, Outcome, Params, Scheduler, SchedulerOptions, SearchRequest};
 use clap::Args;
 use std::collections::{BTreeMap, VecDeque};
@@ -32,9 +33,16 @@ pub struct SearchArgs {
     /// {question, answer} → a number on stdout), `code[:PYTHON]` (runs each candidate Python
     /// program on the prompt's worked examples under limits; score = examples passed, ties to
     /// the largest cluster of identical behaviour), `rule` (the extracted answer equals the
-    /// dataset line's "answer"), or `regex:PATTERN` (1 if the candidate matches).
+    /// dataset line's "answer"), `regex:PATTERN` (1 if the candidate matches), or a verifier
+    /// model run beside the policy in the same steps: `orm:DIR` (an outcome reward model,
+    /// HF `*ForSequenceClassification`), `prm:DIR` (a process reward model,
+    /// `*ForTokenClassification`, read at the step separator "\n\n") or `judge:MODEL` (another
+    /// LM as judge).
     #[arg(long, default_value = "judge")]
     pub verifier: String,
+    /// KV cache of a verifier model, in GB.
+    #[arg(long, default_value_t = 0.25)]
+    pub verifier_kv_gb: f64,
     /// Seconds an external verifier command or a code candidate may take.
     #[arg(long, default_value_t = 10.0)]
     pub verifier_timeout: f64,
@@ -125,27 +133,22 @@ fn items(a: &SearchArgs) -> anyhow::Result<Vec<Item>> {
     Ok(out)
 }
 
-fn verifier(a: &SearchArgs, item: &Item) -> anyhow::Result<Verifier> {
-    let spec = a.verifier.as_str();
-    Ok(
-        match spec.split_once(':').map_or((spec, ""), |(k, v)| (k, v)) {
-            ("judge", _) => Verifier::Judge(Judge::default()),
-            ("command", cmd) if !cmd.is_empty() => Verifier::Text(Box::new(CommandVerifier {
-                command: cmd.to_string(),
-                timeout: Duration::from_secs_f64(a.verifier_timeout),
-            })),
-            ("rule", _) => {
-                let Some(expected) = &item.answer else {
-                    bail!("--verifier rule needs an \"answer\" field on each dataset line");
-                };
-                Verifier::Text(Box::new(RuleVerifier::expected(expected)))
-            }
-            ("regex", pat) if !pat.is_empty() => Verifier::Text(Box::new(
-                RuleVerifier::regex(pat).map_err(anyhow::Error::msg)?,
-            )),
-            _ => bail!("unknown verifier '{spec}': use judge, command:CMD, rule or regex:PATTERN"),
-        },
-    )
+fn verifier(a: &SearchArgs, item: &Item, models: &[(String, usize)]) -> anyhow::Result<Verifier> {
+    if !(a.verifier_timeout > 0.0 && a.verifier_timeout.is_finite()) {
+        bail!("--verifier-timeout must be a positive number of seconds");
+    }
+    let opts = VerifierOptions {
+        command_timeout: Duration::from_secs_f64(a.verifier_timeout),
+        allow_command: true,
+        models: models.to_vec(),
+    };
+    spec::verifier(&a.verifier, item.answer.as_deref(), &opts).map_err(|e| {
+        if a.verifier == "rule" {
+            anyhow::anyhow!("--verifier rule needs an \"answer\" field on each dataset line")
+        } else {
+            anyhow::anyhow!(e)
+        }
+    })
 }
 
 pub fn search(a: SearchArgs) -> anyhow::Result<()> {
@@ -175,6 +178,16 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
         );
     }
     let mut sched = Scheduler::new(engine, tokenizer, SchedulerOptions::default());
+    let mut models = Vec::new();
+    if spec::is_model(&a.verifier) {
+        if !(a.verifier_kv_gb > 0.0 && a.verifier_kv_gb.is_finite()) {
+            bail!("--verifier-kv-gb must be a positive number");
+        }
+        let bytes = (a.verifier_kv_gb * 1e9) as usize;
+        let m =
+            spec::load_model(&a.verifier, bytes, a.model.page_size).map_err(anyhow::Error::msg)?;
+        models.push((a.verifier.clone(), sched.add_verifier_model(m)));
+    }
     let mut tree_out = match &a.tree {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -201,7 +214,7 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
                     ),
                     None => strategies::build(&a.strategy, &params).map_err(anyhow::Error::msg)?,
                 },
-                verifiers: vec![verifier(&a, it)?],
+                verifiers: vec![verifier(&a, it, &models)?],
                 sampling: SamplingParams {
                     temperature: a.temperature,
                     top_p: a.top_p,
