@@ -158,17 +158,14 @@ pub async fn respond(
     let count = job.prompts.len() * job.n;
     let stops = job.stop.clone();
     let logprobs = job.logprobs.is_some();
-    let submit = slot.submit(|ticket, tx| Command::Generate {
+    let submitted = slot.submit(deadline, |ticket, tx| Command::Generate {
         ticket,
         job: Box::new(job),
         tx,
     });
-    let (rx, prompt_tokens) = match tokio::time::timeout_at(deadline, submit).await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return e.into_response(),
-        Err(_) => {
-            return ApiError::timeout(state.cfg.request_timeout.as_secs_f64()).into_response()
-        }
+    let (rx, prompt_tokens) = match submitted.await {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
     };
     let meta = Meta {
         id: format!("{}-{:x}{:04x}", flavor.id_prefix(), now(), slot.ticket),

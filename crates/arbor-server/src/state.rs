@@ -71,8 +71,21 @@ impl Slot {
     }
 
     /// Sends the command `make` builds for this ticket and waits for the worker's answer:
-    /// the receiver of the request's updates and the prompt token counts, or the rejection.
+    /// the receiver of the request's updates and the prompt token counts, the rejection, or
+    /// a timeout error once `deadline` passes.
     pub async fn submit(
+        &mut self,
+        deadline: tokio::time::Instant,
+        make: impl FnOnce(Ticket, tokio::sync::mpsc::UnboundedSender<Update>) -> Command,
+    ) -> Result<(UnboundedReceiver<Update>, Vec<usize>), ApiError> {
+        let timeout_s = self.state.cfg.request_timeout.as_secs_f64();
+        tokio::time::timeout_at(deadline, self.accepted(make))
+            .await
+            .unwrap_or_else(|_| Err(ApiError::timeout(timeout_s)))
+    }
+
+    /// Sends the command and waits for the worker to accept or reject it.
+    async fn accepted(
         &mut self,
         make: impl FnOnce(Ticket, tokio::sync::mpsc::UnboundedSender<Update>) -> Command,
     ) -> Result<(UnboundedReceiver<Update>, Vec<usize>), ApiError> {

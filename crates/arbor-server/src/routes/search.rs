@@ -36,17 +36,14 @@ pub async fn handle(
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    let submit = slot.submit(|ticket, tx| Command::Search {
+    let submitted = slot.submit(deadline, |ticket, tx| Command::Search {
         ticket,
         job: Box::new(job),
         tx,
     });
-    let (rx, prompt_tokens) = match tokio::time::timeout_at(deadline, submit).await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return e.into_response(),
-        Err(_) => {
-            return ApiError::timeout(state.cfg.request_timeout.as_secs_f64()).into_response()
-        }
+    let (rx, prompt_tokens) = match submitted.await {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
     };
     let mut s = Searching {
         id: format!("search-{:x}{:04x}", now(), slot.ticket),
