@@ -44,6 +44,13 @@ pub struct ServeArgs {
     /// Most sequences in one engine step.
     #[arg(long, default_value_t = 256)]
     pub max_seqs: usize,
+    /// Load a verifier model beside the policy (`orm:DIR`, `prm:DIR` or `judge:MODEL`;
+    /// repeatable); /v1/search names it by the same spec as its `verifier`.
+    #[arg(long = "verifier-model")]
+    pub verifier_models: Vec<String>,
+    /// KV cache of each verifier model, in GB.
+    #[arg(long, default_value_t = 0.25)]
+    pub verifier_kv_gb: f64,
 }
 
 fn secs(name: &str, s: f64) -> anyhow::Result<Duration> {
@@ -81,7 +88,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     cfg.max_body_bytes = a.max_body_bytes;
     cfg.shutdown_grace = shutdown_grace;
     cfg.allow_command_verifier = a.allow_command_verifier;
-    let sched = Scheduler::new(
+    let mut sched = Scheduler::new(
         engine,
         tokenizer,
         SchedulerOptions {
@@ -89,6 +96,16 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             max_seqs: a.max_seqs,
         },
     );
+    if !(a.verifier_kv_gb > 0.0 && a.verifier_kv_gb.is_finite()) {
+        bail!("--verifier-kv-gb must be a positive number");
+    }
+    for spec in &a.verifier_models {
+        let bytes = (a.verifier_kv_gb * 1e9) as usize;
+        let m = arbor_search::spec::load_model(spec, bytes, a.model.page_size)
+            .map_err(anyhow::Error::msg)?;
+        cfg.verifier_models
+            .push((spec.clone(), sched.add_verifier_model(m)));
+    }
     arbor_server::run(sched, cfg, &format!("{}:{}", a.host, a.port), load_secs)?;
     Ok(())
 }

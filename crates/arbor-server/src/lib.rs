@@ -53,6 +53,9 @@ pub struct ServerConfig {
     /// Whether `/v1/search` may use `command:CMD` and `code[:PYTHON]` verifiers (they run
     /// shell commands and candidate programs).
     pub allow_command_verifier: bool,
+    /// Verifier models loaded into the scheduler, as `(spec, lane)`; `/v1/search` may name
+    /// them by their spec.
+    pub verifier_models: Vec<(String, usize)>,
 }
 
 impl ServerConfig {
@@ -67,6 +70,7 @@ impl ServerConfig {
             max_body_bytes: 4 << 20,
             shutdown_grace: Duration::from_secs(30),
             allow_command_verifier: false,
+            verifier_models: Vec::new(),
         }
     }
 }

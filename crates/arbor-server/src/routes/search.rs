@@ -25,7 +25,7 @@ pub async fn handle(
     let opts = VerifierOptions {
         command_timeout: Duration::from_secs(10),
         allow_command: state.cfg.allow_command_verifier,
-        ..VerifierOptions::default()
+        models: state.cfg.verifier_models.clone(),
     };
     let job = match req.job(&state.cfg.model_id, &opts) {
         Ok(j) => j,

@@ -192,3 +192,38 @@ async fn completions_chat_and_search_answer_in_their_shapes() {
     wait_idle(addr, std::time::Duration::from_secs(5)).await;
     server.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_with_a_loaded_reward_model() {
+    let orm = format!("orm:{}", fixture().join("../reward-orm").display());
+    let spec = orm.clone();
+    let server = start_with(4 << 20, move |sched, cfg| {
+        let m = arbor_search::spec::load_model(&spec, 1 << 20, 8).expect("reward fixture");
+        cfg.verifier_models
+            .push((spec, sched.add_verifier_model(m)));
+    })
+    .await;
+    let addr = server.addr;
+    let body = json!({
+        "prompt": "Pick a word", "strategy": "best-of-n", "width": 3, "verifier": orm,
+        "params": {"max_tokens": 6},
+    });
+    let r = post(addr, "/v1/search", &body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["verifiers"][0], orm.as_str());
+    for c in v["candidates"].as_array().expect("candidates") {
+        let s = c["score"].as_f64().expect("scored");
+        assert!(s > 0.0 && s < 1.0, "{s}");
+    }
+    assert!(v["accounting"]["verifier_tokens"]
+        .as_u64()
+        .is_some_and(|t| t > 0));
+    // A model spec that was not loaded is a 400 naming it.
+    let body = json!({"prompt": "x", "strategy": "best-of-n", "verifier": "prm:/elsewhere"});
+    let r = post(addr, "/v1/search", &body).await;
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("prm:/elsewhere"));
+    wait_idle(addr, std::time::Duration::from_secs(5)).await;
+    server.stop().await.expect("clean stop");
+}

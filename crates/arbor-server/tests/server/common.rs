@@ -19,6 +19,14 @@ pub fn fixture() -> PathBuf {
 
 /// A server on the fixture model with a KV cache of `kv_bytes`, `tune` applied to its config.
 pub async fn start(kv_bytes: usize, tune: impl FnOnce(&mut ServerConfig)) -> ServerHandle {
+    start_with(kv_bytes, |_, cfg| tune(cfg)).await
+}
+
+/// [`start`], with `prepare` given the scheduler too (to load verifier models).
+pub async fn start_with(
+    kv_bytes: usize,
+    prepare: impl FnOnce(&mut Scheduler, &mut ServerConfig),
+) -> ServerHandle {
     let loaded = arbor_runtime::load(&fixture()).expect("fixture model");
     let ctx = loaded.model.cfg.max_context;
     let engine = Engine::new(
@@ -29,9 +37,9 @@ pub async fn start(kv_bytes: usize, tune: impl FnOnce(&mut ServerConfig)) -> Ser
         },
     )
     .expect("engine");
-    let sched = Scheduler::new(engine, loaded.tokenizer, SchedulerOptions::default());
+    let mut sched = Scheduler::new(engine, loaded.tokenizer, SchedulerOptions::default());
     let mut cfg = ServerConfig::new(MODEL, ctx);
-    tune(&mut cfg);
+    prepare(&mut sched, &mut cfg);
     ServerHandle::start(sched, cfg, "127.0.0.1:0")
         .await
         .expect("server starts")
