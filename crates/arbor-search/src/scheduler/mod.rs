@@ -11,10 +11,17 @@
 //!
 //! Nothing is lost: a request or search ends with a result or an error naming the cause
 //! (cancelled, cannot fit in the KV cache, model error).
+//!
+//! Files: `pack.rs` (choosing a step's jobs, preemption), `outputs.rs` (handing out a step's
+//! outputs, reaping, searches reacting), `search.rs` (one search's state), `lane.rs`
+//! (verifier models), `group.rs` (n choices of one prompt), `progress.rs` (streaming),
+//! `job.rs` (one running sequence).
 
 mod group;
 mod job;
 mod lane;
+mod outputs;
+mod pack;
 mod progress;
 mod search;
 
@@ -22,10 +29,10 @@ pub use lane::{Scoring, VerifierModel};
 pub use progress::{Progress, SearchProgress, TokenProgress};
 pub use search::{Accounting, Candidate, SearchRequest, SearchResult};
 
-use crate::tree::{NodeId, StopReason};
+use crate::tree::StopReason;
 use arbor_kernels::kv::{BlockTable, SeqId};
 use arbor_kernels::ops::SamplingParams;
-use arbor_runtime::{Engine, ForwardBatch, LogitsMode, SeqStep, Tokenizer};
+use arbor_runtime::{Engine, ForwardBatch, Tokenizer};
 use job::{Job, JobKind};
 use search::SearchState;
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -447,288 +454,6 @@ impl Scheduler {
                 v.extend(s.anchors.values().copied());
                 let bytes = self.engine.kv_usage(&v).pages as u64 * page_bytes;
                 s.acct.kv_peak_bytes = s.acct.kv_peak_bytes.max(bytes);
-            }
-        }
-    }
-
-    /// Chooses jobs for this step: `(job index, tokens to feed)`.
-    fn pack(&mut self) -> Vec<(usize, usize)> {
-        let mut picked = Vec::new();
-        let mut tokens = 0;
-        let mut pages = 0;
-        let mut in_batch: HashSet<SeqId> = HashSet::new();
-        for i in 0..self.jobs.len() {
-            if picked.len() >= self.opts.max_seqs || tokens >= self.opts.max_batch_tokens {
-                break;
-            }
-            let j = &self.jobs[i];
-            if j.done.is_some() || j.feed.is_empty() {
-                continue;
-            }
-            let n = j.feed.len().min(self.opts.max_batch_tokens - tokens);
-            let need = self.engine.pages_needed(j.seq, n);
-            in_batch.insert(j.seq);
-            while pages + need > self.engine.cache().available_pages() {
-                if !self.preempt_one(&in_batch) {
-                    break;
-                }
-            }
-            if pages + need > self.engine.cache().available_pages() {
-                in_batch.remove(&self.jobs[i].seq);
-                continue;
-            }
-            pages += need;
-            tokens += n;
-            picked.push((i, n));
-        }
-        picked
-    }
-
-    /// Drops the pages of the idle or waiting sequence (not in `keep`) whose dropping frees
-    /// the most; false when none frees anything.
-    fn preempt_one(&mut self, keep: &HashSet<SeqId>) -> bool {
-        let mut cands: Vec<SeqId> = self
-            .jobs
-            .iter()
-            .map(|j| j.seq)
-            .filter(|s| !keep.contains(s))
-            .collect();
-        for r in self.reqs.values() {
-            if let Req::Search(s) = r {
-                cands.extend(s.anchors.values().copied());
-            }
-        }
-        let best = cands
-            .into_iter()
-            .map(|s| (self.engine.kv_usage(&[s]).freeable_pages, s))
-            .max();
-        match best {
-            Some((freed, s)) if freed > 0 => {
-                self.preemptions += 1;
-                self.engine.preempt(s).is_ok()
-            }
-            _ => false,
-        }
-    }
-
-    fn step_for(&self, i: usize, n: &usize) -> SeqStep {
-        let j = &self.jobs[i];
-        let last = *n == j.feed.len();
-        let mut s = SeqStep {
-            seq: j.seq,
-            tokens: j.feed[..*n].to_vec(),
-            ..Default::default()
-        };
-        if !last {
-            return s; // a prompt chunk
-        }
-        match &j.kind {
-            JobKind::Prefill { .. } => {}
-            JobKind::Generate { node } => {
-                s.sample = Some(j.sampling.clone());
-                s.hidden = node.is_some()
-                    && matches!(self.reqs.get(&j.owner), Some(Req::Search(r)) if r.strategy.wants_hidden());
-            }
-            JobKind::TopK { k, .. } => {
-                s.sample = Some(SamplingParams {
-                    top_logprobs: *k,
-                    ..Default::default()
-                })
-            }
-            JobKind::Judge { yes, no, .. } => {
-                s.logits = LogitsMode::None;
-                s.score = vec![(*n - 1, *yes), (*n - 1, *no)];
-            }
-        }
-        s
-    }
-
-    /// Hands job `i` its output of a step that fed `n` of its tokens.
-    fn absorb(&mut self, i: usize, n: usize, out: arbor_runtime::SeqOutput) {
-        let owner = self.jobs[i].owner;
-        let verifier = matches!(self.jobs[i].kind, JobKind::Judge { .. });
-        if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
-            s.account(out.computed_tokens, verifier, self.ticks);
-        }
-        self.jobs[i].feed.drain(..n);
-        if !self.jobs[i].feed.is_empty() {
-            return; // more prompt to feed
-        }
-        let max_context = self.engine.model.cfg.max_context;
-        let kind = self.jobs[i].kind.clone();
-        match kind {
-            JobKind::Prefill { node } => {
-                self.jobs[i].done = Some(StopReason::Length);
-                if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
-                    s.prefilling.remove(&node);
-                    s.anchors.insert(node, self.jobs[i].seq);
-                    s.anchored(node);
-                }
-            }
-            JobKind::Generate { node } => {
-                let Some(sample) = out.sample else { return };
-                let job = &mut self.jobs[i];
-                let (news, stop) = job.take_token(
-                    &self.tokenizer,
-                    sample.token,
-                    sample.logprob,
-                    sample.entropy,
-                    max_context,
-                    self.ignore_eos,
-                );
-                let mut stop = stop;
-                if let Some(news) = &news {
-                    job.feed = vec![news.token];
-                    if node.is_none() {
-                        self.progress.token(owner, news, &sample.top_logprobs);
-                    }
-                }
-                if let (Some(node), Some(Req::Search(s))) = (node, self.reqs.get_mut(&owner)) {
-                    if let Some(news) = &news {
-                        if !out.hidden.is_empty() {
-                            s.tree.set_hidden(node, out.hidden);
-                        }
-                        s.tree
-                            .push_token(node, news.token, &news.text, news.logprob, news.entropy);
-                        if stop.is_none() && !s.strategy.on_token(&s.tree, node) {
-                            stop = Some(StopReason::Cut);
-                        }
-                    }
-                }
-                if let Some(reason) = stop {
-                    self.jobs[i].done = Some(reason);
-                }
-            }
-            JobKind::TopK { node, k } => {
-                self.jobs[i].done = Some(StopReason::Length);
-                let seq = self.jobs[i].seq;
-                let Some(Req::Search(s)) = self.reqs.get_mut(&owner) else {
-                    return;
-                };
-                let tops = out.sample.map(|x| x.top_logprobs).unwrap_or_default();
-                let mut children = Vec::new();
-                for (c, &(tok, lp)) in tops.iter().take(k).enumerate() {
-                    let Some(child) = s.tree.add_child(node, vec![], 0.0) else {
-                        continue;
-                    };
-                    let text = self.tokenizer.decode(&[tok], true);
-                    s.tree.push_token(child, tok, &text, lp, 0.0);
-                    let reason = if !self.ignore_eos && self.tokenizer.is_eog(tok) {
-                        StopReason::Eos
-                    } else {
-                        StopReason::Length
-                    };
-                    s.tree.stop(child, reason);
-                    if reason == StopReason::Length {
-                        let anchor = if c == 0 {
-                            seq
-                        } else {
-                            match self.engine.fork_seq(seq) {
-                                Ok(f) => f,
-                                Err(_) => continue,
-                            }
-                        };
-                        s.anchors.insert(child, anchor);
-                    }
-                    children.push(child);
-                }
-                // The job's sequence now belongs to the first child (or is freed at reaping).
-                if s.anchors.values().any(|&a| a == seq) {
-                    self.jobs[i].seq = SeqId::MAX;
-                }
-                s.events
-                    .push_back(crate::Event::ExpandedTopK { node, children });
-            }
-            JobKind::Judge { node, verifier, .. } => {
-                self.jobs[i].done = Some(StopReason::Length);
-                if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
-                    let (ly, ln) = (out.scores[0] as f64, out.scores[1] as f64);
-                    s.scored(node, verifier, crate::verifier::Judge::probability(ly, ln));
-                }
-            }
-        }
-    }
-
-    /// Removes finished jobs: results for plain requests, events and anchors for searches.
-    fn reap(&mut self) {
-        let mut i = 0;
-        while i < self.jobs.len() {
-            let Some(reason) = self.jobs[i].done else {
-                i += 1;
-                continue;
-            };
-            let job = self.jobs.remove(i);
-            match (&job.kind, self.reqs.get_mut(&job.owner)) {
-                (JobKind::Generate { node: None }, Some(Req::Generate { prompt_tokens })) => {
-                    let mut job = job;
-                    let tail = job.decoder.finish();
-                    job.text.push_str(&tail);
-                    let r = GenerateResult {
-                        tokens: job.generated,
-                        text: job.text,
-                        stop: reason,
-                        prompt_tokens: *prompt_tokens,
-                    };
-                    self.engine.free_seq(job.seq);
-                    self.reqs.remove(&job.owner);
-                    self.done.push((job.owner, Outcome::Generate(Ok(r))));
-                }
-                (JobKind::Generate { node: Some(node) }, Some(Req::Search(s))) => {
-                    let node = *node;
-                    s.child_stopped(&mut self.engine, node, job.seq, reason);
-                }
-                (JobKind::Prefill { .. }, Some(Req::Group(_))) => {
-                    self.start_group(job.owner, job.seq)
-                }
-                (JobKind::Prefill { .. }, _) => {} // the sequence became an anchor
-                _ => {
-                    if job.seq != SeqId::MAX {
-                        self.engine.free_seq(job.seq);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Lets every search react to its events, turning actions into jobs; ends finished ones.
-    fn react(&mut self) {
-        let ids: Vec<RequestId> = self.reqs.keys().copied().collect();
-        for id in ids {
-            let Some(Req::Search(s)) = self.reqs.get_mut(&id) else {
-                continue;
-            };
-            let mut new_jobs = Vec::new();
-            let r = s.react(&mut self.engine, &self.tokenizer, id, &mut new_jobs);
-            self.progress.search(id, s);
-            let killed: HashSet<NodeId> = s.killed.drain(..).collect();
-            self.jobs.extend(new_jobs);
-            for j in &mut self.jobs {
-                if let (true, JobKind::Generate { node: Some(n) }) = (j.owner == id, &j.kind) {
-                    if killed.contains(n) {
-                        j.done = Some(StopReason::Cut);
-                    }
-                }
-            }
-            if let Err(e) = r.and_then(|_| self.send_to_lanes(id)) {
-                self.fail(id, e);
-                continue;
-            }
-            let Some(Req::Search(s)) = self.reqs.get_mut(&id) else {
-                continue;
-            };
-            if let Some(over) = s.budget_exceeded() {
-                s.finish_best(over);
-            }
-            if s.outcome.is_some() {
-                let Some(Req::Search(mut s)) = self.reqs.remove(&id) else {
-                    unreachable!()
-                };
-                for j in self.jobs.iter().filter(|j| j.owner == id) {
-                    self.engine.free_seq(j.seq);
-                }
-                self.jobs.retain(|j| j.owner != id);
-                let result = s.result(&mut self.engine);
-                self.done.push((id, Outcome::Search(Ok(Box::new(result)))));
             }
         }
     }
