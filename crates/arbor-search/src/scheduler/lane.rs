@@ -229,7 +229,7 @@ impl VerifierModel {
             Err(e) => {
                 // Every sequence of the step fails with the cause; the searches end with it.
                 let why = format!("verifier {} step failed: {e}", self.name);
-                return self.finish(&picked, |_, _| Err(why.clone()), &[]);
+                return self.finish(&picked, |_, _| Err(why.clone()), &[], true);
             }
         };
         let computed: Vec<usize> = outputs.iter().map(|o| o.computed_tokens).collect();
@@ -249,31 +249,34 @@ impl VerifierModel {
                 }
             },
             &computed,
+            false,
         )
     }
 
     /// Advances the picked jobs by their fed tokens; those fed in full are scored by `score`
-    /// (the job's index in `picked` and the job) and removed.
+    /// (the job's index in `picked` and the job) and removed. With `failed` (the step did not
+    /// run) every picked job is scored by `score`, which reports the error, and removed.
     fn finish(
         &mut self,
         picked: &[(usize, usize)],
         score: impl Fn(usize, &LaneJob) -> Result<f64, String>,
         computed: &[usize],
+        failed: bool,
     ) -> Vec<LaneOutput> {
         let mut out = Vec::new();
         let mut done = Vec::new();
         for (k, &(i, n)) in picked.iter().enumerate() {
             let j = &mut self.jobs[i];
-            let last = n == j.feed.len();
+            let last = failed || n == j.feed.len();
             j.feed.drain(..n);
             let scored = last.then(|| (j.node, j.verifier, score(k, j)));
-            let failed = matches!(scored, Some((_, _, Err(_))));
+            let errored = matches!(scored, Some((_, _, Err(_))));
             out.push(LaneOutput {
                 owner: j.owner,
                 scored,
                 computed: computed.get(k).copied().unwrap_or(0),
             });
-            if last || failed {
+            if last || errored {
                 done.push(i);
             }
         }
