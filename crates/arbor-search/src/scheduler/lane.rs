@@ -135,16 +135,9 @@ impl VerifierModel {
         let err = |e: arbor_runtime::RuntimeError| format!("verifier {}: {e}", self.name);
         match &self.scoring {
             Scoring::Judge(j) => {
-                let prompt = super::search::render(tok, &j.prompt(question, answer))?;
-                let first = |t: &str| {
-                    tok.encode(t, false, false)
-                        .ok()
-                        .and_then(|v| v.first().copied())
-                        .ok_or_else(|| {
-                            format!("verifier {}: the reply '{t}' has no token", self.name)
-                        })
-                };
-                Ok((prompt, Some((first(&j.yes)?, first(&j.no)?))))
+                let (prompt, yes, no) = super::search::judge_tokens(tok, j, question, answer)
+                    .map_err(|e| format!("verifier {}: {e}", self.name))?;
+                Ok((prompt, Some((yes, no))))
             }
             Scoring::Reward { head, separator } => {
                 let process = head.kind == arbor_runtime::RewardKind::Process;

@@ -5,7 +5,7 @@ use super::job::{Job, JobKind};
 use super::RequestId;
 use crate::strategy::{Action, Event, Strategy};
 use crate::tree::{NodeId, NodeStatus, SearchTree, StopReason};
-use crate::verifier::Verifier;
+use crate::verifier::{Judge, Verifier};
 use arbor_kernels::kv::SeqId;
 use arbor_kernels::ops::SamplingParams;
 use arbor_runtime::{Engine, Tokenizer};
@@ -396,14 +396,7 @@ impl SearchState {
                         self.model_scores.push((*lane, node, verifier, answer));
                     }
                     Some(Verifier::Judge(j)) => {
-                        let prompt = render(tok, &j.prompt(&self.question, &answer))?;
-                        let first = |t: &str| {
-                            tok.encode(t, false, false)
-                                .ok()
-                                .and_then(|v| v.first().copied())
-                                .ok_or_else(|| format!("the judge's reply '{t}' has no token"))
-                        };
-                        let (yes, no) = (first(&j.yes)?, first(&j.no)?);
+                        let (prompt, yes, no) = judge_tokens(tok, j, &self.question, &answer)?;
                         if prompt.len() + 1 >= engine.model.cfg.max_context {
                             return Err("the judging prompt does not fit the context".into());
                         }
@@ -458,4 +451,22 @@ impl SearchState {
 pub(crate) fn render(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
     tok.encode_prompt(text, tok.chat_template().is_some())
         .map_err(|e| e.to_string())
+}
+
+/// The judging prompt for `answer` to `question`, and the first tokens of the judge's yes and
+/// no replies (whose log-probabilities after the prompt give the score).
+pub(crate) fn judge_tokens(
+    tok: &Tokenizer,
+    j: &Judge,
+    question: &str,
+    answer: &str,
+) -> Result<(Vec<u32>, u32, u32), String> {
+    let prompt = render(tok, &j.prompt(question, answer))?;
+    let first = |t: &str| {
+        tok.encode(t, false, false)
+            .ok()
+            .and_then(|v| v.first().copied())
+            .ok_or_else(|| format!("the judge's reply '{t}' has no token"))
+    };
+    Ok((prompt, first(&j.yes)?, first(&j.no)?))
 }
