@@ -60,7 +60,30 @@ REWARD HEADS (make_reward_fixtures; `--only reward` makes just these):
   final-normed hidden states (LlamaModel's last_hidden_state, what lm_head
   reads) for its input_ids[i], for the engine's hidden-state summary.
 
-Usage: python3 scripts/make_fixtures.py [--out tests/fixtures/models] [--only all|causal|reward]
+MIXTURE OF EXPERTS (make_moe_fixtures; `--only moe` makes just these, leaving
+every other fixture untouched): mixtral, qwen2-moe, qwen3-moe. hidden 64, 4 q /
+2 kv heads, 8 routed experts, vocab and input_ids as above, same files as the
+dense fixtures (reference.json adds "moe": per-layer expert token counts of the
+reference run, the smallest top-k margin and the layer kinds).
+  mixtral    bf16, 2 layers, every layer MoE, top-2, experts of
+             intermediate_size 32, top-k weights always renormalised. Saved in
+             the classic Hub form (block_sparse_moe.experts.E.w1/w2/w3).
+  qwen2-moe  bf16, 3 layers, mlp_only_layers [1] (layer 1 dense, intermediate
+             64), top-4 of 8, moe_intermediate_size 32, shared expert of 48 with
+             its sigmoid gate, norm_topk_prob false, q/k/v bias, tied embeddings.
+             Classic form (mlp.experts.E.{gate,up,down}_proj).
+  qwen3-moe  f16, 4 layers, decoder_sparse_step 2 (layers 1 and 3 MoE, 0 and 2
+             dense), top-2, head_dim 32, q/k norm, norm_topk_prob true, tied
+             embeddings. Saved with
+             save_original_format=False: experts stacked as transformers 5 keeps
+             them (mlp.experts.gate_up_proj [8, 64, 64], mlp.experts.down_proj
+             [8, 64, 32]).
+  The routers are initialised with N(0, 0.5) (logit sd ~4 per token): routing is
+  far from uniform. No token's top-k choice may be within MIN_TOPK_MARGIN (1e-2, in
+  router logits) of a tie, so f32 rounding cannot flip it: seeds seed, seed+1000,
+  ... are tried until one gives such routing (reference.json records it).
+
+Usage: python3 scripts/make_fixtures.py [--out tests/fixtures/models] [--only all|causal|reward|moe]
 Needs torch, transformers (tested with 5.23), tokenizers, safetensors. CPU only.
 """
 
@@ -75,9 +98,14 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoModelForTokenClassification, LlamaConfig, MistralConfig,
-                          Qwen2Config, Qwen3Config)
+                          MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig)
 
 SEQ_LEN = 80
+# Smallest gap between the k-th and (k+1)-th router logit of any token of a MoE fixture
+# (softmax is monotonic, so this decides the top-k choice): arbor's f32 router logits
+# differ from torch's by ~1e-5.
+MIN_TOPK_MARGIN = 1e-2
 VOCAB_TARGET = 384
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -278,11 +306,132 @@ def make_reward_fixtures(root, vocab, special_ids, input_ids):
     print(f"llama/hidden.safetensors: {len(hidden)} x {tuple(hidden[0].shape)}")
 
 
+def build_moe(arch, vocab, special_ids):
+    """(config, storage dtype, dtype name, seed, save_original_format) of a MoE fixture."""
+    common = dict(vocab_size=vocab, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, bos_token_id=special_ids["<|im_start|>"],
+                  eos_token_id=special_ids["<|endoftext|>"], hidden_act="silu",
+                  num_experts_per_tok=2, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if arch == "mixtral":
+        cfg = MixtralConfig(num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
+                            tie_word_embeddings=False, sliding_window=None, **common)
+        return cfg, torch.bfloat16, "bfloat16", 21, True
+    if arch == "qwen2-moe":
+        common["num_experts_per_tok"] = 4
+        cfg = Qwen2MoeConfig(num_hidden_layers=3, intermediate_size=64, num_experts=8,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                             norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+                             qkv_bias=True, tie_word_embeddings=True, use_sliding_window=False,
+                             **common)
+        return cfg, torch.bfloat16, "bfloat16", 22, True
+    if arch == "qwen3-moe":
+        cfg = Qwen3MoeConfig(num_hidden_layers=4, intermediate_size=64, num_experts=8,
+                             moe_intermediate_size=32, head_dim=32, norm_topk_prob=True,
+                             decoder_sparse_step=2, mlp_only_layers=[], attention_bias=False,
+                             tie_word_embeddings=True, use_sliding_window=False, **common)
+        return cfg, torch.float16, "float16", 23, False
+    raise ValueError(arch)
+
+
+@torch.no_grad()
+def make_moe_fixtures(root, tok, vocab, special_ids, input_ids):
+    """Tiny MoE models (see MIXTURE OF EXPERTS above)."""
+    for arch in ["mixtral", "qwen2-moe", "qwen3-moe"]:
+        cfg, sdtype, sdtype_name, seed, original_format = build_moe(arch, vocab, special_ids)
+        # Seeds are tried in order until no top-k choice is near a tie.
+        for attempt in range(100):
+            if make_moe_fixture(root, arch, tok, cfg, sdtype, sdtype_name, seed + 1000 * attempt,
+                                original_format, input_ids):
+                break
+        else:
+            raise RuntimeError(f"{arch}: every seed tried has a near-tie in routing")
+
+
+@torch.no_grad()
+def make_moe_fixture(root, arch, tok, cfg, sdtype, sdtype_name, seed, original_format, input_ids):
+    """Writes one MoE fixture; False (and nothing kept) if its routing has a near-tie."""
+    vocab = cfg.vocab_size
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
+                                             dtype=torch.float32)
+    init_weights(model, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):  # the routers
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    model = model.to(sdtype).eval()
+    out = os.path.abspath(os.path.join(root, arch))
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, save_original_format=original_format)
+        for f in sorted(os.listdir(tmp)):
+            if f.endswith(".safetensors") or f == "config.json":
+                shutil.copy(os.path.join(tmp, f), out)
+    tok.save(os.path.join(out, "tokenizer.json"))
+
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    mine = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        assert torch.equal(p, mine[name].float()), f"{arch}: {name} differs after reload"
+    kinds = ["moe" if hasattr(l.mlp, "gate") and hasattr(l.mlp, "experts") else "dense"
+             for l in ref.model.layers]
+    top_k = cfg.num_experts_per_tok
+    # Router logits of every MoE layer, captured from the reference run.
+    captured = []
+    hooks = [l.mlp.gate.register_forward_hook(
+                 lambda m, i, o, li=li: captured.append((li, o[0].detach().clone())))
+             for li, l in enumerate(ref.model.layers) if kinds[li] == "moe"]
+    logits = run_logits(ref, input_ids)
+    for h in hooks:
+        h.remove()
+    counts = {li: [0] * 8 for li, k in enumerate(kinds) if k == "moe"}
+    min_margin = 1.0
+    for li, rl in captured:
+        top = rl.float().topk(top_k + 1, dim=-1)
+        min_margin = min(min_margin, float((top.values[:, top_k - 1] - top.values[:, top_k]).min()))
+        for e in top.indices[:, :top_k].flatten().tolist():
+            counts[li][e] += 1
+    if min_margin < MIN_TOPK_MARGIN:
+        print(f"{arch}: seed {seed}: a top-k choice is within {min_margin:.1e} of a tie; "
+              "trying the next seed")
+        shutil.rmtree(out)
+        return False
+    save_file({f"logits.{i}": l for i, l in enumerate(logits)},
+              os.path.join(out, "logits.safetensors"))
+    refj = {
+        "input_ids": input_ids,
+        "dtype_note": f"weights stored as {sdtype_name}; reference computed in f32 from them "
+                      "upcast. logits.safetensors holds f32 'logits.<i>' of shape "
+                      f"[{SEQ_LEN}, {vocab}] for input_ids[i], every position, batch 1, "
+                      "eager attention, transformers " + __import__("transformers").__version__
+                      + ", torch " + torch.__version__,
+        "storage_dtype": sdtype_name,
+        "vocab_size": vocab,
+        "greedy_next": [l.argmax(-1).tolist() for l in logits],
+        "moe": {"layer_kinds": kinds, "top_k": top_k,
+                "saved_in_original_format": original_format,
+                "expert_tokens": {str(k): v for k, v in counts.items()},
+                "min_topk_margin": min_margin, "seed": seed},
+    }
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        f.write(dump_compact(refj))
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"{arch:9s} params {sum(p.numel() for p in ref.parameters()):7d} layers {kinds} "
+          f"max|logit| {torch.cat(logits).abs().max():.3f} min top-k margin {min_margin:.2e} "
+          f"dir {size / 1024:.0f} KiB")
+    for li, c in counts.items():
+        print(f"  layer {li}: tokens per expert {c}")
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "models"))
-    ap.add_argument("--only", choices=["all", "causal", "reward"], default="all")
+    ap.add_argument("--only", choices=["all", "causal", "reward", "moe"], default="all")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -297,7 +446,7 @@ def main():
     input_ids = [text_ids[:SEQ_LEN], rand_ids]
     print(f"tokenizer: vocab {vocab}, text -> {len(text_ids)} tokens")
 
-    for arch in ["llama", "mistral", "qwen2", "qwen3"] if args.only != "reward" else []:
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] if args.only in ("all", "causal") else []:
         cfg, sdtype, sdtype_name, seed, shard = build(arch, vocab, special_ids)
         cfg._attn_implementation = "eager"
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
@@ -380,8 +529,10 @@ def main():
               f"max|logit| {allv.abs().max():7.3f} std {allv.std():6.3f} "
               f"dir {size / 1024:.0f} KiB files {sorted(os.listdir(out))}")
 
-    if args.only != "causal":
+    if args.only in ("all", "reward"):
         make_reward_fixtures(os.path.abspath(args.out), vocab, special_ids, input_ids)
+    if args.only in ("all", "moe"):
+        make_moe_fixtures(os.path.abspath(args.out), tok, vocab, special_ids, input_ids)
 
 
 if __name__ == "__main__":

@@ -551,3 +551,81 @@ fn adaptive_over_a_dataset_pools_its_budget() {
     assert_eq!(drawn, 6 + granted, "{err}");
     assert!(granted <= 6);
 }
+
+/// A MoE model's bench cells report how evenly tokens spread over the experts, in the JSON,
+/// bench.csv and expert_load.csv; a dense model's leave those empty.
+#[test]
+fn bench_reports_expert_load_of_moe_models() {
+    let dir = temp_dir("bench-moe");
+    let m = fixture("qwen2-moe");
+    let out = arbor(&[
+        "bench",
+        "--model",
+        &m,
+        "--strategy",
+        "sampling",
+        "--width",
+        "1,4",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "8",
+        "--sharing",
+        "on",
+        "--json",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        let l = &r["expert_load"];
+        let f = |k: &str| l[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+        // qwen2-moe: 2 MoE layers of 8 experts, top-4; every computed token is routed.
+        assert_eq!((f("moe_layers"), f("experts")), (2.0, 8.0), "{r}");
+        let processed = r["processed_tokens"].as_f64().expect("processed");
+        assert_eq!(f("assignments"), processed * 4.0 * 2.0, "{r}");
+        assert_eq!(f("mean_tokens"), f("assignments") / 16.0, "{r}");
+        assert!(
+            f("max_tokens") >= f("mean_tokens") && f("imbalance") >= 1.0,
+            "{r}"
+        );
+        assert!(f("max_layer_imbalance") >= f("imbalance") && f("step_imbalance") >= 1.0);
+    }
+    let csv = std::fs::read_to_string(dir.join("bench.csv")).expect("bench.csv");
+    let header: Vec<&str> = csv.lines().next().expect("header").split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "expert_load.imbalance")
+        .expect("imbalance column");
+    for row in csv.lines().skip(1) {
+        assert!(
+            row.split(',')
+                .nth(col)
+                .is_some_and(|v| v.parse::<f64>().is_ok()),
+            "{row}"
+        );
+    }
+    let per = std::fs::read_to_string(dir.join("expert_load.csv")).expect("expert_load.csv");
+    let rows: Vec<Vec<&str>> = per
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 2 * 2 * 8, "2 cells × 2 MoE layers × 8 experts");
+    let cell0: f64 = rows
+        .iter()
+        .filter(|r| r[0] == "0")
+        .map(|r| r[8].parse::<f64>().expect("tokens"))
+        .sum();
+    assert_eq!(
+        cell0,
+        recs[0]["expert_load"]["assignments"].as_f64().expect("n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,18 +1,27 @@
 //! Model configuration, read from GGUF metadata or an HF `config.json`.
 
 use crate::gguf::GgufFile;
+pub use crate::moe_config::MoeConfig;
 use crate::reward::RewardHead;
 use crate::RuntimeError;
 use arbor_kernels::ops::{RopeLayout, RopeScaling};
 use serde_json::Value;
 
-/// Dense decoder families arbor runs; they differ only in the options of one DecoderLayer.
+/// Decoder families arbor runs; they differ only in the options of one DecoderLayer
+/// (attention options, and a dense or mixture-of-experts FFN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
     Qwen3,
+    /// Mixtral: Mistral attention, every layer MoE, top-k weights renormalised. In GGUF it is
+    /// `llama` with `llama.expert_count` > 0.
+    Mixtral,
+    /// Qwen2-MoE (Qwen1.5-MoE): Qwen2 attention, routed experts plus a gated shared expert.
+    Qwen2Moe,
+    /// Qwen3-MoE: Qwen3 attention (q/k norm), routed experts.
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -23,6 +32,9 @@ impl Arch {
             "mistral" => Ok(Arch::Mistral),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "mixtral" => Ok(Arch::Mixtral),
+            "qwen2_moe" | "qwen2moe" => Ok(Arch::Qwen2Moe),
+            "qwen3_moe" | "qwen3moe" => Ok(Arch::Qwen3Moe),
             other => Err(RuntimeError::UnknownArchitecture(other.to_string())),
         }
     }
@@ -32,7 +44,14 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Moe => "qwen3_moe",
         }
+    }
+    /// True for the mixture-of-experts families.
+    pub fn is_moe(self) -> bool {
+        matches!(self, Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe)
     }
 }
 
@@ -60,6 +79,8 @@ pub struct ModelConfig {
     /// `Some` for a reward model: the output head is a classifier (`score`) with
     /// `num_labels` outputs instead of the LM head. GGUF models are always causal LMs.
     pub reward: Option<RewardHead>,
+    /// Mixture-of-experts settings; `None` for a dense model.
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -99,6 +120,13 @@ impl ModelConfig {
                 self.rms_eps, self.rope_base
             ));
         }
+        match &self.moe {
+            Some(m) => m.validate()?,
+            None if self.arch.is_moe() => {
+                return bad(format!("{} model without experts", self.arch.name()))
+            }
+            None => {}
+        }
         Ok(())
     }
 
@@ -109,8 +137,11 @@ impl ModelConfig {
             .get("general.architecture")
             .and_then(|v| v.as_str())
             .ok_or_else(|| RuntimeError::Config("GGUF has no general.architecture".into()))?;
-        let arch = Arch::parse(arch_name)?;
+        let mut arch = Arch::parse(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
+        if arch == Arch::Llama && f.get(&key("expert_count")).and_then(|v| v.as_u64()) > Some(0) {
+            arch = Arch::Mixtral;
+        }
         let req = |k: &str| -> Result<usize, RuntimeError> {
             f.get(&key(k))
                 .and_then(|v| v.as_u64())
@@ -130,6 +161,15 @@ impl ModelConfig {
                 .unwrap_or(0),
         };
         let rope_dim = opt("rope.dimension_count").unwrap_or(head_dim);
+        let num_layers = req("block_count")?;
+        // MoE files may give only the experts' width.
+        let feed_forward = opt("feed_forward_length");
+        let moe = MoeConfig::from_gguf(arch, arch_name, f, num_layers, feed_forward)?;
+        let intermediate_size = match (&moe, feed_forward) {
+            (_, Some(n)) => n,
+            (Some(m), None) => m.moe_intermediate_size,
+            (None, None) => req("feed_forward_length")?,
+        };
         let rope_freqs = match f.tensor("rope_freqs.weight") {
             None => None,
             Some(t) => {
@@ -165,11 +205,11 @@ impl ModelConfig {
         let cfg = ModelConfig {
             arch,
             hidden_size,
-            num_layers: req("block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads: opt("attention.head_count_kv").unwrap_or(num_heads),
             head_dim,
-            intermediate_size: req("feed_forward_length")?,
+            intermediate_size,
             vocab_size,
             max_context: req("context_length")?,
             rms_eps: f
@@ -182,13 +222,14 @@ impl ModelConfig {
                 .unwrap_or(10000.0) as f32,
             rope_scaling,
             rope_layout: match arch {
-                Arch::Llama | Arch::Mistral => RopeLayout::Interleaved,
-                Arch::Qwen2 | Arch::Qwen3 => RopeLayout::Neox,
+                Arch::Llama | Arch::Mistral | Arch::Mixtral => RopeLayout::Interleaved,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe => RopeLayout::Neox,
             },
             rope_dim,
             sliding_window: opt("attention.sliding_window").filter(|&w| w > 0),
             tie_embeddings: f.tensor("output.weight").is_none(),
             reward: None,
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -245,14 +286,16 @@ impl ModelConfig {
         };
         let partial = f(Some(&v), "partial_rotary_factor").unwrap_or(1.0);
         let sliding_window = match arch {
-            Arch::Mistral => get("sliding_window"),
-            Arch::Qwen2 | Arch::Qwen3
+            Arch::Mistral | Arch::Mixtral => get("sliding_window"),
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
                 if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
             {
                 get("sliding_window")
             }
             _ => None,
         };
+        let intermediate_size = req("intermediate_size")?;
+        let moe = MoeConfig::from_hf(arch, &v, intermediate_size)?;
         let cfg = ModelConfig {
             arch,
             hidden_size,
@@ -260,7 +303,7 @@ impl ModelConfig {
             num_heads,
             num_kv_heads: get("num_key_value_heads").unwrap_or(num_heads),
             head_dim,
-            intermediate_size: req("intermediate_size")?,
+            intermediate_size,
             vocab_size: req("vocab_size")?,
             max_context: get("max_position_embeddings").unwrap_or(4096),
             rms_eps: f(Some(&v), "rms_norm_eps").unwrap_or(1e-6) as f32,
@@ -274,6 +317,7 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             reward,
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -286,21 +330,48 @@ impl ModelConfig {
             .map_or(self.vocab_size, |r| r.num_labels)
     }
 
-    /// Parameters in the weight matrices and norms (embedding counted once when tied).
+    /// True if layer `i` has a mixture-of-experts FFN.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.is_moe_layer(i))
+    }
+
+    /// Parameters in the weight matrices and norms (embedding counted once when tied; q/k/v
+    /// biases left out). For a MoE model: every expert.
     pub fn param_count(&self) -> u64 {
+        self.params(false)
+    }
+
+    /// Parameters one token uses: [`ModelConfig::param_count`] with only the top-k routed
+    /// experts of each MoE layer (routers and shared experts included). Equal to
+    /// `param_count` for a dense model.
+    pub fn active_param_count(&self) -> u64 {
+        self.params(true)
+    }
+
+    fn params(&self, active: bool) -> u64 {
         let (h, q, kv, i) = (
             self.hidden_size as u64,
             (self.num_heads * self.head_dim) as u64,
             (self.num_kv_heads * self.head_dim) as u64,
             self.intermediate_size as u64,
         );
-        let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+        let qk_norm = match self.arch {
+            Arch::Qwen3 | Arch::Qwen3Moe => 2 * self.head_dim as u64,
+            _ => 0,
+        };
+        let attn = h * q + 2 * h * kv + q * h + 2 * h + qk_norm;
+        let ffn: u64 = (0..self.num_layers)
+            .map(|l| match &self.moe {
+                Some(m) if m.is_moe_layer(l) => m.block_params(self.hidden_size, active),
+                _ => 3 * h * i,
+            })
+            .sum();
         let embed = self.vocab_size as u64 * h;
         let head = match &self.reward {
             Some(r) => r.num_labels as u64 * h,
             None if self.tie_embeddings => 0,
             None => embed,
         };
-        embed + head + self.num_layers as u64 * layer + h
+        embed + head + self.num_layers as u64 * attn + ffn + h
     }
 }

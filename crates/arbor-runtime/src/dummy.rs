@@ -40,6 +40,25 @@ pub struct Shape {
     pub llama3_rope_factor: f32,
     /// Parameters as published (model card / safetensors index), biases included.
     pub published_params: u64,
+    /// Mixture-of-experts settings; `None` for a dense model.
+    pub moe: Option<MoeShape>,
+}
+
+/// The mixture-of-experts part of a published shape. Every layer is MoE (as in the three
+/// published MoE shapes); `intermediate` is then unused except by Mixtral, whose experts
+/// have that width.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeShape {
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// FFN width of one routed expert.
+    pub expert_ff: usize,
+    /// FFN width of the shared expert (0: none).
+    pub shared_ff: usize,
+    pub norm_topk_prob: bool,
+    /// Parameters one token uses (top-k experts), biases included, from config.json.
+    pub active_params: u64,
 }
 
 /// Every shape `--dummy-weights` knows (from the models' HF `config.json`).
@@ -48,27 +67,51 @@ pub const SHAPES: &[Shape] = &[
     Shape { name: "smollm2-135m", arch: Arch::Llama, hidden: 576, layers: 30, heads: 9,
         kv_heads: 3, head_dim: 64, intermediate: 1536, vocab: 49152, max_context: 8192,
         rope_base: 100000.0, rms_eps: 1e-5, tied: true, llama3_rope_factor: 0.0,
-        published_params: 134_515_008 },
+        published_params: 134_515_008, moe: None },
     Shape { name: "qwen2.5-0.5b", arch: Arch::Qwen2, hidden: 896, layers: 24, heads: 14,
         kv_heads: 2, head_dim: 64, intermediate: 4864, vocab: 151936, max_context: 32768,
         rope_base: 1e6, rms_eps: 1e-6, tied: true, llama3_rope_factor: 0.0,
-        published_params: 494_032_768 },
+        published_params: 494_032_768, moe: None },
     Shape { name: "qwen2.5-1.5b", arch: Arch::Qwen2, hidden: 1536, layers: 28, heads: 12,
         kv_heads: 2, head_dim: 128, intermediate: 8960, vocab: 151936, max_context: 32768,
         rope_base: 1e6, rms_eps: 1e-6, tied: true, llama3_rope_factor: 0.0,
-        published_params: 1_543_714_304 },
+        published_params: 1_543_714_304, moe: None },
     Shape { name: "qwen2.5-7b", arch: Arch::Qwen2, hidden: 3584, layers: 28, heads: 28,
         kv_heads: 4, head_dim: 128, intermediate: 18944, vocab: 152064, max_context: 32768,
         rope_base: 1e6, rms_eps: 1e-6, tied: false, llama3_rope_factor: 0.0,
-        published_params: 7_615_616_512 },
+        published_params: 7_615_616_512, moe: None },
     Shape { name: "llama-3.2-1b", arch: Arch::Llama, hidden: 2048, layers: 16, heads: 32,
         kv_heads: 8, head_dim: 64, intermediate: 8192, vocab: 128256, max_context: 131072,
         rope_base: 500000.0, rms_eps: 1e-5, tied: true, llama3_rope_factor: 32.0,
-        published_params: 1_235_814_400 },
+        published_params: 1_235_814_400, moe: None },
     Shape { name: "llama-3-8b", arch: Arch::Llama, hidden: 4096, layers: 32, heads: 32,
         kv_heads: 8, head_dim: 128, intermediate: 14336, vocab: 128256, max_context: 8192,
         rope_base: 500000.0, rms_eps: 1e-5, tied: false, llama3_rope_factor: 0.0,
-        published_params: 8_030_261_248 },
+        published_params: 8_030_261_248, moe: None },
+    // MoE shapes. Parameter counts are computed from each config.json (and agree with the
+    // published 30.5B/3.3B, 14.3B/2.7B and 46.7B/12.9B). Qwen3-30B-A3B: head_dim 128 (not
+    // 2048/32), q/k norm, norm_topk_prob true, max_position_embeddings 40960, dense
+    // intermediate_size 6144 unused (no mlp_only layers). Qwen1.5-MoE-A2.7B: 16 KV heads (no
+    // GQA), q/k/v bias, norm_topk_prob false. Mixtral-8x7B-v0.1: experts of
+    // intermediate_size 14336, rope_theta 1e6, no sliding window.
+    Shape { name: "qwen3-30b-a3b", arch: Arch::Qwen3Moe, hidden: 2048, layers: 48, heads: 32,
+        kv_heads: 4, head_dim: 128, intermediate: 6144, vocab: 151936, max_context: 40960,
+        rope_base: 1e6, rms_eps: 1e-6, tied: false, llama3_rope_factor: 0.0,
+        published_params: 30_532_122_624,
+        moe: Some(MoeShape { experts: 128, top_k: 8, expert_ff: 768, shared_ff: 0,
+            norm_topk_prob: true, active_params: 3_353_032_704 }) },
+    Shape { name: "qwen1.5-moe-a2.7b", arch: Arch::Qwen2Moe, hidden: 2048, layers: 24,
+        heads: 16, kv_heads: 16, head_dim: 128, intermediate: 5632, vocab: 151936,
+        max_context: 8192, rope_base: 1e6, rms_eps: 1e-6, tied: false, llama3_rope_factor: 0.0,
+        published_params: 14_315_784_192,
+        moe: Some(MoeShape { experts: 60, top_k: 4, expert_ff: 1408, shared_ff: 5632,
+            norm_topk_prob: false, active_params: 2_689_173_504 }) },
+    Shape { name: "mixtral-8x7b", arch: Arch::Mixtral, hidden: 4096, layers: 32, heads: 32,
+        kv_heads: 8, head_dim: 128, intermediate: 14336, vocab: 32000, max_context: 32768,
+        rope_base: 1e6, rms_eps: 1e-5, tied: false, llama3_rope_factor: 0.0,
+        published_params: 46_702_792_704,
+        moe: Some(MoeShape { experts: 8, top_k: 2, expert_ff: 14336, shared_ff: 0,
+            norm_topk_prob: true, active_params: 12_879_925_248 }) },
 ];
 
 /// Weight storage of a dummy model.
@@ -89,9 +132,14 @@ impl Shape {
         })
     }
 
-    /// True for families with q/k/v biases (Qwen2).
+    /// True for families with q/k/v biases (Qwen2, Qwen2-MoE).
     pub fn qkv_bias(&self) -> bool {
-        self.arch == Arch::Qwen2
+        matches!(self.arch, Arch::Qwen2 | Arch::Qwen2Moe)
+    }
+
+    /// True for families with per-head q/k RMSNorm (Qwen3, Qwen3-MoE).
+    pub fn qk_norm(&self) -> bool {
+        matches!(self.arch, Arch::Qwen3 | Arch::Qwen3Moe)
     }
 
     /// The model config of this shape, read from the HF `config.json` it publishes.
@@ -110,6 +158,18 @@ impl Shape {
             "rope_theta": self.rope_base,
             "tie_word_embeddings": self.tied,
         });
+        if let Some(m) = &self.moe {
+            v["num_experts_per_tok"] = m.top_k.into();
+            if self.arch == Arch::Mixtral {
+                v["num_local_experts"] = m.experts.into();
+            } else {
+                v["num_experts"] = m.experts.into();
+                v["moe_intermediate_size"] = m.expert_ff.into();
+                v["shared_expert_intermediate_size"] = m.shared_ff.into();
+                v["norm_topk_prob"] = m.norm_topk_prob.into();
+                v["decoder_sparse_step"] = 1.into();
+            }
+        }
         if self.llama3_rope_factor > 0.0 {
             v["rope_scaling"] = serde_json::json!({
                 "rope_type": "llama3",
@@ -207,6 +267,7 @@ pub fn tensors(shape: &Shape, ty: GgmlType, seed: u64) -> HashMap<String, MemTen
         mats.push(("output.weight".into(), shape.vocab, h));
     }
     let mut vecs: Vec<(String, Vec<f32>)> = vec![("output_norm.weight".into(), vec![1.0; h])];
+    let mut stacked: Vec<(String, usize, usize, usize)> = Vec::new();
     for l in 0..shape.layers {
         let n = |s: &str| format!("blk.{l}.{s}");
         for (name, r, c) in [
@@ -214,11 +275,38 @@ pub fn tensors(shape: &Shape, ty: GgmlType, seed: u64) -> HashMap<String, MemTen
             ("attn_k.weight", kvd, h),
             ("attn_v.weight", kvd, h),
             ("attn_output.weight", h, qd),
-            ("ffn_gate.weight", i, h),
-            ("ffn_up.weight", i, h),
-            ("ffn_down.weight", h, i),
         ] {
             mats.push((n(name), r, c));
+        }
+        match &shape.moe {
+            None => {
+                for (name, r, c) in [
+                    ("ffn_gate.weight", i, h),
+                    ("ffn_up.weight", i, h),
+                    ("ffn_down.weight", h, i),
+                ] {
+                    mats.push((n(name), r, c));
+                }
+            }
+            Some(m) => {
+                // Experts stacked as in GGUF files: [experts, rows, cols].
+                let (e, f) = (m.experts, m.expert_ff);
+                stacked.push((n("ffn_gate_exps.weight"), e, f, h));
+                stacked.push((n("ffn_up_exps.weight"), e, f, h));
+                stacked.push((n("ffn_down_exps.weight"), e, h, f));
+                mats.push((n("ffn_gate_inp.weight"), e, h));
+                if m.shared_ff > 0 {
+                    let s = m.shared_ff;
+                    mats.push((n("ffn_gate_shexp.weight"), s, h));
+                    mats.push((n("ffn_up_shexp.weight"), s, h));
+                    mats.push((n("ffn_down_shexp.weight"), h, s));
+                    vecs.push((n("ffn_gate_inp_shexp.weight"), vec![0.0; h]));
+                }
+            }
+        }
+        if shape.qk_norm() {
+            vecs.push((n("attn_q_norm.weight"), vec![1.0; hd]));
+            vecs.push((n("attn_k_norm.weight"), vec![1.0; hd]));
         }
         vecs.push((n("attn_norm.weight"), vec![1.0; h]));
         vecs.push((n("ffn_norm.weight"), vec![1.0; h]));
@@ -239,6 +327,11 @@ pub fn tensors(shape: &Shape, ty: GgmlType, seed: u64) -> HashMap<String, MemTen
             (name, t)
         })
         .collect();
+    out.extend(stacked.into_iter().map(|(name, e, r, c)| {
+        let mut t = random_matrix(e * r, c, ty, name_seed(seed, &name));
+        t.shape = vec![e, r, c];
+        (name, t)
+    }));
     out.extend(vecs.into_iter().map(|(n, v)| (n, vector(v))));
     out
 }

@@ -119,3 +119,111 @@ fn without_prefix_sharing_forks_compute_and_store_their_own_prompt() {
     assert_eq!(pages, vec![5, 9]);
     assert_eq!(computed, vec![40 + 3, 40 + 3 * 41]);
 }
+
+#[test]
+fn moe_shapes_have_their_published_active_parameter_counts() {
+    let mut seen = 0;
+    for s in SHAPES {
+        let Some(m) = &s.moe else { continue };
+        seen += 1;
+        let cfg = s.config().expect("valid config");
+        let moe = cfg.moe.as_ref().expect("a MoE config");
+        assert_eq!(moe.num_experts, m.experts, "{}", s.name);
+        assert_eq!(moe.experts_per_token, m.top_k, "{}", s.name);
+        assert_eq!(moe.moe_intermediate_size, m.expert_ff, "{}", s.name);
+        assert_eq!(
+            moe.shared_expert_intermediate_size, m.shared_ff,
+            "{}",
+            s.name
+        );
+        assert_eq!(moe.norm_topk_prob, m.norm_topk_prob, "{}", s.name);
+        assert!((0..s.layers).all(|i| cfg.is_moe_layer(i)), "{}", s.name);
+        let bias = if s.qkv_bias() {
+            (s.layers * (s.heads + 2 * s.kv_heads) * s.head_dim) as u64
+        } else {
+            0
+        };
+        assert_eq!(
+            cfg.active_param_count() + bias,
+            m.active_params,
+            "{}",
+            s.name
+        );
+    }
+    assert_eq!(seen, 3);
+    // The published headline numbers, rounded.
+    let billions = |name: &str| {
+        let s = Shape::find(name).expect("shape");
+        let cfg = s.config().expect("config");
+        let r = |x: u64| (x as f64 / 1e8).round() / 10.0;
+        (r(cfg.param_count()), r(cfg.active_param_count()))
+    };
+    assert_eq!(billions("qwen3-30b-a3b"), (30.5, 3.4));
+    assert_eq!(billions("qwen1.5-moe-a2.7b"), (14.3, 2.7));
+    assert_eq!(billions("mixtral-8x7b"), (46.7, 12.9));
+}
+
+/// A tiny shape of a MoE family: 2 layers, 8 experts, top-2 (Qwen2-MoE with a shared expert).
+fn tiny_moe(arch: Arch) -> Shape {
+    Shape {
+        name: "tiny-moe",
+        arch,
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        intermediate: 96,
+        vocab: 300,
+        max_context: 256,
+        rope_base: 1e6,
+        rms_eps: 1e-6,
+        tied: false,
+        llama3_rope_factor: 0.0,
+        published_params: 0,
+        moe: Some(MoeShape {
+            experts: 8,
+            top_k: 2,
+            expert_ff: if arch == Arch::Mixtral { 96 } else { 32 },
+            shared_ff: if arch == Arch::Qwen2Moe { 64 } else { 0 },
+            norm_topk_prob: arch != Arch::Qwen2Moe,
+            active_params: 0,
+        }),
+    }
+}
+
+#[test]
+fn tiny_moe_shapes_run_and_count_expert_tokens() {
+    for arch in [Arch::Mixtral, Arch::Qwen2Moe, Arch::Qwen3Moe] {
+        let shape = tiny_moe(arch);
+        let cfg = shape.config().expect("config");
+        let src = TensorSource::Memory(tensors(&shape, GgmlType::Q8_0, 3));
+        let m = Model::from_source(cfg, &src).expect("model");
+        let mut e = Engine::new(m, &EngineOptions::default()).expect("engine");
+        assert_eq!(e.take_expert_counts().expect("MoE").counts[0], vec![0; 8]);
+        e.set_expert_stats(true);
+        let seq = e.new_seq();
+        let out = e
+            .step(&ForwardBatch {
+                seqs: vec![SeqStep {
+                    seq,
+                    tokens: (10..30).collect(),
+                    logits: LogitsMode::All,
+                    ..Default::default()
+                }],
+            })
+            .expect("step");
+        assert_eq!(out[0].logits.len(), 20 * 300);
+        assert!(out[0].logits.iter().all(|x| x.is_finite()), "{arch:?}");
+        let counts = e.take_expert_counts().expect("MoE");
+        assert_eq!(counts.layers, vec![0, 1]);
+        for c in &counts.counts {
+            assert_eq!(c.iter().sum::<u64>(), 20 * 2, "{arch:?}: {c:?}");
+        }
+        let load = counts.load();
+        assert_eq!(load.assignments, 80);
+        assert!(load.imbalance >= 1.0 && load.max_layer_imbalance <= 8.0);
+        let again = e.take_expert_counts().expect("MoE");
+        assert!(again.counts.iter().flatten().all(|&c| c == 0));
+    }
+}

@@ -17,7 +17,7 @@ pub enum RuntimeError {
     Safetensors { path: PathBuf, detail: String },
     #[error("invalid model config: {0}")]
     Config(String),
-    #[error("unsupported architecture '{0}': arbor runs llama, mistral, qwen2 and qwen3 (dense)")]
+    #[error("unsupported architecture '{0}': arbor runs llama, mistral, qwen2, qwen3, mixtral, qwen2_moe and qwen3_moe")]
     UnknownArchitecture(String),
     #[error("tensor {name}: {detail}")]
     Tensor { name: String, detail: String },

@@ -8,6 +8,11 @@
 //! mcts take 4 steps of `ceil(gen_len / 4)` tokens (their delimiter is a text that never
 //! occurs). best-of-n, step-beam and mcts score with the policy as LM judge.
 //!
+//! MoE models: every cell also counts the tokens routed to each expert
+//! ([`arbor_runtime::Engine::take_expert_counts`] after every tick) and reports their
+//! balance as `expert_load` in the JSON and `expert_load.*` columns of bench.csv; with
+//! `--out`, expert_load.csv holds the per-expert totals of every cell.
+//!
 //! Sharing off ([`arbor_runtime::Engine::set_prefix_sharing`]): a fork gets no pages and
 //! recomputes its history, the prefix index is not used, so every branch computes and
 //! stores its own copy of the prompt, as separate requests in an engine without prefix
@@ -117,6 +122,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let (e, t, _) = run::run_cell(engine, tok, &warm, 1, a.seed ^ 0x5EED, &gpu, &bar)?;
     (engine, tok) = (e, t);
     let mut records = Vec::with_capacity(cells.len());
+    let mut expert_cells = Vec::new();
     for (i, cell) in cells.iter().enumerate() {
         bar.set_message(format!(
             "{} w{} p{} g{} sharing {}",
@@ -131,6 +137,9 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         (engine, tok) = (e, t);
         let gpu_note = if gpu.available() { "" } else { "no GPU" };
         let rec = report::record(cell, a.searches, &r, &model_name, &device, gpu_note);
+        if let Some(c) = r.expert_counts {
+            expert_cells.push((i, cell.clone(), c));
+        }
         bar.suspend(|| {
             if a.json {
                 println!("{rec}");
@@ -145,6 +154,11 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &a.out {
         let csv = dir.join("bench.csv");
         report::write_csv(&csv, &records).with_context(|| format!("writing {}", csv.display()))?;
+        if !expert_cells.is_empty() {
+            let path = dir.join("expert_load.csv");
+            report::write_expert_csv(&path, &expert_cells)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         let plots = plot::write_plots(dir, &records, &model_name)?;
         eprintln!(
             "wrote {} and {} plots into {}",

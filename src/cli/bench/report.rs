@@ -2,11 +2,13 @@
 
 use super::grid::Cell;
 use super::run::CellResult;
+use arbor_runtime::model::ExpertCounts;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::Path;
 
-/// Column order of `bench.csv` (the JSON keys of the same names).
+/// Column order of `bench.csv` (the JSON keys of the same names; `a.b` is key `b` of the
+/// object under `a`).
 pub const COLUMNS: &[&str] = &[
     "strategy",
     "width",
@@ -32,9 +34,37 @@ pub const COLUMNS: &[&str] = &[
     "gpu_mem_peak_bytes",
     "preemptions",
     "errors",
+    "expert_load.assignments",
+    "expert_load.max_tokens",
+    "expert_load.mean_tokens",
+    "expert_load.imbalance",
+    "expert_load.max_layer_imbalance",
+    "expert_load.step_imbalance",
     "model",
     "device",
 ];
+
+/// The `expert_load` object of a MoE model's cell (null for a dense model): tokens routed
+/// per expert (a token counts once per expert it is routed to), their max and mean over
+/// every MoE layer's experts, max ÷ mean within a layer averaged over layers (`imbalance`;
+/// 1 is perfect balance) and its worst layer, and the same ratio per step
+/// (`step_imbalance`, what one step's grouped expert GEMM sees).
+fn expert_load(r: &CellResult) -> Value {
+    let Some(c) = &r.expert_counts else {
+        return Value::Null;
+    };
+    let l = c.load();
+    json!({
+        "moe_layers": c.layers.len(),
+        "experts": c.counts.first().map_or(0, Vec::len),
+        "assignments": l.assignments,
+        "max_tokens": l.max_tokens,
+        "mean_tokens": l.mean_tokens,
+        "imbalance": l.imbalance,
+        "max_layer_imbalance": l.max_layer_imbalance,
+        "step_imbalance": r.expert_step_imbalance,
+    })
+}
 
 /// The JSON record of one cell.
 pub fn record(
@@ -76,6 +106,7 @@ pub fn record(
         "preemptions": r.preemptions,
         "errors": r.errors.len(),
         "error": r.errors.first(),
+        "expert_load": expert_load(r),
         "model": model,
         "device": device,
     })
@@ -102,7 +133,13 @@ pub fn write_csv(path: &Path, records: &[Value]) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(f, "{}", COLUMNS.join(","))?;
     for r in records {
-        let row: Vec<String> = COLUMNS.iter().map(|c| field(r.get(*c))).collect();
+        let row: Vec<String> = COLUMNS
+            .iter()
+            .map(|c| match c.split_once('.') {
+                Some((a, b)) => field(r.get(a).and_then(|o| o.get(b))),
+                None => field(r.get(*c)),
+            })
+            .collect();
         writeln!(f, "{}", row.join(","))?;
     }
     f.flush()
@@ -146,8 +183,41 @@ pub fn table_line(v: &Value) -> String {
         f("kv_peak_bytes") / (1u64 << 20) as f64,
         f("kv_bytes_per_unique_token"),
     );
+    if let Some(imb) = v.pointer("/expert_load/imbalance").and_then(Value::as_f64) {
+        let step = v
+            .pointer("/expert_load/step_imbalance")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        line.push_str(&format!("  experts max/mean {imb:.2} (per step {step:.2})"));
+    }
     if let Some(e) = v.get("error").and_then(Value::as_str) {
         line.push_str(&format!("  error: {e}"));
     }
     line
+}
+
+/// Writes the tokens routed to every expert of every MoE layer, one row per (cell, layer,
+/// expert): `cell` is the record's index in `bench.csv`.
+pub fn write_expert_csv(path: &Path, cells: &[(usize, Cell, ExpertCounts)]) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(
+        f,
+        "cell,strategy,width,prompt_len,gen_len,sharing,layer,expert,tokens"
+    )?;
+    for (i, cell, counts) in cells {
+        for (layer, c) in counts.layers.iter().zip(&counts.counts) {
+            for (e, n) in c.iter().enumerate() {
+                writeln!(
+                    f,
+                    "{i},{},{},{},{},{},{layer},{e},{n}",
+                    cell.strategy,
+                    cell.width,
+                    cell.prompt_len,
+                    cell.gen_len,
+                    cell.sharing_str()
+                )?;
+            }
+        }
+    }
+    f.flush()
 }

@@ -4,6 +4,7 @@
 use super::grid::Cell;
 use crate::cli::gpu::GpuMem;
 use arbor_kernels::ops::SamplingParams;
+use arbor_runtime::model::ExpertCounts;
 use arbor_runtime::{Engine, TokenKind, Tokenizer};
 use arbor_search::verifier::{Judge, Verifier};
 use arbor_search::{strategies, Outcome, Scheduler, SchedulerOptions, SearchRequest};
@@ -34,6 +35,12 @@ pub struct CellResult {
     pub preemptions: u64,
     /// Searches that ended with an error, and the first error.
     pub errors: Vec<String>,
+    /// MoE models: tokens routed to each expert of each MoE layer over the cell (policy and
+    /// judge passes alike).
+    pub expert_counts: Option<ExpertCounts>,
+    /// MoE models: max ÷ mean tokens per expert of each step and MoE layer, averaged over
+    /// both: how unevenly one step's expert GEMMs are loaded (1 = even).
+    pub expert_step_imbalance: Option<f64>,
 }
 
 impl CellResult {
@@ -105,6 +112,8 @@ pub fn run_cell(
 ) -> anyhow::Result<(Engine, Tokenizer, CellResult)> {
     let mut engine = engine;
     engine.set_prefix_sharing(cell.sharing);
+    engine.set_expert_stats(true);
+    let _ = engine.take_expert_counts(); // start from zero
     let vocab = engine.model.cfg.vocab_size;
     let computed0 = engine.computed_tokens();
     let page_bytes = engine.cache().pool.page_bytes();
@@ -147,6 +156,8 @@ pub fn run_cell(
         ..Default::default()
     };
     let mut finished = Vec::new();
+    // (sum, count) of per-step expert imbalance ratios.
+    let mut step_imbalance = (0.0f64, 0u64);
     while sched.active() > 0 {
         let t0 = Instant::now();
         let n = sched.tick();
@@ -155,6 +166,14 @@ pub fn run_cell(
         if n > 0 {
             r.steps += 1;
             r.step_ms.push(dt * 1e3);
+        }
+        if let Some(c) = sched.engine().take_expert_counts() {
+            let load = c.load();
+            if load.assignments > 0 {
+                step_imbalance.0 += load.imbalance;
+                step_imbalance.1 += 1;
+            }
+            r.expert_counts.get_or_insert_with(Default::default).add(&c);
         }
         let in_use = sched.engine().cache().allocator().num_in_use();
         if in_use > r.kv_peak_pages {
@@ -188,7 +207,11 @@ pub fn run_cell(
         }
     }
     r.preemptions = sched.preemptions();
+    if r.expert_counts.is_some() {
+        r.expert_step_imbalance = Some(step_imbalance.0 / step_imbalance.1.max(1) as f64);
+    }
     let (mut engine, tok) = sched.into_parts();
+    engine.set_expert_stats(false);
     r.processed_tokens = engine.computed_tokens() - computed0;
     engine.set_prefix_sharing(true);
     Ok((engine, tok, r))
