@@ -116,6 +116,88 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
+/// B branches sharing a P-token prefix (page-aligned), each with a private 64-token suffix, one
+/// decode row each, SmolLM2 shapes: per-row paged attention (what the engine ran before cascade
+/// attention) against cascade attention in both modes, over one layer.
+fn cascade(c: &mut Criterion) {
+    use ops::cascade::{cascade_attention, chain_attention, CascadePlan, PlanOptions, PlanSeq};
+    let mut rng = Rng(4);
+    let (heads, kv_heads, hd, ps, suffix) = (9, 3, 64, 16, 64);
+    let params = AttentionParams {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+        sliding_window: None,
+    };
+    let mut g = c.benchmark_group("cascade_decode");
+    g.sample_size(20);
+    for (b, prefix) in [(16usize, 1024usize), (16, 4096), (64, 1024), (64, 4096)] {
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            page_size: ps,
+        };
+        let (shared, own) = (prefix / ps, suffix / ps);
+        let pages = shared + b * own;
+        let mut pool = KvPool::new(layout, pages);
+        for p in 0..pages {
+            for slot in 0..ps {
+                let (k, v) = (rng.vec(kv_heads * hd), rng.vec(kv_heads * hd));
+                pool.write(0, p as u32, slot, &k, &v);
+            }
+        }
+        let len = prefix + suffix;
+        let tables: Vec<BlockTable> = (0..b)
+            .map(|i| BlockTable {
+                pages: (0..shared as u32)
+                    .chain((shared + i * own) as u32..(shared + (i + 1) * own) as u32)
+                    .collect(),
+                len,
+            })
+            .collect();
+        let positions = vec![len - 1; b];
+        let seqs: Vec<PlanSeq> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| PlanSeq {
+                pages: &t.pages,
+                rows: i..i + 1,
+                sparse_budget: None,
+            })
+            .collect();
+        let plan =
+            CascadePlan::build(&seqs, &positions, ps, &PlanOptions::default()).expect("plan");
+        let q = rng.vec(b * heads * hd);
+        let mut out = vec![0.0f32; q.len()];
+        let w = heads * hd;
+        let id = |name: &str| BenchmarkId::new(name, format!("b{b}_p{prefix}"));
+        g.bench_function(id("per_row"), |bench| {
+            bench.iter(|| {
+                for (i, t) in tables.iter().enumerate() {
+                    let r = i * w..(i + 1) * w;
+                    let o = &mut out[r.clone()];
+                    ops::paged_attention(&q[r], &[len - 1], &pool, 0, t, &params, o);
+                }
+            })
+        });
+        g.bench_function(id("chain"), |bench| {
+            bench.iter(|| chain_attention(black_box(&q), &plan, &pool, 0, &params, None, &mut out))
+        });
+        g.bench_function(id("merge"), |bench| {
+            bench
+                .iter(|| cascade_attention(black_box(&q), &plan, &pool, 0, &params, None, &mut out))
+        });
+        g.bench_function(id("plan_build"), |bench| {
+            bench.iter(|| {
+                CascadePlan::build(black_box(&seqs), &positions, ps, &PlanOptions::default())
+            })
+        });
+    }
+    g.finish();
+}
+
 fn norm_and_sampling(c: &mut Criterion) {
     let mut rng = Rng(3);
     let (x, w) = (rng.vec(896), rng.vec(896));
@@ -156,5 +238,5 @@ fn norm_and_sampling(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, attention, norm_and_sampling);
+criterion_group!(benches, matmul, attention, cascade, norm_and_sampling);
 criterion_main!(benches);

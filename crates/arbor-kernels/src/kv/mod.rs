@@ -11,10 +11,12 @@ mod cache;
 mod pool;
 mod prefix;
 mod stats;
+mod summary;
 mod table;
 
 pub use allocator::{BlockAllocator, PageId};
 pub use cache::{KvCache, SeqId};
 pub use pool::{KvLayout, KvPool};
 pub use stats::{KvStats, KvUsage};
+pub use summary::KeySummaries;
 pub use table::BlockTable;

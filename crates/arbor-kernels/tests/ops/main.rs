@@ -2,8 +2,11 @@
 //! binary, one module per op family.
 
 mod attention;
+mod cascade;
+mod cascade_sparse;
 mod common;
 mod elementwise;
+mod kv_summary;
 mod rope;
 mod sample;
 mod timing;

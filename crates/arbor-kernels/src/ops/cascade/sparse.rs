@@ -1,0 +1,209 @@
+//! Sparse page selection (Quest style), per layer, over a [`CascadePlan`].
+//!
+//! Each page's keys are summarised by their per-channel min and max
+//! ([`crate::kv::KeySummaries`]), which bound `q · k` over the page by
+//! `Σ_c max(q_c·min_c, q_c·max_c)`. A query row with a budget of `B` pages reads:
+//! - its *sink*: the first [`SparseParams::sink_pages`] pages of the sequence;
+//! - its *local window*: the last [`SparseParams::local_pages`] pages up to and including the
+//!   page of its own position (at least that one page);
+//! - the `B` other visible pages with the highest bound, chosen per KV head (the bound of a
+//!   KV head is the largest over the query heads that share it).
+//!
+//! So a row reads at most `B + sink + local` pages per KV head. With the sliding window only
+//! pages inside the window are candidates. The first [`SparseParams::dense_layers`] layers
+//! read everything.
+//!
+//! Sharing: selection is per (group, KV head), not per row. Every row chooses its own pages as
+//! above, and a group then reads the *union* of its rows' choices among its pages, once, for all
+//! of its rows: each row still sees every page it chose itself (so it is never less accurate than
+//! per-row Quest with the same budget), a page chosen by several branches is read once, and a row
+//! also attends to pages its siblings chose (only more context). A dense row (no budget) in a
+//! group makes that group dense for all of its rows. The union was preferred over ranking a
+//! group's pages by the max of its rows' bounds under one shared budget: the bounds of
+//! different rows are not on a common scale (a row with a large query norm would take the whole
+//! budget), while the union keeps each row's own ranking.
+
+use super::plan::{CascadePlan, DENSE};
+use super::AttentionParams;
+use crate::kv::KvPool;
+use rayon::prelude::*;
+
+/// Pages every sparse row reads besides its top-scoring ones, and where sparsity applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseParams {
+    /// First pages of the sequence (attention sinks).
+    pub sink_pages: usize,
+    /// Pages up to and including the query's own (at least 1).
+    pub local_pages: usize,
+    /// Layers `0..dense_layers` stay dense: early layers attend broadly, and Quest keeps its
+    /// first two layers dense for that reason.
+    pub dense_layers: usize,
+}
+
+impl Default for SparseParams {
+    fn default() -> Self {
+        SparseParams {
+            sink_pages: 1,
+            local_pages: 2,
+            dense_layers: 2,
+        }
+    }
+}
+
+/// The pages each (group, KV head) of a plan reads in one layer: local indices into the
+/// group's pages, ascending, in CSR form.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageSelection {
+    n_kv_heads: usize,
+    /// List `g · n_kv_heads + h` is `pages[indptr[i]..indptr[i + 1]]`.
+    pub indptr: Vec<u32>,
+    /// Local page indices (into [`CascadePlan::pages`] of the group).
+    pub pages: Vec<u32>,
+}
+
+impl PageSelection {
+    /// Pages group `group` reads for KV head `kv_head`.
+    pub fn pages(&self, group: usize, kv_head: usize) -> &[u32] {
+        let i = group * self.n_kv_heads + kv_head;
+        &self.pages[self.indptr[i] as usize..self.indptr[i + 1] as usize]
+    }
+    /// Page reads of the layer, summed over KV heads.
+    pub fn pages_read(&self) -> usize {
+        self.pages.len()
+    }
+}
+
+/// Chooses the pages of `layer` that each group of `plan` reads for the queries `q`
+/// (`rows × n_heads × head_dim`, after RoPE). `None` (read everything) when no row has a
+/// sparse budget or `layer` is one of the dense layers.
+pub fn select_pages(
+    q: &[f32],
+    plan: &CascadePlan,
+    pool: &KvPool,
+    layer: usize,
+    p: &AttentionParams,
+    sp: &SparseParams,
+) -> Option<PageSelection> {
+    if !plan.has_sparse() || layer < sp.dense_layers {
+        return None;
+    }
+    let nkv = p.n_kv_heads;
+    let n_groups = plan.num_groups();
+    // Marks of group g, head h start at `group_page_indptr[g]·nkv + h·pages(g)`.
+    let base =
+        |g: usize, h: usize| plan.group_page_indptr[g] as usize * nkv + h * plan.pages(g).len();
+    let mut marks = vec![false; plan.pages_read() * nkv];
+    for g in 0..n_groups {
+        let dense = plan.group_rows[plan.entries(g)]
+            .iter()
+            .any(|&r| plan.row_budget[r as usize] == DENSE);
+        if dense {
+            let b = base(g, 0);
+            marks[b..b + nkv * plan.pages(g).len()].fill(true);
+        }
+    }
+    let picks: Vec<Vec<usize>> = (0..plan.num_rows())
+        .into_par_iter()
+        .map(|r| row_picks(q, plan, pool, layer, p, sp, r, &base))
+        .collect();
+    for m in picks.into_iter().flatten() {
+        marks[m] = true;
+    }
+    let mut sel = PageSelection {
+        n_kv_heads: nkv,
+        indptr: vec![0],
+        pages: Vec::new(),
+    };
+    for g in 0..n_groups {
+        for h in 0..nkv {
+            let b = base(g, h);
+            let n = plan.pages(g).len();
+            sel.pages
+                .extend((0..n as u32).filter(|&j| marks[b + j as usize]));
+            sel.indptr.push(sel.pages.len() as u32);
+        }
+    }
+    Some(sel)
+}
+
+/// Marks (indices into the selection's mark array, see `base`) of the pages row `r` chooses.
+#[allow(clippy::too_many_arguments)]
+fn row_picks(
+    q: &[f32],
+    plan: &CascadePlan,
+    pool: &KvPool,
+    layer: usize,
+    p: &AttentionParams,
+    sp: &SparseParams,
+    r: usize,
+    base: &(impl Fn(usize, usize) -> usize + Sync),
+) -> Vec<usize> {
+    let budget = plan.row_budget[r];
+    if budget == DENSE {
+        return Vec::new();
+    }
+    let (ps, hd, nkv) = (plan.page_size, p.head_dim, p.n_kv_heads);
+    let gh = p.n_heads / nkv;
+    let end = plan.row_pos[r] as usize + 1;
+    let start = p.sliding_window.map_or(0, |w| end.saturating_sub(w.max(1)));
+    let last_page = (end - 1) / ps;
+    let local = sp.local_pages.max(1);
+    let mut marks = Vec::new();
+    // Candidates: (group, local index, page id).
+    let mut cands = Vec::new();
+    for &e in plan.row_entries(r) {
+        let g = plan
+            .group_row_indptr
+            .partition_point(|&x| x as usize <= e as usize)
+            - 1;
+        let first = plan.group_first_page[g] as usize;
+        let pages = plan.pages(g);
+        let (lo, hi) = (start.max(first * ps), end.min((first + pages.len()) * ps));
+        if lo >= hi {
+            continue;
+        }
+        let visible = (lo / ps - first)..(hi.div_ceil(ps) - first);
+        for (j, &page) in pages
+            .iter()
+            .enumerate()
+            .take(visible.end)
+            .skip(visible.start)
+        {
+            let abs = first + j;
+            if abs < sp.sink_pages || abs + local > last_page {
+                marks.extend((0..nkv).map(|h| base(g, h) + j));
+            } else {
+                cands.push((g, j, page));
+            }
+        }
+    }
+    let k = budget as usize;
+    if k >= cands.len() {
+        for &(g, j, _) in &cands {
+            marks.extend((0..nkv).map(|h| base(g, h) + j));
+        }
+        return marks;
+    }
+    if k == 0 {
+        return marks;
+    }
+    let sums = pool.summaries();
+    let mut scored: Vec<(f32, usize)> = Vec::with_capacity(cands.len());
+    for h in 0..nkv {
+        let q0 = (r * p.n_heads + h * gh) * hd;
+        scored.clear();
+        scored.extend(cands.iter().enumerate().map(|(c, &(_, _, page))| {
+            let b = (0..gh)
+                .map(|i| sums.bound(layer, page, h, &q[q0 + i * hd..q0 + (i + 1) * hd]))
+                .fold(f32::NEG_INFINITY, f32::max);
+            (b, c)
+        }));
+        // Highest bounds first (a total order, so NaN cannot upset the selection).
+        scored.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+        for &(_, c) in &scored[..k] {
+            let (g, j, _) = cands[c];
+            marks.push(base(g, h) + j);
+        }
+    }
+    marks
+}
