@@ -40,7 +40,8 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
         "kv_pages": engine.cache().allocator().num_total(),
         "kv_page_size": layout.page_size,
         "chat_template": tok.chat_template().is_some(),
-        "backend": "cpu",
+        "backend": engine.describe_device(),
+        "device": engine.device().to_string(),
         "threads": rayon::current_num_threads(),
         "load_secs": load_secs,
         "build": format!("{} {}", env!("ARBOR_GIT_SHA"), env!("ARBOR_FEATURES")),
@@ -80,10 +81,7 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
         engine.cache().allocator().num_total(),
         layout.page_size
     );
-    println!(
-        "backend        cpu, {} threads",
-        rayon::current_num_threads()
-    );
+    println!("backend        {}", engine.describe_device());
     println!(
         "build          {} {}",
         env!("ARBOR_GIT_SHA"),

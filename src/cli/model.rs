@@ -75,8 +75,10 @@ impl ModelArgs {
         Ok(path)
     }
 
-    /// Bytes for the KV pool: --kv-cache-fraction of the free memory, or --kv-cache-gb.
-    fn kv_cache_bytes(&self) -> anyhow::Result<usize> {
+    /// Bytes for the KV pool: --kv-cache-fraction of the memory left free once the weights
+    /// (`weight_bytes` on a GPU, where they are uploaded after this) are in place, or
+    /// --kv-cache-gb.
+    fn kv_cache_bytes(&self, weight_bytes: u64) -> anyhow::Result<usize> {
         let Some(f) = self.kv_cache_fraction else {
             return Ok((self.kv_cache_gb * (1u64 << 30) as f64) as usize);
         };
@@ -89,14 +91,16 @@ impl ModelArgs {
                 self.device
             )
         })?;
+        let free = match self.device {
+            Device::Cpu => free,
+            // Weights go up after this, and activations need room too (1 GiB).
+            Device::Cuda(_) => free.saturating_sub(weight_bytes + (1 << 30)),
+        };
         Ok((free as f64 * f) as usize)
     }
 
     /// Sets up threads and the device, and loads the model into an engine.
     pub fn load(&self) -> anyhow::Result<(Engine, arbor_runtime::Tokenizer, f64)> {
-        if let Device::Cuda(_) = self.device {
-            bail!("this build of arbor has no CUDA backend yet: use --device cpu");
-        }
         if let Some(n) = self.threads {
             if n == 0 {
                 bail!("--threads must be at least 1");
@@ -123,11 +127,14 @@ impl ModelArgs {
         if self.exact {
             model.precision = arbor_runtime::model::Precision::Exact;
         }
+        let bf16_weights = model.cfg.param_count() * 2;
         let opts = EngineOptions {
-            kv_cache_bytes: self.kv_cache_bytes()?,
+            kv_cache_bytes: self.kv_cache_bytes(bf16_weights)?,
             page_size: self.page_size,
         };
-        Ok((Engine::new(model, &opts)?, tokenizer, load_secs))
+        let engine = Engine::on_device(model, &opts, self.device)
+            .with_context(|| format!("starting the model on {}", self.device))?;
+        Ok((engine, tokenizer, load_secs))
     }
 }
 

@@ -184,8 +184,8 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
             bail!("--verifier-kv-gb must be a positive number");
         }
         let bytes = (a.verifier_kv_gb * 1e9) as usize;
-        let m =
-            spec::load_model(&a.verifier, bytes, a.model.page_size).map_err(anyhow::Error::msg)?;
+        let m = spec::load_model(&a.verifier, bytes, a.model.page_size, a.model.device)
+            .map_err(anyhow::Error::msg)?;
         models.push((a.verifier.clone(), sched.add_verifier_model(m)));
     }
     let mut tree_out = match &a.tree {

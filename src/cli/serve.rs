@@ -101,7 +101,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     for spec in &a.verifier_models {
         let bytes = (a.verifier_kv_gb * 1e9) as usize;
-        let m = arbor_search::spec::load_model(spec, bytes, a.model.page_size)
+        let m = arbor_search::spec::load_model(spec, bytes, a.model.page_size, a.model.device)
             .map_err(anyhow::Error::msg)?;
         cfg.verifier_models
             .push((spec.clone(), sched.add_verifier_model(m)));

@@ -21,14 +21,21 @@ impl fmt::Display for Device {
 
 impl Device {
     /// Bytes of memory free for new allocations on this device: `MemAvailable` of
-    /// /proc/meminfo on the CPU. `None` when it cannot be told (another OS, or a CUDA device
-    /// in a build without the CUDA backend).
+    /// /proc/meminfo on the CPU, the driver's free memory on a GPU. `None` when it cannot be
+    /// told (another OS, no such GPU, or a build without the CUDA backend).
     pub fn available_memory(self) -> Option<u64> {
         match self {
             Device::Cpu => {
                 let info = std::fs::read_to_string("/proc/meminfo").ok()?;
                 parse_mem_available(&info)
             }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::Gpu::open(i)
+                .ok()?
+                .mem_info()
+                .ok()
+                .map(|(free, _)| free as u64),
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => None,
         }
     }

@@ -21,4 +21,7 @@ pub enum KernelError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Gpu(#[from] crate::cuda::GpuError),
 }

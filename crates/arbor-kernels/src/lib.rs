@@ -5,8 +5,11 @@
 //! - [`quant`]: GGML block formats (dequantisation, activation quantisation, dot products);
 //! - [`weight::Weight`]: a matrix kept in its stored format (f32, f16, bf16 or quantised blocks);
 //! - [`ops`]: every op, one file each, with the CPU reference implementation;
-//! - [`kv`]: the paged KV pool, its block allocator and block tables.
+//! - [`kv`]: the paged KV pool, its block allocator and block tables;
+//! - `cuda` (feature `cuda`, on by default): the GPU backend, loaded at run time.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod kv;

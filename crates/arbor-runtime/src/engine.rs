@@ -1,10 +1,13 @@
 //! The engine: one model, its KV cache and its sequences. [`Engine::step`] runs one batch of
 //! any mix of prompt chunks and decode tokens (no prefill/decode phases) and samples.
 
+use crate::backend::Backend;
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
 use arbor_kernels::kv::{BlockTable, KvCache, KvLayout, KvStats, KvUsage, SeqId};
+use arbor_kernels::ops::cascade::CascadeMode;
 use arbor_kernels::ops::{self, SampleOutput, SamplingParams};
+use arbor_kernels::Device;
 use std::collections::HashMap;
 
 /// Engine settings.
@@ -50,6 +53,11 @@ pub struct SeqStep {
     /// Return [`SeqOutput::hidden`]: the final-normed hidden state after the last new token
     /// (ST-BoN's summary of a sequence). Costs nothing unless set.
     pub hidden: bool,
+    /// Sparse attention: each of the step's rows reads only its best `n` KV pages by their
+    /// key summaries, plus the first page and the last two up to its own, in every layer but
+    /// the first two (see [`arbor_kernels::ops::cascade`] and `model.attention.sparse`).
+    /// `None` (default): every page.
+    pub sparse_budget: Option<usize>,
 }
 
 /// Everything one step runs.
@@ -87,6 +95,8 @@ pub struct SeqOutput {
 /// [`Engine::computed_tokens`] and [`SeqOutput::reused_tokens`].
 pub struct Engine {
     pub model: Model,
+    /// Where the model runs (the CPU, or a GPU holding its own copy of the weights).
+    backend: Backend,
     cache: KvCache,
     /// Every token of each live sequence (prompt and generated) in order.
     tokens: HashMap<SeqId, Vec<u32>>,
@@ -115,6 +125,17 @@ impl Engine {
     /// An engine for `model`, with a KV pool of `opts.kv_cache_bytes`. Set the model's
     /// precision before this: cached K/V is keyed by the model's fingerprint.
     pub fn new(model: Model, opts: &EngineOptions) -> Result<Self, RuntimeError> {
+        Self::on_device(model, opts, Device::Cpu)
+    }
+
+    /// [`Engine::new`] on `device`: on a GPU the weights are uploaded (bf16) and the KV pool
+    /// of `opts.kv_cache_bytes` is allocated in device memory. Errors name what is missing
+    /// (driver, device, NVRTC, memory) and suggest `--device cpu`.
+    pub fn on_device(
+        model: Model,
+        opts: &EngineOptions,
+        device: Device,
+    ) -> Result<Self, RuntimeError> {
         if ![8, 16, 32].contains(&opts.page_size) {
             return Err(RuntimeError::Request(format!(
                 "page size {} must be 8, 16 or 32",
@@ -128,24 +149,36 @@ impl Engine {
             head_dim: c.head_dim,
             page_size: opts.page_size,
         };
-        let num_pages = opts.kv_cache_bytes / layout.bytes_per_page(4);
-        if num_pages == 0 {
-            return Err(RuntimeError::Request(format!(
-                "a KV cache of {} bytes holds no page of {} bytes: raise --kv-cache-gb",
-                opts.kv_cache_bytes,
-                layout.bytes_per_page(4)
-            )));
-        }
-        let key = model.fingerprint();
+        let (backend, cache) = Backend::open(device, &model, layout, opts.kv_cache_bytes)?;
         Ok(Engine {
             model,
-            cache: KvCache::for_model(layout, num_pages, key),
+            backend,
+            cache,
             tokens: HashMap::new(),
             next_seq: 0,
             computed_tokens: 0,
             reused_tokens: 0,
             sharing: true,
         })
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> Device {
+        self.backend.device()
+    }
+
+    /// The device in words (`cpu, 2 threads`, `cuda:0 NVIDIA H100 80GB HBM3 (sm_90)`).
+    pub fn describe_device(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// With `true` (default), sequences of a step that share KV pages (forks, beams) attend
+    /// through cascade attention, which reads each shared page once for all of them; with
+    /// `false` each sequence attends alone (a baseline). The default cascade mode gives
+    /// bitwise the same results; set `model.attention` for another. Sparse steps use
+    /// cascade attention either way.
+    pub fn set_tree_attention(&mut self, on: bool) {
+        self.model.attention.tree = on.then_some(CascadeMode::Chain);
     }
 
     /// Starts an empty sequence.
@@ -261,6 +294,18 @@ impl Engine {
     /// Token positions taken from the prefix cache instead of computed, since the start.
     pub fn reused_tokens(&self) -> u64 {
         self.reused_tokens
+    }
+
+    /// Switches counting of tokens per expert on or off (MoE models; off by default).
+    pub fn set_expert_stats(&self, on: bool) {
+        self.model.set_expert_stats(on);
+    }
+
+    /// Tokens routed to each expert of each MoE layer since the last call (while counting
+    /// is on), resetting the counts; `None` for a dense model. Call it after every step for
+    /// per-step counts.
+    pub fn take_expert_counts(&self) -> Option<crate::model::ExpertCounts> {
+        self.model.take_expert_counts()
     }
 
     /// Runs one batch: appends each sequence's new tokens, then samples and returns what each
@@ -413,15 +458,25 @@ impl Engine {
                 // The last new token always runs (see `plan`).
                 hidden_rows.push(all_tokens.len() + p.run.len() - 1);
             }
-            layout.push(s.seq, pos0, p.run.len());
+            layout.push_sparse(s.seq, pos0, p.run.len(), s.sparse_budget);
             all_tokens.extend_from_slice(&p.run);
         }
-        // Run inside the rayon pool: every op's parallel loop then starts from a worker
-        // instead of paying a hand-off from this thread (~10 µs × ~150 calls per step).
-        let (model, cache) = (&self.model, &mut self.cache);
-        let (logits, hidden) = rayon::scope(|_| {
-            model.forward_hidden(cache, &all_tokens, &layout, &logit_rows, &hidden_rows)
-        })?;
+        // On a GPU, a step that only samples keeps its logits on the device and samples
+        // there; any other request reads them back and is served as on the CPU.
+        let device_sampling = self.backend.samples_on_device()
+            && batch
+                .seqs
+                .iter()
+                .all(|s| s.logits == LogitsMode::None && s.score.is_empty());
+        let (logits, hidden) = self.backend.forward(
+            &self.model,
+            &mut self.cache,
+            &all_tokens,
+            &layout,
+            &logit_rows,
+            &hidden_rows,
+            !device_sampling,
+        )?;
         self.computed_tokens += all_tokens.len() as u64;
 
         let vocab = self.model.cfg.out_dim();
@@ -440,10 +495,12 @@ impl Engine {
                 let k = base + p.rows.binary_search(&r).expect("row was requested");
                 &logits[k * vocab..(k + 1) * vocab]
             };
-            let sample = s
-                .sample
-                .as_ref()
-                .map(|sp| ops::sample(row_logits(s.tokens.len() - 1), sp, hist, hist.len() as u64));
+            let sample = match device_sampling {
+                true => None, // filled in below
+                false => s.sample.as_ref().map(|sp| {
+                    ops::sample(row_logits(s.tokens.len() - 1), sp, hist, hist.len() as u64)
+                }),
+            };
             let scores = s
                 .score
                 .iter()
@@ -474,7 +531,49 @@ impl Engine {
             });
             base += p.rows.len();
         }
+        if device_sampling {
+            if let Err(e) = self.sample_on_device(batch, &mut outputs) {
+                // Undo the step's tokens; `step` rolls the cache back.
+                for s in &batch.seqs {
+                    if let Some(hist) = self.tokens.get_mut(&s.seq) {
+                        hist.truncate(hist.len() - s.tokens.len());
+                    }
+                }
+                return Err(e);
+            }
+        }
         Ok(outputs)
+    }
+
+    /// Samples every sequence of `batch` that asked for it, on the device, from the step's
+    /// logits (one row per sampling sequence, in batch order), with the same histories and
+    /// random streams as the host sampler.
+    fn sample_on_device(
+        &self,
+        batch: &ForwardBatch,
+        outputs: &mut [SeqOutput],
+    ) -> Result<(), RuntimeError> {
+        let rows: Vec<_> = batch
+            .seqs
+            .iter()
+            .filter_map(|s| {
+                let hist = self.tokens.get(&s.seq)?;
+                Some((s.sample.as_ref()?, hist.as_slice(), hist.len() as u64))
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut samples = self
+            .backend
+            .sample(self.model.cfg.out_dim(), &rows)?
+            .into_iter();
+        for (s, out) in batch.seqs.iter().zip(outputs) {
+            if s.sample.is_some() {
+                out.sample = samples.next();
+            }
+        }
+        Ok(())
     }
 }
 

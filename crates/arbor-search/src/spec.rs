@@ -42,7 +42,14 @@ pub fn is_model(spec: &str) -> bool {
 ///   candidate's last step at the step separator `\n\n` (the stepwise strategies' default
 ///   delimiter);
 /// - `judge:PATH`: any causal LM as LM-as-judge (GGUF or HF directory).
-pub fn load_model(spec: &str, kv_bytes: usize, page_size: usize) -> Result<VerifierModel, String> {
+///
+/// The model runs on `device` (the policy's, so both step in the same tick on one GPU).
+pub fn load_model(
+    spec: &str,
+    kv_bytes: usize,
+    page_size: usize,
+    device: arbor_kernels::Device,
+) -> Result<VerifierModel, String> {
     let Some((kind, path)) = spec.split_once(':').filter(|_| is_model(spec)) else {
         return Err(format!(
             "'{spec}' is not a verifier model: use orm:PATH, prm:PATH or judge:PATH"
@@ -69,12 +76,13 @@ pub fn load_model(spec: &str, kv_bytes: usize, page_size: usize) -> Result<Verif
             ));
         }
     };
-    let engine = Engine::new(
+    let engine = Engine::on_device(
         loaded.model,
         &EngineOptions {
             kv_cache_bytes: kv_bytes,
             page_size,
         },
+        device,
     )
     .map_err(fail)?;
     Ok(VerifierModel::new(
@@ -180,24 +188,57 @@ mod tests {
                 env!("CARGO_MANIFEST_DIR")
             )
         };
-        let orm = load_model(&format!("orm:{}", dir("reward-orm")), 1 << 20, 8).unwrap();
+        let orm = load_model(
+            &format!("orm:{}", dir("reward-orm")),
+            1 << 20,
+            8,
+            arbor_kernels::Device::Cpu,
+        )
+        .unwrap();
         assert!(orm.name.starts_with("orm:"));
-        assert!(load_model(&format!("prm:{}", dir("reward-prm")), 1 << 20, 8).is_ok());
-        assert!(load_model(&format!("judge:{}", dir("llama")), 1 << 20, 8).is_ok());
-        let e = load_model(&format!("prm:{}", dir("reward-orm")), 1 << 20, 8)
-            .err()
-            .unwrap();
+        assert!(load_model(
+            &format!("prm:{}", dir("reward-prm")),
+            1 << 20,
+            8,
+            arbor_kernels::Device::Cpu
+        )
+        .is_ok());
+        assert!(load_model(
+            &format!("judge:{}", dir("llama")),
+            1 << 20,
+            8,
+            arbor_kernels::Device::Cpu
+        )
+        .is_ok());
+        let e = load_model(
+            &format!("prm:{}", dir("reward-orm")),
+            1 << 20,
+            8,
+            arbor_kernels::Device::Cpu,
+        )
+        .err()
+        .unwrap();
         assert!(
             e.contains("Qwen2ForSequenceClassification") && e.contains("prm:"),
             "{e}"
         );
-        let e = load_model(&format!("orm:{}", dir("llama")), 1 << 20, 8)
-            .err()
-            .unwrap();
+        let e = load_model(
+            &format!("orm:{}", dir("llama")),
+            1 << 20,
+            8,
+            arbor_kernels::Device::Cpu,
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("a causal LM"), "{e}");
-        let e = load_model("orm:/nonexistent/dir", 1 << 20, 8)
-            .err()
-            .unwrap();
+        let e = load_model(
+            "orm:/nonexistent/dir",
+            1 << 20,
+            8,
+            arbor_kernels::Device::Cpu,
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("/nonexistent/dir"), "{e}");
     }
 }

@@ -61,6 +61,18 @@ impl KvCache {
         }
     }
 
+    /// [`KvCache::for_model`] over a [`KvPool::detached`] pool: the bookkeeping of pages whose
+    /// K/V live in device memory.
+    pub fn detached(layout: KvLayout, num_pages: usize, model_key: u64) -> Self {
+        KvCache {
+            pool: KvPool::detached(layout, num_pages),
+            alloc: BlockAllocator::new(num_pages),
+            index: PrefixIndex::new(num_pages, model_key),
+            seqs: HashMap::new(),
+            indexing: true,
+        }
+    }
+
     pub fn layout(&self) -> KvLayout {
         self.pool.layout
     }

@@ -1,6 +1,6 @@
 //! Storage of the KV pages.
 
-use super::PageId;
+use super::{KeySummaries, PageId};
 
 /// Shape of a model's KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +33,12 @@ pub struct KvPool {
     pub layout: KvLayout,
     pub num_pages: usize,
     data: Vec<f32>,
+    /// Per-page key min/max for sparse attention, kept in step with `data`.
+    summaries: KeySummaries,
+    /// The pages live on a device (see [`KvPool::detached`]): `data` is empty.
+    detached: bool,
+    /// Copy-on-write copies `(src, dst, slots)` a detached pool's device must still make.
+    copies: Vec<(PageId, PageId, usize)>,
 }
 
 impl KvPool {
@@ -42,7 +48,33 @@ impl KvPool {
             layout,
             num_pages,
             data: vec![0.0; n],
+            summaries: KeySummaries::new(&layout, num_pages),
+            detached: false,
+            copies: Vec::new(),
         }
+    }
+
+    /// A pool whose pages live in device memory: it holds no K/V on the host; writes are
+    /// the device's business, and page copies are recorded for [`KvPool::take_copies`].
+    pub fn detached(layout: KvLayout, num_pages: usize) -> Self {
+        KvPool {
+            layout,
+            num_pages,
+            data: Vec::new(),
+            summaries: KeySummaries::new(&layout, 0),
+            detached: true,
+            copies: Vec::new(),
+        }
+    }
+
+    /// Whether the pages live on a device.
+    pub fn is_detached(&self) -> bool {
+        self.detached
+    }
+
+    /// The page copies recorded since the last call (detached pools only), in order.
+    pub fn take_copies(&mut self) -> Vec<(PageId, PageId, usize)> {
+        std::mem::take(&mut self.copies)
     }
 
     fn offset(&self, layer: usize, page: PageId, kv: usize, head: usize, slot: usize) -> usize {
@@ -55,6 +87,9 @@ impl KvPool {
 
     /// Stores one token's K and V (`num_kv_heads × head_dim` each) at `slot` of `page`.
     pub fn write(&mut self, layer: usize, page: PageId, slot: usize, k: &[f32], v: &[f32]) {
+        if self.detached {
+            return;
+        }
         let hd = self.layout.head_dim;
         for h in 0..self.layout.num_kv_heads {
             let o = self.offset(layer, page, 0, h, slot);
@@ -62,6 +97,18 @@ impl KvPool {
             let o = self.offset(layer, page, 1, h, slot);
             self.data[o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
         }
+        let (k0, stride) = (
+            self.offset(layer, page, 0, 0, 0),
+            self.layout.page_size * hd,
+        );
+        let data = &self.data;
+        self.summaries
+            .record(layer, page, slot, k, |h| &data[k0 + h * stride..][..stride]);
+    }
+
+    /// Per-page key summaries (min/max per channel) for sparse attention.
+    pub fn summaries(&self) -> &KeySummaries {
+        &self.summaries
     }
 
     /// K vectors of `head` for every slot of `page`: `page_size × head_dim`.
@@ -79,6 +126,10 @@ impl KvPool {
     /// Copies the first `slots` positions of page `src` into page `dst` in every layer
     /// (copy-on-write of a shared partial page).
     pub fn copy_page(&mut self, src: PageId, dst: PageId, slots: usize) {
+        if self.detached {
+            self.copies.push((src, dst, slots));
+            return;
+        }
         let l = self.layout;
         for layer in 0..l.num_layers {
             for kv in 0..2 {
@@ -88,6 +139,10 @@ impl KvPool {
                     self.data.copy_within(s..s + slots * l.head_dim, d);
                 }
             }
+            let (k0, stride) = (self.offset(layer, dst, 0, 0, 0), l.page_size * l.head_dim);
+            let data = &self.data;
+            self.summaries
+                .recompute(layer, dst, slots, |h| &data[k0 + h * stride..][..stride]);
         }
     }
 
@@ -96,8 +151,8 @@ impl KvPool {
         self.layout.bytes_per_page(4)
     }
 
-    /// Bytes of host memory the pool holds.
+    /// Bytes of host memory the pool holds (K/V and their key summaries).
     pub fn nbytes(&self) -> usize {
-        self.data.len() * 4
+        self.data.len() * 4 + self.summaries.nbytes()
     }
 }

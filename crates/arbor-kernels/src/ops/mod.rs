@@ -2,8 +2,10 @@
 //! pays); CUDA launches sit beside them behind the `cuda` feature.
 
 pub mod attention;
+pub mod cascade;
 pub mod embedding;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod sample;
@@ -13,6 +15,7 @@ pub mod swiglu;
 pub use attention::{paged_attention, AttentionParams};
 pub use embedding::embedding;
 pub use matmul::matmul;
+pub use moe::{group_by_expert, moe_experts, route_softmax_topk, ExpertFfn, ExpertGroups, Routing};
 pub use norm::{add_rms_norm, rms_norm, rms_norm_rows};
 pub use rope::{RopeLayout, RopeScaling, RopeTable};
 pub use sample::{

@@ -3,10 +3,12 @@
 
 use super::batch::BatchLayout;
 use super::linear::{linear, Precision};
+use super::moe::MoeBlock;
 use super::source::TensorSource;
 use crate::config::ModelConfig;
 use crate::RuntimeError;
 use arbor_kernels::kv::KvCache;
+use arbor_kernels::ops::cascade::{self, CascadeMode, CascadePlan, SparseParams};
 use arbor_kernels::ops::{self, AttentionParams, RopeTable};
 use arbor_kernels::weight::WeightData;
 use arbor_kernels::Weight;
@@ -18,25 +20,41 @@ pub struct LayerCtx<'a> {
     pub cfg: &'a ModelConfig,
     pub rope: &'a RopeTable,
     pub precision: Precision,
+    /// The batch's cascade plan, and how to run it, when attention goes through it (shared
+    /// pages or sparse rows).
+    pub tree: Option<(&'a CascadePlan, CascadeMode, SparseParams)>,
 }
 
-/// The feed-forward block. `Moe` joins it with the [moe] issue.
+/// The feed-forward block.
 pub enum Ffn {
     /// SwiGLU: gate and up fused into one `2·intermediate × hidden` matrix (gate rows first).
     Dense { gate_up: Weight, down: Weight },
+    /// Mixture of experts (see [`MoeBlock`]); layer by layer as the config's
+    /// [`crate::config::MoeConfig::is_moe_layer`] says.
+    Moe(Box<MoeBlock>),
+}
+
+impl Ffn {
+    /// Bytes of weights held.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Ffn::Dense { gate_up, down } => gate_up.nbytes() + down.nbytes(),
+            Ffn::Moe(m) => m.nbytes(),
+        }
+    }
 }
 
 /// Weights of one layer.
 pub struct DecoderLayer {
-    attn_norm: Vec<f32>,
+    pub(crate) attn_norm: Vec<f32>,
     /// q, k and v projections stacked by rows.
-    qkv: Weight,
-    qkv_bias: Option<Vec<f32>>,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    wo: Weight,
-    ffn_norm: Vec<f32>,
-    ffn: Ffn,
+    pub(crate) qkv: Weight,
+    pub(crate) qkv_bias: Option<Vec<f32>>,
+    pub(crate) q_norm: Option<Vec<f32>>,
+    pub(crate) k_norm: Option<Vec<f32>>,
+    pub(crate) wo: Weight,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) ffn: Ffn,
 }
 
 /// Stacks matrices with equal columns and storage type by rows (one matmul instead of
@@ -89,12 +107,16 @@ impl DecoderLayer {
                 Some(b)
             }
         };
-        let ffn = Ffn::Dense {
-            gate_up: stack_rows(vec![
-                src.req_matrix(&n("ffn_gate.weight"), cfg.intermediate_size, h)?,
-                src.req_matrix(&n("ffn_up.weight"), cfg.intermediate_size, h)?,
-            ])?,
-            down: src.req_matrix(&n("ffn_down.weight"), h, cfg.intermediate_size)?,
+        let ffn = if cfg.is_moe_layer(i) {
+            Ffn::Moe(Box::new(MoeBlock::load(src, cfg, i)?))
+        } else {
+            Ffn::Dense {
+                gate_up: stack_rows(vec![
+                    src.req_matrix(&n("ffn_gate.weight"), cfg.intermediate_size, h)?,
+                    src.req_matrix(&n("ffn_up.weight"), cfg.intermediate_size, h)?,
+                ])?,
+                down: src.req_matrix(&n("ffn_down.weight"), h, cfg.intermediate_size)?,
+            }
         };
         Ok(DecoderLayer {
             attn_norm: src.req_vector(&n("attn_norm.weight"), h)?,
@@ -110,8 +132,15 @@ impl DecoderLayer {
 
     /// Bytes of weights held.
     pub fn nbytes(&self) -> usize {
-        let Ffn::Dense { gate_up, down } = &self.ffn;
-        self.qkv.nbytes() + self.wo.nbytes() + gate_up.nbytes() + down.nbytes()
+        self.qkv.nbytes() + self.wo.nbytes() + self.ffn.nbytes()
+    }
+
+    /// The layer's MoE block, if its FFN is one.
+    pub fn moe(&self) -> Option<&MoeBlock> {
+        match &self.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense { .. } => None,
+        }
     }
 
     /// Runs the layer on the batch's hidden states `x` (`rows × hidden`, updated in place),
@@ -128,6 +157,7 @@ impl DecoderLayer {
             cfg,
             rope,
             precision,
+            ..
         } = *ctx;
         let (h, hd, t) = (cfg.hidden_size, cfg.head_dim, batch.rows());
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -175,20 +205,27 @@ impl DecoderLayer {
             sliding_window: cfg.sliding_window,
         };
         let mut attn = vec![0.0f32; t * qd];
-        for s in &batch.seqs {
-            let rows = s.rows();
-            let table = cache.table(s.seq).ok_or_else(|| {
-                RuntimeError::Request(format!("sequence {} has no KV cache", s.seq))
-            })?;
-            ops::paged_attention(
-                &q[rows.start * qd..rows.end * qd],
-                &batch.positions[rows.clone()],
-                &cache.pool,
-                layer,
-                table,
-                &params,
-                &mut attn[rows.start * qd..rows.end * qd],
-            );
+        if let Some((plan, mode, sparse)) = ctx.tree {
+            // Pages shared by several sequences are read once for all of their rows.
+            let pool = &cache.pool;
+            let sel = cascade::select_pages(&q, plan, pool, layer, &params, &sparse);
+            mode.attend(&q, plan, pool, layer, &params, sel.as_ref(), &mut attn);
+        } else {
+            for s in &batch.seqs {
+                let rows = s.rows();
+                let table = cache.table(s.seq).ok_or_else(|| {
+                    RuntimeError::Request(format!("sequence {} has no KV cache", s.seq))
+                })?;
+                ops::paged_attention(
+                    &q[rows.start * qd..rows.end * qd],
+                    &batch.positions[rows.clone()],
+                    &cache.pool,
+                    layer,
+                    table,
+                    &params,
+                    &mut attn[rows.start * qd..rows.end * qd],
+                );
+            }
         }
         let mut o = vec![0.0f32; t * h];
         linear(precision, &attn, t, &self.wo, &mut o)?;
@@ -198,15 +235,19 @@ impl DecoderLayer {
             .zip(o.par_chunks(h))
             .zip(xn.par_chunks_mut(h))
             .for_each(|((xi, oi), ni)| ops::add_rms_norm(xi, oi, &self.ffn_norm, cfg.rms_eps, ni));
-        let Ffn::Dense { gate_up, down } = &self.ffn;
-        let inter = cfg.intermediate_size;
-        let mut gu = vec![0.0f32; t * 2 * inter];
-        linear(precision, &xn, t, gate_up, &mut gu)?;
-        let mut act = vec![0.0f32; t * inter];
-        act.par_chunks_mut(inter)
-            .zip(gu.par_chunks(2 * inter))
-            .for_each(|(a, g)| ops::swiglu(&g[..inter], &g[inter..], a));
-        linear(precision, &act, t, down, &mut o)?;
+        match &self.ffn {
+            Ffn::Dense { gate_up, down } => {
+                let inter = cfg.intermediate_size;
+                let mut gu = vec![0.0f32; t * 2 * inter];
+                linear(precision, &xn, t, gate_up, &mut gu)?;
+                let mut act = vec![0.0f32; t * inter];
+                act.par_chunks_mut(inter)
+                    .zip(gu.par_chunks(2 * inter))
+                    .for_each(|(a, g)| ops::swiglu(&g[..inter], &g[inter..], a));
+                linear(precision, &act, t, down, &mut o)?;
+            }
+            Ffn::Moe(m) => m.forward(precision, &xn, t, &mut o)?,
+        }
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         Ok(())
     }

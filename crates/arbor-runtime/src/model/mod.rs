@@ -4,13 +4,15 @@ mod batch;
 mod head;
 mod layer;
 mod linear;
+mod moe;
 mod source;
 
-pub use batch::{BatchLayout, SeqRows};
+pub use batch::{AttentionOptions, BatchLayout, SeqRows};
 pub use head::Head;
 pub use layer::{stack_rows, DecoderLayer, Ffn, LayerCtx};
 pub use linear::{linear, Precision};
-pub use source::{hf_name, MemTensor, TensorSource};
+pub use moe::{ExpertCounts, ExpertLoad, MoeBlock};
+pub use source::{hf_name, hf_names, MemTensor, TensorSource};
 
 use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
@@ -25,16 +27,18 @@ use std::path::Path;
 /// A loaded model's weights and shape.
 pub struct Model {
     pub cfg: ModelConfig,
-    embed: Weight,
-    layers: Vec<DecoderLayer>,
-    norm: Vec<f32>,
+    pub(crate) embed: Weight,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: Vec<f32>,
     /// LM head (tied or not) or a reward model's classifier.
-    head: Head,
-    rope: RopeTable,
+    pub(crate) head: Head,
+    pub(crate) rope: RopeTable,
     /// Storage types of the source tensors, for `arbor info`.
     pub quantization: String,
     /// How matmuls over quantised weights are computed.
     pub precision: Precision,
+    /// Cascade (tree) and sparse attention settings.
+    pub attention: AttentionOptions,
 }
 
 impl Model {
@@ -77,6 +81,7 @@ impl Model {
             rope,
             quantization: src.type_summary(),
             precision: Precision::default(),
+            attention: AttentionOptions::default(),
             cfg,
         })
     }
@@ -137,10 +142,14 @@ impl Model {
         let h = self.cfg.hidden_size;
         let mut x = vec![0.0f32; tokens.len() * h];
         ops::embedding(&self.embed, tokens, &mut x)?;
+        // Once per forward: every layer shares the block tables.
+        let (mode, tree) = (self.attention.mode(), self.attention.tree.is_some());
+        let plan = batch.cascade_plan(cache, tree, &mode.plan_options())?;
         let ctx = LayerCtx {
             cfg: &self.cfg,
             rope: &self.rope,
             precision: self.precision,
+            tree: plan.as_ref().map(|p| (p, mode, self.attention.sparse)),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(i, &ctx, batch, cache, &mut x)?;

@@ -1,11 +1,17 @@
-//! The transformer against HF transformers: tiny random-weight fixtures of every dense
-//! architecture, and the real default model (SmolLM2-135M-Instruct GGUF).
+//! The transformer against HF transformers: tiny random-weight fixtures of every
+//! architecture (dense and MoE), and the real default model (SmolLM2-135M-Instruct GGUF).
 
 mod engine;
 mod fixtures;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod kv_tree;
+mod moe;
+mod moe_gguf;
 mod reward;
 mod smollm2;
+mod sparse_accuracy;
+mod tree_attention;
 
 /// (NMSE, max abs error) of `got` against `want`.
 pub fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {

@@ -198,7 +198,8 @@ async fn search_with_a_loaded_reward_model() {
     let orm = format!("orm:{}", fixture().join("../reward-orm").display());
     let spec = orm.clone();
     let server = start_with(4 << 20, move |sched, cfg| {
-        let m = arbor_search::spec::load_model(&spec, 1 << 20, 8).expect("reward fixture");
+        let m = arbor_search::spec::load_model(&spec, 1 << 20, 8, arbor_kernels::Device::Cpu)
+            .expect("reward fixture");
         cfg.verifier_models
             .push((spec, sched.add_verifier_model(m)));
     })

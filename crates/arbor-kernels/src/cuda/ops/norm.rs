@@ -1,0 +1,119 @@
+//! RMSNorm (plain and fused with the residual add) and a row gather on the GPU
+//! (`kernels/norm.cu`); CPU references [`crate::ops::rms_norm`], [`crate::ops::add_rms_norm`].
+
+use super::super::{Gpu, GpuError, LaunchConfig};
+use super::{int_arg, launch_error, need_len, product};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+
+/// One block of this many threads per row.
+const THREADS: u32 = 256;
+
+fn row_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `out[r] = bf16(x[r] / sqrt(mean(x[r]²) + eps) · w)` for the first `rows` rows of `hidden`
+/// values.
+pub fn rms_norm(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    eps: f32,
+    rows: usize,
+    hidden: usize,
+    out: &mut CudaSlice<bf16>,
+) -> Result<(), GpuError> {
+    const OP: &str = "rms_norm";
+    if rows == 0 || hidden == 0 {
+        return Ok(());
+    }
+    let n = product(OP, "rows × hidden", rows, hidden)?;
+    need_len(OP, "x", x.len(), n)?;
+    need_len(OP, "weight", w.len(), hidden)?;
+    need_len(OP, "out", out.len(), n)?;
+    let (rows_i, hidden_i) = (int_arg(OP, "rows", rows)?, int_arg(OP, "hidden", hidden)?);
+    let f = gpu.func("norm", "rms_norm")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x)
+        .arg(w)
+        .arg(&eps)
+        .arg(&rows_i)
+        .arg(&hidden_i)
+        .arg(out);
+    // SAFETY: arguments match the kernel; lengths checked above.
+    unsafe { b.launch(row_config(rows)) }.map_err(launch_error(OP))?;
+    Ok(())
+}
+
+/// `x[r] += delta[r]` (in place, f32), then `out[r] = bf16(rms_norm(x[r]) · w)`, for the first
+/// `rows` rows of `hidden` values: the residual add fused with the next layer's norm.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    delta: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    eps: f32,
+    rows: usize,
+    hidden: usize,
+    out: &mut CudaSlice<bf16>,
+) -> Result<(), GpuError> {
+    const OP: &str = "add_rms_norm";
+    if rows == 0 || hidden == 0 {
+        return Ok(());
+    }
+    let n = product(OP, "rows × hidden", rows, hidden)?;
+    need_len(OP, "x", x.len(), n)?;
+    need_len(OP, "delta", delta.len(), n)?;
+    need_len(OP, "weight", w.len(), hidden)?;
+    need_len(OP, "out", out.len(), n)?;
+    let (rows_i, hidden_i) = (int_arg(OP, "rows", rows)?, int_arg(OP, "hidden", hidden)?);
+    let f = gpu.func("norm", "add_rms_norm")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x)
+        .arg(delta)
+        .arg(w)
+        .arg(&eps)
+        .arg(&rows_i)
+        .arg(&hidden_i)
+        .arg(out);
+    // SAFETY: arguments match the kernel; lengths checked above.
+    unsafe { b.launch(row_config(rows)) }.map_err(launch_error(OP))?;
+    Ok(())
+}
+
+/// `out[i] = x[idx[i]]` for `i < n`, rows of `width` f32 (e.g. the rows whose logits are
+/// wanted). An index beyond the rows `x` holds gives a row of zeros.
+pub fn gather_rows(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    width: usize,
+    idx: &CudaSlice<u32>,
+    n: usize,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    const OP: &str = "gather_rows";
+    if n == 0 || width == 0 {
+        return Ok(());
+    }
+    need_len(OP, "idx", idx.len(), n)?;
+    need_len(OP, "out", out.len(), product(OP, "n × width", n, width)?)?;
+    let src_rows = int_arg(OP, "rows of x", (x.len() / width).min(i32::MAX as usize))?;
+    let (width_i, n_i) = (int_arg(OP, "width", width)?, int_arg(OP, "n", n)?);
+    let f = gpu.func("norm", "gather_rows")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x)
+        .arg(&width_i)
+        .arg(&src_rows)
+        .arg(idx)
+        .arg(&n_i)
+        .arg(out);
+    // SAFETY: arguments match the kernel; the kernel reads only rows below `src_rows`.
+    unsafe { b.launch(row_config(n)) }.map_err(launch_error(OP))?;
+    Ok(())
+}

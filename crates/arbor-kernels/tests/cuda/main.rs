@@ -1,0 +1,18 @@
+//! The CUDA backend's tests, one binary:
+//! - `compile`: every kernel file compiles with NVRTC for every target architecture (runs
+//!   wherever NVRTC is found, GPU or not; CI installs it from PyPI);
+//! - the op modules: every GPU op against its CPU reference on random inputs (need a GPU;
+//!   skipped with a printed reason without one).
+#![cfg(feature = "cuda")]
+
+mod common;
+mod compile;
+mod gemm;
+mod ops_attention;
+mod ops_attention_batch;
+mod ops_cascade;
+mod ops_common;
+mod ops_elementwise;
+mod ops_kv;
+mod ops_qkv;
+mod sample;

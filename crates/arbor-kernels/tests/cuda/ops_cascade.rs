@@ -1,0 +1,386 @@
+//! GPU cascade (tree) attention against per-sequence CPU `paged_attention`, on trees built with
+//! the real `KvCache` (fork / reserve / write / commit: shared prefixes end mid-page and are
+//! copied on write, as in the engine). K/V are written already rounded to bf16, so the host
+//! pool and the device pool (copied from it) hold the same values; layer 1 of 2 is read.
+//! The output is bf16: checked against the f32 reference (rounding bound) and against the
+//! reference rounded to bf16.
+
+use crate::common;
+use crate::ops_common::*;
+use arbor_kernels::cuda::ops::cascade::{cascade_attention, GpuCascadePlan};
+use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
+use arbor_kernels::kv::{KvCache, KvLayout, SeqId};
+use arbor_kernels::ops::cascade::{CascadePlan, PlanOptions, PlanSeq};
+use arbor_kernels::ops::{paged_attention, AttentionParams};
+use half::bf16;
+use std::ops::Range;
+
+const LAYER: usize = 1;
+
+/// Bound against the bf16-rounded reference (as ATTENTION_ROUNDED in ops_attention.rs: the
+/// split softmax and its merge change f32 results by ~1e-6 relative, flipping a few roundings).
+const CASCADE_ROUNDED: f64 = 1e-6;
+
+/// Small deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    /// `n` values uniform in [-scale, scale), rounded to bf16.
+    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
+                bf16::from_f32((u * 2.0 - 1.0) * scale).to_f32()
+            })
+            .collect()
+    }
+}
+
+/// A KV cache being grown into trees.
+struct Rig {
+    cache: KvCache,
+    rng: Rng,
+    next: SeqId,
+    width: usize,
+}
+
+impl Rig {
+    fn new(layout: KvLayout, num_pages: usize, seed: u64) -> Self {
+        Rig {
+            width: layout.num_kv_heads * layout.head_dim,
+            cache: KvCache::new(layout, num_pages),
+            rng: Rng(seed),
+            next: 1,
+        }
+    }
+    fn new_seq(&mut self) -> SeqId {
+        self.next += 1;
+        self.cache.add_seq(self.next);
+        self.next
+    }
+    fn fork(&mut self, parent: SeqId) -> SeqId {
+        self.next += 1;
+        self.cache.fork(parent, self.next).expect("fork");
+        self.next
+    }
+    /// Reserves and writes `n` positions of `seq` in every layer (uncommitted).
+    fn write(&mut self, seq: SeqId, n: usize) -> Range<usize> {
+        let pos0 = self.cache.len(seq);
+        self.cache.reserve(seq, n).expect("pages");
+        for pos in pos0..pos0 + n {
+            for layer in 0..self.cache.layout().num_layers {
+                let k = self.rng.values(self.width, 1.0);
+                let v = self.rng.values(self.width, 1.0);
+                self.cache.write(layer, seq, pos, &k, &v);
+            }
+        }
+        pos0..pos0 + n
+    }
+    fn tokens(&mut self, n: usize) -> Vec<u32> {
+        (0..n).map(|_| self.rng.below(50_000) as u32).collect()
+    }
+    /// Appends `n` random tokens to `seq` (written and committed).
+    fn append(&mut self, seq: SeqId, n: usize) {
+        let t = self.tokens(n);
+        self.append_tokens(seq, &t);
+    }
+    fn append_tokens(&mut self, seq: SeqId, t: &[u32]) {
+        self.write(seq, t.len());
+        self.cache.commit(seq, t);
+    }
+}
+
+/// One step's batch: sequences and the positions of their query rows.
+#[derive(Default)]
+struct Batch {
+    seqs: Vec<(SeqId, Range<usize>)>,
+    positions: Vec<usize>,
+}
+
+impl Batch {
+    fn add(&mut self, rig: &mut Rig, seq: SeqId, n: usize) {
+        let start = self.positions.len();
+        self.positions.extend(rig.write(seq, n));
+        self.seqs.push((seq, start..start + n));
+    }
+    fn plan(&self, cache: &KvCache, opts: &PlanOptions) -> CascadePlan {
+        let seqs: Vec<PlanSeq> = self
+            .seqs
+            .iter()
+            .map(|(s, rows)| PlanSeq {
+                pages: &cache.table(*s).expect("live").pages,
+                rows: rows.clone(),
+                sparse_budget: None,
+            })
+            .collect();
+        CascadePlan::build(&seqs, &self.positions, cache.layout().page_size, opts).expect("plan")
+    }
+}
+
+/// The device pool: the host pool's pages, as bf16 (exact: they were written rounded).
+fn device_pool(gpu: &Gpu, cache: &KvCache) -> GpuKvPool {
+    let (l, n) = (cache.layout(), cache.pool.num_pages);
+    let mut host = vec![bf16::ZERO; l.num_layers * n * l.page_elems_per_layer()];
+    let stride = l.page_size * l.head_dim;
+    let dev = GpuKvPool {
+        layout: l,
+        num_pages: n,
+        data: up(gpu, &[bf16::ZERO]),
+    };
+    for layer in 0..l.num_layers {
+        for page in 0..n {
+            for h in 0..l.num_kv_heads {
+                let k = cache.pool.keys(layer, page as u32, h);
+                let v = cache.pool.values(layer, page as u32, h);
+                let ko = dev.offset(layer, page, 0, h, 0);
+                let vo = dev.offset(layer, page, 1, h, 0);
+                host[ko..ko + stride].copy_from_slice(&to_bf16(k));
+                host[vo..vo + stride].copy_from_slice(&to_bf16(v));
+            }
+        }
+    }
+    GpuKvPool {
+        data: up(gpu, &host),
+        ..dev
+    }
+}
+
+/// A random tree under a fresh root of `root_len` tokens: `depth` levels of forks
+/// (1..=`width` children each, uneven, the frontier capped at `width`), each child appending
+/// 0..=`grow` tokens; siblings sometimes append identical tokens (deduplicated full pages).
+/// Returns every sequence, root first, and how many of the last ones are leaves.
+fn tree(
+    rig: &mut Rig,
+    root_len: usize,
+    depth: usize,
+    width: usize,
+    grow: usize,
+) -> (Vec<SeqId>, usize) {
+    let root = rig.new_seq();
+    rig.append(root, root_len);
+    let (mut all, mut frontier) = (vec![root], vec![root]);
+    for _ in 0..depth {
+        let mut next = Vec::new();
+        for &parent in &frontier {
+            let room = width.saturating_sub(next.len()).max(1);
+            let kids = 1 + rig.rng.below(width.min(room));
+            let mut prev: Option<Vec<u32>> = None;
+            for _ in 0..kids {
+                let c = rig.fork(parent);
+                let toks = match (&prev, rig.rng.below(4)) {
+                    (Some(t), 0) => t.clone(),
+                    _ => {
+                        let n = rig.rng.below(grow + 1);
+                        rig.tokens(n)
+                    }
+                };
+                rig.append_tokens(c, &toks);
+                prev = Some(toks);
+                next.push(c);
+            }
+            if next.len() >= width {
+                break;
+            }
+        }
+        all.extend(&next);
+        frontier = next;
+    }
+    (all, frontier.len())
+}
+
+/// Runs the GPU cascade for `b` over `rig`'s cache (with two group sizes, so split runs are
+/// covered) and checks it against per-sequence CPU attention.
+fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionParams) {
+    let w = p.n_heads * p.head_dim;
+    let rows = b.positions.len();
+    let q = rig.rng.values(rows * w, 2.0);
+    let mut want = vec![0.0f32; q.len()];
+    for (s, r) in &b.seqs {
+        paged_attention(
+            &q[r.start * w..r.end * w],
+            &b.positions[r.clone()],
+            &rig.cache.pool,
+            LAYER,
+            rig.cache.table(*s).expect("live"),
+            p,
+            &mut want[r.start * w..r.end * w],
+        );
+    }
+    let pool = device_pool(gpu, &rig.cache);
+    let dq = up(gpu, &q);
+    for max_group_pages in [64, 3] {
+        let plan = b.plan(&rig.cache, &PlanOptions { max_group_pages });
+        let shared = plan.group_num_seqs.iter().filter(|&&n| n > 1).count();
+        let gplan = GpuCascadePlan::upload(gpu, &plan).expect("upload");
+        let mut out = zeros::<bf16>(gpu, rows * w);
+        cascade_attention(gpu, &dq, rows, &gplan, &pool, LAYER, p, &mut out).expect("cascade");
+        let got = down_bf16(gpu, &out, rows * w);
+        check_bf16_with(
+            &format!(
+                "{name} (max_group_pages {max_group_pages}: {} groups, {shared} shared, {rows} rows)",
+                plan.num_groups()
+            ),
+            &got,
+            &want,
+            CASCADE_ROUNDED,
+        );
+    }
+}
+
+fn params(nkv: usize, group: usize, hd: usize, window: Option<usize>) -> AttentionParams {
+    AttentionParams {
+        n_heads: nkv * group,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+        sliding_window: window,
+    }
+}
+
+fn layout(nkv: usize, hd: usize, ps: usize) -> KvLayout {
+    KvLayout {
+        num_layers: 2,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        page_size: ps,
+    }
+}
+
+#[test]
+fn cascade_two_levels_shared_prompt_and_16_suffixes() {
+    let Some(gpu) = common::gpu() else { return };
+    for (i, &(nkv, group, hd)) in [(2, 1, 64), (2, 4, 128), (1, 7, 64), (2, 7, 128)]
+        .iter()
+        .enumerate()
+    {
+        let mut rig = Rig::new(layout(nkv, hd, 16), 1024, 10 + i as u64);
+        // A 300-token prompt (ends mid-page), 16 branches with private suffixes of 0..40
+        // tokens; each decodes one token, some a chunk of 3.
+        let root = rig.new_seq();
+        rig.append(root, 300);
+        let mut b = Batch::default();
+        for k in 0..16 {
+            let c = rig.fork(root);
+            let n = rig.rng.below(41);
+            rig.append(c, n);
+            b.add(&mut rig, c, if k % 5 == 0 { 3 } else { 1 });
+        }
+        let p = params(nkv, group, hd, None);
+        check_batch(
+            &gpu,
+            &format!("two levels kv {nkv}×{group} hd {hd}"),
+            &mut rig,
+            &b,
+            &p,
+        );
+    }
+}
+
+#[test]
+fn cascade_deep_uneven_trees_with_gqa_1_4_7() {
+    let Some(gpu) = common::gpu() else { return };
+    let mut case = 0u64;
+    for &group in &[1, 4, 7] {
+        for &hd in &[64, 128] {
+            for &ps in &[16, 8] {
+                case += 1;
+                let nkv = 1 + (case as usize % 2);
+                let mut rig = Rig::new(layout(nkv, hd, ps), 4096, 100 + case);
+                let root_len = 1 + rig.rng.below(6 * ps);
+                let (all, leaves) = tree(&mut rig, root_len, 4, 8, 3 * ps / 2);
+                let first_leaf = all.len() - leaves;
+                let mut b = Batch::default();
+                for (i, &s) in all.iter().enumerate() {
+                    // Leaves always step (one row or a chunk); some inner sequences too.
+                    if i >= first_leaf {
+                        let n = 1 + rig.rng.below(3);
+                        b.add(&mut rig, s, n);
+                    } else if rig.rng.below(4) == 0 {
+                        b.add(&mut rig, s, 1);
+                    }
+                }
+                let window = case.is_multiple_of(3).then_some(37);
+                let p = params(nkv, group, hd, window);
+                check_batch(
+                    &gpu,
+                    &format!("depth-4 tree kv {nkv}×{group} hd {hd} ps {ps} window {window:?}"),
+                    &mut rig,
+                    &b,
+                    &p,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cascade_mixed_batch_with_plain_sequences() {
+    let Some(gpu) = common::gpu() else { return };
+    for (i, &(group, hd)) in [(4, 128), (7, 64), (1, 64)].iter().enumerate() {
+        let mut rig = Rig::new(layout(2, hd, 16), 4096, 300 + i as u64);
+        let mut b = Batch::default();
+        // A plain sequence first, a tree, another plain one prefilling a 40-row chunk.
+        let s = rig.new_seq();
+        rig.append(s, 77);
+        b.add(&mut rig, s, 1);
+        let (all, leaves) = tree(&mut rig, 53, 2, 6, 20);
+        for &leaf in &all[all.len() - leaves..] {
+            b.add(&mut rig, leaf, 1);
+        }
+        let s = rig.new_seq();
+        rig.append(s, 9);
+        b.add(&mut rig, s, 40);
+        let p = params(2, group, hd, None);
+        check_batch(
+            &gpu,
+            &format!("mixed batch kv 2×{group} hd {hd}"),
+            &mut rig,
+            &b,
+            &p,
+        );
+    }
+}
+
+#[test]
+fn cascade_rejects_sparse_plans_and_bad_shapes() {
+    let Some(gpu) = common::gpu() else { return };
+    let mut rig = Rig::new(layout(1, 64, 16), 64, 7);
+    let s = rig.new_seq();
+    rig.append(s, 20);
+    let mut b = Batch::default();
+    b.add(&mut rig, s, 1);
+    let tbl = rig.cache.table(s).expect("live").pages.clone();
+    let seqs = [PlanSeq {
+        pages: &tbl,
+        rows: 0..1,
+        sparse_budget: Some(1),
+    }];
+    let sparse =
+        CascadePlan::build(&seqs, &b.positions, 16, &PlanOptions::default()).expect("plan");
+    assert!(matches!(
+        GpuCascadePlan::upload(&gpu, &sparse),
+        Err(GpuError::Invalid(_))
+    ));
+    let plan = b.plan(&rig.cache, &PlanOptions::default());
+    let gplan = GpuCascadePlan::upload(&gpu, &plan).expect("upload");
+    let pool = device_pool(&gpu, &rig.cache);
+    let p = params(1, 2, 64, None);
+    let q = zeros::<f32>(&gpu, 128);
+    let mut out = zeros::<bf16>(&gpu, 128);
+    // Two rows asked of a one-row plan; a short q.
+    let e = cascade_attention(&gpu, &q, 2, &gplan, &pool, LAYER, &p, &mut out);
+    assert!(matches!(e, Err(GpuError::Invalid(_))), "{e:?}");
+    let short = zeros::<f32>(&gpu, 64);
+    let e = cascade_attention(&gpu, &short, 1, &gplan, &pool, LAYER, &p, &mut out);
+    assert!(matches!(e, Err(GpuError::Invalid(_))), "{e:?}");
+}

@@ -1,0 +1,185 @@
+//! The model on the GPU against the same model on the CPU: fixtures and SmolLM2, logits by
+//! NMSE and greedy continuations token for token. Skipped, with the reason printed, where no
+//! GPU can be opened (`ARBOR_REQUIRE_GPU=1` makes that a failure).
+
+use super::{argmax, errors};
+use arbor_kernels::ops::SamplingParams;
+use arbor_kernels::Device;
+use arbor_runtime::model::Precision;
+use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, Model, SeqStep};
+use std::path::{Path, PathBuf};
+
+const OPTS: EngineOptions = EngineOptions {
+    kv_cache_bytes: 64 << 20,
+    page_size: 16,
+};
+
+/// A CPU engine (exact f32 math over the stored weights) and a GPU engine of the model at
+/// `path`, or `None` (after printing why) without a GPU.
+fn engines(path: &Path) -> Option<(Engine, Engine)> {
+    let load = || {
+        let mut m = Model::load(path).expect("load model");
+        m.precision = Precision::Exact;
+        m
+    };
+    let gpu = match Engine::on_device(load(), &OPTS, Device::Cuda(0)) {
+        Ok(e) => e,
+        Err(e) => {
+            if std::env::var_os("ARBOR_REQUIRE_GPU").is_some() {
+                panic!("ARBOR_REQUIRE_GPU is set but the GPU engine failed: {e}");
+            }
+            eprintln!("skipped (no GPU): {e}");
+            return None;
+        }
+    };
+    Some((Engine::new(load(), &OPTS).expect("CPU engine"), gpu))
+}
+
+fn fixture(arch: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(arch)
+}
+
+/// Logits of every position of `tokens`, run in chunks of `chunk` tokens.
+fn logits(e: &mut Engine, tokens: &[u32], chunk: usize) -> Vec<f32> {
+    let seq = e.new_seq();
+    let mut out = Vec::new();
+    for part in tokens.chunks(chunk) {
+        let step = SeqStep {
+            seq,
+            tokens: part.to_vec(),
+            logits: LogitsMode::All,
+            ..Default::default()
+        };
+        out.extend(
+            e.step(&ForwardBatch { seqs: vec![step] }).expect("step")[0]
+                .logits
+                .clone(),
+        );
+    }
+    e.free_seq(seq);
+    out
+}
+
+/// Greedy continuation of `prompt` for `n` tokens, sampled by the engine (on the GPU for a
+/// GPU engine).
+fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let seq = e.new_seq();
+    let mut next = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let step = SeqStep {
+            seq,
+            tokens: std::mem::take(&mut next),
+            sample: Some(SamplingParams::default()),
+            ..Default::default()
+        };
+        let res = e.step(&ForwardBatch { seqs: vec![step] }).expect("step");
+        let t = res[0].sample.as_ref().expect("sampled").token;
+        out.push(t);
+        next = vec![t];
+    }
+    e.free_seq(seq);
+    out
+}
+
+fn prompt(len: usize, vocab: usize, seed: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 7) % vocab as u32)
+        .collect()
+}
+
+#[test]
+fn fixtures_match_the_cpu() {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let Some((mut cpu, mut gpu)) = engines(&fixture(arch)) else {
+            return;
+        };
+        let vocab = cpu.model.cfg.vocab_size;
+        let toks = prompt(45, vocab, 1);
+        // The whole prompt at once, then in chunks that cross page boundaries, then decode.
+        for chunk in [45, 7, 1] {
+            let want = logits(&mut cpu, &toks, chunk);
+            let got = logits(&mut gpu, &toks, chunk);
+            let (nmse, max) = errors(&got, &want);
+            println!("{arch} chunk {chunk}: NMSE {nmse:.2e}, max abs {max:.2e}");
+            // bf16 weights and K/V against f32 ones: relative error ~2⁻⁹ per value.
+            assert!(nmse < 1e-3, "{arch} chunk {chunk}: NMSE {nmse:.2e}");
+        }
+        let g_cpu = greedy(&mut cpu, &toks[..9], 32);
+        let g_gpu = greedy(&mut gpu, &toks[..9], 32);
+        let same = g_cpu.iter().zip(&g_gpu).take_while(|(a, b)| a == b).count();
+        println!("{arch}: greedy agrees for {same} of 32 tokens");
+        assert_eq!(same, 32, "{arch}: CPU {g_cpu:?}\nGPU {g_gpu:?}");
+    }
+}
+
+#[test]
+fn forked_branches_share_pages_on_the_gpu() {
+    let Some((mut cpu, mut gpu)) = engines(&fixture("llama")) else {
+        return;
+    };
+    let vocab = cpu.model.cfg.vocab_size;
+    let toks = prompt(37, vocab, 2);
+    let mut results = Vec::new();
+    for e in [&mut cpu, &mut gpu] {
+        let root = e.new_seq();
+        let step = SeqStep {
+            seq: root,
+            tokens: toks.clone(),
+            ..Default::default()
+        };
+        e.step(&ForwardBatch { seqs: vec![step] }).expect("prefill");
+        let kids: Vec<_> = (0..8).map(|_| e.fork_seq(root).expect("fork")).collect();
+        let mut last: Vec<Vec<f32>> = Vec::new();
+        for round in 0..5u32 {
+            let seqs = kids
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| SeqStep {
+                    seq: s,
+                    tokens: vec![(i as u32 * 31 + round * 7) % vocab as u32],
+                    logits: LogitsMode::Last,
+                    ..Default::default()
+                })
+                .collect();
+            last = e
+                .step(&ForwardBatch { seqs })
+                .expect("decode")
+                .into_iter()
+                .map(|o| o.logits)
+                .collect();
+        }
+        results.push(last);
+    }
+    for (i, (c, g)) in results[0].iter().zip(&results[1]).enumerate() {
+        let (nmse, _) = errors(g, c);
+        println!("branch {i}: NMSE {nmse:.2e}");
+        assert!(nmse < 1e-3, "branch {i}: NMSE {nmse:.2e}");
+        assert_eq!(argmax(g), argmax(c), "branch {i}: argmax differs");
+    }
+}
+
+#[test]
+fn smollm2_matches_the_cpu() {
+    let path = super::smollm2::model_path();
+    let Some((mut cpu, mut gpu)) = engines(&path) else {
+        return;
+    };
+    let vocab = cpu.model.cfg.vocab_size;
+    for (i, len) in [12usize, 40, 100].into_iter().enumerate() {
+        let toks = prompt(len, vocab, 10 + i as u32);
+        let want = logits(&mut cpu, &toks, len);
+        let got = logits(&mut gpu, &toks, len);
+        let (nmse, max) = errors(&got, &want);
+        println!("SmolLM2 prompt {i} ({len} tokens): NMSE {nmse:.2e}, max abs {max:.2e}");
+        assert!(nmse < 1e-3, "NMSE {nmse:.2e}");
+        let g_cpu = greedy(&mut cpu, &toks, 32);
+        let g_gpu = greedy(&mut gpu, &toks, 32);
+        assert_eq!(
+            g_cpu, g_gpu,
+            "SmolLM2 prompt {i}: greedy continuations differ"
+        );
+    }
+}

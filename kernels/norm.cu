@@ -1,0 +1,58 @@
+// RMSNorm (plain and fused with the residual add) and a row gather for picking logit rows.
+// One block per row; the mean square is summed in f32 per thread, then over the block.
+#include "arbor.cuh"
+
+// out[r] = bf16(x[r] / sqrt(mean(x[r]²) + eps) · w), for r < rows.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float eps, int rows, int hidden,
+                                    bf16_t* __restrict__ out) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (u64)r * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, scratch);
+    float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+    bf16_t* o = out + (u64)r * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f32_to_bf16(xr[i] * inv * w[i]);
+}
+
+// x[r] += delta[r] (in place, f32), then out[r] = bf16(rmsnorm(x[r]) · w).
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ delta,
+                                        const float* __restrict__ w, float eps, int rows,
+                                        int hidden, bf16_t* __restrict__ out) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    float* xr = x + (u64)r * hidden;
+    const float* dr = delta + (u64)r * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = xr[i] + dr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+    bf16_t* o = out + (u64)r * hidden;
+    // Each thread reads back only the elements it wrote above.
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f32_to_bf16(xr[i] * inv * w[i]);
+}
+
+// out[i] = x[idx[i]] (rows of `width` f32), for i < n; an index at or beyond `src_rows`
+// yields a row of zeros.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, int width, int src_rows,
+                                       const u32* __restrict__ idx, int n,
+                                       float* __restrict__ out) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    u32 s = idx[i];
+    float* o = out + (u64)i * width;
+    if (s >= (u32)src_rows) {
+        for (int j = threadIdx.x; j < width; j += blockDim.x) o[j] = 0.0f;
+        return;
+    }
+    const float* xr = x + (u64)s * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) o[j] = xr[j];
+}
