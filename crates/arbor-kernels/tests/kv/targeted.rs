@@ -306,3 +306,26 @@ fn a_cache_reports_its_model_and_shape() {
     assert_eq!(st.bytes_per_unique_token(), None);
     cache.check().unwrap();
 }
+
+/// A detached cache (pages in device memory) keeps the same bookkeeping, holds no K/V on the
+/// host, and records the copy-on-write copy of a shared partial page for the device.
+#[test]
+fn detached_cache_records_copy_on_write() {
+    let mut c = KvCache::detached(layout(2, 2, 4, 4), 8, 7);
+    assert!(c.pool.is_detached());
+    assert_eq!(c.pool.nbytes(), 0, "no host K/V");
+    c.add_seq(0);
+    c.reserve(0, 6).expect("room");
+    c.write(0, 0, 5, &[1.0; 8], &[2.0; 8]); // ignored: the device writes K/V
+    c.commit(0, &toks(0, 6));
+    c.fork(0, 1).expect("fork");
+    assert!(c.pool.take_copies().is_empty(), "a fork copies nothing");
+    c.reserve(1, 1).expect("room");
+    let copies = c.pool.take_copies();
+    assert_eq!(copies.len(), 1, "the shared partial page is copied once: {copies:?}");
+    let (src, dst, slots) = copies[0];
+    assert_eq!(slots, 2, "positions 4 and 5 of the partial page");
+    assert_eq!(c.table(0).map(|t| t.pages[1]), Some(src));
+    assert_eq!(c.table(1).map(|t| t.pages[1]), Some(dst));
+    assert!(c.pool.take_copies().is_empty(), "taken once");
+}
