@@ -322,7 +322,11 @@ fn detached_cache_records_copy_on_write() {
     assert!(c.pool.take_copies().is_empty(), "a fork copies nothing");
     c.reserve(1, 1).expect("room");
     let copies = c.pool.take_copies();
-    assert_eq!(copies.len(), 1, "the shared partial page is copied once: {copies:?}");
+    assert_eq!(
+        copies.len(),
+        1,
+        "the shared partial page is copied once: {copies:?}"
+    );
     let (src, dst, slots) = copies[0];
     assert_eq!(slots, 2, "positions 4 and 5 of the partial page");
     assert_eq!(c.table(0).map(|t| t.pages[1]), Some(src));
