@@ -55,6 +55,48 @@ pub struct AttentionBatch<'a> {
     pub max_context: usize,
 }
 
+/// Checks shared by the paged and cascade attention wrappers (`op` names the caller): GQA
+/// grouping, a compiled head dim, a group that fits `per_thread · (256 / head_dim)` query
+/// vectors per block, agreement with the pool, and the layer. Returns the group size.
+pub(super) fn check_shapes(
+    op: &str,
+    p: &AttentionParams,
+    pool: &GpuKvPool,
+    layer: usize,
+    per_thread: usize,
+) -> Result<usize, GpuError> {
+    let invalid = |m: String| Err(GpuError::Invalid(format!("{op}: {m}")));
+    let (hd, l) = (p.head_dim, pool.layout);
+    if p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
+        return invalid(format!(
+            "{} query heads cannot share {} KV heads",
+            p.n_heads, p.n_kv_heads
+        ));
+    }
+    if !ATTENTION_HEAD_DIMS.contains(&hd) {
+        return invalid(format!(
+            "head_dim {hd} is not supported (compiled: {ATTENTION_HEAD_DIMS:?})"
+        ));
+    }
+    let group = p.n_heads / p.n_kv_heads;
+    let per_block = per_thread * (256 / hd);
+    if group > per_block {
+        return invalid(format!(
+            "{group} query heads per KV head exceed the {per_block} a block holds at head_dim {hd}"
+        ));
+    }
+    if p.n_kv_heads != l.num_kv_heads || hd != l.head_dim {
+        return invalid(format!(
+            "{} KV heads × {hd} dims, but the pool holds {} × {}",
+            p.n_kv_heads, l.num_kv_heads, l.head_dim
+        ));
+    }
+    if layer >= l.num_layers {
+        return invalid(format!("layer {layer} of a {}-layer pool", l.num_layers));
+    }
+    Ok(group)
+}
+
 /// `out = softmax(q·kᵀ·scale) · v` per row and query head over the row's causal context (or
 /// sliding window) in `layer` of `pool`; `q` is `[rows × n_heads × head_dim]` f32, `out` the
 /// same shape in bf16. head_dim must be one of [`ATTENTION_HEAD_DIMS`], `n_kv_heads` must divide
@@ -74,34 +116,8 @@ pub fn attention(
 ) -> Result<(), GpuError> {
     const OP: &str = "attention";
     let invalid = |m: String| Err(GpuError::Invalid(format!("{OP}: {m}")));
+    let group = check_shapes(OP, p, pool, layer, PREFILL_J)?;
     let (hd, l) = (p.head_dim, pool.layout);
-    if p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
-        return invalid(format!(
-            "{} query heads cannot share {} KV heads",
-            p.n_heads, p.n_kv_heads
-        ));
-    }
-    if !ATTENTION_HEAD_DIMS.contains(&hd) {
-        return invalid(format!(
-            "head_dim {hd} is not supported (compiled: {ATTENTION_HEAD_DIMS:?})"
-        ));
-    }
-    let group = p.n_heads / p.n_kv_heads;
-    let tile_queries = PREFILL_J * (256 / hd);
-    if group > tile_queries {
-        return invalid(format!(
-            "{group} query heads per KV head exceed the {tile_queries} a tile holds at head_dim {hd}"
-        ));
-    }
-    if p.n_kv_heads != l.num_kv_heads || hd != l.head_dim {
-        return invalid(format!(
-            "{} KV heads × {hd} dims, but the pool holds {} × {}",
-            p.n_kv_heads, l.num_kv_heads, l.head_dim
-        ));
-    }
-    if layer >= l.num_layers {
-        return invalid(format!("layer {layer} of a {}-layer pool", l.num_layers));
-    }
     if l.page_size == 0 {
         return invalid("the pool's page size is 0".into());
     }
@@ -175,7 +191,7 @@ pub fn attention(
     unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
 
     if prefill {
-        let tile_rows = tile_queries / group;
+        let tile_rows = PREFILL_J * (256 / hd) / group;
         let tiles_per_seq = b.max_rows_per_seq.div_ceil(tile_rows);
         let blocks = product(OP, "prefill blocks", b.seqs, tiles_per_seq)?;
         if blocks > i32::MAX as usize {

@@ -8,7 +8,7 @@
 //! `cascade_merge` (one block per row). Dense rows only: a plan with sparse budgets is refused.
 
 use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
-use super::attention::ATTENTION_HEAD_DIMS;
+use super::attention::check_shapes;
 use super::{int_arg, launch_error, need_len, product};
 use crate::ops::cascade::CascadePlan;
 use crate::ops::AttentionParams;
@@ -119,7 +119,7 @@ impl GpuCascadePlan {
 /// Cascade attention of every row of `plan` over `layer` of `pool`: `q` is
 /// `[rows × n_heads × head_dim]` f32 (rows in the plan's order), `out` the same shape in bf16.
 /// Equals per-sequence [`crate::ops::paged_attention`] up to rounding. head_dim must be one of
-/// [`ATTENTION_HEAD_DIMS`], `n_kv_heads` must divide `n_heads`, and the group
+/// [`super::attention::ATTENTION_HEAD_DIMS`], `n_kv_heads` must divide `n_heads`, and the group
 /// (`n_heads / n_kv_heads`) must be at most `16 · (256 / head_dim)`.
 #[allow(clippy::too_many_arguments)]
 pub fn cascade_attention(
@@ -134,34 +134,8 @@ pub fn cascade_attention(
 ) -> Result<(), GpuError> {
     const OP: &str = "cascade attention";
     let invalid = |m: String| Err(GpuError::Invalid(format!("{OP}: {m}")));
+    check_shapes(OP, p, pool, layer, CASCADE_J)?;
     let (hd, l) = (p.head_dim, pool.layout);
-    if p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
-        return invalid(format!(
-            "{} query heads cannot share {} KV heads",
-            p.n_heads, p.n_kv_heads
-        ));
-    }
-    if !ATTENTION_HEAD_DIMS.contains(&hd) {
-        return invalid(format!(
-            "head_dim {hd} is not supported (compiled: {ATTENTION_HEAD_DIMS:?})"
-        ));
-    }
-    let gh = p.n_heads / p.n_kv_heads;
-    let pass_queries = CASCADE_J * (256 / hd);
-    if gh > pass_queries {
-        return invalid(format!(
-            "{gh} query heads per KV head exceed the {pass_queries} a pass holds at head_dim {hd}"
-        ));
-    }
-    if p.n_kv_heads != l.num_kv_heads || hd != l.head_dim {
-        return invalid(format!(
-            "{} KV heads × {hd} dims, but the pool holds {} × {}",
-            p.n_kv_heads, l.num_kv_heads, l.head_dim
-        ));
-    }
-    if layer >= l.num_layers {
-        return invalid(format!("layer {layer} of a {}-layer pool", l.num_layers));
-    }
     if plan.page_size != l.page_size {
         return invalid(format!(
             "the plan's page size {} differs from the pool's {}",
