@@ -8,6 +8,7 @@
 //! - [`kv`]: the paged KV pool, its block allocator and block tables;
 //! - `cuda` (feature `cuda`, on by default): the GPU backend, loaded at run time.
 
+pub mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

@@ -85,7 +85,11 @@ pub fn compile_nvrtc(name: &str, arch: &'static str) -> Result<String, GpuError>
     if !find::nvrtc_available() {
         return Err(no_nvrtc());
     }
-    let src = source(name)?;
+    compile_source(name, &source(name)?, arch)
+}
+
+/// Compiles `src` (kernel file `name` with its headers inlined) for `arch`.
+fn compile_source(name: &str, src: &str, arch: &'static str) -> Result<String, GpuError> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
         include_paths: find::include_dirs()
@@ -96,7 +100,7 @@ pub fn compile_nvrtc(name: &str, arch: &'static str) -> Result<String, GpuError>
         name: Some(format!("{name}.cu")),
         ..Default::default()
     };
-    match cudarc::nvrtc::compile_ptx_with_opts(&src, opts) {
+    match cudarc::nvrtc::compile_ptx_with_opts(src, opts) {
         Ok(ptx) => Ok(ptx.to_src()),
         Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(GpuError::Compile {
             kernel: name.to_string(),
@@ -121,7 +125,7 @@ pub fn ptx_cached(name: &str, arch: &'static str) -> Result<String, GpuError> {
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok(ptx);
     }
-    let ptx = compile_nvrtc(name, arch)?;
+    let ptx = compile_source(name, &src, arch)?;
     if std::fs::create_dir_all(cache_dir()).is_ok() {
         // Write then rename, so a concurrent reader never sees half a file.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -140,19 +144,9 @@ pub fn prebuilt_ptx(name: &str) -> Option<&'static str> {
         .map(|(_, p)| *p)
 }
 
-/// `$ARBOR_CACHE/kernels`, else `$XDG_CACHE_HOME/arbor/kernels`, else `~/.cache/arbor/kernels`.
+/// `kernels/` under arbor's cache directory ([`crate::cache::cache_dir`]).
 fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("ARBOR_CACHE")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .filter(|d| !d.is_empty())
-                .map(|d| PathBuf::from(d).join("arbor"))
-        })
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/arbor")))
-        .unwrap_or_else(|| std::env::temp_dir().join("arbor"));
-    base.join("kernels")
+    crate::cache::cache_dir().join("kernels")
 }
 
 /// 64-bit FNV-1a: a stable hash for cache keys (std's hasher may change between releases).
