@@ -1,7 +1,10 @@
 //! Shared helpers of the GPU tests.
 #![allow(dead_code)]
 
+#[path = "../shared/rng.rs"]
+mod rng;
 use arbor_kernels::cuda::Gpu;
+pub use rng::Rng;
 use std::sync::{Arc, OnceLock};
 
 /// The GPU to test on (`ARBOR_TEST_GPU`, default 0), or `None` after printing why the test

@@ -9,123 +9,19 @@ use crate::common;
 use crate::ops_common::*;
 use arbor_kernels::cuda::ops::cascade::{cascade_attention, GpuCascadePlan};
 use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
-use arbor_kernels::kv::{KvCache, KvLayout, SeqId};
+#[path = "../shared/tree_rig.rs"]
+mod tree_rig;
+use arbor_kernels::kv::{KvCache, KvLayout};
 use arbor_kernels::ops::cascade::{CascadePlan, PlanOptions, PlanSeq};
 use arbor_kernels::ops::{paged_attention, AttentionParams};
 use half::bf16;
-use std::ops::Range;
+use tree_rig::{tree, Batch, Rig};
 
 const LAYER: usize = 1;
 
 /// Bound against the bf16-rounded reference (as ATTENTION_ROUNDED in ops_attention.rs: the
 /// split softmax and its merge change f32 results by ~1e-6 relative, flipping a few roundings).
 const CASCADE_ROUNDED: f64 = 1e-6;
-
-/// Small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    /// `n` values uniform in [-scale, scale), rounded to bf16.
-    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
-                bf16::from_f32((u * 2.0 - 1.0) * scale).to_f32()
-            })
-            .collect()
-    }
-}
-
-/// A KV cache being grown into trees.
-struct Rig {
-    cache: KvCache,
-    rng: Rng,
-    next: SeqId,
-    width: usize,
-}
-
-impl Rig {
-    fn new(layout: KvLayout, num_pages: usize, seed: u64) -> Self {
-        Rig {
-            width: layout.num_kv_heads * layout.head_dim,
-            cache: KvCache::new(layout, num_pages),
-            rng: Rng(seed),
-            next: 1,
-        }
-    }
-    fn new_seq(&mut self) -> SeqId {
-        self.next += 1;
-        self.cache.add_seq(self.next);
-        self.next
-    }
-    fn fork(&mut self, parent: SeqId) -> SeqId {
-        self.next += 1;
-        self.cache.fork(parent, self.next).expect("fork");
-        self.next
-    }
-    /// Reserves and writes `n` positions of `seq` in every layer (uncommitted).
-    fn write(&mut self, seq: SeqId, n: usize) -> Range<usize> {
-        let pos0 = self.cache.len(seq);
-        self.cache.reserve(seq, n).expect("pages");
-        for pos in pos0..pos0 + n {
-            for layer in 0..self.cache.layout().num_layers {
-                let k = self.rng.values(self.width, 1.0);
-                let v = self.rng.values(self.width, 1.0);
-                self.cache.write(layer, seq, pos, &k, &v);
-            }
-        }
-        pos0..pos0 + n
-    }
-    fn tokens(&mut self, n: usize) -> Vec<u32> {
-        (0..n).map(|_| self.rng.below(50_000) as u32).collect()
-    }
-    /// Appends `n` random tokens to `seq` (written and committed).
-    fn append(&mut self, seq: SeqId, n: usize) {
-        let t = self.tokens(n);
-        self.append_tokens(seq, &t);
-    }
-    fn append_tokens(&mut self, seq: SeqId, t: &[u32]) {
-        self.write(seq, t.len());
-        self.cache.commit(seq, t);
-    }
-}
-
-/// One step's batch: sequences and the positions of their query rows.
-#[derive(Default)]
-struct Batch {
-    seqs: Vec<(SeqId, Range<usize>)>,
-    positions: Vec<usize>,
-}
-
-impl Batch {
-    fn add(&mut self, rig: &mut Rig, seq: SeqId, n: usize) {
-        let start = self.positions.len();
-        self.positions.extend(rig.write(seq, n));
-        self.seqs.push((seq, start..start + n));
-    }
-    fn plan(&self, cache: &KvCache, opts: &PlanOptions) -> CascadePlan {
-        let seqs: Vec<PlanSeq> = self
-            .seqs
-            .iter()
-            .map(|(s, rows)| PlanSeq {
-                pages: &cache.table(*s).expect("live").pages,
-                rows: rows.clone(),
-                sparse_budget: None,
-            })
-            .collect();
-        CascadePlan::build(&seqs, &self.positions, cache.layout().page_size, opts).expect("plan")
-    }
-}
 
 /// The device pool: the host pool's pages, as bf16 (exact: they were written rounded).
 fn device_pool(gpu: &Gpu, cache: &KvCache) -> GpuKvPool {
@@ -155,55 +51,12 @@ fn device_pool(gpu: &Gpu, cache: &KvCache) -> GpuKvPool {
     }
 }
 
-/// A random tree under a fresh root of `root_len` tokens: `depth` levels of forks
-/// (1..=`width` children each, uneven, the frontier capped at `width`), each child appending
-/// 0..=`grow` tokens; siblings sometimes append identical tokens (deduplicated full pages).
-/// Returns every sequence, root first, and how many of the last ones are leaves.
-fn tree(
-    rig: &mut Rig,
-    root_len: usize,
-    depth: usize,
-    width: usize,
-    grow: usize,
-) -> (Vec<SeqId>, usize) {
-    let root = rig.new_seq();
-    rig.append(root, root_len);
-    let (mut all, mut frontier) = (vec![root], vec![root]);
-    for _ in 0..depth {
-        let mut next = Vec::new();
-        for &parent in &frontier {
-            let room = width.saturating_sub(next.len()).max(1);
-            let kids = 1 + rig.rng.below(width.min(room));
-            let mut prev: Option<Vec<u32>> = None;
-            for _ in 0..kids {
-                let c = rig.fork(parent);
-                let toks = match (&prev, rig.rng.below(4)) {
-                    (Some(t), 0) => t.clone(),
-                    _ => {
-                        let n = rig.rng.below(grow + 1);
-                        rig.tokens(n)
-                    }
-                };
-                rig.append_tokens(c, &toks);
-                prev = Some(toks);
-                next.push(c);
-            }
-            if next.len() >= width {
-                break;
-            }
-        }
-        all.extend(&next);
-        frontier = next;
-    }
-    (all, frontier.len())
-}
-
 /// Runs the GPU cascade for `b` over `rig`'s cache (with two group sizes, so split runs are
 /// covered) and checks it against per-sequence CPU attention.
 fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionParams) {
     let w = p.n_heads * p.head_dim;
     let rows = b.positions.len();
-    let q = rig.rng.values(rows * w, 2.0);
+    let q = rig.rng.normals(rows * w, 2.0);
     let mut want = vec![0.0f32; q.len()];
     for (s, r) in &b.seqs {
         paged_attention(
@@ -219,7 +72,7 @@ fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionPar
     let pool = device_pool(gpu, &rig.cache);
     let dq = up(gpu, &q);
     for max_group_pages in [64, 3] {
-        let plan = b.plan(&rig.cache, &PlanOptions { max_group_pages });
+        let plan = b.plan(&rig.cache, None, &PlanOptions { max_group_pages });
         let shared = plan.group_num_seqs.iter().filter(|&&n| n > 1).count();
         let gplan = GpuCascadePlan::upload(gpu, &plan).expect("upload");
         let mut out = zeros::<bf16>(gpu, rows * w);
@@ -263,16 +116,22 @@ fn cascade_two_levels_shared_prompt_and_16_suffixes() {
         .iter()
         .enumerate()
     {
-        let mut rig = Rig::new(layout(nkv, hd, 16), 1024, 10 + i as u64);
+        let mut rig = Rig::bf16(layout(nkv, hd, 16), 1024, 10 + i as u64);
         // A 300-token prompt (ends mid-page), 16 branches with private suffixes of 0..40
         // tokens; each decodes one token, some a chunk of 3.
         let root = rig.new_seq();
-        rig.append(root, 300);
+        {
+            let t = rig.tokens(300);
+            rig.append(root, &t);
+        }
         let mut b = Batch::default();
         for k in 0..16 {
             let c = rig.fork(root);
             let n = rig.rng.below(41);
-            rig.append(c, n);
+            {
+                let t = rig.tokens(n);
+                rig.append(c, &t);
+            }
             b.add(&mut rig, c, if k % 5 == 0 { 3 } else { 1 });
         }
         let p = params(nkv, group, hd, None);
@@ -295,7 +154,7 @@ fn cascade_deep_uneven_trees_with_gqa_1_4_7() {
             for &ps in &[16, 8] {
                 case += 1;
                 let nkv = 1 + (case as usize % 2);
-                let mut rig = Rig::new(layout(nkv, hd, ps), 4096, 100 + case);
+                let mut rig = Rig::bf16(layout(nkv, hd, ps), 4096, 100 + case);
                 let root_len = 1 + rig.rng.below(6 * ps);
                 let (all, leaves) = tree(&mut rig, root_len, 4, 8, 3 * ps / 2);
                 let first_leaf = all.len() - leaves;
@@ -327,18 +186,24 @@ fn cascade_deep_uneven_trees_with_gqa_1_4_7() {
 fn cascade_mixed_batch_with_plain_sequences() {
     let Some(gpu) = common::gpu() else { return };
     for (i, &(group, hd)) in [(4, 128), (7, 64), (1, 64)].iter().enumerate() {
-        let mut rig = Rig::new(layout(2, hd, 16), 4096, 300 + i as u64);
+        let mut rig = Rig::bf16(layout(2, hd, 16), 4096, 300 + i as u64);
         let mut b = Batch::default();
         // A plain sequence first, a tree, another plain one prefilling a 40-row chunk.
         let s = rig.new_seq();
-        rig.append(s, 77);
+        {
+            let t = rig.tokens(77);
+            rig.append(s, &t);
+        }
         b.add(&mut rig, s, 1);
         let (all, leaves) = tree(&mut rig, 53, 2, 6, 20);
         for &leaf in &all[all.len() - leaves..] {
             b.add(&mut rig, leaf, 1);
         }
         let s = rig.new_seq();
-        rig.append(s, 9);
+        {
+            let t = rig.tokens(9);
+            rig.append(s, &t);
+        }
         b.add(&mut rig, s, 40);
         let p = params(2, group, hd, None);
         check_batch(
@@ -354,9 +219,12 @@ fn cascade_mixed_batch_with_plain_sequences() {
 #[test]
 fn cascade_rejects_sparse_plans_and_bad_shapes() {
     let Some(gpu) = common::gpu() else { return };
-    let mut rig = Rig::new(layout(1, 64, 16), 64, 7);
+    let mut rig = Rig::bf16(layout(1, 64, 16), 64, 7);
     let s = rig.new_seq();
-    rig.append(s, 20);
+    {
+        let t = rig.tokens(20);
+        rig.append(s, &t);
+    }
     let mut b = Batch::default();
     b.add(&mut rig, s, 1);
     let tbl = rig.cache.table(s).expect("live").pages.clone();
@@ -371,7 +239,7 @@ fn cascade_rejects_sparse_plans_and_bad_shapes() {
         GpuCascadePlan::upload(&gpu, &sparse),
         Err(GpuError::Invalid(_))
     ));
-    let plan = b.plan(&rig.cache, &PlanOptions::default());
+    let plan = b.plan(&rig.cache, None, &PlanOptions::default());
     let gplan = GpuCascadePlan::upload(&gpu, &plan).expect("upload");
     let pool = device_pool(&gpu, &rig.cache);
     let p = params(1, 2, 64, None);
