@@ -5,23 +5,28 @@ use super::errors;
 use arbor_kernels::ops::RopeLayout;
 use arbor_runtime::safetensors::SafeTensors;
 use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, Model, SeqStep};
+use serde_json::Value;
 use std::path::PathBuf;
 
-fn fixture(arch: &str) -> PathBuf {
+pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models")
-        .join(arch)
+        .join(name)
 }
 
 /// (token ids, reference logits [T × vocab]) of each reference sequence.
-fn reference(arch: &str) -> Vec<(Vec<u32>, Vec<f32>)> {
-    let dir = fixture(arch);
+pub type Seqs = Vec<(Vec<u32>, Vec<f32>)>;
+
+/// reference.json, and the reference sequences.
+pub fn reference(name: &str) -> (Value, Seqs) {
+    let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("reference is JSON");
-    let st =
-        SafeTensors::open_files(&[dir.join("logits.safetensors")]).expect("logits.safetensors");
-    let ids = v["input_ids"].as_array().expect("input_ids");
-    ids.iter()
+    let v: Value = serde_json::from_str(&text).expect("reference is JSON");
+    let st = SafeTensors::open_files(&[dir.join("logits.safetensors")]).expect("logits");
+    let seqs = v["input_ids"]
+        .as_array()
+        .expect("input_ids")
+        .iter()
         .enumerate()
         .map(|(i, seq)| {
             let toks = seq
@@ -38,25 +43,23 @@ fn reference(arch: &str) -> Vec<(Vec<u32>, Vec<f32>)> {
                 .collect();
             (toks, logits)
         })
-        .collect()
+        .collect();
+    (v, seqs)
 }
 
-fn engine_for(model: Model) -> Engine {
-    Engine::new(
-        model,
-        &EngineOptions {
-            kv_cache_bytes: 16 << 20,
-            page_size: 16,
-        },
-    )
-    .expect("engine")
+pub fn engine_for(model: Model) -> Engine {
+    let opts = EngineOptions {
+        kv_cache_bytes: 16 << 20,
+        page_size: 16,
+    };
+    Engine::new(model, &opts).expect("engine")
 }
 
-/// Runs `tokens` through a fresh sequence in chunks of the given sizes; returns all logits.
-fn run_chunked(engine: &mut Engine, tokens: &[u32], chunks: &[usize]) -> Vec<f32> {
+/// Runs `tokens` through a fresh sequence in chunks of the given sizes (then single tokens);
+/// returns the logits of every position.
+pub fn run_chunked(engine: &mut Engine, tokens: &[u32], chunks: &[usize]) -> Vec<f32> {
     let seq = engine.new_seq();
-    let mut out = Vec::new();
-    let mut at = 0;
+    let (mut out, mut at) = (Vec::new(), 0);
     let mut sizes = chunks.iter().copied().chain(std::iter::repeat(1));
     while at < tokens.len() {
         let n = sizes.next().expect("infinite").min(tokens.len() - at);
@@ -78,7 +81,7 @@ fn run_chunked(engine: &mut Engine, tokens: &[u32], chunks: &[usize]) -> Vec<f32
 
 fn check_arch(arch: &str) {
     let mut engine = engine_for(Model::load(&fixture(arch)).expect("load fixture"));
-    for (i, (toks, want)) in reference(arch).iter().enumerate() {
+    for (i, (toks, want)) in reference(arch).1.iter().enumerate() {
         // Whole prompt in one step, then as chunks followed by single-token decode steps.
         for chunks in [&[usize::MAX][..], &[5, 17, 3][..]] {
             let how = if chunks.len() == 1 {
@@ -125,7 +128,7 @@ fn wrong_rope_layout_is_detected() {
         let (mut cfg, src) = Model::open_source(&fixture(arch)).expect("open");
         cfg.rope_layout = RopeLayout::Interleaved;
         let mut engine = engine_for(Model::from_source(cfg, &src).expect("load"));
-        let (toks, want) = &reference(arch)[0];
+        let (toks, want) = &reference(arch).1[0];
         let (nmse, _) = errors(&run_chunked(&mut engine, toks, &[usize::MAX]), want);
         println!("{arch} with interleaved RoPE: NMSE {nmse:.3e}");
         assert!(

@@ -2,6 +2,7 @@
 //! NMSE and greedy continuations token for token. Skipped, with the reason printed, where no
 //! GPU can be opened (`ARBOR_REQUIRE_GPU=1` makes that a failure).
 
+use super::fixtures::run_chunked;
 use super::{argmax, errors};
 use arbor_kernels::ops::SamplingParams;
 use arbor_kernels::Device;
@@ -43,23 +44,7 @@ fn fixture(arch: &str) -> PathBuf {
 
 /// Logits of every position of `tokens`, run in chunks of `chunk` tokens.
 fn logits(e: &mut Engine, tokens: &[u32], chunk: usize) -> Vec<f32> {
-    let seq = e.new_seq();
-    let mut out = Vec::new();
-    for part in tokens.chunks(chunk) {
-        let step = SeqStep {
-            seq,
-            tokens: part.to_vec(),
-            logits: LogitsMode::All,
-            ..Default::default()
-        };
-        out.extend(
-            e.step(&ForwardBatch { seqs: vec![step] }).expect("step")[0]
-                .logits
-                .clone(),
-        );
-    }
-    e.free_seq(seq);
-    out
+    run_chunked(e, tokens, &vec![chunk; tokens.len().div_ceil(chunk)])
 }
 
 /// Greedy continuation of `prompt` for `n` tokens, sampled by the engine (on the GPU for a

@@ -6,81 +6,9 @@ use super::errors;
 use arbor_kernels::ops::{self, ExpertFfn, Routing};
 use arbor_kernels::quant::GgmlType;
 use arbor_kernels::{KernelError, Weight};
-use arbor_runtime::safetensors::SafeTensors;
-use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, Model, SeqStep};
-use serde_json::Value;
-use std::path::PathBuf;
+use arbor_runtime::Model;
 
-pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
-
-/// (token ids, reference logits [T × vocab]) of each reference sequence.
-pub type Seqs = Vec<(Vec<u32>, Vec<f32>)>;
-
-/// reference.json, and the reference sequences.
-pub fn reference(name: &str) -> (Value, Seqs) {
-    let dir = fixture(name);
-    let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
-    let v: Value = serde_json::from_str(&text).expect("reference is JSON");
-    let st = SafeTensors::open_files(&[dir.join("logits.safetensors")]).expect("logits");
-    let seqs = v["input_ids"]
-        .as_array()
-        .expect("input_ids")
-        .iter()
-        .enumerate()
-        .map(|(i, seq)| {
-            let toks = seq
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|t| t.as_u64().expect("id") as u32)
-                .collect();
-            let t = st.get(&format!("logits.{i}")).expect("logits tensor");
-            let logits = st
-                .data(t)
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (toks, logits)
-        })
-        .collect();
-    (v, seqs)
-}
-
-pub fn engine_for(model: Model) -> Engine {
-    let opts = EngineOptions {
-        kv_cache_bytes: 16 << 20,
-        page_size: 16,
-    };
-    Engine::new(model, &opts).expect("engine")
-}
-
-/// Runs `tokens` through a fresh sequence in chunks of the given sizes (then single tokens);
-/// returns the logits of every position.
-pub fn run_chunked(engine: &mut Engine, tokens: &[u32], chunks: &[usize]) -> Vec<f32> {
-    let seq = engine.new_seq();
-    let (mut out, mut at) = (Vec::new(), 0);
-    let mut sizes = chunks.iter().copied().chain(std::iter::repeat(1));
-    while at < tokens.len() {
-        let n = sizes.next().expect("infinite").min(tokens.len() - at);
-        let step = SeqStep {
-            seq,
-            tokens: tokens[at..at + n].to_vec(),
-            logits: LogitsMode::All,
-            ..Default::default()
-        };
-        let res = engine
-            .step(&ForwardBatch { seqs: vec![step] })
-            .expect("step");
-        out.extend_from_slice(&res[0].logits);
-        at += n;
-    }
-    engine.free_seq(seq);
-    out
-}
+pub use super::fixtures::{engine_for, fixture, reference, run_chunked};
 
 /// Logits at every position (one step and chunked + decode) within 1e-3 of transformers',
 /// and the tokens per expert of the one-step runs equal to transformers' routing.
