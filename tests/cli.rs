@@ -36,6 +36,19 @@ fn fails_with(out: &Output, want: &str) {
     assert!(err.contains(want), "stderr lacks {want:?}: {err}");
 }
 
+/// The JSON object on each stdout line of a successful run.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
 #[test]
 fn run_streams_text_and_reports_speed() {
     let m = fixture("qwen2");
@@ -297,12 +310,7 @@ fn bench_grid_reports_consistent_cells_csv_and_plots() {
         "--out",
         dir.to_str().expect("utf-8 path"),
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let recs = json_lines(&out);
     assert_eq!(recs.len(), 8, "2 strategies × 2 widths × 2 sharing modes");
     let n = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(-1.0);
     for r in &recs {
@@ -438,18 +446,6 @@ fn profile_kv_writes_a_timeline_and_a_fits_table() {
 
 // ---- arbor search ----
 
-fn search_lines(out: &Output) -> Vec<serde_json::Value> {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect()
-}
-
 #[test]
 fn search_with_a_reward_model_beside_the_policy() {
     let orm = format!("orm:{}", fixture("reward-orm"));
@@ -468,7 +464,7 @@ fn search_with_a_reward_model_beside_the_policy() {
         "--verifier",
         &orm,
     ]);
-    let v = &search_lines(&out)[0];
+    let v = &json_lines(&out)[0];
     assert_eq!(v["verifier"][0], orm.as_str());
     let cands = v["candidates"].as_array().expect("candidates");
     assert_eq!(cands.len(), 3);
@@ -533,7 +529,7 @@ fn adaptive_over_a_dataset_pools_its_budget() {
         "--verifier",
         "regex:^ [a-z]",
     ]);
-    let lines = search_lines(&out);
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), 3);
     let drawn: usize = lines
         .iter()
@@ -576,12 +572,7 @@ fn bench_reports_expert_load_of_moe_models() {
         "--out",
         dir.to_str().expect("utf-8 path"),
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let recs = json_lines(&out);
     assert_eq!(recs.len(), 2);
     for r in &recs {
         let l = &r["expert_load"];
