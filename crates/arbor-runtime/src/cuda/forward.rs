@@ -1,13 +1,15 @@
 //! One step of the model on the GPU (see the module documentation of [`super`]).
 
+use super::attend::{AttendBuffers, StepAttention};
+use super::ffn::{self, FfnBuffers};
 use super::meta::StepMeta;
 use super::CudaModel;
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
 use arbor_kernels::cuda::cudarc::driver::CudaSlice;
-use arbor_kernels::cuda::ops::{activation, attention, embedding, kv, norm, qkv};
+use arbor_kernels::cuda::ops::{embedding, kv, norm};
 use arbor_kernels::kv::KvCache;
-use arbor_kernels::ops::{self, AttentionParams};
+use arbor_kernels::ops;
 use half::bf16;
 
 pub(super) fn run(
@@ -41,24 +43,8 @@ pub(super) fn run(
         kv::copy_pages(&gpu, &mut m.pool, &copies)?;
     }
     let meta = StepMeta::build(batch, |s| cache.table(s), ps)?;
-    let up = |v: &[u32], what: &str| gpu.upload(v, what);
-    let d_tokens = up(tokens, "the step's tokens")?;
-    let d_pos = up(&meta.positions, "positions")?;
-    let d_slots = up(&meta.slot_mapping, "the slot mapping")?;
-    let d_row_seq = up(&meta.row_seq, "row sequences")?;
-    let d_seq_rows = up(&meta.seq_row_indptr, "sequence rows")?;
-    let d_page_ptr = up(&meta.page_indptr, "page pointers")?;
-    let d_pages = up(&meta.page_indices, "page indices")?;
-    let abatch = attention::AttentionBatch {
-        positions: &d_pos,
-        row_seq: &d_row_seq,
-        seq_row_indptr: &d_seq_rows,
-        page_indptr: &d_page_ptr,
-        page_indices: &d_pages,
-        seqs: batch.seqs.len(),
-        max_rows_per_seq: meta.max_rows_per_seq,
-        max_context: meta.max_context,
-    };
+    let step = StepAttention::prepare(&gpu, cfg, &meta)?;
+    let d_tokens = gpu.upload(tokens, "the step's tokens")?;
 
     let w = &m.weights;
     let mut x = gpu.zeros::<f32>(t * h, "hidden states")?;
@@ -68,21 +54,6 @@ pub(super) fn run(
     let mut o = gpu.zeros::<f32>(t * h, "layer outputs")?;
     embedding::embedding(&gpu, &w.embed, h, &d_tokens, t, &mut x)?;
 
-    let qp = qkv::QkvParams {
-        n_heads: cfg.num_heads,
-        n_kv_heads: cfg.num_kv_heads,
-        head_dim: hd,
-        rot_dim: cfg.rope_dim,
-        layout: cfg.rope_layout,
-        eps: cfg.rms_eps,
-    };
-    let ap = AttentionParams {
-        n_heads: cfg.num_heads,
-        n_kv_heads: cfg.num_kv_heads,
-        head_dim: hd,
-        scale: 1.0 / (hd as f32).sqrt(),
-        sliding_window: cfg.sliding_window,
-    };
     for (i, l) in w.layers.iter().enumerate() {
         if i == 0 {
             norm::rms_norm(&gpu, &x, &l.attn_norm, cfg.rms_eps, t, h, &mut xn)?;
@@ -90,32 +61,20 @@ pub(super) fn run(
             // The previous layer's FFN output joins the residual stream here.
             norm::add_rms_norm(&gpu, &mut x, &o, &l.attn_norm, cfg.rms_eps, t, h, &mut xn)?;
         }
-        m.gemm.matmul_bt(&xn, t, &l.qkv, qkv_w, h, &mut proj)?;
-        let qw = qkv::QkvWeights {
-            bias: l.qkv_bias.as_ref(),
-            q_norm: l.q_norm.as_ref(),
-            k_norm: l.k_norm.as_ref(),
-            inv_freq: &w.inv_freq,
+        let bufs = AttendBuffers {
+            xn: &mut xn,
+            proj: &mut proj,
+            q: &mut q,
+            o: &mut o,
         };
-        qkv::qkv_rope_store(
-            &gpu,
-            &proj,
-            t,
-            &qp,
-            &qw,
-            &d_pos,
-            &d_slots,
-            &mut m.pool,
-            i,
-            &mut q,
-        )?;
-        attention::attention(&gpu, &q, t, &abatch, &m.pool, i, &ap, &mut xn)?;
-        m.gemm.matmul_bt(&xn, t, &l.wo, h, qd, &mut o)?;
+        step.run_layer(&gpu, &mut m.gemm, &mut m.pool, l, &w.inv_freq, i, t, bufs)?;
         norm::add_rms_norm(&gpu, &mut x, &o, &l.ffn_norm, cfg.rms_eps, t, h, &mut xn)?;
-        m.gemm
-            .matmul_bt(&xn, t, &l.gate_up, 2 * inter, h, &mut proj)?;
-        activation::swiglu(&gpu, &proj, t, inter, &mut xn)?;
-        m.gemm.matmul_bt(&xn, t, &l.down, h, inter, &mut o)?;
+        let bufs = FfnBuffers {
+            xn: &mut xn,
+            proj: &mut proj,
+            o: &mut o,
+        };
+        ffn::run_layer(&gpu, &mut m.gemm, l, t, h, bufs)?;
     }
     // Last residual add (the norm written here is not used: the head reads only its rows).
     norm::add_rms_norm(&gpu, &mut x, &o, &w.norm, cfg.rms_eps, t, h, &mut xn)?;

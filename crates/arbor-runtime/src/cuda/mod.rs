@@ -8,6 +8,8 @@
 //! the rows whose logits are wanted. Results stay on the device until the engine reads them
 //! back or samples them there ([`CudaModel::sample`]).
 
+mod attend;
+mod ffn;
 mod forward;
 pub mod meta;
 mod upload;

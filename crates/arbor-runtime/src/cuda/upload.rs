@@ -21,6 +21,8 @@ pub struct GpuLayer {
     /// Gate and up stacked by rows (gate first), `2·inter × hidden`.
     pub gate_up: CudaSlice<bf16>,
     pub down: CudaSlice<bf16>,
+    /// The FFN's intermediate size.
+    pub inter: usize,
 }
 
 /// The whole model's weights on the GPU.
@@ -93,6 +95,7 @@ fn upload_layer(
         ffn_norm: vec(&l.ffn_norm, "an FFN norm")?,
         gate_up: matrix(gate_up, "a gate/up projection")?,
         down: matrix(down, "a down projection")?,
+        inter: down.cols,
     })
 }
 

@@ -1,0 +1,36 @@
+//! The feed-forward half of a layer on the GPU: gate-up GEMM → SwiGLU → down GEMM.
+
+use super::upload::GpuLayer;
+use crate::RuntimeError;
+use arbor_kernels::cuda::cudarc::driver::CudaSlice;
+use arbor_kernels::cuda::gemm::Gemm;
+use arbor_kernels::cuda::ops::activation;
+use arbor_kernels::cuda::Gpu;
+use half::bf16;
+
+/// Per-step scratch the FFN half writes.
+pub(super) struct FfnBuffers<'a> {
+    /// The layer's normed FFN input (in); then the activation, bf16, `rows × max(h, inter)`.
+    pub xn: &'a mut CudaSlice<bf16>,
+    /// Gate-up projection scratch, f32, `rows × 2·inter` at least.
+    pub proj: &'a mut CudaSlice<f32>,
+    /// The FFN output, f32, `rows × h`.
+    pub o: &'a mut CudaSlice<f32>,
+}
+
+/// Layer `l`'s FFN for `rows` rows of width `h` whose normed input is in `b.xn`; the result
+/// lands in `b.o`.
+pub(super) fn run_layer(
+    gpu: &Gpu,
+    gemm: &mut Gemm,
+    l: &GpuLayer,
+    rows: usize,
+    h: usize,
+    b: FfnBuffers,
+) -> Result<(), RuntimeError> {
+    let inter = l.inter;
+    gemm.matmul_bt(b.xn, rows, &l.gate_up, 2 * inter, h, b.proj)?;
+    activation::swiglu(gpu, b.proj, rows, inter, b.xn)?;
+    gemm.matmul_bt(b.xn, rows, &l.down, h, inter, b.o)?;
+    Ok(())
+}
