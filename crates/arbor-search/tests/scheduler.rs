@@ -12,6 +12,8 @@ use arbor_search::{
 };
 use std::path::PathBuf;
 
+#[path = "scheduler/sparse.rs"]
+mod sparse;
 #[path = "scheduler/verifier_models.rs"]
 mod verifier_models;
 

@@ -14,3 +14,5 @@ mod lifecycle;
 mod load;
 #[path = "server/openai_py.rs"]
 mod openai_py;
+#[path = "server/sparse.rs"]
+mod sparse;

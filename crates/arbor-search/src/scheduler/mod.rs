@@ -35,7 +35,7 @@ use arbor_kernels::ops::SamplingParams;
 use arbor_runtime::{Engine, ForwardBatch, Tokenizer};
 use job::{Job, JobKind};
 use search::SearchState;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// Identifies a request or a search.
 pub type RequestId = u64;
@@ -121,6 +121,8 @@ pub struct Scheduler {
     /// Sampled EOS tokens do not end a generation (see [`Scheduler::set_ignore_eos`]).
     ignore_eos: bool,
     progress: progress::ProgressLog,
+    /// Sparse attention budgets (pages per row) of requests and searches that asked for one.
+    sparse: HashMap<RequestId, usize>,
 }
 
 impl Scheduler {
@@ -140,6 +142,7 @@ impl Scheduler {
             lanes: Vec::new(),
             ignore_eos: false,
             progress: Default::default(),
+            sparse: HashMap::new(),
         }
     }
 
@@ -276,6 +279,48 @@ impl Scheduler {
         }
     }
 
+    /// Sparse attention for the request or search `id` (as a submit returned it): every row
+    /// its sequences run on the policy engine reads at most `budget` KV pages picked by their
+    /// key summaries, beside its sink and local pages (see `SeqStep::sparse_budget`); `None`
+    /// reads every page (the default). The engine runs sparse attention on the CPU only, so
+    /// on another device this is refused (a step with a sparse row would fail as a whole).
+    /// An id that has already ended is left alone.
+    pub fn set_sparse_budget(
+        &mut self,
+        id: RequestId,
+        budget: Option<usize>,
+    ) -> Result<(), String> {
+        let device = self.engine.device();
+        if budget.is_some() && device != arbor_kernels::Device::Cpu {
+            return Err(format!(
+                "sparse attention runs on the CPU only; this engine runs on {device}"
+            ));
+        }
+        match budget {
+            Some(b) if self.reqs.contains_key(&id) => {
+                self.sparse.insert(id, b);
+            }
+            _ => {
+                self.sparse.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The sparse budget of the jobs `owner` runs: its own, or for a group's shared prompt
+    /// that of its members (one request's choices, so they agree).
+    pub(super) fn sparse_budget_of(&self, owner: RequestId) -> Option<usize> {
+        if let Some(&b) = self.sparse.get(&owner) {
+            return Some(b);
+        }
+        match self.reqs.get(&owner) {
+            Some(Req::Group(members)) => members
+                .iter()
+                .find_map(|m| self.sparse.get(&m.owner).copied()),
+            _ => None,
+        }
+    }
+
     /// Ends a request or search now, freeing all it holds; it reports "cancelled".
     pub fn cancel(&mut self, id: RequestId) {
         self.fail(id, "cancelled".into());
@@ -283,6 +328,9 @@ impl Scheduler {
 
     /// Takes the outcomes of ended requests.
     pub fn take_finished(&mut self) -> Vec<(RequestId, Outcome)> {
+        for (id, _) in &self.done {
+            self.sparse.remove(id);
+        }
         std::mem::take(&mut self.done)
     }
 

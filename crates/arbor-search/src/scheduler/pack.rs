@@ -75,6 +75,7 @@ impl Scheduler {
         let mut s = SeqStep {
             seq: j.seq,
             tokens: j.feed[..*n].to_vec(),
+            sparse_budget: self.sparse_budget_of(j.owner),
             ..Default::default()
         };
         if !last {

@@ -55,6 +55,8 @@ pub struct ChatRequest {
     pub repetition_penalty: Option<f64>,
     pub tools: Option<Vec<serde_json::Value>>,
     pub user: Option<String>,
+    /// Sparse attention: KV pages per row (an extension; absent: dense).
+    pub sparse_budget: Option<u64>,
 }
 
 /// The conversation as the chat template takes it; errors name the message at fault.
@@ -146,6 +148,7 @@ impl ChatRequest {
             stop: common::stops(self.stop.as_ref())?,
             logprobs: self.logprobs.then_some(top as usize),
             prompt_param: "messages",
+            sparse_budget: common::sparse_budget(self.sparse_budget)?,
         })
     }
 

@@ -149,6 +149,21 @@ pub fn stops(s: Option<&StopSpec>) -> Result<Vec<String>, ApiError> {
     Ok(v)
 }
 
+/// `sparse_budget` (an extension), checked: KV pages each row reads beside its sink and
+/// local pages, at least 1; absent: every page (dense attention). Whether the engine's
+/// device runs sparse attention is the worker's check.
+pub fn sparse_budget(v: Option<u64>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(0) => Err(ApiError::invalid(
+            "sparse_budget",
+            "sparse_budget must be at least 1 (KV pages per row); leave it out for dense attention",
+        )),
+        // Past the address space means every page anyway.
+        Some(b) => Ok(Some(usize::try_from(b).unwrap_or(usize::MAX))),
+    }
+}
+
 /// A `model` field: the served model, or absent.
 pub fn check_model(asked: Option<&str>, served: &str) -> Result<(), ApiError> {
     match asked {

@@ -43,6 +43,8 @@ pub struct CompletionRequest {
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub user: Option<String>,
+    /// Sparse attention: KV pages per row (an extension; absent: dense).
+    pub sparse_budget: Option<u64>,
 }
 
 /// OpenAI's default `max_tokens` for completions.
@@ -114,6 +116,7 @@ impl CompletionRequest {
             stop: common::stops(self.stop.as_ref())?,
             logprobs: self.logprobs.map(|k| k as usize),
             prompt_param: "prompt",
+            sparse_budget: common::sparse_budget(self.sparse_budget)?,
         })
     }
 

@@ -1,7 +1,7 @@
 //! `POST /v1/search` request: a strategy over the prompt, as `arbor search` runs it.
 
 use super::chat::{messages, Message};
-use super::common::{check_model, Sampling};
+use super::common::{check_model, sparse_budget, Sampling};
 use crate::error::ApiError;
 use crate::prompt::Input;
 use crate::worker::SearchJob;
@@ -45,6 +45,8 @@ pub struct SearchApiRequest {
     pub include_tree: bool,
     #[serde(default)]
     pub stream: bool,
+    /// Sparse attention for every branch: KV pages per row (absent: dense).
+    pub sparse_budget: Option<u64>,
 }
 
 impl SearchApiRequest {
@@ -163,6 +165,7 @@ impl SearchApiRequest {
             max_policy_tokens: self.max_policy_tokens,
             max_wall,
             prompt_param: param,
+            sparse_budget: sparse_budget(self.sparse_budget)?,
         })
     }
 }

@@ -25,6 +25,8 @@ pub struct GenJob {
     pub logprobs: Option<usize>,
     /// The request field holding the prompt, for errors ("prompt" or "messages").
     pub prompt_param: &'static str,
+    /// Sparse attention budget in KV pages per row; `None`: dense.
+    pub sparse_budget: Option<usize>,
 }
 
 /// A search.
@@ -37,6 +39,8 @@ pub struct SearchJob {
     pub max_policy_tokens: Option<u64>,
     pub max_wall: Option<Duration>,
     pub prompt_param: &'static str,
+    /// Sparse attention budget of every branch in KV pages per row; `None`: dense.
+    pub sparse_budget: Option<usize>,
 }
 
 /// What handlers ask of the worker.
