@@ -109,6 +109,27 @@ impl Backend {
         }
     }
 
+    /// Switches per-expert token counting on or off, for `model` on the CPU and in the GPU's
+    /// own counters (a MoE model on a GPU counts there).
+    pub fn set_expert_stats(&self, model: &Model, on: bool) {
+        model.set_expert_stats(on);
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(m) = self {
+            m.set_expert_stats(on);
+        }
+    }
+
+    /// Tokens routed to each expert since the last call (see
+    /// [`Model::take_expert_counts`]); on a GPU, read back from the device's counters, and
+    /// `None` if they cannot be read (a device error, which the next step reports).
+    pub fn take_expert_counts(&self, model: &Model) -> Option<crate::model::ExpertCounts> {
+        match self {
+            Backend::Cpu => model.take_expert_counts(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => m.take_expert_counts().ok().flatten(),
+        }
+    }
+
     /// Whether [`Backend::sample`] samples on the device.
     pub fn samples_on_device(&self) -> bool {
         !matches!(self, Backend::Cpu)

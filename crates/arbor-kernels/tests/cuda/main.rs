@@ -14,5 +14,6 @@ mod ops_cascade;
 mod ops_common;
 mod ops_elementwise;
 mod ops_kv;
+mod ops_moe;
 mod ops_qkv;
 mod sample;

@@ -1,10 +1,12 @@
 //! Weights to the GPU: every matrix dequantised to bf16 on upload (DESIGN.md), vectors kept
-//! f32. One matrix is widened on the host at a time, so the host peak is one f32 matrix.
+//! f32. One matrix is widened on the host at a time, so the host peak is one f32 matrix; a MoE
+//! layer's experts are stacked on the device one expert at a time.
 
+use super::moe::{self, GpuMoe};
 use crate::model::{DecoderLayer, Ffn, Head, Model};
 use crate::RuntimeError;
 use arbor_kernels::cuda::cudarc::driver::CudaSlice;
-use arbor_kernels::cuda::Gpu;
+use arbor_kernels::cuda::{Gpu, GpuError};
 use arbor_kernels::Weight;
 use half::bf16;
 use rayon::prelude::*;
@@ -18,11 +20,21 @@ pub struct GpuLayer {
     pub k_norm: Option<CudaSlice<f32>>,
     pub wo: CudaSlice<bf16>,
     pub ffn_norm: CudaSlice<f32>,
-    /// Gate and up stacked by rows (gate first), `2·inter × hidden`.
-    pub gate_up: CudaSlice<bf16>,
-    pub down: CudaSlice<bf16>,
-    /// The FFN's intermediate size.
-    pub inter: usize,
+    pub ffn: GpuFfn,
+}
+
+/// A layer's feed-forward block on the GPU (as [`Ffn`]).
+pub enum GpuFfn {
+    /// SwiGLU: gate and up stacked by rows (gate first), `2·inter × hidden`; down
+    /// `hidden × inter`.
+    Dense {
+        gate_up: CudaSlice<bf16>,
+        down: CudaSlice<bf16>,
+        /// The FFN's intermediate size.
+        inter: usize,
+    },
+    /// Mixture of experts.
+    Moe(Box<GpuMoe>),
 }
 
 /// The whole model's weights on the GPU.
@@ -39,70 +51,119 @@ pub struct GpuWeights {
     pub bytes: usize,
 }
 
-impl GpuWeights {
-    /// Uploads `model`. MoE layers are not on the GPU yet: a clear error.
-    pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self, RuntimeError> {
-        let mut bytes = 0usize;
-        let mut matrix = |w: &Weight, what: &str| -> Result<CudaSlice<bf16>, RuntimeError> {
-            bytes += w.rows * w.cols * 2;
-            upload_bf16(gpu, w, what)
+/// Uploads weights to one GPU, counting the bytes of the bf16 matrices.
+pub(super) struct Uploader<'a> {
+    pub gpu: &'a Gpu,
+    pub bytes: usize,
+}
+
+impl Uploader<'_> {
+    /// `w` dequantised to bf16 (round to nearest even).
+    pub fn matrix(&mut self, w: &Weight, what: &str) -> Result<CudaSlice<bf16>, RuntimeError> {
+        self.bytes += w.rows * w.cols * 2;
+        let b = to_bf16(w)?;
+        Ok(self.gpu.upload(&b, what)?)
+    }
+
+    /// Matrices of one shape stacked into one buffer (`ws.len() × rows × cols`), uploaded one
+    /// at a time. Errors if the shapes differ.
+    pub fn stacked(&mut self, ws: &[&Weight], what: &str) -> Result<CudaSlice<bf16>, RuntimeError> {
+        let Some(first) = ws.first() else {
+            return Ok(self.gpu.zeros(0, what)?);
         };
-        let embed = matrix(&model.embed, "the token embedding")?;
+        let (rows, cols) = (first.rows, first.cols);
+        if let Some(w) = ws.iter().find(|w| (w.rows, w.cols) != (rows, cols)) {
+            return Err(RuntimeError::Config(format!(
+                "{what}: matrices of {rows}×{cols} and {}×{} cannot be stacked",
+                w.rows, w.cols
+            )));
+        }
+        let each = rows * cols;
+        let mut dev = self.gpu.zeros::<bf16>(ws.len() * each, what)?;
+        for (i, w) in ws.iter().enumerate() {
+            let b = to_bf16(w)?;
+            let mut dst = dev.slice_mut(i * each..(i + 1) * each);
+            self.gpu
+                .stream()
+                .memcpy_htod(&b, &mut dst)
+                .map_err(|e| GpuError::driver(format!("copying {what} to the GPU"), e))?;
+        }
+        self.bytes += ws.len() * each * 2;
+        Ok(dev)
+    }
+
+    /// An f32 vector.
+    pub fn vector(&self, v: &[f32], what: &str) -> Result<CudaSlice<f32>, RuntimeError> {
+        Ok(self.gpu.upload(v, what)?)
+    }
+}
+
+impl GpuWeights {
+    /// Uploads `model`, MoE layers with their experts stacked (see [`GpuMoe`]).
+    pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self, RuntimeError> {
+        let mut up = Uploader { gpu, bytes: 0 };
+        let embed = up.matrix(&model.embed, "the token embedding")?;
         let (head, head_bias) = match &model.head {
             Head::Tied => (None, None),
-            Head::Lm(w) => (Some(matrix(w, "the LM head")?), None),
+            Head::Lm(w) => (Some(up.matrix(w, "the LM head")?), None),
             Head::Score { weight, bias } => {
-                (Some(matrix(weight, "the reward head")?), bias.clone())
+                (Some(up.matrix(weight, "the reward head")?), bias.clone())
             }
         };
         let mut layers = Vec::with_capacity(model.layers.len());
+        let mut moe_slot = 0;
         for (i, l) in model.layers.iter().enumerate() {
-            layers.push(upload_layer(gpu, l, i, &mut matrix)?);
+            layers.push(upload_layer(&mut up, l, i, &mut moe_slot)?);
         }
-        let vec = |v: &[f32], what: &str| gpu.upload(v, what).map_err(RuntimeError::from);
         Ok(GpuWeights {
             embed,
             head,
             head_bias,
-            norm: vec(&model.norm, "the output norm")?,
+            norm: up.vector(&model.norm, "the output norm")?,
             layers,
-            inv_freq: vec(model.rope.inv_freq(), "the RoPE frequencies")?,
-            bytes,
+            inv_freq: up.vector(model.rope.inv_freq(), "the RoPE frequencies")?,
+            bytes: up.bytes,
         })
     }
 }
 
+/// Uploads layer `i`; `moe_slot` counts the MoE layers uploaded so far (each one's row of the
+/// expert statistics).
 fn upload_layer(
-    gpu: &Gpu,
+    up: &mut Uploader,
     l: &DecoderLayer,
     i: usize,
-    matrix: &mut impl FnMut(&Weight, &str) -> Result<CudaSlice<bf16>, RuntimeError>,
+    moe_slot: &mut usize,
 ) -> Result<GpuLayer, RuntimeError> {
-    let Ffn::Dense { gate_up, down } = &l.ffn else {
-        return Err(RuntimeError::Config(format!(
-            "layer {i} is a mixture-of-experts layer, which the CUDA backend does not run yet: use --device cpu"
-        )));
+    let opt = |up: &Uploader, v: &Option<Vec<f32>>, what: &str| {
+        v.as_deref().map(|v| up.vector(v, what)).transpose()
     };
-    let vec = |v: &[f32], what: &str| gpu.upload(v, what).map_err(RuntimeError::from);
-    let opt = |v: &Option<Vec<f32>>, what: &str| v.as_deref().map(|v| vec(v, what)).transpose();
+    let ffn = match &l.ffn {
+        Ffn::Dense { gate_up, down } => GpuFfn::Dense {
+            gate_up: up.matrix(gate_up, "a gate/up projection")?,
+            down: up.matrix(down, "a down projection")?,
+            inter: down.cols,
+        },
+        Ffn::Moe(block) => {
+            let m = moe::upload(up, block, i, *moe_slot)?;
+            *moe_slot += 1;
+            GpuFfn::Moe(Box::new(m))
+        }
+    };
     Ok(GpuLayer {
-        attn_norm: vec(&l.attn_norm, "an attention norm")?,
-        qkv: matrix(&l.qkv, "a QKV projection")?,
-        qkv_bias: opt(&l.qkv_bias, "a QKV bias")?,
-        q_norm: opt(&l.q_norm, "a q-norm")?,
-        k_norm: opt(&l.k_norm, "a k-norm")?,
-        wo: matrix(&l.wo, "an output projection")?,
-        ffn_norm: vec(&l.ffn_norm, "an FFN norm")?,
-        gate_up: matrix(gate_up, "a gate/up projection")?,
-        down: matrix(down, "a down projection")?,
-        inter: down.cols,
+        attn_norm: up.vector(&l.attn_norm, "an attention norm")?,
+        qkv: up.matrix(&l.qkv, "a QKV projection")?,
+        qkv_bias: opt(up, &l.qkv_bias, "a QKV bias")?,
+        q_norm: opt(up, &l.q_norm, "a q-norm")?,
+        k_norm: opt(up, &l.k_norm, "a k-norm")?,
+        wo: up.matrix(&l.wo, "an output projection")?,
+        ffn_norm: up.vector(&l.ffn_norm, "an FFN norm")?,
+        ffn,
     })
 }
 
-/// Dequantises `w` to bf16 (round to nearest even) and uploads it.
-fn upload_bf16(gpu: &Gpu, w: &Weight, what: &str) -> Result<CudaSlice<bf16>, RuntimeError> {
+/// `w` dequantised to bf16 (round to nearest even).
+fn to_bf16(w: &Weight) -> Result<Vec<bf16>, RuntimeError> {
     let f = w.to_f32()?;
-    let b: Vec<bf16> = f.par_iter().map(|&x| bf16::from_f32(x)).collect();
-    drop(f);
-    Ok(gpu.upload(&b, what)?)
+    Ok(f.par_iter().map(|&x| bf16::from_f32(x)).collect())
 }

@@ -25,18 +25,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// One layer's MoE block.
 pub struct MoeBlock {
     /// `num_experts × hidden`.
-    router: Weight,
-    experts: Vec<ExpertFfn>,
-    shared: Option<SharedExpert>,
-    top_k: usize,
-    renormalize: bool,
+    pub(crate) router: Weight,
+    pub(crate) experts: Vec<ExpertFfn>,
+    pub(crate) shared: Option<SharedExpert>,
+    pub(crate) top_k: usize,
+    pub(crate) renormalize: bool,
     stats: ExpertStats,
 }
 
 /// Qwen2-MoE's shared expert: every token goes through it, scaled by `sigmoid(gate · x)`.
-struct SharedExpert {
-    ffn: ExpertFfn,
-    gate: Vec<f32>,
+pub(crate) struct SharedExpert {
+    pub(crate) ffn: ExpertFfn,
+    pub(crate) gate: Vec<f32>,
 }
 
 /// Tokens routed to each expert since the last take; counted only while switched on.

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cascade;
 pub mod embedding;
 pub mod kv;
+pub mod moe;
 pub mod norm;
 pub mod qkv;
 pub mod sample;
