@@ -66,7 +66,8 @@ __device__ __forceinline__ void attn_decode(
     int n_page_indices, const bf16_t* __restrict__ pool, int layer, int num_pages,
     int page_size, int n_heads, int n_kv_heads, int rows, int seqs, float scale, int window,
     u32 split) {
-    constexpr int EPL = HD / 32;
+    // Value dims per lane; below 32 dims (the test fixtures' 16) lanes ≥ HD hold none.
+    constexpr int EPL = HD >= 32 ? HD / 32 : 1;
     __shared__ __align__(16) float qs[G][HD];
     __shared__ __align__(16) float acc_s[G][HD];
     __shared__ float red_m[DEC_MAX_WARPS][G], red_l[DEC_MAX_WARPS][G];
@@ -161,18 +162,24 @@ __device__ __forceinline__ void attn_decode(
             if (!__shfl_sync(FULL, (int)valid, k)) continue;  // uniform
             const int kk = kb + k;
             float v[EPL];
-            load_bf16<EPL>(pool + kv_offset(layer, pg, 1, kvh, kk % page_size, num_pages,
-                                            n_kv_heads, page_size, HD) + lane * EPL, v);
+            const bool has_dims = HD >= 32 || lane * EPL < HD;
+            if (has_dims)
+                load_bf16<EPL>(pool + kv_offset(layer, pg, 1, kvh, kk % page_size, num_pages,
+                                                n_kv_heads, page_size, HD) + lane * EPL, v);
 #pragma unroll
             for (int g = 0; g < G; g++) {
-                float p = __shfl_sync(FULL, sc[g], k);
+                float p = __shfl_sync(FULL, sc[g], k);  // every lane: the shuffle is warp-wide
 #pragma unroll
-                for (int e = 0; e < EPL; e++) acc[g][e] += p * v[e];
+                for (int e = 0; e < EPL; e++)
+                    if (has_dims) acc[g][e] += p * v[e];
             }
         }
     }
 
-    // Merge the warps: rescale each to the block's max, then sum in warp order.
+    // Merge the warps: rescale each to the block's max, then sum in warp order. Only the warps
+    // that can hold keys take part, so the result does not depend on the block's warp count
+    // (a CUDA graph launches the most warps; an eager step as many as its context needs).
+    const int nw_used = max(1, min(nw, (end - lo + 31) / 32));
     if (lane == 0) {
 #pragma unroll
         for (int g = 0; g < G; g++) {
@@ -184,20 +191,21 @@ __device__ __forceinline__ void attn_decode(
     if (threadIdx.x < G) {
         int g = threadIdx.x;
         float mx = ARBOR_NEG_INF, sum = 0.0f;
-        for (int w = 0; w < nw; w++) mx = fmaxf(mx, red_m[w][g]);
+        for (int w = 0; w < nw_used; w++) mx = fmaxf(mx, red_m[w][g]);
         if (mx != ARBOR_NEG_INF)
-            for (int w = 0; w < nw; w++) sum += red_l[w][g] * exp2f(red_m[w][g] - mx);
+            for (int w = 0; w < nw_used; w++) sum += red_l[w][g] * exp2f(red_m[w][g] - mx);
         top_m[g] = mx;
         inv_l[g] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
     __syncthreads();
-    for (int w = 0; w < nw; w++) {
+    for (int w = 0; w < nw_used; w++) {  // block-uniform bound: the loop synchronises
         if (warp == w) {
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 float f = m[g] == ARBOR_NEG_INF ? 0.0f : exp2f(m[g] - top_m[g]);
 #pragma unroll
                 for (int e = 0; e < EPL; e++) {
+                    if (HD < 32 && lane * EPL >= HD) break;
                     float v = acc[g][e] * f;
                     acc_s[g][lane * EPL + e] = w == 0 ? v : acc_s[g][lane * EPL + e] + v;
                 }
@@ -427,10 +435,11 @@ __device__ __forceinline__ void attn_prefill(
     }
 #define HEAD_DIM(HD) DECODE(HD, 1) DECODE(HD, 2) DECODE(HD, 4) DECODE(HD, 8) PREFILL(HD)
 
-// The head dims of the models arbor runs (the templates take any multiple of 32 up to 256;
-// each instance adds ~1/5 to this file's compile time). Keep ATTENTION_HEAD_DIMS in
-// cuda/ops/attention.rs in step.
+// The head dims of the models arbor runs, and 16 for the tiny test fixtures (the templates
+// take 16 and any multiple of 32 up to 256; each instance adds ~1/6 to this file's compile
+// time). Keep ATTENTION_HEAD_DIMS in cuda/ops/attention.rs in step.
 
+HEAD_DIM(16)
 HEAD_DIM(32)
 HEAD_DIM(64)
 HEAD_DIM(96)

@@ -215,8 +215,11 @@ __device__ __forceinline__ void cascade_partial(
                         group_rows, row_pos, pool, layer, num_pages, page_size, n_heads,      \
                         n_kv_heads, n_entries, scale, window, part_o, part_lse)
 
-// The head dims of attention.cu (ATTENTION_HEAD_DIMS); written out so that the compile check
+// The head dims of attention.cu (ATTENTION_HEAD_DIMS), written out so that the compile check
 // sees every kernel's name.
+extern "C" __global__ void __launch_bounds__(256) cascade_partial_h16(PARTIAL_ARGS) {
+    PARTIAL_CALL(16);
+}
 extern "C" __global__ void __launch_bounds__(256) cascade_partial_h32(PARTIAL_ARGS) {
     PARTIAL_CALL(32);
 }

@@ -1,4 +1,5 @@
-// RMSNorm (plain and fused with the residual add) and a row gather for picking logit rows.
+// RMSNorm (plain and fused with the residual add), a plain residual add, and a row gather for
+// picking logit rows.
 // One block per row; the mean square is summed in f32 per thread, then over the block.
 #include "arbor.cuh"
 
@@ -38,6 +39,14 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
     bf16_t* o = out + (u64)r * hidden;
     // Each thread reads back only the elements it wrote above.
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f32_to_bf16(xr[i] * inv * w[i]);
+}
+
+// x[i] += delta[i] for i < n, grid-stride: the last layer's residual add (the output norm runs
+// on the logit rows only, so there is no norm to fuse with).
+extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __restrict__ delta,
+                                       u64 n) {
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) x[i] += delta[i];
 }
 
 // out[i] = x[idx[i]] (rows of `width` f32), for i < n; an index at or beyond `src_rows`

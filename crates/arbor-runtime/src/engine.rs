@@ -174,8 +174,9 @@ impl Engine {
 
     /// With `true` (default), sequences of a step that share KV pages (forks, beams) attend
     /// through cascade attention, which reads each shared page once for all of them; with
-    /// `false` each sequence attends alone (a baseline). The default cascade mode gives
-    /// bitwise the same results; set `model.attention` for another. Sparse steps use
+    /// `false` each sequence attends alone (a baseline). On the CPU the default cascade mode
+    /// gives bitwise the same results (set `model.attention` for another); on a GPU the
+    /// cascade kernel merges partials, equal up to rounding. Sparse steps (CPU only) use
     /// cascade attention either way.
     pub fn set_tree_attention(&mut self, on: bool) {
         self.model.attention.tree = on.then_some(CascadeMode::Chain);
@@ -298,14 +299,15 @@ impl Engine {
 
     /// Switches counting of tokens per expert on or off (MoE models; off by default).
     pub fn set_expert_stats(&self, on: bool) {
-        self.model.set_expert_stats(on);
+        self.backend.set_expert_stats(&self.model, on);
     }
 
     /// Tokens routed to each expert of each MoE layer since the last call (while counting
     /// is on), resetting the counts; `None` for a dense model. Call it after every step for
-    /// per-step counts.
+    /// per-step counts. On a GPU the counts are kept on the device and read back here (one
+    /// small copy; `None` if the device cannot be read).
     pub fn take_expert_counts(&self) -> Option<crate::model::ExpertCounts> {
-        self.model.take_expert_counts()
+        self.backend.take_expert_counts(&self.model)
     }
 
     /// Runs one batch: appends each sequence's new tokens, then samples and returns what each

@@ -211,11 +211,14 @@ fn attention_decode_gqa_hd128() {
 
 #[test]
 fn attention_decode_other_head_dims() {
-    for hd in [32, 96, 256] {
+    // 16: the tiny test fixtures' head dim (lanes beyond 16 hold no value dims).
+    for hd in [16, 32, 96, 256] {
         for (nh, nkv) in [(4, 1), (14, 2)] {
             let mut pg = Pages::new(32, 3);
             let seqs: Vec<Seq> = [3, 31, 70].iter().map(|&l| pg.decode(l, 16)).collect();
             run("decode", shape(nh, nkv, hd), 32, &seqs, Hints::default());
+            let seqs = vec![pg.seq(20, 33, 16)];
+            run("prefill", shape(nh, nkv, hd), 32, &seqs, Hints::default());
         }
     }
 }
@@ -311,6 +314,117 @@ fn attention_rejects_bad_shapes() {
         assert!(
             e.to_string().contains("attention") && e.to_string().contains(why),
             "{e}"
+        );
+    }
+}
+
+/// What CUDA graphs of decode steps rely on: the most warps per block (`max_context =
+/// usize::MAX`), padding rows and sequences, and arrays that are views of one packed buffer
+/// with a longer page list give bit for bit the output of the exact launch, and zeros for the
+/// padding rows.
+#[test]
+fn decode_is_the_same_with_most_warps_padding_and_views() {
+    let Some(gpu) = common::gpu() else { return };
+    let (nh, nkv, hd) = (16, 4, 128);
+    let row_len = nh * hd;
+    for window in [None, Some(40)] {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            page_size: 16,
+        };
+        let (_, pool) = random_pools(&gpu, layout, 64, 11);
+        let mut pg = Pages::new(64, 11);
+        // Contexts up to 100: the exact launch takes 4 warps, the graph's 8.
+        let seqs: Vec<Seq> = [1, 5, 33, 64, 100]
+            .iter()
+            .map(|&l| pg.decode(l, 16))
+            .collect();
+        let (n, pad) = (seqs.len(), 8);
+        let p = AttentionParams {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            sliding_window: window,
+        };
+        let (mut positions, mut row_ptr, mut page_ptr, mut page_ids) =
+            (vec![], vec![0u32], vec![0u32], vec![]);
+        for s in &seqs {
+            positions.push(s.positions[0] as u32);
+            row_ptr.push(positions.len() as u32);
+            page_ids.extend_from_slice(&s.pages);
+            page_ptr.push(page_ids.len() as u32);
+        }
+        let row_seq: Vec<u32> = (0..n as u32).collect();
+        let q = up(&gpu, &random(pad * row_len, 5, 1.0));
+
+        let (dpos, dseq, drow, dpp, dpi) = (
+            up(&gpu, &positions),
+            up(&gpu, &row_seq),
+            up(&gpu, &row_ptr),
+            up(&gpu, &page_ptr),
+            up(&gpu, &page_ids),
+        );
+        let exact = AttentionBatch {
+            positions: &dpos,
+            row_seq: &dseq,
+            seq_row_indptr: &drow,
+            page_indptr: &dpp,
+            page_indices: &dpi,
+            seqs: n,
+            max_rows_per_seq: 1,
+            max_context: 100,
+        };
+        let mut out = zeros(&gpu, n * row_len);
+        attention(&gpu, &q, n, &exact, &pool, LAYER, &p, &mut out).expect("attention");
+        let want = down_bf16(&gpu, &out, n * row_len);
+
+        // Padded to `pad` rows and sequences, packed, page list followed by junk.
+        let padded = |v: &[u32], len: usize, fill: u32| {
+            let mut v = v.to_vec();
+            v.resize(len, fill);
+            v
+        };
+        let parts = [
+            padded(&positions, pad, 0),
+            padded(&row_seq, pad, u32::MAX),
+            padded(&row_ptr, pad + 1, n as u32),
+            padded(&page_ptr, pad + 1, page_ids.len() as u32),
+            page_ids.iter().copied().chain([7; 100]).collect(),
+        ];
+        let packed: Vec<u32> = parts.concat();
+        let dev = up(&gpu, &packed);
+        let mut at = 0;
+        let mut views = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let end = if i == parts.len() - 1 {
+                packed.len()
+            } else {
+                at + part.len()
+            };
+            views.push(dev.slice(at..end));
+            at += part.len();
+        }
+        let graph = AttentionBatch {
+            positions: &views[0],
+            row_seq: &views[1],
+            seq_row_indptr: &views[2],
+            page_indptr: &views[3],
+            page_indices: &views[4],
+            seqs: pad,
+            max_rows_per_seq: 1,
+            max_context: usize::MAX,
+        };
+        let mut out = zeros(&gpu, pad * row_len);
+        attention(&gpu, &q, pad, &graph, &pool, LAYER, &p, &mut out).expect("attention");
+        let got = down_bf16(&gpu, &out, pad * row_len);
+        let what = format!("window {window:?}");
+        check_exact(&format!("{what}: real rows"), &got[..n * row_len], &want);
+        assert!(
+            got[n * row_len..].iter().all(|&x| x == 0.0),
+            "{what}: padding rows are not zero"
         );
     }
 }

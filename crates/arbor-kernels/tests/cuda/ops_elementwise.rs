@@ -121,6 +121,36 @@ fn add_rms_norm_rows() {
 }
 
 #[test]
+fn add_inplace_is_the_residual_add() {
+    let Some(gpu) = common::gpu() else { return };
+    for hidden in HIDDENS {
+        for rows in ROWS {
+            let seed = (hidden * 13 + rows) as u64;
+            let n = rows * hidden;
+            let x = random(n + 3, seed, 3.0);
+            let delta = random(n, seed + 1, 1.0);
+            // The CPU reference's residual stream: what add_rms_norm leaves in its residual.
+            let mut want = x.clone();
+            let (w, mut normed) = (vec![1.0; hidden], vec![0.0; hidden]);
+            for (xi, di) in want[..n].chunks_mut(hidden).zip(delta.chunks(hidden)) {
+                ops::add_rms_norm(xi, di, &w, 1e-6, &mut normed);
+            }
+            let mut dx = up(&gpu, &x);
+            norm::add_inplace(&gpu, &mut dx, &up(&gpu, &delta), n).expect("add_inplace");
+            // Elements beyond n stay as they were.
+            check_exact(
+                &format!("add_inplace hidden {hidden} rows {rows}"),
+                &down(&gpu, &dx, n + 3),
+                &want,
+            );
+        }
+    }
+    let mut short = zeros::<f32>(&gpu, 4);
+    let err = norm::add_inplace(&gpu, &mut short, &zeros(&gpu, 8), 8).expect_err("x too short");
+    assert!(err.to_string().contains("add_inplace"), "{err}");
+}
+
+#[test]
 fn gather_rows_by_index() {
     let Some(gpu) = common::gpu() else { return };
     for (width, src_rows) in [(1000, 64), (32000, 7), (151_936, 3)] {

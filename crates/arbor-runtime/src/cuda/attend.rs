@@ -1,15 +1,27 @@
 //! The attention half of a layer on the GPU: QKV GEMM → bias / q-k norm / RoPE / K-V store →
 //! attention over the paged pool → O GEMM. [`StepAttention`] is prepared once per step (the
 //! step's layout in device memory) and run per layer.
+//!
+//! Tree attention: when the model's `attention.tree` is on and the step's sequences share KV
+//! pages, the step's [`CascadePlan`] — the one [`BatchLayout::cascade_plan`] gives the CPU path,
+//! so both backends decide alike — is uploaded once and every layer runs cascade attention
+//! (each shared page read once for all the rows below it) instead of the paged kernel. The GPU
+//! kernel always merges partials by LSE, so its groups are cut as [`CascadeMode::Merge`] cuts
+//! them (long shared runs split across blocks); whether a plan exists does not depend on that.
+//! Sparse budgets are refused on the GPU (the engine says so before a step runs).
 
 use super::meta::StepMeta;
 use super::upload::GpuLayer;
 use crate::config::ModelConfig;
+use crate::model::{AttentionOptions, BatchLayout};
 use crate::RuntimeError;
 use arbor_kernels::cuda::cudarc::driver::CudaSlice;
 use arbor_kernels::cuda::gemm::Gemm;
+use arbor_kernels::cuda::ops::cascade::{self, GpuCascadePlan};
 use arbor_kernels::cuda::ops::{attention, qkv};
 use arbor_kernels::cuda::{Gpu, GpuKvPool};
+use arbor_kernels::kv::KvCache;
+use arbor_kernels::ops::cascade::{CascadeMode, CascadePlan};
 use arbor_kernels::ops::AttentionParams;
 use half::bf16;
 
@@ -27,6 +39,8 @@ pub(super) struct StepAttention {
     hidden: usize,
     qkv: qkv::QkvParams,
     params: AttentionParams,
+    /// The step's cascade plan when tree attention runs (rows in the step's order).
+    cascade: Option<GpuCascadePlan>,
 }
 
 /// Per-step scratch the attention half writes.
@@ -42,10 +56,27 @@ pub(super) struct AttendBuffers<'a> {
 }
 
 impl StepAttention {
-    /// Uploads `meta` for a model of `cfg`.
-    pub fn prepare(gpu: &Gpu, cfg: &ModelConfig, meta: &StepMeta) -> Result<Self, RuntimeError> {
+    /// Uploads `meta` for a model of `cfg`, and the cascade plan of `batch` over `cache`'s
+    /// block tables (reserved for the step) when `opts` turn tree attention on and the step's
+    /// sequences share pages.
+    pub fn prepare(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        meta: &StepMeta,
+        batch: &BatchLayout,
+        cache: &KvCache,
+        opts: &AttentionOptions,
+    ) -> Result<Self, RuntimeError> {
         let up = |v: &[u32], what: &str| gpu.upload(v, what).map_err(RuntimeError::from);
         let hd = cfg.head_dim;
+        let plan_opts = CascadeMode::Merge.plan_options();
+        let cascade = match batch.cascade_plan(cache, opts.tree.is_some(), &plan_opts)? {
+            Some(plan) => {
+                let plan = in_step_order(plan, batch)?;
+                Some(GpuCascadePlan::upload(gpu, &plan)?)
+            }
+            None => None,
+        };
         Ok(StepAttention {
             positions: up(&meta.positions, "positions")?,
             slots: up(&meta.slot_mapping, "the slot mapping")?,
@@ -72,7 +103,26 @@ impl StepAttention {
                 scale: 1.0 / (hd as f32).sqrt(),
                 sliding_window: cfg.sliding_window,
             },
+            cascade,
         })
+    }
+
+    /// Whether `prepare` would attend this step with the paged kernel (no cascade plan), the
+    /// only attention CUDA graphs capture (`graph.rs`); keep it in step with `prepare`.
+    /// Sharing shows in the first pages (forks and prefix reuse share from page 0); a miss
+    /// would only skip cascade's speed-up, not change what is attended.
+    pub fn paged_only(meta: &StepMeta, batch: &BatchLayout, opts: &AttentionOptions) -> bool {
+        if batch.seqs.iter().any(|s| s.sparse_budget.is_some()) {
+            return false;
+        }
+        if opts.tree.is_none() || batch.seqs.len() < 2 {
+            return true;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let first = |w: &[u32]| meta.page_indices.get(w[0] as usize).copied();
+        (meta.page_indptr.windows(2))
+            .filter(|w| w[0] < w[1])
+            .all(|w| first(w).is_some_and(|p| seen.insert(p)))
     }
 
     /// Layer `i`'s attention for `rows` rows whose normed input is in `b.xn`; the result
@@ -111,6 +161,11 @@ impl StepAttention {
             i,
             b.q,
         )?;
+        if let Some(plan) = &self.cascade {
+            cascade::cascade_attention(gpu, b.q, rows, plan, pool, i, &self.params, b.xn)?;
+            gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
+            return Ok(());
+        }
         let batch = attention::AttentionBatch {
             positions: &self.positions,
             row_seq: &self.row_seq,
@@ -124,5 +179,122 @@ impl StepAttention {
         attention::attention(gpu, b.q, rows, &batch, pool, i, &self.params, b.xn)?;
         gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
         Ok(())
+    }
+}
+
+/// `plan` with its rows renumbered into the step's row order: [`StepMeta`] (and so the q
+/// buffer) lays rows out sequence after sequence in `batch.seqs` order, while the plan numbers
+/// them as `batch.positions` does. The two agree for every layout the engine builds; a layout
+/// whose sequences are listed out of row order is renumbered here rather than misread.
+fn in_step_order(mut plan: CascadePlan, batch: &BatchLayout) -> Result<CascadePlan, RuntimeError> {
+    let rows = batch.rows();
+    // step_rows[k]: the batch row that is row k of the step.
+    let step_rows: Vec<usize> = batch.seqs.iter().flat_map(|s| s.rows()).collect();
+    if step_rows.iter().enumerate().all(|(k, &r)| k == r) && step_rows.len() == rows {
+        return Ok(plan);
+    }
+    let mut step_of = vec![u32::MAX; rows];
+    for (k, &r) in step_rows.iter().enumerate() {
+        match step_of.get_mut(r) {
+            Some(slot) if *slot == u32::MAX => *slot = k as u32,
+            _ => {
+                return Err(RuntimeError::Request(format!(
+                    "the step's sequences do not cover its {rows} rows once each (row {r})"
+                )))
+            }
+        }
+    }
+    if step_rows.len() != rows || plan.num_rows() != rows {
+        return Err(RuntimeError::Request(format!(
+            "the step's sequences cover {} of its {rows} rows",
+            step_rows.len()
+        )));
+    }
+    for r in &mut plan.group_rows {
+        *r = step_of[*r as usize];
+    }
+    let mut indptr = vec![0u32];
+    let mut entries = Vec::with_capacity(plan.row_entries.len());
+    for &r in &step_rows {
+        entries.extend_from_slice(plan.row_entries(r));
+        indptr.push(entries.len() as u32);
+    }
+    plan.row_pos = step_rows.iter().map(|&r| plan.row_pos[r]).collect();
+    plan.row_budget = step_rows.iter().map(|&r| plan.row_budget[r]).collect();
+    plan.row_entry_indptr = indptr;
+    plan.row_entries = entries;
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbor_kernels::kv::KvLayout;
+    use arbor_kernels::ops::cascade::PlanOptions;
+
+    /// A cache with a 20-token root (page size 4) forked twice, each fork 2 tokens further.
+    fn forked() -> (KvCache, [u64; 2]) {
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 4,
+            page_size: 4,
+        };
+        let mut c = KvCache::for_model(layout, 32, 0);
+        c.add_seq(0);
+        c.reserve(0, 20).expect("reserve");
+        c.commit(0, &[7; 20]);
+        for s in [1, 2] {
+            c.fork(0, s).expect("fork");
+            c.reserve(s, 2).expect("reserve");
+        }
+        (c, [1, 2])
+    }
+
+    #[test]
+    fn a_layout_in_row_order_keeps_its_plan() {
+        let (c, [a, b]) = forked();
+        let mut batch = BatchLayout::default();
+        batch.push(a, 20, 2);
+        batch.push(b, 20, 1);
+        let opts = PlanOptions::default();
+        let plan = batch.cascade_plan(&c, true, &opts).expect("plan");
+        let plan = plan.expect("the forks share pages");
+        assert_eq!(in_step_order(plan.clone(), &batch).expect("order"), plan);
+    }
+
+    #[test]
+    fn a_layout_out_of_row_order_is_renumbered() {
+        let (c, [a, b]) = forked();
+        // Sequence a owns rows 1..3, b row 0, but a is listed first: the step's rows are
+        // (a 20, a 21, b 20), the plan's (b 20, a 20, a 21).
+        let mut batch = BatchLayout::default();
+        batch.push(b, 20, 1);
+        batch.push(a, 20, 2);
+        batch.seqs.swap(0, 1);
+        let opts = PlanOptions::default();
+        let plan = batch
+            .cascade_plan(&c, true, &opts)
+            .expect("plan")
+            .expect("the forks share pages");
+        let step = in_step_order(plan.clone(), &batch).expect("order");
+        let moved = [1usize, 2, 0]; // step row k is plan row moved[k]
+        for (k, &r) in moved.iter().enumerate() {
+            assert_eq!(step.row_pos[k], plan.row_pos[r]);
+            let groups = |p: &CascadePlan, row: usize| -> Vec<usize> {
+                p.row_entries(row)
+                    .iter()
+                    .map(|&e| p.group_row_indptr.partition_point(|&x| x <= e) - 1)
+                    .collect()
+            };
+            assert_eq!(groups(&step, k), groups(&plan, r), "row {k}");
+            for &e in step.row_entries(k) {
+                assert_eq!(step.group_rows[e as usize] as usize, k);
+            }
+        }
+        // Rows that no sequence or two sequences claim are an error, not a misread.
+        let mut bad = batch.clone();
+        bad.seqs[1].start = 1;
+        assert!(in_step_order(plan, &bad).is_err());
     }
 }

@@ -2,28 +2,33 @@
 //! bf16 weights, f32 activations between ops, GEMMs through cuBLASLt and the KV pages in a
 //! bf16 [`GpuKvPool`] driven by the host [`KvCache`]'s bookkeeping.
 //!
-//! Per step: upload the step's layout ([`meta::StepMeta`]), then per layer
-//! rms_norm → QKV GEMM → bias / q-k norm / RoPE / K-V store → paged attention → O GEMM →
+//! Per step: upload the step's layout ([`meta::StepMeta`], packed into one buffer), then per
+//! layer rms_norm → QKV GEMM → bias / q-k norm / RoPE / K-V store → paged attention → O GEMM →
 //! residual + rms_norm → gate-up GEMM → SwiGLU → down GEMM → residual; then the output head on
-//! the rows whose logits are wanted. Results stay on the device until the engine reads them
-//! back or samples them there ([`CudaModel::sample`]).
+//! the rows whose logits are wanted. Activations live in a persistent workspace
+//! (`workspace.rs`); decode steps replay CUDA graphs ([`graph`]). Results stay on the device
+//! until the engine reads them back or samples them there ([`CudaModel::sample`]).
 
 mod attend;
 mod ffn;
 mod forward;
+pub mod graph;
 pub mod meta;
+mod moe;
 mod upload;
+mod workspace;
 
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
-use arbor_kernels::cuda::cudarc::driver::CudaSlice;
 use arbor_kernels::cuda::gemm::Gemm;
 use arbor_kernels::cuda::ops::sample::{sample, SampleRow};
 use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
 use arbor_kernels::kv::{KvCache, KvLayout};
 use arbor_kernels::ops::SampleOutput;
+use graph::{GraphCache, GraphMode, GraphStats};
 use std::sync::Arc;
 use upload::GpuWeights;
+use workspace::Workspace;
 
 impl From<GpuError> for RuntimeError {
     fn from(e: GpuError) -> Self {
@@ -31,14 +36,28 @@ impl From<GpuError> for RuntimeError {
     }
 }
 
-/// A model's weights and KV pool on one GPU.
+/// A model's weights and KV pool on one GPU, the buffers its steps work in, and the CUDA
+/// graphs of its decode steps.
 pub struct CudaModel {
     gpu: Arc<Gpu>,
     gemm: Gemm,
     weights: GpuWeights,
     pool: GpuKvPool,
-    /// The last step's output rows (`rows × out_dim`), on the device.
-    logits: Option<(CudaSlice<f32>, usize)>,
+    ws: Workspace,
+    graphs: GraphCache,
+    /// Mixture-of-experts scratch and expert statistics (`moe.rs`).
+    moe: moe::MoeState,
+    /// Rows of the last step's output in `ws.logits` (`rows × out_dim`), if any.
+    logits: Option<usize>,
+    out_dim: usize,
+}
+
+impl Drop for CudaModel {
+    fn drop(&mut self) {
+        // Graphs are destroyed and buffers freed only after the work that uses them ended;
+        // an error here leaves nothing to do.
+        let _ = self.gpu.synchronize();
+    }
 }
 
 impl CudaModel {
@@ -52,13 +71,40 @@ impl CudaModel {
         let weights = GpuWeights::upload(&gpu, model)?;
         let pool = GpuKvPool::new(&gpu, layout, num_pages)?;
         let gemm = Gemm::new(&gpu)?;
+        let ws = Workspace::new(&gpu, &model.cfg)?;
+        let moe = moe::MoeState::new(&gpu, model)?;
         Ok(CudaModel {
             gpu,
             gemm,
             weights,
             pool,
+            ws,
+            graphs: GraphCache::new(GraphMode::from_env()),
+            moe,
             logits: None,
+            out_dim: model.cfg.out_dim(),
         })
+    }
+
+    /// How decode steps run: [`GraphMode::Replay`] unless `ARBOR_CUDA_GRAPHS=0` said
+    /// otherwise when the model was made.
+    pub fn graph_mode(&self) -> GraphMode {
+        self.graphs.mode()
+    }
+
+    /// Sets how the next decode steps run (graphs captured so far are kept).
+    pub fn set_graph_mode(&mut self, mode: GraphMode) {
+        self.graphs.set_mode(mode);
+    }
+
+    /// Graph captures and replays so far.
+    pub fn graph_stats(&self) -> &GraphStats {
+        self.graphs.stats()
+    }
+
+    /// Bytes of device memory the step workspace holds (activations, logits, metadata).
+    pub fn workspace_bytes(&self) -> usize {
+        self.ws.bytes()
     }
 
     /// The GPU the model is on.
@@ -93,11 +139,11 @@ impl CudaModel {
 
     /// The last step's output rows, copied back (`rows × out_dim`; a reward head's bias added).
     pub fn read_logits(&self) -> Result<Vec<f32>, RuntimeError> {
-        let Some((dev, n)) = &self.logits else {
+        let Some(rows) = self.logits else {
             return Ok(Vec::new());
         };
-        let mut all = self.gpu.download(dev, "the logits")?;
-        all.truncate(*n);
+        let view = self.ws.logits.slice(..rows * self.out_dim);
+        let mut all = self.gpu.download(&view, "the logits")?;
         if let Some(b) = &self.weights.head_bias {
             all.chunks_exact_mut(b.len())
                 .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
@@ -111,9 +157,15 @@ impl CudaModel {
         vocab: usize,
         rows: &[SampleRow],
     ) -> Result<Vec<SampleOutput>, RuntimeError> {
-        let Some((dev, _)) = &self.logits else {
+        let Some(n) = self.logits else {
             return Err(RuntimeError::Request("no logits to sample from".into()));
         };
-        Ok(sample(&self.gpu, dev, vocab, rows)?)
+        if rows.len() > n {
+            return Err(RuntimeError::Request(format!(
+                "{} rows to sample, but the last step kept {n} rows of logits",
+                rows.len()
+            )));
+        }
+        Ok(sample(&self.gpu, &self.ws.logits, vocab, rows)?)
     }
 }

@@ -5,6 +5,12 @@ mod engine;
 mod fixtures;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod gpu_graph;
+#[cfg(feature = "cuda")]
+mod gpu_moe;
+#[cfg(feature = "cuda")]
+mod gpu_tree;
 mod kv_tree;
 mod moe;
 mod moe_gguf;

@@ -13,11 +13,11 @@
 use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
 use super::{int_arg, launch_error, need_len, product};
 use crate::ops::AttentionParams;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use half::bf16;
 
 /// Head dims with compiled kernels (the `HEAD_DIM(..)` list of attention.cu).
-pub const ATTENTION_HEAD_DIMS: &[usize] = &[32, 64, 96, 128, 256];
+pub const ATTENTION_HEAD_DIMS: &[usize] = &[16, 32, 64, 96, 128, 256];
 
 /// Sequences with at least this many rows in a batch use the prefill kernel.
 pub const PREFILL_MIN_ROWS: usize = 8;
@@ -34,26 +34,40 @@ const DECODE_MAX_WARPS: usize = 8;
 /// `row_seq[r] = s` for each of them; its pages are
 /// `page_indices[page_indptr[s]..page_indptr[s + 1]]`, in position order (position `p` in page
 /// `p / page_size`, slot `p % page_size`). Pages may be shared between sequences.
-#[derive(Clone, Copy)]
-pub struct AttentionBatch<'a> {
+///
+/// The arrays are whole device buffers (`M = CudaSlice<u32>`) or views into one
+/// (`M = CudaView<u32>`, e.g. sections of a step's packed metadata). A row whose `row_seq` is
+/// `seqs` or more (a padding row) gets zeros; sequences may own no rows and no pages.
+pub struct AttentionBatch<'a, M: DevicePtr<u32> = CudaSlice<u32>> {
     /// Absolute position of each row; the row's own K/V must already be in the pool.
-    pub positions: &'a CudaSlice<u32>,
+    pub positions: &'a M,
     /// Sequence index of each row.
-    pub row_seq: &'a CudaSlice<u32>,
+    pub row_seq: &'a M,
     /// `seqs + 1` row offsets.
-    pub seq_row_indptr: &'a CudaSlice<u32>,
+    pub seq_row_indptr: &'a M,
     /// `seqs + 1` offsets into `page_indices`.
-    pub page_indptr: &'a CudaSlice<u32>,
-    /// Page ids of every sequence, concatenated.
-    pub page_indices: &'a CudaSlice<u32>,
+    pub page_indptr: &'a M,
+    /// Page ids of every sequence, concatenated (a longer buffer is fine: the kernels read
+    /// only the ranges `page_indptr` gives, clamped to this length).
+    pub page_indices: &'a M,
     /// Sequences in the batch.
     pub seqs: usize,
     /// Most rows of one sequence (an upper bound is fine; it sizes the prefill grid and picks
     /// the kernels, a low value only costs speed).
     pub max_rows_per_seq: usize,
-    /// Most positions one row attends (an upper bound is fine; it sizes decode blocks).
+    /// Most positions one row attends (an upper bound is fine; it sizes decode blocks, and
+    /// `usize::MAX` gives every decode block the most warps, a launch shape that does not
+    /// change from step to step, as CUDA graphs need). The result does not depend on it.
     pub max_context: usize,
 }
+
+// By hand: a derive would ask `M: Copy`, which a `CudaSlice` is not.
+impl<M: DevicePtr<u32>> Clone for AttentionBatch<'_, M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<M: DevicePtr<u32>> Copy for AttentionBatch<'_, M> {}
 
 /// Checks shared by the paged and cascade attention wrappers (`op` names the caller): GQA
 /// grouping, a compiled head dim, a group that fits `per_thread · (256 / head_dim)` query
@@ -104,11 +118,11 @@ pub(super) fn check_shapes(
 /// Device data is not read back: a page id beyond the pool is skipped and a position beyond
 /// its sequence's pages attends only what the pages hold.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<M: DevicePtr<u32>>(
     gpu: &Gpu,
     q: &CudaSlice<f32>,
     rows: usize,
-    b: &AttentionBatch,
+    b: &AttentionBatch<M>,
     pool: &GpuKvPool,
     layer: usize,
     p: &AttentionParams,
@@ -163,15 +177,23 @@ pub fn attention(
     // Decode: query heads of a group in blocks of G ∈ {1, 2, 4, 8}.
     let g = [1, 2, 4, 8].into_iter().find(|&g| g >= group).unwrap_or(8);
     let warps = b.max_context.div_ceil(32).clamp(1, DECODE_MAX_WARPS);
+    let stream = gpu.stream();
+    // Raw pointers of the layout arrays (buffers or views alike); the guards outlive both
+    // launches.
+    let (pos_p, _g0) = b.positions.device_ptr(stream);
+    let (seq_p, _g1) = b.row_seq.device_ptr(stream);
+    let (rowptr_p, _g2) = b.seq_row_indptr.device_ptr(stream);
+    let (pageptr_p, _g3) = b.page_indptr.device_ptr(stream);
+    let (pages_p, _g4) = b.page_indices.device_ptr(stream);
     let f = gpu.func("attention", &format!("attn_decode_h{hd}_g{g}"))?;
-    let mut lb = gpu.stream().launch_builder(&f);
+    let mut lb = stream.launch_builder(&f);
     lb.arg(q)
         .arg(&mut *out)
-        .arg(b.positions)
-        .arg(b.row_seq)
-        .arg(b.seq_row_indptr)
-        .arg(b.page_indptr)
-        .arg(b.page_indices);
+        .arg(&pos_p)
+        .arg(&seq_p)
+        .arg(&rowptr_p)
+        .arg(&pageptr_p)
+        .arg(&pages_p);
     lb.arg(&ints[0]).arg(&pool.data);
     for i in &ints[1..] {
         lb.arg(i);
@@ -202,13 +224,13 @@ pub fn attention(
             int_arg(OP, "tile rows", tile_rows)?,
         );
         let f = gpu.func("attention", &format!("attn_prefill_h{hd}"))?;
-        let mut lb = gpu.stream().launch_builder(&f);
+        let mut lb = stream.launch_builder(&f);
         lb.arg(q)
             .arg(&mut *out)
-            .arg(b.positions)
-            .arg(b.seq_row_indptr)
-            .arg(b.page_indptr)
-            .arg(b.page_indices)
+            .arg(&pos_p)
+            .arg(&rowptr_p)
+            .arg(&pageptr_p)
+            .arg(&pages_p)
             .arg(&ints[0])
             .arg(&pool.data);
         for i in &ints[1..] {

@@ -25,6 +25,14 @@ const CASCADE_J: usize = 16;
 /// Threads of a merge block.
 const MERGE_THREADS: u32 = 256;
 
+/// Rows of one group that a partial block scores per walk over the group's keys: its
+/// `16 · (256 / head_dim)` query vectors over the `group` query heads of a KV head. A task of
+/// more rows walks the keys once per such pass (from L2 while they still sit there), which is
+/// what a count of the KV bytes the kernel loads must multiply by.
+pub fn rows_per_pass(head_dim: usize, group: usize) -> usize {
+    (CASCADE_J * (256 / head_dim.max(1)) / group.max(1)).max(1)
+}
+
 /// A [`CascadePlan`] in device memory, with the host-made task list and a partials buffer
 /// reused by every layer.
 pub struct GpuCascadePlan {

@@ -3,7 +3,7 @@
 
 use super::super::{Gpu, GpuError, LaunchConfig};
 use super::{int_arg, launch_error, need_len, product};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use half::bf16;
 
 const OP: &str = "embedding";
@@ -11,11 +11,12 @@ const OP: &str = "embedding";
 /// `out[r] = table[tokens[r]]` as f32 for `r < rows`; `table` is `[vocab × hidden]` bf16 with
 /// `vocab = table.len() / hidden`. A token id outside the vocabulary gives a row of zeros (the
 /// ids are on the device, so they are not checked here: check them on the host first).
-pub fn embedding(
+/// `tokens` is a whole buffer or a view of one.
+pub fn embedding<T: DevicePtr<u32>>(
     gpu: &Gpu,
     table: &CudaSlice<bf16>,
     hidden: usize,
-    tokens: &CudaSlice<u32>,
+    tokens: &T,
     rows: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), GpuError> {
@@ -36,9 +37,11 @@ pub fn embedding(
         int_arg(OP, "vocab", vocab)?,
     );
     let f = gpu.func("embedding", "embedding")?;
-    let mut b = gpu.stream().launch_builder(&f);
+    let stream = gpu.stream();
+    let (tokens_p, _tokens_guard) = tokens.device_ptr(stream);
+    let mut b = stream.launch_builder(&f);
     b.arg(table)
-        .arg(tokens)
+        .arg(&tokens_p)
         .arg(&rows_i)
         .arg(&hidden_i)
         .arg(&vocab_i)

@@ -1,9 +1,11 @@
-//! RMSNorm (plain and fused with the residual add) and a row gather on the GPU
-//! (`kernels/norm.cu`); CPU references [`crate::ops::rms_norm`], [`crate::ops::add_rms_norm`].
+//! RMSNorm (plain and fused with the residual add), a plain residual add and a row gather on
+//! the GPU (`kernels/norm.cu`); CPU references [`crate::ops::rms_norm`],
+//! [`crate::ops::add_rms_norm`].
 
 use super::super::{Gpu, GpuError, LaunchConfig};
+use super::activation::grid_stride;
 use super::{int_arg, launch_error, need_len, product};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use half::bf16;
 
 /// One block of this many threads per row.
@@ -87,13 +89,37 @@ pub fn add_rms_norm(
     Ok(())
 }
 
+/// `x[i] += delta[i]` for `i < n` (in place, f32): a residual add with no norm after it (the
+/// last layer's, whose output norm runs on the logit rows only). The grid depends on `n` alone.
+pub fn add_inplace(
+    gpu: &Gpu,
+    x: &mut CudaSlice<f32>,
+    delta: &CudaSlice<f32>,
+    n: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "add_inplace";
+    if n == 0 {
+        return Ok(());
+    }
+    need_len(OP, "x", x.len(), n)?;
+    need_len(OP, "delta", delta.len(), n)?;
+    let n64 = n as u64;
+    let f = gpu.func("norm", "add_inplace")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(delta).arg(&n64);
+    // SAFETY: arguments match the kernel; lengths checked above.
+    unsafe { b.launch(grid_stride(n)) }.map_err(launch_error(OP))?;
+    Ok(())
+}
+
 /// `out[i] = x[idx[i]]` for `i < n`, rows of `width` f32 (e.g. the rows whose logits are
-/// wanted). An index beyond the rows `x` holds gives a row of zeros.
-pub fn gather_rows(
+/// wanted); `idx` is a whole buffer or a view of one. An index beyond the rows `x` holds gives
+/// a row of zeros.
+pub fn gather_rows<I: DevicePtr<u32>>(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
     width: usize,
-    idx: &CudaSlice<u32>,
+    idx: &I,
     n: usize,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), GpuError> {
@@ -106,11 +132,13 @@ pub fn gather_rows(
     let src_rows = int_arg(OP, "rows of x", (x.len() / width).min(i32::MAX as usize))?;
     let (width_i, n_i) = (int_arg(OP, "width", width)?, int_arg(OP, "n", n)?);
     let f = gpu.func("norm", "gather_rows")?;
-    let mut b = gpu.stream().launch_builder(&f);
+    let stream = gpu.stream();
+    let (idx_p, _idx_guard) = idx.device_ptr(stream);
+    let mut b = stream.launch_builder(&f);
     b.arg(x)
         .arg(&width_i)
         .arg(&src_rows)
-        .arg(idx)
+        .arg(&idx_p)
         .arg(&n_i)
         .arg(out);
     // SAFETY: arguments match the kernel; the kernel reads only rows below `src_rows`.

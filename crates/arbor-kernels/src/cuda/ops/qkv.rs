@@ -6,7 +6,7 @@
 use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
 use super::{int_arg, launch_error, need_len, product};
 use crate::ops::RopeLayout;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
 /// The largest head_dim the kernel takes (`QKV_MAX_HEAD_DIM` in qkv.cu).
 pub const QKV_MAX_HEAD_DIM: usize = 256;
@@ -47,16 +47,17 @@ pub struct QkvWeights<'a> {
 /// the row's position (`positions[row]`), writes q to `q_out` (`[rows × n_heads·head_dim]`)
 /// and stores k and v as bf16 into `pool` (`layer`) at slot `slot_mapping[row]`
 /// (`= page · page_size + slot_in_page`). A slot mapping at or beyond `num_pages · page_size`
-/// (e.g. `u32::MAX` for a padding row) skips the store; q is still written.
+/// (e.g. `u32::MAX` for a padding row) skips the store; q is still written. `positions` and
+/// `slot_mapping` are whole buffers or views of one (e.g. of a step's packed metadata).
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_rope_store(
+pub fn qkv_rope_store<P: DevicePtr<u32>, S: DevicePtr<u32>>(
     gpu: &Gpu,
     qkv: &CudaSlice<f32>,
     rows: usize,
     p: &QkvParams,
     w: &QkvWeights,
-    positions: &CudaSlice<u32>,
-    slot_mapping: &CudaSlice<u32>,
+    positions: &P,
+    slot_mapping: &S,
     pool: &mut GpuKvPool,
     layer: usize,
     q_out: &mut CudaSlice<f32>,
@@ -129,7 +130,10 @@ pub fn qkv_rope_store(
     let flag = |o: Option<&CudaSlice<f32>>| i32::from(o.is_some());
     let (has_bias, has_qn, has_kn) = (flag(w.bias), flag(w.q_norm), flag(w.k_norm));
     let f = gpu.func("qkv", "qkv_rope_store")?;
-    let mut b = gpu.stream().launch_builder(&f);
+    let stream = gpu.stream();
+    let (pos_p, _pos_guard) = positions.device_ptr(stream);
+    let (slot_p, _slot_guard) = slot_mapping.device_ptr(stream);
+    let mut b = stream.launch_builder(&f);
     b.arg(qkv);
     for i in &ints {
         b.arg(i);
@@ -142,8 +146,8 @@ pub fn qkv_rope_store(
         .arg(w.k_norm.unwrap_or(w.inv_freq))
         .arg(&has_kn)
         .arg(w.inv_freq)
-        .arg(positions)
-        .arg(slot_mapping)
+        .arg(&pos_p)
+        .arg(&slot_p)
         .arg(&mut pool.data)
         .arg(&layer_i)
         .arg(&pages_i)

@@ -1,0 +1,456 @@
+//! CUDA graphs for decode steps: a step in which every sequence decodes one token is padded to
+//! a batch-size bucket ([`ROW_BUCKETS`]) and its whole launch sequence, from the embedding to
+//! the output head's GEMM, is captured once per (bucket, workspace generation) and replayed,
+//! so that small batches are not bound by the ~9 launches per layer a step makes.
+//!
+//! What makes a replay right: every buffer the step touches is a [`Workspace`] buffer or a
+//! weight, fixed until the workspace's generation changes (then the graphs are dropped); the
+//! step's metadata is uploaded into the same packed buffer before each replay (outside the
+//! graph), at offsets that depend on the bucket alone ([`super::meta::StepMeta::pack`]); and
+//! every launch argument is the same for any step of a bucket: rows and sequences are the
+//! bucket, the page-index array is the rest of the metadata buffer, and decode attention gets
+//! the most warps (its result does not depend on them). Padding rows store no K/V and attend
+//! nothing. Capture needs no allocation, copy or synchronisation inside: the first step of a
+//! bucket runs eagerly (loading kernels, making cuBLASLt plans), the second is captured.
+
+use super::attend::{AttendBuffers, StepAttention};
+use super::forward::{self, Attn, HeadRows};
+use super::meta::{PackedLayout, StepMeta};
+use super::upload::GpuLayer;
+use super::workspace::ROW_BUCKETS;
+use super::CudaModel;
+use crate::config::ModelConfig;
+use crate::model::{BatchLayout, Ffn, Model};
+use crate::RuntimeError;
+use arbor_kernels::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaView};
+use arbor_kernels::cuda::gemm::Gemm;
+use arbor_kernels::cuda::ops::{attention, qkv};
+use arbor_kernels::cuda::{Gpu, GpuKvPool};
+use arbor_kernels::ops::AttentionParams;
+use std::collections::{HashMap, HashSet};
+
+/// The largest batch a graph is captured for; larger decode steps run eagerly.
+pub const MAX_GRAPH_BATCH: usize = ROW_BUCKETS[ROW_BUCKETS.len() - 1];
+
+/// How decode steps run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphMode {
+    /// Every step eagerly, unpadded (`ARBOR_CUDA_GRAPHS=0`).
+    Off,
+    /// Decode steps padded to their bucket and run eagerly: the launches a graph would
+    /// replay, without capturing them (to check replays against, bit for bit).
+    Padded,
+    /// Decode steps padded, captured once per bucket and replayed (the default).
+    Replay,
+}
+
+impl GraphMode {
+    /// The mode `ARBOR_CUDA_GRAPHS` asks for: `0`, `off` or `false` turn graphs off; unset or
+    /// anything else leaves them on.
+    pub fn from_env() -> GraphMode {
+        match std::env::var("ARBOR_CUDA_GRAPHS") {
+            Ok(v) if ["0", "off", "false"].contains(&v.trim().to_ascii_lowercase().as_str()) => {
+                GraphMode::Off
+            }
+            _ => GraphMode::Replay,
+        }
+    }
+}
+
+/// Counters of graph use since the model was made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Graphs captured (one per bucket and workspace generation).
+    pub captures: u64,
+    /// Decode steps run by launching a graph (including the launch right after a capture).
+    pub replays: u64,
+    /// Decode steps padded to a bucket and run eagerly (first steps of a bucket, `Padded`
+    /// mode, failed captures).
+    pub eager_padded: u64,
+    /// Captures that failed (that bucket then runs eagerly); the last error is kept.
+    pub failures: u64,
+    /// Why the last capture failed.
+    pub last_failure: Option<String>,
+}
+
+/// A captured graph. cudarc's `CudaGraph` is neither `Send` nor `Sync` (graph objects are not
+/// internally synchronised).
+struct Captured(CudaGraph);
+
+// SAFETY: a graph is launched only through `&mut GraphCache` (so never from two threads at
+// once), and moving it to another thread is allowed by CUDA as long as calls are serialised.
+unsafe impl Send for Captured {}
+// SAFETY: `&Captured` gives no access to the graph (only `GraphCache`'s `&mut self` methods
+// launch it).
+unsafe impl Sync for Captured {}
+
+/// The graphs of one model, keyed by bucket, valid for one workspace generation.
+pub(super) struct GraphCache {
+    mode: GraphMode,
+    generation: u64,
+    graphs: HashMap<usize, Captured>,
+    /// Buckets run eagerly once in this generation (kernels loaded, plans made).
+    warmed: HashSet<usize>,
+    /// Buckets whose capture failed in this generation.
+    failed: HashSet<usize>,
+    stats: GraphStats,
+}
+
+impl GraphCache {
+    pub fn new(mode: GraphMode) -> Self {
+        GraphCache {
+            mode,
+            generation: 0,
+            graphs: HashMap::new(),
+            warmed: HashSet::new(),
+            failed: HashSet::new(),
+            stats: GraphStats::default(),
+        }
+    }
+
+    pub fn mode(&self) -> GraphMode {
+        self.mode
+    }
+
+    pub fn set_mode(&mut self, mode: GraphMode) {
+        self.mode = mode;
+    }
+
+    pub fn stats(&self) -> &GraphStats {
+        &self.stats
+    }
+
+    /// Drops every graph if the workspace moved (after the stream is idle: a graph is not
+    /// destroyed while it may run; `CudaModel`'s drop waits likewise).
+    fn sync_generation(&mut self, gpu: &Gpu, generation: u64) -> Result<(), RuntimeError> {
+        if generation != self.generation {
+            if !self.graphs.is_empty() {
+                gpu.synchronize()?;
+            }
+            self.graphs.clear();
+            self.warmed.clear();
+            self.failed.clear();
+            self.generation = generation;
+        }
+        Ok(())
+    }
+}
+
+/// The bucket a decode step of `rows` rows pads to, if a graph serves that size.
+pub fn bucket_for(rows: usize) -> Option<usize> {
+    if rows == 0 || rows > MAX_GRAPH_BATCH {
+        return None;
+    }
+    ROW_BUCKETS.iter().copied().find(|&b| b >= rows)
+}
+
+/// The bucket a step runs in as a graph step, or `None` for an eager step: graphs on, a dense
+/// model, no page copies pending, every sequence one row, plain paged attention (no cascade),
+/// logits for every row in order, and a batch a bucket holds.
+pub(super) fn graph_bucket(
+    mode: GraphMode,
+    model: &Model,
+    batch: &BatchLayout,
+    meta: &StepMeta,
+    copies_pending: bool,
+    logit_rows: &[usize],
+) -> Option<usize> {
+    let rows = meta.positions.len();
+    let eligible = mode != GraphMode::Off
+        && !copies_pending
+        && rows > 0
+        && meta.max_rows_per_seq == 1
+        && meta.seq_row_indptr.len() == rows + 1
+        && logit_rows.len() == rows
+        && logit_rows.iter().enumerate().all(|(i, &r)| i == r)
+        && model
+            .layers
+            .iter()
+            .all(|l| matches!(l.ffn, Ffn::Dense { .. }))
+        && StepAttention::paged_only(meta, batch, &model.attention);
+    if eligible {
+        bucket_for(rows)
+    } else {
+        None
+    }
+}
+
+/// Runs a padded decode step of `bucket` rows whose metadata is already in the workspace
+/// (packed with `lay`): eagerly the first time in a workspace generation, captured the second,
+/// replayed after.
+pub(super) fn run(
+    m: &mut CudaModel,
+    cfg: &ModelConfig,
+    bucket: usize,
+    lay: &PackedLayout,
+) -> Result<(), RuntimeError> {
+    let gpu = m.gpu.clone();
+    m.graphs.sync_generation(&gpu, m.ws.generation())?;
+    let paged = PagedDecode::new(cfg, lay.seqs);
+    let mode = m.graphs.mode;
+    if mode == GraphMode::Replay {
+        if let Some(Captured(g)) = m.graphs.graphs.get(&bucket) {
+            g.launch()
+                .map_err(|e| gpu_err("launching a CUDA graph", e))?;
+            m.graphs.stats.replays += 1;
+            return Ok(());
+        }
+        if m.graphs.warmed.contains(&bucket) && !m.graphs.failed.contains(&bucket) {
+            match capture(m, cfg, &paged, lay) {
+                Ok(g) => {
+                    g.launch()
+                        .map_err(|e| gpu_err("launching a CUDA graph", e))?;
+                    m.graphs.stats.captures += 1;
+                    m.graphs.stats.replays += 1;
+                    m.graphs.graphs.insert(bucket, Captured(g));
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Nothing of the step ran; it runs eagerly below, and so will the bucket.
+                    m.graphs.failed.insert(bucket);
+                    m.graphs.stats.failures += 1;
+                    m.graphs.stats.last_failure = Some(e.to_string());
+                }
+            }
+        }
+    }
+    forward::layers(m, cfg, Attn::Paged(&paged), lay, HeadRows::All)?;
+    m.graphs.warmed.insert(bucket);
+    m.graphs.stats.eager_padded += 1;
+    Ok(())
+}
+
+/// Captures the step's launches (nothing runs) into a graph.
+fn capture(
+    m: &mut CudaModel,
+    cfg: &ModelConfig,
+    paged: &PagedDecode,
+    lay: &PackedLayout,
+) -> Result<CudaGraph, RuntimeError> {
+    let gpu = m.gpu.clone();
+    gpu.begin_capture()?;
+    let body = forward::layers(m, cfg, Attn::Paged(paged), lay, HeadRows::All);
+    // End the capture whatever happened, so the stream leaves capture mode.
+    let graph = gpu.end_capture();
+    body?;
+    Ok(graph?)
+}
+
+fn gpu_err(what: &str, e: arbor_kernels::cuda::cudarc::driver::DriverError) -> RuntimeError {
+    arbor_kernels::cuda::GpuError::driver(what, e).into()
+}
+
+/// The attention half of a layer for graph-shaped steps: as [`StepAttention::run_layer`] with
+/// the paged kernel, reading the step's layout from views of the packed metadata, and with
+/// launch arguments that depend on the bucket alone.
+pub(super) struct PagedDecode {
+    hidden: usize,
+    seqs: usize,
+    qkv: qkv::QkvParams,
+    params: AttentionParams,
+}
+
+/// The step's layout arrays: views of the workspace's packed metadata.
+pub(super) struct MetaViews<'a> {
+    pub positions: CudaView<'a, u32>,
+    pub slots: CudaView<'a, u32>,
+    pub row_seq: CudaView<'a, u32>,
+    pub seq_row_indptr: CudaView<'a, u32>,
+    pub page_indptr: CudaView<'a, u32>,
+    /// From the page indices to the end of the buffer: a length fixed by the bucket and the
+    /// buffer, not by the step (the kernel reads only what `page_indptr` points at).
+    pub page_indices: CudaView<'a, u32>,
+}
+
+impl<'a> MetaViews<'a> {
+    pub fn new(meta: &'a CudaSlice<u32>, lay: &PackedLayout) -> Self {
+        MetaViews {
+            positions: meta.slice(lay.positions.range()),
+            slots: meta.slice(lay.slots.range()),
+            row_seq: meta.slice(lay.row_seq.range()),
+            seq_row_indptr: meta.slice(lay.seq_row_indptr.range()),
+            page_indptr: meta.slice(lay.page_indptr.range()),
+            page_indices: meta.slice(lay.page_indices.start..),
+        }
+    }
+}
+
+impl PagedDecode {
+    /// For a model of `cfg` and steps padded to `seqs` sequences.
+    pub fn new(cfg: &ModelConfig, seqs: usize) -> Self {
+        let hd = cfg.head_dim;
+        PagedDecode {
+            hidden: cfg.hidden_size,
+            seqs,
+            qkv: qkv::QkvParams {
+                n_heads: cfg.num_heads,
+                n_kv_heads: cfg.num_kv_heads,
+                head_dim: hd,
+                rot_dim: cfg.rope_dim,
+                layout: cfg.rope_layout,
+                eps: cfg.rms_eps,
+            },
+            params: AttentionParams {
+                n_heads: cfg.num_heads,
+                n_kv_heads: cfg.num_kv_heads,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+                sliding_window: cfg.sliding_window,
+            },
+        }
+    }
+
+    /// Layer `i`'s attention for `rows` rows whose normed input is in `b.xn`; the result
+    /// (after the O projection) lands in `b.o`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_layer(
+        &self,
+        gpu: &Gpu,
+        gemm: &mut Gemm,
+        pool: &mut GpuKvPool,
+        l: &GpuLayer,
+        inv_freq: &CudaSlice<f32>,
+        i: usize,
+        rows: usize,
+        v: &MetaViews,
+        b: AttendBuffers,
+    ) -> Result<(), RuntimeError> {
+        let p = &self.qkv;
+        let (h, qd) = (self.hidden, p.n_heads * p.head_dim);
+        let qkv_w = qd + 2 * p.n_kv_heads * p.head_dim;
+        gemm.matmul_bt(b.xn, rows, &l.qkv, qkv_w, h, b.proj)?;
+        let qw = qkv::QkvWeights {
+            bias: l.qkv_bias.as_ref(),
+            q_norm: l.q_norm.as_ref(),
+            k_norm: l.k_norm.as_ref(),
+            inv_freq,
+        };
+        qkv::qkv_rope_store(
+            gpu,
+            b.proj,
+            rows,
+            p,
+            &qw,
+            &v.positions,
+            &v.slots,
+            pool,
+            i,
+            b.q,
+        )?;
+        let batch = attention::AttentionBatch {
+            positions: &v.positions,
+            row_seq: &v.row_seq,
+            seq_row_indptr: &v.seq_row_indptr,
+            page_indptr: &v.page_indptr,
+            page_indices: &v.page_indices,
+            seqs: self.seqs,
+            max_rows_per_seq: 1,
+            max_context: usize::MAX,
+        };
+        attention::attention(gpu, b.q, rows, &batch, pool, i, &self.params, b.xn)?;
+        gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbor_kernels::kv::BlockTable;
+    use arbor_kernels::ops::cascade::CascadeMode;
+
+    fn fixture(arch: &str) -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(arch);
+        Model::load(&dir).expect("fixture model")
+    }
+
+    /// `seqs` sequences of `rows` rows each at position 20, on pages of 16; sequences share
+    /// their first page when `shared`.
+    fn step(seqs: usize, rows: usize, shared: bool) -> (BatchLayout, StepMeta) {
+        let mut b = BatchLayout::default();
+        let tables: Vec<BlockTable> = (0..seqs as u32)
+            .map(|s| BlockTable {
+                pages: vec![if shared { 0 } else { 2 * s + 1 }, 2 * s + 2],
+                len: 20,
+            })
+            .collect();
+        for s in 0..seqs {
+            b.push(s as u64, 20, rows);
+        }
+        let meta = StepMeta::build(&b, |s| tables.get(s as usize), 16).expect("layout");
+        (b, meta)
+    }
+
+    #[test]
+    fn only_plain_decode_steps_of_dense_models_take_graphs() {
+        let model = fixture("llama");
+        let all = |n: usize| (0..n).collect::<Vec<usize>>();
+        let (b, m) = step(3, 1, false);
+        let on = GraphMode::Replay;
+        assert_eq!(graph_bucket(on, &model, &b, &m, false, &all(3)), Some(4));
+        assert_eq!(
+            graph_bucket(GraphMode::Padded, &model, &b, &m, false, &all(3)),
+            Some(4)
+        );
+        assert_eq!(
+            graph_bucket(GraphMode::Off, &model, &b, &m, false, &all(3)),
+            None
+        );
+        // Pending page copies, a partial or reordered head, several rows per sequence.
+        assert_eq!(graph_bucket(on, &model, &b, &m, true, &all(3)), None);
+        assert_eq!(graph_bucket(on, &model, &b, &m, false, &[0, 2]), None);
+        assert_eq!(graph_bucket(on, &model, &b, &m, false, &[1, 0, 2]), None);
+        let (b2, m2) = step(3, 2, false);
+        assert_eq!(graph_bucket(on, &model, &b2, &m2, false, &all(6)), None);
+        // Too many sequences for a bucket.
+        let (b3, m3) = step(MAX_GRAPH_BATCH + 1, 1, false);
+        let n = MAX_GRAPH_BATCH + 1;
+        assert_eq!(graph_bucket(on, &model, &b3, &m3, false, &all(n)), None);
+        // Shared pages under tree attention (the default) go through cascade attention,
+        // eagerly; without tree attention they take the paged kernel.
+        let (bs, ms) = step(3, 1, true);
+        assert_eq!(model.attention.tree, Some(CascadeMode::Chain));
+        assert_eq!(graph_bucket(on, &model, &bs, &ms, false, &all(3)), None);
+        let mut flat = fixture("llama");
+        flat.attention.tree = None;
+        assert_eq!(graph_bucket(on, &flat, &bs, &ms, false, &all(3)), Some(4));
+        // Sparse budgets do not take graphs.
+        let mut sparse = b.clone();
+        sparse.seqs[1].sparse_budget = Some(4);
+        assert_eq!(graph_bucket(on, &model, &sparse, &m, false, &all(3)), None);
+        // Mixture-of-experts models stay eager.
+        let moe = fixture("qwen2-moe");
+        assert_eq!(graph_bucket(on, &moe, &b, &m, false, &all(3)), None);
+    }
+
+    #[test]
+    fn buckets_cover_every_decode_batch_up_to_the_largest() {
+        assert_eq!(bucket_for(0), None);
+        assert_eq!(bucket_for(1), Some(1));
+        assert_eq!(bucket_for(3), Some(4));
+        assert_eq!(bucket_for(9), Some(16));
+        assert_eq!(bucket_for(17), Some(24));
+        assert_eq!(bucket_for(200), Some(256));
+        assert_eq!(bucket_for(256), Some(256));
+        assert_eq!(bucket_for(257), None);
+        for n in 1..=MAX_GRAPH_BATCH {
+            let b = bucket_for(n).expect("a bucket");
+            assert!(b >= n && ROW_BUCKETS.contains(&b));
+            // The smallest bucket that fits.
+            assert!(ROW_BUCKETS.iter().all(|&c| c < n || c >= b));
+        }
+    }
+
+    #[test]
+    fn the_environment_turns_graphs_off() {
+        // Only reads: other tests may run concurrently, so the variable is not set here.
+        let m = GraphMode::from_env();
+        match std::env::var("ARBOR_CUDA_GRAPHS").as_deref() {
+            Ok("0") => assert_eq!(m, GraphMode::Off),
+            Err(_) => assert_eq!(m, GraphMode::Replay),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! CUDA graphs of decode steps on the fixture models: 40 decode steps whose batch sizes move
+//! inside and across the graph buckets. Each step runs padded and eagerly, then replayed from
+//! a graph, on the same model and cache: logits and hidden states must agree bit for bit, and
+//! the counters must show the replays. A second model with graphs off (unpadded) runs the same
+//! steps as a reference for the padding rows' harmlessness. Skipped, with the reason printed,
+//! where no GPU can be opened (`ARBOR_REQUIRE_GPU=1` makes that a failure).
+
+use super::errors;
+use arbor_kernels::cuda::Gpu;
+use arbor_kernels::kv::{KvCache, KvLayout, SeqId};
+use arbor_runtime::cuda::graph::GraphMode;
+use arbor_runtime::cuda::CudaModel;
+use arbor_runtime::model::BatchLayout;
+use arbor_runtime::Model;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const SEQS: usize = 48;
+const PAGES: usize = 512;
+
+/// Batch sizes of the 40 decode steps: repeats inside buckets (1, 2, 4, 8, …, 48), moves
+/// across them up and down, and returns to buckets already captured.
+const SIZES: [usize; 40] = [
+    1, 1, 2, 3, 2, 4, 4, 5, 8, 6, 7, 8, 9, 12, 16, 16, 13, 17, 24, 20, 24, 23, 25, 32, 31, 32, 33,
+    40, 48, 47, 40, 36, 1, 2, 3, 5, 9, 17, 33, 48,
+];
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            if std::env::var_os("ARBOR_REQUIRE_GPU").is_some() {
+                panic!("ARBOR_REQUIRE_GPU is set but no GPU could be opened: {e}");
+            }
+            eprintln!("skipped (no GPU): {e}");
+            None
+        }
+    }
+}
+
+fn fixture(arch: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(arch)
+}
+
+/// A model on the GPU with its own cache.
+struct Run {
+    m: CudaModel,
+    cache: KvCache,
+}
+
+impl Run {
+    fn new(gpu: &Arc<Gpu>, model: &Model, mode: GraphMode) -> Self {
+        let c = &model.cfg;
+        let layout = KvLayout {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            page_size: 16,
+        };
+        let mut m = CudaModel::new(gpu.clone(), model, layout, PAGES).expect("model on the GPU");
+        m.set_graph_mode(mode);
+        let mut cache = KvCache::detached(layout, PAGES, 0);
+        cache.set_indexing(false);
+        for s in 0..SEQS as SeqId {
+            cache.add_seq(s);
+        }
+        Run { m, cache }
+    }
+
+    /// Reserves the step's positions; returns its layout.
+    fn reserve(&mut self, steps: &[(SeqId, Vec<u32>)]) -> BatchLayout {
+        let mut b = BatchLayout::default();
+        for (s, toks) in steps {
+            b.push(*s, self.cache.len(*s), toks.len());
+            self.cache.reserve(*s, toks.len()).expect("reserve");
+        }
+        b
+    }
+
+    /// Runs a reserved step: (logits of `logit_rows`, hidden states of `hidden_rows`).
+    fn forward(
+        &mut self,
+        model: &Model,
+        b: &BatchLayout,
+        tokens: &[u32],
+        logit_rows: &[usize],
+        hidden_rows: &[usize],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let hidden = (self.m)
+            .forward(model, &mut self.cache, tokens, b, logit_rows, hidden_rows)
+            .expect("forward");
+        (self.m.read_logits().expect("logits"), hidden)
+    }
+
+    fn commit(&mut self, steps: &[(SeqId, Vec<u32>)]) {
+        for (s, toks) in steps {
+            self.cache.commit(*s, toks);
+        }
+    }
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+#[test]
+fn graph_replays_match_eager_steps_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let model = Model::load(&fixture(arch)).expect("load model");
+        let vocab = model.cfg.vocab_size as u32;
+        let mut test = Run::new(&gpu, &model, GraphMode::Replay);
+        let mut reference = Run::new(&gpu, &model, GraphMode::Off);
+
+        // Prompts of 3..=33 tokens, all in one (eager) step.
+        let prompts: Vec<(SeqId, Vec<u32>)> = (0..SEQS)
+            .map(|i| {
+                let len = 3 + (i * 7) % 31;
+                let toks = (0..len)
+                    .map(|j| ((i * 131 + j * 17) as u32) % vocab)
+                    .collect();
+                (i as SeqId, toks)
+            })
+            .collect();
+        let tokens: Vec<u32> = prompts.iter().flat_map(|(_, t)| t.clone()).collect();
+        let mut last = Vec::new();
+        for (_, t) in &prompts {
+            last.push(last.last().map_or(0, |&l: &usize| l) + t.len());
+        }
+        let logit_rows: Vec<usize> = last.iter().map(|&l| l - 1).collect();
+        for r in [&mut test, &mut reference] {
+            let b = r.reserve(&prompts);
+            r.forward(&model, &b, &tokens, &logit_rows, &[]);
+            r.commit(&prompts);
+        }
+
+        for (k, &n) in SIZES.iter().enumerate() {
+            let steps: Vec<(SeqId, Vec<u32>)> = (0..n)
+                .map(|j| {
+                    let s = ((k * 5 + j) % SEQS) as SeqId;
+                    (s, vec![((k * 31 + j * 7) as u32) % vocab])
+                })
+                .collect();
+            let tokens: Vec<u32> = steps.iter().map(|(_, t)| t[0]).collect();
+            let rows: Vec<usize> = (0..n).collect();
+            let hidden: Vec<usize> = if k % 2 == 1 { vec![n - 1, 0] } else { vec![] };
+
+            let b = test.reserve(&steps);
+            test.m.set_graph_mode(GraphMode::Padded);
+            let (eager, eager_h) = test.forward(&model, &b, &tokens, &rows, &hidden);
+            test.m.set_graph_mode(GraphMode::Replay);
+            let (replay, replay_h) = test.forward(&model, &b, &tokens, &rows, &hidden);
+            test.commit(&steps);
+            assert_eq!(eager.len(), n * model.cfg.out_dim(), "{arch} step {k}");
+            assert!(
+                same_bits(&eager, &replay),
+                "{arch} step {k} ({n} rows): replayed logits differ from the eager step's"
+            );
+            assert!(
+                same_bits(&eager_h, &replay_h),
+                "{arch} step {k}: hidden states differ"
+            );
+
+            let b = reference.reserve(&steps);
+            let (want, want_h) = reference.forward(&model, &b, &tokens, &rows, &hidden);
+            reference.commit(&steps);
+            // Only the GEMMs' row count differs from the unpadded step.
+            let (nmse, max) = errors(&replay, &want);
+            assert!(
+                nmse < 1e-4,
+                "{arch} step {k} ({n} rows): NMSE {nmse:.2e} (max {max:.2e}) against the unpadded step"
+            );
+            if !hidden.is_empty() {
+                let (nmse, _) = errors(&replay_h, &want_h);
+                assert!(nmse < 1e-4, "{arch} step {k}: hidden NMSE {nmse:.2e}");
+            }
+        }
+
+        let st = test.m.graph_stats().clone();
+        println!("{arch}: {st:?}");
+        assert_eq!(st.failures, 0, "{arch}: {:?}", st.last_failure);
+        let buckets = [1, 2, 4, 8, 16, 24, 32, 48];
+        assert!(st.captures >= buckets.len() as u64, "{arch}: {st:?}");
+        assert_eq!(st.replays, SIZES.len() as u64, "{arch}: {st:?}");
+        assert!(
+            st.replays - st.captures >= (SIZES.len() - 2 * buckets.len()) as u64,
+            "{arch}: graphs were recaptured more than expected: {st:?}"
+        );
+        let off = reference.m.graph_stats();
+        assert_eq!((off.captures, off.replays, off.eager_padded), (0, 0, 0));
+    }
+}

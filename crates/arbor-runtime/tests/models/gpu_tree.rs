@@ -1,0 +1,339 @@
+//! Tree (cascade) attention on the GPU: branches forked from a shared prompt, and a deeper
+//! tree (4 levels, uneven branching, prompt chunks beside decode rows), run on the GPU with
+//! tree attention on and off and on the CPU. Logits agree by NMSE, greedy tokens exactly, and
+//! the on and off runs take different kernels (they round differently). Skipped, with the
+//! reason printed, where no GPU can be opened (`ARBOR_REQUIRE_GPU=1` makes that a failure).
+
+use super::errors;
+use super::fixtures::fixture;
+use arbor_kernels::cuda::ops::attention::ATTENTION_HEAD_DIMS;
+use arbor_kernels::kv::SeqId;
+use arbor_kernels::ops::SamplingParams;
+use arbor_kernels::Device;
+use arbor_runtime::model::Precision;
+use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, Model, SeqStep};
+
+/// Fixtures tried; those whose head_dim the GPU kernels lack are skipped (with a note).
+const ARCHS: [&str; 3] = ["qwen3", "llama", "mistral"];
+
+/// The CPU engine (exact f32 math), the GPU engine with tree attention on, and with it off;
+/// `None` (after printing why) without a GPU or without kernels for the fixture's head_dim.
+fn engines(arch: &str, page_size: usize) -> Option<[Engine; 3]> {
+    let load = || {
+        let mut m = Model::load(&fixture(arch)).expect("load model");
+        m.precision = Precision::Exact;
+        m
+    };
+    let hd = load().cfg.head_dim;
+    if !ATTENTION_HEAD_DIMS.contains(&hd) {
+        println!("{arch}: skipped (the GPU kernels have no head_dim {hd})");
+        return None;
+    }
+    let opts = EngineOptions {
+        kv_cache_bytes: 16 << 20,
+        page_size,
+    };
+    let gpu = |tree: bool| match Engine::on_device(load(), &opts, Device::Cuda(0)) {
+        Ok(mut e) => {
+            e.set_tree_attention(tree);
+            Some(e)
+        }
+        Err(e) => {
+            if std::env::var_os("ARBOR_REQUIRE_GPU").is_some() {
+                panic!("ARBOR_REQUIRE_GPU is set but the GPU engine failed: {e}");
+            }
+            eprintln!("skipped (no GPU): {e}");
+            None
+        }
+    };
+    let on = gpu(true)?;
+    let off = gpu(false)?;
+    let cpu = Engine::new(load(), &opts).expect("CPU engine");
+    Some([cpu, on, off])
+}
+
+/// What a run gave: logits of every (step, sequence) with logits asked for, in order, and
+/// every stepping sequence's greedy tokens, by sequence index of the script.
+#[derive(Default)]
+struct Outcome {
+    logits: Vec<Vec<f32>>,
+    tokens: Vec<Vec<u32>>,
+}
+
+/// Drives one engine: sequences are indices into `seqs`; each stepping sequence feeds its
+/// next forced tokens, or else its last greedy token.
+struct Driver<'a> {
+    e: &'a mut Engine,
+    seqs: Vec<SeqId>,
+    next: Vec<Vec<u32>>,
+    out: Outcome,
+    /// Ask for logits (read back, sampled on the host) or only sample (on the device).
+    logits: bool,
+}
+
+impl Driver<'_> {
+    fn new_seq(&mut self) -> usize {
+        let s = self.e.new_seq();
+        self.push(s)
+    }
+    fn fork(&mut self, parent: usize) -> usize {
+        let s = self.e.fork_seq(self.seqs[parent]).expect("fork");
+        self.push(s)
+    }
+    /// Frees every sequence and the prefix cache, so that the next run starts afresh.
+    fn finish(self) -> Outcome {
+        for &s in &self.seqs {
+            self.e.free_seq(s);
+        }
+        self.e.clear_prefix_cache();
+        assert_eq!(self.e.cache().allocator().num_in_use(), 0, "pages leaked");
+        self.out
+    }
+    fn push(&mut self, s: SeqId) -> usize {
+        self.seqs.push(s);
+        self.next.push(Vec::new());
+        self.out.tokens.push(Vec::new());
+        self.seqs.len() - 1
+    }
+    /// One step of `who`, each with `forced` tokens (if any; else its last sampled one).
+    fn step(&mut self, who: &[(usize, Vec<u32>)]) {
+        let seqs = who
+            .iter()
+            .map(|(i, forced)| SeqStep {
+                seq: self.seqs[*i],
+                tokens: if forced.is_empty() {
+                    std::mem::take(&mut self.next[*i])
+                } else {
+                    forced.clone()
+                },
+                sample: Some(SamplingParams::default()),
+                logits: if self.logits {
+                    LogitsMode::All
+                } else {
+                    LogitsMode::None
+                },
+                ..Default::default()
+            })
+            .collect();
+        let res = self.e.step(&ForwardBatch { seqs }).expect("step");
+        self.e.cache().check().expect("KV bookkeeping");
+        for ((i, _), o) in who.iter().zip(res) {
+            let t = o.sample.expect("sampled").token;
+            self.out.tokens[*i].push(t);
+            self.next[*i] = vec![t];
+            if self.logits {
+                self.out.logits.push(o.logits);
+            }
+        }
+    }
+}
+
+fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 7) % vocab as u32)
+        .collect()
+}
+
+/// 8 branches of a 37-token prompt (ending mid-page, so each copies its last page), decoding
+/// 6 tokens each (the first forced, the rest greedy), beside an unrelated prompt chunk in the
+/// first two steps.
+fn forked(e: &mut Engine, logits: bool) -> Outcome {
+    let vocab = e.model.cfg.vocab_size;
+    let mut d = Driver {
+        e,
+        seqs: vec![],
+        next: vec![],
+        out: Outcome::default(),
+        logits,
+    };
+    let root = d.new_seq();
+    d.step(&[(root, tokens(37, 1, vocab))]);
+    let kids: Vec<usize> = (0..8).map(|_| d.fork(root)).collect();
+    let other = d.new_seq();
+    for round in 0..6u32 {
+        let mut who: Vec<(usize, Vec<u32>)> = kids
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let forced = match round {
+                    0 => vec![(i as u32 * 31 + 7) % vocab as u32],
+                    _ => vec![],
+                };
+                (k, forced)
+            })
+            .collect();
+        if round < 2 {
+            who.push((other, tokens(9, 5 + round, vocab)));
+        }
+        d.step(&who);
+    }
+    d.finish()
+}
+
+/// A 4-level tree with uneven branching: a 21-token root; 3 children each feed a 10-token
+/// chunk; they fork 3, 1 and 2 grandchildren (the second child keeps stepping beside its
+/// own), which feed 10 more; the first grandchild forks 2 great-grandchildren and the others 1,
+/// which feed 10 more; then every leaf decodes 4 greedy tokens. Page size 8: every level spans
+/// pages of its own and shares them with everything below.
+fn deep(e: &mut Engine, logits: bool) -> Outcome {
+    let vocab = e.model.cfg.vocab_size;
+    let mut d = Driver {
+        e,
+        seqs: vec![],
+        next: vec![],
+        out: Outcome::default(),
+        logits,
+    };
+    let root = d.new_seq();
+    d.step(&[(root, tokens(21, 2, vocab))]);
+    let chunk = |i: usize, level: u32| tokens(10, 100 * level + i as u32, vocab);
+    let l1: Vec<usize> = (0..3).map(|_| d.fork(root)).collect();
+    d.step(&l1.iter().map(|&s| (s, chunk(s, 1))).collect::<Vec<_>>());
+    let mut l2 = Vec::new();
+    for (&p, n) in l1.iter().zip([3, 1, 2]) {
+        l2.extend((0..n).map(|_| d.fork(p)));
+    }
+    // The second child goes on beside its one grandchild.
+    let mut who: Vec<(usize, Vec<u32>)> = l2.iter().map(|&s| (s, chunk(s, 2))).collect();
+    who.push((l1[1], chunk(l1[1], 2)));
+    d.step(&who);
+    let mut l3 = Vec::new();
+    for (i, &p) in l2.iter().enumerate() {
+        let n = if i == 0 { 2 } else { 1 };
+        l3.extend((0..n).map(|_| d.fork(p)));
+    }
+    d.step(&l3.iter().map(|&s| (s, chunk(s, 3))).collect::<Vec<_>>());
+    let mut leaves = l3.clone();
+    leaves.push(l1[1]);
+    for _ in 0..4 {
+        d.step(&leaves.iter().map(|&s| (s, vec![])).collect::<Vec<_>>());
+    }
+    d.finish()
+}
+
+/// Runs `scenario` on the CPU and on the GPU with tree attention on and off, and compares.
+fn check(name: &str, page_size: usize, scenario: fn(&mut Engine, bool) -> Outcome) {
+    let mut ran = 0;
+    for arch in ARCHS {
+        let Some([mut cpu, mut on, mut off]) = engines(arch, page_size) else {
+            continue;
+        };
+        ran += 1;
+        let want = scenario(&mut cpu, true);
+        let got_on = scenario(&mut on, true);
+        let got_off = scenario(&mut off, true);
+        assert_eq!(want.logits.len(), got_on.logits.len());
+        let worst = |got: &Outcome| {
+            got.logits
+                .iter()
+                .zip(&want.logits)
+                .map(|(g, w)| errors(g, w).0)
+                .fold(0.0f64, f64::max)
+        };
+        let (nmse_on, nmse_off) = (worst(&got_on), worst(&got_off));
+        let on_off = got_on
+            .logits
+            .iter()
+            .zip(&got_off.logits)
+            .map(|(a, b)| errors(a, b).0)
+            .fold(0.0f64, f64::max);
+        println!(
+            "{arch} {name}: worst NMSE vs CPU: tree on {nmse_on:.2e}, off {nmse_off:.2e}; on vs off {on_off:.2e}"
+        );
+        // bf16 weights and K/V against f32 ones (as gpu.rs); on and off share all of that.
+        assert!(nmse_on < 1e-3, "{arch} {name}: tree on, NMSE {nmse_on:.2e}");
+        assert!(
+            nmse_off < 1e-3,
+            "{arch} {name}: tree off, NMSE {nmse_off:.2e}"
+        );
+        assert!(on_off < 1e-4, "{arch} {name}: on vs off, NMSE {on_off:.2e}");
+        let bitwise = got_on
+            .logits
+            .iter()
+            .flatten()
+            .zip(got_off.logits.iter().flatten())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(!bitwise, "{arch} {name}: was the cascade kernel used?");
+        // Greedy tokens: sampled on the host (logits read back) and on the device.
+        assert_eq!(got_on.tokens, want.tokens, "{arch} {name}: tree on vs CPU");
+        assert_eq!(
+            got_off.tokens, want.tokens,
+            "{arch} {name}: tree off vs CPU"
+        );
+        let dev_on = scenario(&mut on, false);
+        let dev_off = scenario(&mut off, false);
+        assert_eq!(
+            dev_on.tokens, want.tokens,
+            "{arch} {name}: device sampling, on"
+        );
+        assert_eq!(
+            dev_off.tokens, want.tokens,
+            "{arch} {name}: device sampling, off"
+        );
+    }
+    if ran == 0 {
+        println!("{name}: no fixture ran on the GPU");
+    }
+}
+
+#[test]
+fn gpu_tree_forked_branches_match_the_cpu() {
+    check("forked branches", 16, forked);
+}
+
+#[test]
+fn gpu_tree_deep_uneven_tree_matches_the_cpu() {
+    check("deep tree", 8, deep);
+}
+
+/// The same scripts on the CPU alone (they run everywhere): state-passing cascade attention is
+/// per-sequence attention bit for bit, merged partials agree to rounding.
+#[test]
+fn tree_scripts_on_the_cpu() {
+    use arbor_kernels::ops::cascade::CascadeMode;
+    for (arch, page_size, scenario) in [
+        ("qwen3", 16, forked as fn(&mut Engine, bool) -> Outcome),
+        ("llama", 8, deep),
+        ("mistral", 8, deep),
+    ] {
+        let run = |tree: Option<CascadeMode>| {
+            let mut e = Engine::new(
+                Model::load(&fixture(arch)).expect("load model"),
+                &EngineOptions {
+                    kv_cache_bytes: 16 << 20,
+                    page_size,
+                },
+            )
+            .expect("engine");
+            e.model.attention.tree = tree;
+            scenario(&mut e, true)
+        };
+        let (off, chain, merge) = (
+            run(None),
+            run(Some(CascadeMode::Chain)),
+            run(Some(CascadeMode::Merge)),
+        );
+        assert_eq!(off.tokens, chain.tokens, "{arch}");
+        assert!(
+            off.logits
+                .iter()
+                .flatten()
+                .zip(chain.logits.iter().flatten())
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{arch}: chain is not per-sequence attention"
+        );
+        let worst = merge
+            .logits
+            .iter()
+            .zip(&off.logits)
+            .map(|(a, b)| errors(a, b).0)
+            .fold(0.0f64, f64::max);
+        println!("{arch}: merged cascade vs per-sequence attention, worst NMSE {worst:.2e}");
+        assert!(worst < 1e-10, "{arch}: NMSE {worst:.2e}");
+        assert_eq!(merge.tokens, off.tokens, "{arch}");
+        assert!(
+            off.tokens.iter().any(|t| t.len() > 1),
+            "{arch}: nothing decoded"
+        );
+    }
+}
