@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# Runs the GPU checks and the decode benchmarks of the [cuda] issue on a GPU machine that has
-# no cargo: the binaries are built elsewhere and carried in gpu-bin/ (see docs/GPU.md).
+# The GPU checks and measurements of the open issues, on a GPU machine that has no cargo: the
+# binaries are built elsewhere and carried in gpu-bin/ (see docs/GPU.md).
 #
-#   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else gpu-out/)
+#   scripts/gpu_check.sh [OUT_DIR] [PHASE...]     (OUT_DIR default: $OUT, else gpu-out/)
+#
+# Phases (default: all, in this order; each fits one 10-minute device call on an H100):
+#   tests      every op against its CPU reference + the NVRTC compile check; the whole model
+#              on the GPU against the CPU (fixtures, MoE fixtures, tree attention, CUDA graphs;
+#              SmolLM2 when ARBOR_CACHE holds its GGUF)                       [cuda, tree, moe]
+#   decode     one stream and 64, SmolLM2-135M and Qwen2.5-0.5B shapes, beside HF   [cuda]
+#   headline   Qwen2.5-0.5B, prompt 512, 256 tokens: best-of-16/64 and 8-beam, sharing on and
+#              off, beside HF best-of-16/64 and 8-beam                              [bench]
+#   attention  cascade vs paged attention on shared-prefix trees; torch SDPA per branch [tree]
+#   moe        Qwen3-30B-A3B shape decode at batch 1/16/64 and best-of-16, beside HF  [moe]
 #
 # gpu-bin/ holds: arbor (release build), cuda-tests (arbor-kernels' `cuda` test binary) and
-# models-tests (arbor-runtime's `models` test binary); ARBOR_CACHE may point at a cache
-# holding the SmolLM2 GGUF. Every GPU test runs with ARBOR_REQUIRE_GPU=1, so a GPU that
-# cannot be opened fails instead of skipping.
+# models-tests (arbor-runtime's `models` test binary). Every GPU test runs with
+# ARBOR_REQUIRE_GPU=1, so a GPU that cannot be opened fails instead of skipping.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-out}}
+shift || true
+PHASES=${*:-tests decode headline attention moe}
 BIN=${BIN:-gpu-bin}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64
@@ -20,11 +31,11 @@ status=0
   date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   cat "$BIN/COMMIT" 2>/dev/null
-} | tee "$OUT/machine.txt"
+} | tee -a "$OUT/machine.txt"
 
 run() { # name, command...
   local name=$1; shift
-  echo "== $name"
+  echo "== $name: $*" | tee -a "$OUT/commands.txt"
   "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 25 "$OUT/$name.log"
@@ -32,17 +43,59 @@ run() { # name, command...
   [ $rc -eq 0 ] || status=1
 }
 
-# Every op against its CPU reference, and the NVRTC compile check.
-run cuda-tests "$BIN/cuda-tests" --test-threads=1 --nocapture
-# The whole model on the GPU against the CPU (fixtures; SmolLM2 when ARBOR_CACHE has it).
-run model-tests "$BIN/models-tests" gpu --test-threads=1 --nocapture
+peer() { # name, bench_peers.py arguments...
+  local name=$1; shift
+  run "$name" python3 scripts/bench_peers.py --device cuda "$@"
+}
 
-# Decode tokens/s: one stream and 64, SmolLM2-135M and the Qwen2.5-0.5B shape, beside HF.
-for shape in smollm2-135m qwen2.5-0.5b; do
-  run "bench-$shape" "$BIN/arbor" bench --device cuda --dummy-weights "$shape" \
-    --strategy sampling --width 1,64 --prompt-len 128 --gen-len 128 --sharing on \
-    --kv-cache-gb 8 --json --out "$OUT/bench-$shape"
-  run "hf-$shape" python3 scripts/bench_peers.py --shape "$shape" --modes greedy,best-of-n \
-    --width 1,64 --prompt-len 128 --gen-len 128 --device cuda
+for phase in $PHASES; do
+  case $phase in
+  tests)
+    run cuda-tests "$BIN/cuda-tests" --test-threads=1 --nocapture
+    run model-tests "$BIN/models-tests" gpu --test-threads=1 --nocapture
+    ;;
+  decode)
+    for shape in smollm2-135m qwen2.5-0.5b; do
+      run "bench-$shape" "$BIN/arbor" bench --device cuda --dummy-weights "$shape" \
+        --strategy sampling --width 1,64 --prompt-len 128 --gen-len 128 --sharing on \
+        --kv-cache-gb 8 --json --out "$OUT/bench-$shape"
+      peer "hf-$shape" --shape "$shape" --modes greedy,best-of-n --width 64 \
+        --prompt-len 128 --gen-len 128
+    done
+    ;;
+  headline)
+    run bench-headline "$BIN/arbor" bench --device cuda --dummy-weights qwen2.5-0.5b \
+      --strategy best-of-n --width 16,64 --prompt-len 512 --gen-len 256 --sharing on,off \
+      --kv-cache-gb 16 --json --out "$OUT/bench-headline"
+    run bench-headline-beam "$BIN/arbor" bench --device cuda --dummy-weights qwen2.5-0.5b \
+      --strategy beam --width 8 --prompt-len 512 --gen-len 256 --sharing on,off \
+      --kv-cache-gb 16 --json --out "$OUT/bench-headline-beam"
+    peer hf-headline --shape qwen2.5-0.5b --modes best-of-n --width 16,64 \
+      --prompt-len 512 --gen-len 256 --no-sdpa
+    peer hf-headline-beam --shape qwen2.5-0.5b --modes beam --width 8 \
+      --prompt-len 512 --gen-len 256 --no-sdpa
+    ;;
+  attention)
+    run bench-attention "$BIN/arbor" bench attention --device cuda --branches 16,64,256 \
+      --prefix 1024,4096,32768 --suffix 64,256,1024 --levels 2,4 \
+      --heads 32 --kv-heads 8 --head-dim 128
+    peer sdpa-tree --heads 32 --kv-heads 8 --head-dim 128 \
+      --sdpa-tree 16/64/256,1024/4096/32768,64/256/1024,2/4
+    ;;
+  moe)
+    run bench-moe "$BIN/arbor" bench --device cuda --dummy-weights qwen3-30b-a3b \
+      --strategy sampling --width 1,16,64 --prompt-len 128 --gen-len 64 --sharing on \
+      --kv-cache-gb 8 --json --out "$OUT/bench-moe"
+    run bench-moe-bon "$BIN/arbor" bench --device cuda --dummy-weights qwen3-30b-a3b \
+      --strategy best-of-n --width 16 --prompt-len 512 --gen-len 128 --sharing on \
+      --kv-cache-gb 8 --json --out "$OUT/bench-moe-bon"
+    peer hf-moe --shape qwen3-30b-a3b --modes greedy,best-of-n --width 16,64 \
+      --prompt-len 128 --gen-len 64 --no-sdpa
+    ;;
+  *)
+    echo "unknown phase '$phase' (tests, decode, headline, attention, moe)" >&2
+    status=2
+    ;;
+  esac
 done
 exit $status

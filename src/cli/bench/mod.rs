@@ -18,6 +18,7 @@
 //! stores its own copy of the prompt, as separate requests in an engine without prefix
 //! caching would.
 
+mod attention;
 mod grid;
 mod plot;
 mod report;
@@ -26,12 +27,16 @@ mod run;
 use super::gpu::GpuMem;
 use super::model::ModelArgs;
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// Another benchmark instead of the search grid.
+    #[command(subcommand)]
+    pub kind: Option<BenchKind>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Strategies, comma-separated: sampling, best-of-n, beam, step-beam, mcts.
@@ -62,8 +67,19 @@ pub struct BenchArgs {
     pub seed: u64,
 }
 
+/// Benchmarks other than tokens/s under search.
+#[derive(Subcommand, Debug)]
+pub enum BenchKind {
+    /// Tree (cascade) attention against per-row paged attention on synthetic trees: time, KV
+    /// bytes read, bandwidth over unique KV bytes against the device's copy bandwidth.
+    Attention(attention::AttentionArgs),
+}
+
 /// Runs the grid and reports every cell.
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchKind::Attention(x)) = a.kind {
+        return attention::bench(x);
+    }
     let strategies = grid::strategies(&a.strategy)?;
     let widths = grid::numbers("--width", &a.width)?;
     let prompts = grid::numbers("--prompt-len", &a.prompt_len)?;
