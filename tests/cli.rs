@@ -1,7 +1,7 @@
 //! End-to-end tests of the `arbor` binary: real runs on fixture models and the default
 //! model, and bad input that must end in a clear error and a non-zero exit, never a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn arbor(args: &[&str]) -> Output {
@@ -18,11 +18,12 @@ fn fixture(arch: &str) -> String {
     )
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("arbor-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+/// A scratch directory, removed with everything in it when the guard drops.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("arbor-cli-{name}-"))
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Asserts a clean failure whose message contains `want`.
@@ -140,6 +141,7 @@ fn bad_model_paths_and_files() {
         "/nonexistent/m.gguf",
     );
     let d = temp_dir("garbage");
+    let d = d.path();
     let g = d.join("g.gguf");
     std::fs::write(&g, b"GGUF\x03\0\0\0 truncated").expect("write");
     fails_with(
@@ -165,13 +167,15 @@ fn copy_fixture(arch: &str, to: &Path, skip: &str) {
 #[test]
 fn missing_tokenizer_and_unknown_architecture() {
     let d = temp_dir("notok");
-    copy_fixture("llama", &d, "tokenizer.json");
+    let d = d.path();
+    copy_fixture("llama", d, "tokenizer.json");
     fails_with(
         &arbor(&["run", "-m", d.to_str().unwrap(), "-p", "x"]),
         "tokenizer.json",
     );
     let d = temp_dir("bert");
-    copy_fixture("llama", &d, "config.json");
+    let d = d.path();
+    copy_fixture("llama", d, "config.json");
     std::fs::write(
         d.join("config.json"),
         r#"{"model_type": "bert", "hidden_size": 8}"#,
@@ -289,6 +293,7 @@ fn is_svg(path: &Path) -> bool {
 #[test]
 fn bench_grid_reports_consistent_cells_csv_and_plots() {
     let dir = temp_dir("bench");
+    let dir = dir.path();
     let m = fixture("qwen2");
     let out = arbor(&[
         "bench",
@@ -364,7 +369,6 @@ fn bench_grid_reports_consistent_cells_csv_and_plots() {
     for f in ["tokens_per_s_p16_g8.svg", "kv_peak_p16_g8.svg"] {
         assert!(is_svg(&dir.join(f)), "{f} is not an SVG");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -392,9 +396,105 @@ fn bench_rejects_bad_grids() {
     );
 }
 
+/// `arbor bench attention` on the CPU kernels: one self-consistent JSON line per cell, the
+/// byte counts of the trees it built, and cascade and paged outputs that agree.
+#[test]
+fn bench_attention_reports_consistent_cells() {
+    let out = arbor(&[
+        "bench",
+        "attention",
+        "--branches",
+        "3,8",
+        "--prefix",
+        "64,40",
+        "--suffix",
+        "8",
+        "--levels",
+        "2,4",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "32",
+        "--page-size",
+        "16",
+        "--reps",
+        "2",
+        "--copy-mib",
+        "4",
+    ]);
+    let recs = json_lines(&out);
+    assert_eq!(recs.len(), 8, "2 branch counts × 2 prefixes × 2 depths");
+    let n = |r: &serde_json::Value, k: &str| {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing or not a number: {r}"))
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+    // K and V of one position over 2 KV heads × 32 dims, f32 on the CPU.
+    let per_pos = 2.0 * 2.0 * 32.0 * 4.0;
+    let copy_bw = n(&recs[0], "copy_bw_gbs");
+    assert!(copy_bw > 0.0);
+    for r in &recs {
+        let (b, p, s, levels) = (n(r, "b"), n(r, "p"), n(r, "s"), n(r, "levels"));
+        let (cascade, paged) = (n(r, "cascade_ms"), n(r, "paged_ms"));
+        assert!(cascade > 0.0 && paged > 0.0, "{r}");
+        assert!(close(n(r, "speedup"), paged / cascade), "{r}");
+        let unique = n(r, "unique_kv_bytes");
+        let bw = n(r, "unique_bw_gbs");
+        assert!(close(bw, unique / (cascade * 1e-3) / 1e9), "{r}");
+        assert_eq!(n(r, "copy_bw_gbs"), copy_bw, "one copy measurement per run");
+        assert!(close(n(r, "frac_of_copy_bw"), bw / copy_bw), "{r}");
+        assert_eq!(n(r, "rows"), b);
+        // Every branch reads its whole context alone; the tree holds each token once.
+        let depth = levels - 1.0;
+        assert_eq!(
+            n(r, "paged_kv_bytes_read"),
+            b * (p + depth * s) * per_pos,
+            "{r}"
+        );
+        if levels == 2.0 {
+            assert_eq!(unique, (p + b * s) * per_pos, "{r}");
+        }
+        let read = n(r, "kv_bytes_read");
+        assert!(unique <= read && read <= n(r, "paged_kv_bytes_read"), "{r}");
+        if b > 1.0 {
+            assert!(
+                read < n(r, "paged_kv_bytes_read"),
+                "sharing must save reads: {r}"
+            );
+        }
+        assert!(
+            n(r, "max_abs_diff") < 1e-5,
+            "cascade and paged disagree: {r}"
+        );
+        assert!(r["device"].as_str().is_some_and(|d| d.starts_with("cpu")));
+    }
+    // Page-aligned prefix of 64 tokens: the flat tree reads each unique byte exactly once.
+    let aligned = recs
+        .iter()
+        .find(|r| n(r, "p") == 64.0 && n(r, "levels") == 2.0)
+        .expect("cell");
+    assert_eq!(n(aligned, "kv_bytes_read"), n(aligned, "unique_kv_bytes"));
+
+    fails_with(
+        &arbor(&["bench", "attention", "--levels", "1"]),
+        "at least 2 levels",
+    );
+    fails_with(
+        &arbor(&["bench", "attention", "--heads", "4", "--kv-heads", "3"]),
+        "must divide",
+    );
+    fails_with(
+        &arbor(&["bench", "attention", "--branches", "0"]),
+        "at least 1",
+    );
+}
+
 #[test]
 fn profile_kv_writes_a_timeline_and_a_fits_table() {
     let dir = temp_dir("profile-kv");
+    let dir = dir.path();
     let m = fixture("qwen2");
     let out = arbor(&[
         "profile-kv",
@@ -441,7 +541,6 @@ fn profile_kv_writes_a_timeline_and_a_fits_table() {
         assert_eq!(*per_page.get_or_insert(bytes_per_page), bytes_per_page);
     }
     assert!(is_svg(&dir.join("kv_timeline.svg")));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- arbor search ----
@@ -504,6 +603,7 @@ fn search_with_a_reward_model_beside_the_policy() {
 #[test]
 fn adaptive_over_a_dataset_pools_its_budget() {
     let dir = temp_dir("adaptive");
+    let dir = dir.path();
     let data = dir.join("d.jsonl");
     std::fs::write(
         &data,
@@ -553,6 +653,7 @@ fn adaptive_over_a_dataset_pools_its_budget() {
 #[test]
 fn bench_reports_expert_load_of_moe_models() {
     let dir = temp_dir("bench-moe");
+    let dir = dir.path();
     let m = fixture("qwen2-moe");
     let out = arbor(&[
         "bench",
@@ -618,5 +719,4 @@ fn bench_reports_expert_load_of_moe_models() {
         cell0,
         recs[0]["expert_load"]["assignments"].as_f64().expect("n")
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

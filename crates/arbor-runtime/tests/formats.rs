@@ -8,12 +8,14 @@ use arbor_runtime::safetensors::parse_header;
 use arbor_runtime::{Model, ModelConfig, RuntimeError};
 use std::path::PathBuf;
 
-fn temp_path(name: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("arbor-formats-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(format!("{}-{name}", N.fetch_add(1, Ordering::Relaxed)))
+/// A scratch file path ending in `name`, removed when the returned guard drops.
+fn temp_path(name: &str) -> tempfile::TempPath {
+    tempfile::Builder::new()
+        .prefix("arbor-formats-")
+        .suffix(&format!("-{name}"))
+        .tempfile()
+        .expect("temp file")
+        .into_temp_path()
 }
 
 fn every_value_type() -> Vec<(&'static str, V)> {
@@ -196,7 +198,7 @@ fn corrupt_headers_are_named() {
 }
 
 /// A minimal llama-shaped GGUF with config metadata but tensors chosen by the caller.
-fn model_file(arch: &str, tensors: impl FnOnce(GgufWriter) -> GgufWriter) -> PathBuf {
+fn model_file(arch: &str, tensors: impl FnOnce(GgufWriter) -> GgufWriter) -> tempfile::TempPath {
     let w = GgufWriter::new(3)
         .meta("general.architecture", V::String(arch.into()))
         .meta(&format!("{arch}.block_count"), V::U32(1))
@@ -246,9 +248,8 @@ fn missing_files_and_garbage_files_are_errors() {
     let p = temp_path("garbage.gguf");
     std::fs::write(&p, b"this is not a model").expect("write");
     assert!(load_err(&p).contains("not a GGUF file"));
-    let dir = temp_path("emptydir");
-    std::fs::create_dir_all(&dir).expect("dir");
-    assert!(load_err(&dir).contains("config.json"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    assert!(load_err(dir.path()).contains("config.json"));
 }
 
 #[test]

@@ -12,7 +12,6 @@ use arbor_runtime::model::{hf_names, MemTensor, Precision, TensorSource};
 use arbor_runtime::safetensors::SafeTensors;
 use arbor_runtime::{Arch, Model, ModelConfig};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 /// A tensor under its GGUF name: shape (outer first) and f32 values.
 type Named = (String, Vec<usize>, Vec<f32>);
@@ -153,7 +152,12 @@ fn gguf_arch(cfg: &ModelConfig) -> &'static str {
 }
 
 /// Writes `tensors` as a GGUF file of `cfg`'s shape; `_exps` tensors as Q8_0 if `quantise`.
-fn write_gguf(file: &str, cfg: &ModelConfig, tensors: &[Named], quantise: bool) -> PathBuf {
+fn write_gguf(
+    file: &str,
+    cfg: &ModelConfig,
+    tensors: &[Named],
+    quantise: bool,
+) -> tempfile::TempPath {
     let arch = gguf_arch(cfg);
     let moe = cfg.moe.as_ref().expect("experts");
     let k = |s: &str| format!("{arch}.{s}");
@@ -193,9 +197,12 @@ fn write_gguf(file: &str, cfg: &ModelConfig, tensors: &[Named], quantise: bool) 
             w.tensor_f32(name, &dims, v)
         };
     }
-    let dir = std::env::temp_dir().join(format!("arbor-moe-gguf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(file);
+    let path = tempfile::Builder::new()
+        .prefix("arbor-moe-")
+        .suffix(&format!("-{file}"))
+        .tempfile()
+        .expect("temp file")
+        .into_temp_path();
     std::fs::write(&path, w.build()).expect("write gguf");
     path
 }
