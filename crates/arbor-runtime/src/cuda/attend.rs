@@ -1,6 +1,7 @@
 //! The attention half of a layer on the GPU: QKV GEMM → bias / q-k norm / RoPE / K-V store →
-//! attention over the paged pool → O GEMM. [`StepAttention`] is prepared once per step (the
-//! step's layout in device memory) and run per layer.
+//! attention over the paged pool → O GEMM. [`StepAttention`] is prepared once per step and run
+//! per layer; the rows' positions, slots and pages are views of the step's packed metadata in
+//! the workspace ([`MetaViews`]), for eager steps and graph replays alike.
 //!
 //! Tree attention: when the model's `attention.tree` is on and the step's sequences share KV
 //! pages, the step's [`CascadePlan`] — the one [`BatchLayout::cascade_plan`] gives the CPU path,
@@ -10,12 +11,12 @@
 //! them (long shared runs split across blocks); whether a plan exists does not depend on that.
 //! Sparse budgets are refused on the GPU (the engine says so before a step runs).
 
-use super::meta::StepMeta;
+use super::meta::{PackedLayout, StepMeta};
 use super::upload::GpuLayer;
 use crate::config::ModelConfig;
 use crate::model::{AttentionOptions, BatchLayout};
 use crate::RuntimeError;
-use arbor_kernels::cuda::cudarc::driver::CudaSlice;
+use arbor_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use arbor_kernels::cuda::gemm::Gemm;
 use arbor_kernels::cuda::ops::cascade::{self, GpuCascadePlan};
 use arbor_kernels::cuda::ops::{attention, qkv};
@@ -25,22 +26,51 @@ use arbor_kernels::ops::cascade::{CascadeMode, CascadePlan};
 use arbor_kernels::ops::AttentionParams;
 use half::bf16;
 
-/// One step's attention layout on the device, shared by every layer.
+/// How a step's rows attend.
+enum Kernel {
+    /// The paged kernel over each sequence's pages (the packed metadata).
+    Paged {
+        seqs: usize,
+        max_rows_per_seq: usize,
+        /// An upper bound on any row's context (`usize::MAX`: the most warps).
+        max_context: usize,
+    },
+    /// Cascade attention over the step's plan (rows in the step's order).
+    Cascade(Box<GpuCascadePlan>),
+}
+
+/// One step's attention, shared by every layer.
 pub(super) struct StepAttention {
-    positions: CudaSlice<u32>,
-    slots: CudaSlice<u32>,
-    row_seq: CudaSlice<u32>,
-    seq_row_indptr: CudaSlice<u32>,
-    page_indptr: CudaSlice<u32>,
-    page_indices: CudaSlice<u32>,
-    seqs: usize,
-    max_rows_per_seq: usize,
-    max_context: usize,
     hidden: usize,
     qkv: qkv::QkvParams,
     params: AttentionParams,
-    /// The step's cascade plan when tree attention runs (rows in the step's order).
-    cascade: Option<GpuCascadePlan>,
+    kernel: Kernel,
+}
+
+/// The packed step metadata in the workspace, as the attention kernels read it.
+pub(super) struct MetaViews<'a> {
+    pub positions: CudaView<'a, u32>,
+    pub slots: CudaView<'a, u32>,
+    pub row_seq: CudaView<'a, u32>,
+    pub seq_row_indptr: CudaView<'a, u32>,
+    pub page_indptr: CudaView<'a, u32>,
+    /// From the page indices to the end of the buffer: a length fixed by the bucket and the
+    /// buffer, not by the step (the kernel reads only what `page_indptr` points at).
+    pub page_indices: CudaView<'a, u32>,
+}
+
+impl<'a> MetaViews<'a> {
+    /// Views of `meta` laid out as `lay`.
+    pub fn new(meta: &'a CudaSlice<u32>, lay: &PackedLayout) -> Self {
+        MetaViews {
+            positions: meta.slice(lay.positions.range()),
+            slots: meta.slice(lay.slots.range()),
+            row_seq: meta.slice(lay.row_seq.range()),
+            seq_row_indptr: meta.slice(lay.seq_row_indptr.range()),
+            page_indptr: meta.slice(lay.page_indptr.range()),
+            page_indices: meta.slice(lay.page_indices.start..),
+        }
+    }
 }
 
 /// Per-step scratch the attention half writes.
@@ -56,37 +86,9 @@ pub(super) struct AttendBuffers<'a> {
 }
 
 impl StepAttention {
-    /// Uploads `meta` for a model of `cfg`, and the cascade plan of `batch` over `cache`'s
-    /// block tables (reserved for the step) when `opts` turn tree attention on and the step's
-    /// sequences share pages.
-    pub fn prepare(
-        gpu: &Gpu,
-        cfg: &ModelConfig,
-        meta: &StepMeta,
-        batch: &BatchLayout,
-        cache: &KvCache,
-        opts: &AttentionOptions,
-    ) -> Result<Self, RuntimeError> {
-        let up = |v: &[u32], what: &str| gpu.upload(v, what).map_err(RuntimeError::from);
+    fn new(cfg: &ModelConfig, kernel: Kernel) -> Self {
         let hd = cfg.head_dim;
-        let plan_opts = CascadeMode::Merge.plan_options();
-        let cascade = match batch.cascade_plan(cache, opts.tree.is_some(), &plan_opts)? {
-            Some(plan) => {
-                let plan = in_step_order(plan, batch)?;
-                Some(GpuCascadePlan::upload(gpu, &plan)?)
-            }
-            None => None,
-        };
-        Ok(StepAttention {
-            positions: up(&meta.positions, "positions")?,
-            slots: up(&meta.slot_mapping, "the slot mapping")?,
-            row_seq: up(&meta.row_seq, "row sequences")?,
-            seq_row_indptr: up(&meta.seq_row_indptr, "sequence rows")?,
-            page_indptr: up(&meta.page_indptr, "page pointers")?,
-            page_indices: up(&meta.page_indices, "page indices")?,
-            seqs: meta.seq_row_indptr.len().saturating_sub(1),
-            max_rows_per_seq: meta.max_rows_per_seq,
-            max_context: meta.max_context,
+        StepAttention {
             hidden: cfg.hidden_size,
             qkv: qkv::QkvParams {
                 n_heads: cfg.num_heads,
@@ -103,8 +105,45 @@ impl StepAttention {
                 scale: 1.0 / (hd as f32).sqrt(),
                 sliding_window: cfg.sliding_window,
             },
-            cascade,
-        })
+            kernel,
+        }
+    }
+
+    /// The attention of an eager step laid out as `meta`: cascade over the plan of `batch` on
+    /// `cache`'s block tables (reserved for the step), uploaded here, when `opts` turn tree
+    /// attention on and the step's sequences share pages; else the paged kernel.
+    pub fn prepare(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        meta: &StepMeta,
+        batch: &BatchLayout,
+        cache: &KvCache,
+        opts: &AttentionOptions,
+    ) -> Result<Self, RuntimeError> {
+        let plan_opts = CascadeMode::Merge.plan_options();
+        let kernel = match batch.cascade_plan(cache, opts.tree.is_some(), &plan_opts)? {
+            Some(plan) => {
+                let plan = in_step_order(plan, batch)?;
+                Kernel::Cascade(Box::new(GpuCascadePlan::upload(gpu, &plan)?))
+            }
+            None => Kernel::Paged {
+                seqs: meta.seq_row_indptr.len().saturating_sub(1),
+                max_rows_per_seq: meta.max_rows_per_seq,
+                max_context: meta.max_context,
+            },
+        };
+        Ok(Self::new(cfg, kernel))
+    }
+
+    /// The attention of a decode step padded to `seqs` sequences for a CUDA graph: the paged
+    /// kernel with launches that do not depend on the step (the most warps).
+    pub fn graph_decode(cfg: &ModelConfig, seqs: usize) -> Self {
+        let kernel = Kernel::Paged {
+            seqs,
+            max_rows_per_seq: 1,
+            max_context: usize::MAX,
+        };
+        Self::new(cfg, kernel)
     }
 
     /// Whether `prepare` would attend this step with the paged kernel (no cascade plan), the
@@ -125,8 +164,8 @@ impl StepAttention {
             .all(|w| first(w).is_some_and(|p| seen.insert(p)))
     }
 
-    /// Layer `i`'s attention for `rows` rows whose normed input is in `b.xn`; the result
-    /// (after the O projection) lands in `b.o`.
+    /// Layer `i`'s attention for `rows` rows whose normed input is in `b.xn` and whose layout
+    /// is `v`; the result (after the O projection) lands in `b.o`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_layer(
         &self,
@@ -137,6 +176,7 @@ impl StepAttention {
         inv_freq: &CudaSlice<f32>,
         i: usize,
         rows: usize,
+        v: &MetaViews,
         b: AttendBuffers,
     ) -> Result<(), RuntimeError> {
         let p = &self.qkv;
@@ -155,28 +195,34 @@ impl StepAttention {
             rows,
             p,
             &qw,
-            &self.positions,
-            &self.slots,
+            &v.positions,
+            &v.slots,
             pool,
             i,
             b.q,
         )?;
-        if let Some(plan) = &self.cascade {
-            cascade::cascade_attention(gpu, b.q, rows, plan, pool, i, &self.params, b.xn)?;
-            gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
-            return Ok(());
+        match &self.kernel {
+            Kernel::Cascade(plan) => {
+                cascade::cascade_attention(gpu, b.q, rows, plan, pool, i, &self.params, b.xn)?
+            }
+            &Kernel::Paged {
+                seqs,
+                max_rows_per_seq,
+                max_context,
+            } => {
+                let batch = attention::AttentionBatch {
+                    positions: &v.positions,
+                    row_seq: &v.row_seq,
+                    seq_row_indptr: &v.seq_row_indptr,
+                    page_indptr: &v.page_indptr,
+                    page_indices: &v.page_indices,
+                    seqs,
+                    max_rows_per_seq,
+                    max_context,
+                };
+                attention::attention(gpu, b.q, rows, &batch, pool, i, &self.params, b.xn)?
+            }
         }
-        let batch = attention::AttentionBatch {
-            positions: &self.positions,
-            row_seq: &self.row_seq,
-            seq_row_indptr: &self.seq_row_indptr,
-            page_indptr: &self.page_indptr,
-            page_indices: &self.page_indices,
-            seqs: self.seqs,
-            max_rows_per_seq: self.max_rows_per_seq,
-            max_context: self.max_context,
-        };
-        attention::attention(gpu, b.q, rows, &batch, pool, i, &self.params, b.xn)?;
         gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
         Ok(())
     }

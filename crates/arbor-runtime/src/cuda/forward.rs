@@ -5,9 +5,9 @@
 //! layers then run in workspace buffers, either eagerly or, for a decode step a graph serves,
 //! through [`super::graph`].
 
-use super::attend::{AttendBuffers, StepAttention};
+use super::attend::{AttendBuffers, MetaViews, StepAttention};
 use super::ffn::{self, FfnBuffers};
-use super::graph::{self, MetaViews, PagedDecode};
+use super::graph;
 use super::meta::{PackedLayout, StepMeta};
 use super::workspace::Workspace;
 use super::CudaModel;
@@ -18,15 +18,6 @@ use arbor_kernels::cuda::ops::{embedding, kv, norm};
 use arbor_kernels::cuda::Gpu;
 use arbor_kernels::kv::KvCache;
 use arbor_kernels::ops;
-
-/// How a step's layers attend.
-#[derive(Clone, Copy)]
-pub(super) enum Attn<'s> {
-    /// Through the step's [`StepAttention`] (eager steps: prefill, cascade, big batches).
-    Step(&'s StepAttention),
-    /// Through the paged kernel on the packed metadata, with graph-invariant launches.
-    Paged(&'s PagedDecode),
-}
 
 /// Which rows go through the output head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +88,7 @@ pub(super) fn run(
         Some(b) => graph::run(m, cfg, b, &lay)?,
         None => {
             let step = StepAttention::prepare(&gpu, cfg, &meta, batch, cache, &model.attention)?;
-            layers(m, cfg, Attn::Step(&step), &lay, head)?;
+            layers(m, cfg, &step, &lay, head)?;
         }
     }
     m.logits = (n_logits > 0).then_some(n_logits);
@@ -125,7 +116,7 @@ pub(super) fn run(
 pub(super) fn layers(
     m: &mut CudaModel,
     cfg: &ModelConfig,
-    attn: Attn,
+    attn: &StepAttention,
     lay: &PackedLayout,
     head: HeadRows,
 ) -> Result<(), RuntimeError> {
@@ -167,10 +158,7 @@ pub(super) fn layers(
             q: &mut *q,
             o: &mut *o,
         };
-        match attn {
-            Attn::Step(step) => step.run_layer(gpu, gemm, pool, l, &w.inv_freq, i, t, bufs)?,
-            Attn::Paged(p) => p.run_layer(gpu, gemm, pool, l, &w.inv_freq, i, t, &views, bufs)?,
-        }
+        attn.run_layer(gpu, gemm, pool, l, &w.inv_freq, i, t, &views, bufs)?;
         norm::add_rms_norm(gpu, x, o, &l.ffn_norm, cfg.rms_eps, t, h, xn)?;
         let bufs = FfnBuffers {
             xn: &mut *xn,

@@ -13,20 +13,16 @@
 //! nothing. Capture needs no allocation, copy or synchronisation inside: the first step of a
 //! bucket runs eagerly (loading kernels, making cuBLASLt plans), the second is captured.
 
-use super::attend::{AttendBuffers, StepAttention};
-use super::forward::{self, Attn, HeadRows};
+use super::attend::StepAttention;
+use super::forward::{self, HeadRows};
 use super::meta::{PackedLayout, StepMeta};
-use super::upload::GpuLayer;
 use super::workspace::ROW_BUCKETS;
 use super::CudaModel;
 use crate::config::ModelConfig;
 use crate::model::{BatchLayout, Ffn, Model};
 use crate::RuntimeError;
-use arbor_kernels::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaView};
-use arbor_kernels::cuda::gemm::Gemm;
-use arbor_kernels::cuda::ops::{attention, qkv};
-use arbor_kernels::cuda::{Gpu, GpuKvPool};
-use arbor_kernels::ops::AttentionParams;
+use arbor_kernels::cuda::cudarc::driver::CudaGraph;
+use arbor_kernels::cuda::Gpu;
 use std::collections::{HashMap, HashSet};
 
 /// The largest batch a graph is captured for; larger decode steps run eagerly.
@@ -186,7 +182,7 @@ pub(super) fn run(
 ) -> Result<(), RuntimeError> {
     let gpu = m.gpu.clone();
     m.graphs.sync_generation(&gpu, m.ws.generation())?;
-    let paged = PagedDecode::new(cfg, lay.seqs);
+    let paged = StepAttention::graph_decode(cfg, lay.seqs);
     let mode = m.graphs.mode;
     if mode == GraphMode::Replay {
         if let Some(Captured(g)) = m.graphs.graphs.get(&bucket) {
@@ -214,7 +210,7 @@ pub(super) fn run(
             }
         }
     }
-    forward::layers(m, cfg, Attn::Paged(&paged), lay, HeadRows::All)?;
+    forward::layers(m, cfg, &paged, lay, HeadRows::All)?;
     m.graphs.warmed.insert(bucket);
     m.graphs.stats.eager_padded += 1;
     Ok(())
@@ -224,12 +220,12 @@ pub(super) fn run(
 fn capture(
     m: &mut CudaModel,
     cfg: &ModelConfig,
-    paged: &PagedDecode,
+    paged: &StepAttention,
     lay: &PackedLayout,
 ) -> Result<CudaGraph, RuntimeError> {
     let gpu = m.gpu.clone();
     gpu.begin_capture()?;
-    let body = forward::layers(m, cfg, Attn::Paged(paged), lay, HeadRows::All);
+    let body = forward::layers(m, cfg, paged, lay, HeadRows::All);
     // End the capture whatever happened, so the stream leaves capture mode.
     let graph = gpu.end_capture();
     body?;
@@ -238,119 +234,6 @@ fn capture(
 
 fn gpu_err(what: &str, e: arbor_kernels::cuda::cudarc::driver::DriverError) -> RuntimeError {
     arbor_kernels::cuda::GpuError::driver(what, e).into()
-}
-
-/// The attention half of a layer for graph-shaped steps: as [`StepAttention::run_layer`] with
-/// the paged kernel, reading the step's layout from views of the packed metadata, and with
-/// launch arguments that depend on the bucket alone.
-pub(super) struct PagedDecode {
-    hidden: usize,
-    seqs: usize,
-    qkv: qkv::QkvParams,
-    params: AttentionParams,
-}
-
-/// The step's layout arrays: views of the workspace's packed metadata.
-pub(super) struct MetaViews<'a> {
-    pub positions: CudaView<'a, u32>,
-    pub slots: CudaView<'a, u32>,
-    pub row_seq: CudaView<'a, u32>,
-    pub seq_row_indptr: CudaView<'a, u32>,
-    pub page_indptr: CudaView<'a, u32>,
-    /// From the page indices to the end of the buffer: a length fixed by the bucket and the
-    /// buffer, not by the step (the kernel reads only what `page_indptr` points at).
-    pub page_indices: CudaView<'a, u32>,
-}
-
-impl<'a> MetaViews<'a> {
-    pub fn new(meta: &'a CudaSlice<u32>, lay: &PackedLayout) -> Self {
-        MetaViews {
-            positions: meta.slice(lay.positions.range()),
-            slots: meta.slice(lay.slots.range()),
-            row_seq: meta.slice(lay.row_seq.range()),
-            seq_row_indptr: meta.slice(lay.seq_row_indptr.range()),
-            page_indptr: meta.slice(lay.page_indptr.range()),
-            page_indices: meta.slice(lay.page_indices.start..),
-        }
-    }
-}
-
-impl PagedDecode {
-    /// For a model of `cfg` and steps padded to `seqs` sequences.
-    pub fn new(cfg: &ModelConfig, seqs: usize) -> Self {
-        let hd = cfg.head_dim;
-        PagedDecode {
-            hidden: cfg.hidden_size,
-            seqs,
-            qkv: qkv::QkvParams {
-                n_heads: cfg.num_heads,
-                n_kv_heads: cfg.num_kv_heads,
-                head_dim: hd,
-                rot_dim: cfg.rope_dim,
-                layout: cfg.rope_layout,
-                eps: cfg.rms_eps,
-            },
-            params: AttentionParams {
-                n_heads: cfg.num_heads,
-                n_kv_heads: cfg.num_kv_heads,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-                sliding_window: cfg.sliding_window,
-            },
-        }
-    }
-
-    /// Layer `i`'s attention for `rows` rows whose normed input is in `b.xn`; the result
-    /// (after the O projection) lands in `b.o`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run_layer(
-        &self,
-        gpu: &Gpu,
-        gemm: &mut Gemm,
-        pool: &mut GpuKvPool,
-        l: &GpuLayer,
-        inv_freq: &CudaSlice<f32>,
-        i: usize,
-        rows: usize,
-        v: &MetaViews,
-        b: AttendBuffers,
-    ) -> Result<(), RuntimeError> {
-        let p = &self.qkv;
-        let (h, qd) = (self.hidden, p.n_heads * p.head_dim);
-        let qkv_w = qd + 2 * p.n_kv_heads * p.head_dim;
-        gemm.matmul_bt(b.xn, rows, &l.qkv, qkv_w, h, b.proj)?;
-        let qw = qkv::QkvWeights {
-            bias: l.qkv_bias.as_ref(),
-            q_norm: l.q_norm.as_ref(),
-            k_norm: l.k_norm.as_ref(),
-            inv_freq,
-        };
-        qkv::qkv_rope_store(
-            gpu,
-            b.proj,
-            rows,
-            p,
-            &qw,
-            &v.positions,
-            &v.slots,
-            pool,
-            i,
-            b.q,
-        )?;
-        let batch = attention::AttentionBatch {
-            positions: &v.positions,
-            row_seq: &v.row_seq,
-            seq_row_indptr: &v.seq_row_indptr,
-            page_indptr: &v.page_indptr,
-            page_indices: &v.page_indices,
-            seqs: self.seqs,
-            max_rows_per_seq: 1,
-            max_context: usize::MAX,
-        };
-        attention::attention(gpu, b.q, rows, &batch, pool, i, &self.params, b.xn)?;
-        gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -2,13 +2,13 @@
 //! NMSE and greedy continuations token for token. Skipped, with the reason printed, where no
 //! GPU can be opened (`ARBOR_REQUIRE_GPU=1` makes that a failure).
 
-use super::fixtures::run_chunked;
+use super::fixtures::{fixture, run_chunked};
 use super::{argmax, errors};
 use arbor_kernels::ops::SamplingParams;
 use arbor_kernels::Device;
 use arbor_runtime::model::Precision;
 use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, Model, SeqStep};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const OPTS: EngineOptions = EngineOptions {
     kv_cache_bytes: 64 << 20,
@@ -17,7 +17,7 @@ const OPTS: EngineOptions = EngineOptions {
 
 /// A CPU engine (exact f32 math over the stored weights) and a GPU engine of the model at
 /// `path`, or `None` (after printing why) without a GPU.
-fn engines(path: &Path) -> Option<(Engine, Engine)> {
+pub(super) fn engines(path: &Path) -> Option<(Engine, Engine)> {
     let load = || {
         let mut m = Model::load(path).expect("load model");
         m.precision = Precision::Exact;
@@ -36,12 +36,6 @@ fn engines(path: &Path) -> Option<(Engine, Engine)> {
     Some((Engine::new(load(), &OPTS).expect("CPU engine"), gpu))
 }
 
-fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(arch)
-}
-
 /// Logits of every position of `tokens`, run in chunks of `chunk` tokens.
 fn logits(e: &mut Engine, tokens: &[u32], chunk: usize) -> Vec<f32> {
     run_chunked(e, tokens, &vec![chunk; tokens.len().div_ceil(chunk)])
@@ -49,7 +43,7 @@ fn logits(e: &mut Engine, tokens: &[u32], chunk: usize) -> Vec<f32> {
 
 /// Greedy continuation of `prompt` for `n` tokens, sampled by the engine (on the GPU for a
 /// GPU engine).
-fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+pub(super) fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
     let seq = e.new_seq();
     let mut next = prompt.to_vec();
     let mut out = Vec::new();
@@ -69,10 +63,52 @@ fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
     out
 }
 
-fn prompt(len: usize, vocab: usize, seed: u32) -> Vec<u32> {
+/// `len` deterministic pseudo-random tokens below `vocab`.
+pub(super) fn prompt(len: usize, vocab: usize, seed: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 7) % vocab as u32)
         .collect()
+}
+
+/// Forks `branches` sequences from a prefill of `toks` (sharing its pages), decodes `rounds`
+/// steps of all branches together and returns each branch's last logits.
+pub(super) fn forked_decode(
+    e: &mut Engine,
+    toks: &[u32],
+    branches: usize,
+    rounds: u32,
+) -> Vec<Vec<f32>> {
+    let vocab = e.model.cfg.vocab_size as u32;
+    let root = e.new_seq();
+    let step = SeqStep {
+        seq: root,
+        tokens: toks.to_vec(),
+        ..Default::default()
+    };
+    e.step(&ForwardBatch { seqs: vec![step] }).expect("prefill");
+    let kids: Vec<_> = (0..branches)
+        .map(|_| e.fork_seq(root).expect("fork"))
+        .collect();
+    let mut last = Vec::new();
+    for round in 0..rounds {
+        let seqs = kids
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| SeqStep {
+                seq: s,
+                tokens: vec![(i as u32 * 31 + round * 7) % vocab],
+                logits: LogitsMode::Last,
+                ..Default::default()
+            })
+            .collect();
+        last = e
+            .step(&ForwardBatch { seqs })
+            .expect("decode")
+            .into_iter()
+            .map(|o| o.logits)
+            .collect();
+    }
+    last
 }
 
 #[test]
@@ -107,37 +143,7 @@ fn forked_branches_share_pages_on_the_gpu() {
     };
     let vocab = cpu.model.cfg.vocab_size;
     let toks = prompt(37, vocab, 2);
-    let mut results = Vec::new();
-    for e in [&mut cpu, &mut gpu] {
-        let root = e.new_seq();
-        let step = SeqStep {
-            seq: root,
-            tokens: toks.clone(),
-            ..Default::default()
-        };
-        e.step(&ForwardBatch { seqs: vec![step] }).expect("prefill");
-        let kids: Vec<_> = (0..8).map(|_| e.fork_seq(root).expect("fork")).collect();
-        let mut last: Vec<Vec<f32>> = Vec::new();
-        for round in 0..5u32 {
-            let seqs = kids
-                .iter()
-                .enumerate()
-                .map(|(i, &s)| SeqStep {
-                    seq: s,
-                    tokens: vec![(i as u32 * 31 + round * 7) % vocab as u32],
-                    logits: LogitsMode::Last,
-                    ..Default::default()
-                })
-                .collect();
-            last = e
-                .step(&ForwardBatch { seqs })
-                .expect("decode")
-                .into_iter()
-                .map(|o| o.logits)
-                .collect();
-        }
-        results.push(last);
-    }
+    let results = [&mut cpu, &mut gpu].map(|e| forked_decode(e, &toks, 8, 5));
     for (i, (c, g)) in results[0].iter().zip(&results[1]).enumerate() {
         let (nmse, _) = errors(g, c);
         println!("branch {i}: NMSE {nmse:.2e}");

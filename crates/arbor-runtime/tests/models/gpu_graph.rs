@@ -6,13 +6,13 @@
 //! where no GPU can be opened (`ARBOR_REQUIRE_GPU=1` makes that a failure).
 
 use super::errors;
+use super::fixtures::fixture;
 use arbor_kernels::cuda::Gpu;
 use arbor_kernels::kv::{KvCache, KvLayout, SeqId};
 use arbor_runtime::cuda::graph::GraphMode;
 use arbor_runtime::cuda::CudaModel;
 use arbor_runtime::model::BatchLayout;
 use arbor_runtime::Model;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 const SEQS: usize = 48;
@@ -36,12 +36,6 @@ fn gpu() -> Option<Arc<Gpu>> {
             None
         }
     }
-}
-
-fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(arch)
 }
 
 /// A model on the GPU with its own cache.

@@ -10,65 +10,16 @@
 //! on the CPU moves these fixtures' logits by NMSE ≤ 4e-5, far inside the bound.
 
 use super::fixtures::{fixture, reference, run_chunked};
+use super::gpu::{self, forked_decode, greedy, prompt};
 use super::{argmax, errors};
-use arbor_kernels::ops::SamplingParams;
-use arbor_kernels::Device;
-use arbor_runtime::model::{ExpertCounts, Precision};
-use arbor_runtime::{Engine, EngineOptions, ForwardBatch, LogitsMode, Model, SeqStep};
-
-const OPTS: EngineOptions = EngineOptions {
-    kv_cache_bytes: 64 << 20,
-    page_size: 16,
-};
+use arbor_runtime::model::ExpertCounts;
+use arbor_runtime::Engine;
 
 const FIXTURES: [&str; 3] = ["mixtral", "qwen2-moe", "qwen3-moe"];
 
-/// A CPU engine (exact f32 math) and a GPU engine of fixture `name`, or `None` (after
-/// printing why) without a GPU.
+/// The CPU and GPU engines of fixture `name` (see [`gpu::engines`]).
 fn engines(name: &str) -> Option<(Engine, Engine)> {
-    let load = || {
-        let mut m = Model::load(&fixture(name)).expect("load fixture");
-        m.precision = Precision::Exact;
-        m
-    };
-    let gpu = match Engine::on_device(load(), &OPTS, Device::Cuda(0)) {
-        Ok(e) => e,
-        Err(e) => {
-            if std::env::var_os("ARBOR_REQUIRE_GPU").is_some() {
-                panic!("ARBOR_REQUIRE_GPU is set but the GPU engine failed: {e}");
-            }
-            eprintln!("skipped (no GPU): {e}");
-            return None;
-        }
-    };
-    Some((Engine::new(load(), &OPTS).expect("CPU engine"), gpu))
-}
-
-fn prompt(len: usize, vocab: usize, seed: u32) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 7) % vocab as u32)
-        .collect()
-}
-
-/// Greedy continuation of `prompt` for `n` tokens, sampled by the engine.
-fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
-    let seq = e.new_seq();
-    let mut next = prompt.to_vec();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let step = SeqStep {
-            seq,
-            tokens: std::mem::take(&mut next),
-            sample: Some(SamplingParams::default()),
-            ..Default::default()
-        };
-        let res = e.step(&ForwardBatch { seqs: vec![step] }).expect("step");
-        let t = res[0].sample.as_ref().expect("sampled").token;
-        out.push(t);
-        next = vec![t];
-    }
-    e.free_seq(seq);
-    out
+    gpu::engines(&fixture(name))
 }
 
 #[test]
@@ -126,37 +77,7 @@ fn moe_batched_decode_matches_the_cpu() {
         };
         let vocab = cpu.model.cfg.vocab_size;
         let toks = prompt(37, vocab, 2);
-        let mut results = Vec::new();
-        for e in [&mut cpu, &mut gpu] {
-            let root = e.new_seq();
-            let step = SeqStep {
-                seq: root,
-                tokens: toks.clone(),
-                ..Default::default()
-            };
-            e.step(&ForwardBatch { seqs: vec![step] }).expect("prefill");
-            let kids: Vec<_> = (0..12).map(|_| e.fork_seq(root).expect("fork")).collect();
-            let mut last: Vec<Vec<f32>> = Vec::new();
-            for round in 0..4u32 {
-                let seqs = kids
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &s)| SeqStep {
-                        seq: s,
-                        tokens: vec![(i as u32 * 31 + round * 7) % vocab as u32],
-                        logits: LogitsMode::Last,
-                        ..Default::default()
-                    })
-                    .collect();
-                last = e
-                    .step(&ForwardBatch { seqs })
-                    .expect("decode")
-                    .into_iter()
-                    .map(|o| o.logits)
-                    .collect();
-            }
-            results.push(last);
-        }
+        let results = [&mut cpu, &mut gpu].map(|e| forked_decode(e, &toks, 12, 4));
         for (i, (c, g)) in results[0].iter().zip(&results[1]).enumerate() {
             let (nmse, _) = errors(g, c);
             assert!(nmse < 1e-3, "{name} branch {i}: NMSE {nmse:.2e}");

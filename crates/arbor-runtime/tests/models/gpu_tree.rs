@@ -71,7 +71,17 @@ struct Driver<'a> {
     logits: bool,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
+    fn new(e: &'a mut Engine, logits: bool) -> Self {
+        Driver {
+            e,
+            seqs: vec![],
+            next: vec![],
+            out: Outcome::default(),
+            logits,
+        }
+    }
+
     fn new_seq(&mut self) -> usize {
         let s = self.e.new_seq();
         self.push(s)
@@ -139,13 +149,7 @@ fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
 /// first two steps.
 fn forked(e: &mut Engine, logits: bool) -> Outcome {
     let vocab = e.model.cfg.vocab_size;
-    let mut d = Driver {
-        e,
-        seqs: vec![],
-        next: vec![],
-        out: Outcome::default(),
-        logits,
-    };
+    let mut d = Driver::new(e, logits);
     let root = d.new_seq();
     d.step(&[(root, tokens(37, 1, vocab))]);
     let kids: Vec<usize> = (0..8).map(|_| d.fork(root)).collect();
@@ -177,13 +181,7 @@ fn forked(e: &mut Engine, logits: bool) -> Outcome {
 /// pages of its own and shares them with everything below.
 fn deep(e: &mut Engine, logits: bool) -> Outcome {
     let vocab = e.model.cfg.vocab_size;
-    let mut d = Driver {
-        e,
-        seqs: vec![],
-        next: vec![],
-        out: Outcome::default(),
-        logits,
-    };
+    let mut d = Driver::new(e, logits);
     let root = d.new_seq();
     d.step(&[(root, tokens(21, 2, vocab))]);
     let chunk = |i: usize, level: u32| tokens(10, 100 * level + i as u32, vocab);
