@@ -97,6 +97,29 @@ impl Backend {
         }
     }
 
+    /// Grows `cache` (and a GPU's pool) to `target` pages, or shrinks it towards `target` over
+    /// the free pages at its top; returns the pages it now has. A GPU pool that cannot grow
+    /// (out of memory) leaves both unchanged and is an error.
+    pub fn resize_kv(&mut self, cache: &mut KvCache, target: usize) -> Result<usize, RuntimeError> {
+        match self {
+            Backend::Cpu => Ok(cache.resize(target)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => {
+                let old = cache.stats().pages_total;
+                if target > old {
+                    m.resize_pool(target)?;
+                    return Ok(cache.resize(target));
+                }
+                let n = cache.resize(target);
+                if let Err(e) = m.resize_pool(n) {
+                    cache.resize(old);
+                    return Err(e);
+                }
+                Ok(n)
+            }
+        }
+    }
+
     /// The device in words: `cpu, N threads` or `cuda:0 NAME (sm_XY)`.
     pub fn describe(&self) -> String {
         match self {

@@ -262,6 +262,13 @@ impl Engine {
         &self.cache
     }
 
+    /// Grows the KV cache to `pages` pages, or shrinks it towards `pages` over the free pages
+    /// at its top (pages in use or kept for prefix reuse stay); returns the pages it now has.
+    /// Used to move KV memory between the engines of one scheduler as their demand shifts.
+    pub fn resize_kv(&mut self, pages: usize) -> Result<usize, RuntimeError> {
+        self.backend.resize_kv(&mut self.cache, pages)
+    }
+
     /// Page and token counts of the KV cache.
     pub fn kv_stats(&self) -> KvStats {
         self.cache.stats()

@@ -4,8 +4,12 @@
 //! holds it), *cached* (refcount 0 but kept by the prefix index for reuse) or *free*. The
 //! allocator owns the refcounts and the free list; which refcount-0 pages are cached rather
 //! than free is the prefix index's business (see [`super::KvCache`]).
+//!
+//! Free pages are handed out lowest id first, so that the top of the pool tends to be free
+//! and [`BlockAllocator::resize`] can give it back when memory moves to another pool.
 
 use crate::KernelError;
+use std::collections::BTreeSet;
 
 /// Index of a page in the pool.
 pub type PageId = u32;
@@ -14,7 +18,7 @@ pub type PageId = u32;
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     refcount: Vec<u32>,
-    free: Vec<PageId>,
+    free: BTreeSet<PageId>,
     in_use: usize,
 }
 
@@ -23,14 +27,14 @@ impl BlockAllocator {
     pub fn new(num_pages: usize) -> Self {
         BlockAllocator {
             refcount: vec![0; num_pages],
-            free: (0..num_pages as PageId).rev().collect(),
+            free: (0..num_pages as PageId).collect(),
             in_use: 0,
         }
     }
 
     /// Takes a free page with refcount 1.
     pub fn allocate(&mut self) -> Result<PageId, KernelError> {
-        let p = self.free.pop().ok_or(KernelError::KvFull {
+        let p = self.free.pop_first().ok_or(KernelError::KvFull {
             needed: 1,
             free: 0,
             total: self.refcount.len(),
@@ -74,7 +78,26 @@ impl BlockAllocator {
     /// Returns an unheld page to the free list.
     pub fn put_free(&mut self, page: PageId) {
         debug_assert_eq!(self.refcount[page as usize], 0, "freeing held page {page}");
-        self.free.push(page);
+        let fresh = self.free.insert(page);
+        debug_assert!(fresh, "page {page} freed twice");
+    }
+
+    /// Grows the pool to `target` pages (new pages free), or shrinks it towards `target` as far
+    /// as the pages at the top are free; returns the pages the pool now has.
+    pub fn resize(&mut self, target: usize) -> usize {
+        let total = self.refcount.len();
+        if target >= total {
+            self.refcount.resize(target, 0);
+            self.free.extend(total as PageId..target as PageId);
+            return target;
+        }
+        let mut n = total;
+        while n > target && self.free.contains(&(n as PageId - 1)) {
+            n -= 1;
+        }
+        let _ = self.free.split_off(&(n as PageId));
+        self.refcount.truncate(n);
+        n
     }
 
     /// Holders of `page`.
@@ -97,8 +120,8 @@ impl BlockAllocator {
     pub fn num_cached(&self) -> usize {
         self.num_total() - self.in_use - self.free.len()
     }
-    /// The free list (for consistency checks).
-    pub fn free_pages(&self) -> &[PageId] {
-        &self.free
+    /// The free pages, lowest first (for consistency checks).
+    pub fn free_pages(&self) -> impl Iterator<Item = PageId> + '_ {
+        self.free.iter().copied()
     }
 }

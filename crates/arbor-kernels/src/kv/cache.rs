@@ -73,6 +73,16 @@ impl KvCache {
         }
     }
 
+    /// Grows the cache to `target` pages, or shrinks it towards `target` as far as the pages
+    /// at the top are free (pages in use or kept by the prefix index stay); returns the pages
+    /// it now has. Block tables are unchanged: only free pages come or go.
+    pub fn resize(&mut self, target: usize) -> usize {
+        let n = self.alloc.resize(target);
+        self.index.resize(n);
+        self.pool.resize(n);
+        n
+    }
+
     pub fn layout(&self) -> KvLayout {
         self.pool.layout
     }
@@ -499,7 +509,7 @@ impl KvCache {
             ));
         }
         let mut free = vec![false; a.num_total()];
-        for &p in a.free_pages() {
+        for p in a.free_pages() {
             if std::mem::replace(&mut free[p as usize], true) {
                 return Err(format!("page {p} is on the free list twice"));
             }

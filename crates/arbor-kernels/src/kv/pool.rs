@@ -146,6 +146,18 @@ impl KvPool {
         }
     }
 
+    /// Grows or shrinks the pool to `num_pages` pages, keeping the K/V of the pages both
+    /// sizes have (a layer-major copy: a page's place depends on the page count).
+    pub fn resize(&mut self, num_pages: usize) {
+        if !self.detached {
+            let per_page = self.layout.page_elems_per_layer();
+            let (layers, old) = (self.layout.num_layers, self.num_pages);
+            self.data = relayout(&self.data, layers, old, num_pages, per_page);
+            self.summaries.resize(num_pages);
+        }
+        self.num_pages = num_pages;
+    }
+
     /// Bytes of one page across all layers.
     pub fn page_bytes(&self) -> usize {
         self.layout.bytes_per_page(4)
@@ -155,4 +167,21 @@ impl KvPool {
     pub fn nbytes(&self) -> usize {
         self.data.len() * 4 + self.summaries.nbytes()
     }
+}
+
+/// `data` laid out `[layer][page][per_page]` over `old` pages, re-laid over `new` pages: the
+/// first `min(old, new)` pages of every layer kept, new ones zero.
+pub(crate) fn relayout<T: Copy + Default>(
+    data: &[T],
+    layers: usize,
+    old: usize,
+    new: usize,
+    per_page: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); layers * new * per_page];
+    let keep = old.min(new) * per_page;
+    for l in 0..layers {
+        out[l * new * per_page..][..keep].copy_from_slice(&data[l * old * per_page..][..keep]);
+    }
+    out
 }

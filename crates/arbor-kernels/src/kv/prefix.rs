@@ -60,6 +60,14 @@ impl PrefixIndex {
         }
     }
 
+    /// Follows the pool to `num_pages` pages (pages cut off must not be indexed).
+    pub fn resize(&mut self, num_pages: usize) {
+        debug_assert!(self.page_node[num_pages.min(self.page_node.len())..]
+            .iter()
+            .all(Option::is_none));
+        self.page_node.resize(num_pages, None);
+    }
+
     /// The model whose K/V the indexed pages hold.
     pub fn model_key(&self) -> u64 {
         self.model_key

@@ -20,6 +20,7 @@ use super::{KvLayout, PageId};
 /// `[layer][page][kv_head][min | max][head_dim]`, plus the slots each (layer, page) covers.
 #[derive(Clone, Debug)]
 pub struct KeySummaries {
+    num_layers: usize,
     num_pages: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -33,12 +34,22 @@ impl KeySummaries {
     pub fn new(layout: &KvLayout, num_pages: usize) -> Self {
         let n = layout.num_layers * num_pages * layout.num_kv_heads * 2 * layout.head_dim;
         KeySummaries {
+            num_layers: layout.num_layers,
             num_pages,
             num_kv_heads: layout.num_kv_heads,
             head_dim: layout.head_dim,
             data: vec![0.0; n],
             filled: vec![0; layout.num_layers * num_pages],
         }
+    }
+
+    /// Follows the pool to `num_pages` pages (kept pages keep their summaries).
+    pub(crate) fn resize(&mut self, num_pages: usize) {
+        let per_page = self.num_kv_heads * 2 * self.head_dim;
+        let layers = self.num_layers;
+        self.data = super::pool::relayout(&self.data, layers, self.num_pages, num_pages, per_page);
+        self.filled = super::pool::relayout(&self.filled, layers, self.num_pages, num_pages, 1);
+        self.num_pages = num_pages;
     }
 
     fn index(&self, layer: usize, page: PageId, head: usize) -> usize {

@@ -245,6 +245,34 @@ impl Driver {
                 toks.truncate(len);
                 self.cache.truncate(id, len);
             }
+            Op::Resize { pages } => {
+                let before = self.cache.stats();
+                let got = self.cache.resize(*pages);
+                let st = self.cache.stats();
+                // Growing is exact; shrinking stops at a page in use or cached.
+                let top_free = got > 0
+                    && self
+                        .cache
+                        .allocator()
+                        .free_pages()
+                        .any(|p| p as usize == got - 1);
+                let right = if *pages >= before.pages_total {
+                    got == *pages
+                } else {
+                    got >= *pages && got <= before.pages_total && (got == *pages || !top_free)
+                };
+                ensure!(
+                    right,
+                    "resize({pages}) of {} pages gave {got}",
+                    before.pages_total
+                );
+                ensure!(
+                    st.pages_total == got
+                        && st.pages_in_use == before.pages_in_use
+                        && st.pages_cached == before.pages_cached,
+                    "resize({pages}): {before:?} -> {st:?}"
+                );
+            }
             Op::Evict { k } => {
                 let before = self.cache.stats();
                 let got = self.cache.evict(*k);

@@ -102,6 +102,10 @@ pub enum Op {
     Evict {
         k: usize,
     },
+    /// `resize` towards `pages` (grows, or shrinks over the free pages at the top).
+    Resize {
+        pages: usize,
+    },
     /// `free_seq` then `add_seq` of the same id; its next step first recomputes its tokens.
     Preempt {
         seq: Index,
@@ -134,6 +138,7 @@ pub fn op() -> impl Strategy<Value = Op> {
         2 => (any::<Index>(), any::<Index>()).prop_map(|(seq, to)| Op::Truncate { seq, to }),
         1 => prop::sample::select(vec![0usize, 1, 2, 3, usize::MAX]).prop_map(|k| Op::Evict { k }),
         2 => any::<Index>().prop_map(|seq| Op::Preempt { seq }),
+        2 => (0..=48usize).prop_map(|pages| Op::Resize { pages }),
         1 => (any::<Index>(), any::<bool>()).prop_map(|(seq, unknown)| Op::Full { seq, unknown }),
     ]
 }

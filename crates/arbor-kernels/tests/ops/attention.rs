@@ -20,16 +20,34 @@ struct Case {
     q_scale: f32,
 }
 
-/// A KV cache whose free pages come out in a random order, so that the sequence's block
-/// table is not contiguous: single-page sequences take every page, then are freed shuffled.
-fn scrambled_cache(layout: KvLayout, num_pages: usize, rng: &mut Rng) -> KvCache {
+/// A cache of `num_pages` pages whose sequence `seq` holds pages for `len` positions in a
+/// random order of the pool: fillers take every page, then are freed in a random order with
+/// the sequence taking each freed page in turn (pages are handed out lowest first, so only
+/// this interleaving scrambles its table).
+fn scrambled_cache(
+    layout: KvLayout,
+    num_pages: usize,
+    seq: SeqId,
+    len: usize,
+    rng: &mut Rng,
+) -> KvCache {
     let mut cache = KvCache::new(layout, num_pages);
     for i in 0..num_pages {
         let filler = 1000 + i as SeqId;
         cache.add_seq(filler);
         cache.reserve(filler, 1).expect("a page per filler");
     }
-    for i in rng.permutation(num_pages) {
+    cache.add_seq(seq);
+    let ps = layout.page_size;
+    let mut order = rng.permutation(num_pages).into_iter();
+    for k in 1..=len.div_ceil(ps) {
+        let i = order.next().expect("a page per position block");
+        cache.free_seq(1000 + i as SeqId);
+        cache
+            .reserve(seq, (k * ps).min(len))
+            .expect("the freed page");
+    }
+    for i in order {
         cache.free_seq(1000 + i as SeqId);
     }
     cache
@@ -79,9 +97,7 @@ fn check(c: &Case, rng: &mut Rng) {
         head_dim: hd,
         page_size: c.page_size,
     };
-    let mut cache = scrambled_cache(layout, c.len.div_ceil(c.page_size) + 3, rng);
-    cache.add_seq(SEQ);
-    cache.reserve(SEQ, c.len).expect("pages for the sequence");
+    let mut cache = scrambled_cache(layout, c.len.div_ceil(c.page_size) + 3, SEQ, c.len, rng);
     let k = rng.normals(c.len * nkv * hd, 1.0);
     let v = rng.normals(c.len * nkv * hd, 1.0);
     for pos in 0..c.len {

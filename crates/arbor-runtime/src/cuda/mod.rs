@@ -117,6 +117,16 @@ impl CudaModel {
         self.weights.bytes
     }
 
+    /// Resizes the KV pool to `num_pages` pages (see [`GpuKvPool::resize`]); graphs captured
+    /// against the old pool are dropped.
+    pub fn resize_pool(&mut self, num_pages: usize) -> Result<(), RuntimeError> {
+        if num_pages != self.pool.num_pages {
+            self.pool.resize(&self.gpu, num_pages)?;
+            self.ws.invalidate();
+        }
+        Ok(())
+    }
+
     /// Bytes of device memory the KV pool takes.
     pub fn kv_bytes(&self) -> usize {
         self.pool.nbytes()

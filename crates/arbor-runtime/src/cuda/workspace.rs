@@ -169,6 +169,12 @@ impl Workspace {
         Ok(())
     }
 
+    /// Marks every captured graph stale (a buffer outside the workspace that graphs read, the
+    /// KV pool, moved).
+    pub fn invalidate(&mut self) {
+        self.generation += 1;
+    }
+
     /// Bytes of device memory held.
     pub fn bytes(&self) -> usize {
         4 * (self.meta.len()

@@ -220,3 +220,43 @@ fn bad_requests_change_nothing() {
     e.free_seq(s);
     assert_eq!(e.cache().allocator().num_in_use(), 0);
 }
+
+/// Logits of a prompt then two decode tokens on `e`, with `between(e)` run before each decode
+/// step.
+fn run_with(e: &mut Engine, mut between: impl FnMut(&mut Engine)) -> Vec<Vec<f32>> {
+    let s = e.new_seq();
+    let last = |tokens: Vec<u32>| SeqStep {
+        seq: s,
+        tokens,
+        logits: LogitsMode::Last,
+        ..Default::default()
+    };
+    let mut out = vec![step(e, vec![last(toks(29, 3))]).remove(0).logits];
+    for t in [7, 11] {
+        between(e);
+        out.push(step(e, vec![last(vec![t])]).remove(0).logits);
+    }
+    out
+}
+
+#[test]
+fn the_kv_cache_resizes_under_live_sequences() {
+    let want = run_with(&mut engine(), |_| {});
+    let mut sizes = Vec::new();
+    let got = run_with(&mut engine(), |e| {
+        let total = e.kv_stats().pages_total;
+        // Grow, then shrink as far as the top is free: the sequence's pages stay.
+        assert_eq!(e.resize_kv(total + 40).expect("grow"), total + 40);
+        let n = e.resize_kv(1).expect("shrink");
+        let st = e.kv_stats();
+        assert!(
+            n >= st.pages_in_use + st.pages_cached && n < total + 40,
+            "{n} pages"
+        );
+        assert_eq!(st.pages_total, n);
+        e.cache().check().expect("consistent cache");
+        sizes.push(n);
+    });
+    assert_eq!(got, want, "a resize changed the logits");
+    assert!(sizes.iter().all(|&n| n <= 8), "{sizes:?}");
+}

@@ -174,3 +174,44 @@ fn smollm2_matches_the_cpu() {
         );
     }
 }
+
+/// The GPU pool grows and shrinks (one device copy per layer) under a live sequence, which
+/// then decodes on as before: logits against the CPU doing the same.
+#[test]
+fn the_gpu_kv_pool_resizes_under_live_sequences() {
+    let Some((mut cpu, mut gpu)) = engines(&fixture("llama")) else {
+        return;
+    };
+    let vocab = cpu.model.cfg.vocab_size;
+    let toks = prompt(29, vocab, 4);
+    let logits = [&mut cpu, &mut gpu].map(|e| {
+        let seq = e.new_seq();
+        let last = |tokens: Vec<u32>| SeqStep {
+            seq,
+            tokens,
+            logits: LogitsMode::Last,
+            ..Default::default()
+        };
+        e.step(&ForwardBatch {
+            seqs: vec![last(toks.clone())],
+        })
+        .expect("prefill");
+        let mut out = Vec::new();
+        for t in [7u32, 11] {
+            let total = e.kv_stats().pages_total;
+            assert_eq!(e.resize_kv(total + 40).expect("grow"), total + 40);
+            let n = e.resize_kv(1).expect("shrink");
+            assert!(n < total + 40, "{n} pages");
+            let res = e.step(&ForwardBatch {
+                seqs: vec![last(vec![t % vocab as u32])],
+            });
+            out.push(res.expect("decode").remove(0).logits);
+        }
+        out
+    });
+    for (c, g) in logits[0].iter().zip(&logits[1]) {
+        let (nmse, _) = errors(g, c);
+        assert!(nmse < 1e-3, "NMSE {nmse:.2e} after a resize");
+        assert_eq!(argmax(g), argmax(c));
+    }
+}

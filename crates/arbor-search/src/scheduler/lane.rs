@@ -80,6 +80,30 @@ impl VerifierModel {
         self.jobs.len()
     }
 
+    /// Bytes of one of the lane's KV pages.
+    pub(crate) fn page_bytes(&self) -> usize {
+        self.engine.kv_stats().page_bytes.max(1)
+    }
+
+    /// Pages the queued sequences need beyond the lane's free pages (0 when all fit).
+    pub(crate) fn pages_short(&self) -> usize {
+        let need: usize = (self.jobs.iter())
+            .map(|j| self.engine.pages_needed(j.seq, j.feed.len()))
+            .sum();
+        need.saturating_sub(self.engine.cache().available_pages())
+    }
+
+    /// Resizes the lane's KV pool (see [`Engine::resize_kv`]); the prefix cache is dropped
+    /// first when shrinking, so that its pages do not pin the top of the pool.
+    pub(crate) fn resize_kv(&mut self, pages: usize) -> Result<usize, String> {
+        if pages < self.engine.kv_stats().pages_total {
+            self.engine.clear_prefix_cache();
+        }
+        self.engine
+            .resize_kv(pages)
+            .map_err(|e| format!("verifier {}: {e}", self.name))
+    }
+
     /// Queues the scoring of `answer` to `question` for `node` of search `owner`.
     pub(crate) fn submit(
         &mut self,

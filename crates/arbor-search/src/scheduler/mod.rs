@@ -14,12 +14,14 @@
 //!
 //! Files: `pack.rs` (choosing a step's jobs, preemption), `outputs.rs` (handing out a step's
 //! outputs, reaping, searches reacting), `search.rs` (one search's state), `lane.rs`
-//! (verifier models), `group.rs` (n choices of one prompt), `progress.rs` (streaming),
-//! `job.rs` (one running sequence).
+//! (verifier models), `memory.rs` (KV pages lent to verifier models while they need them),
+//! `group.rs` (n choices of one prompt), `progress.rs` (streaming), `job.rs` (one running
+//! sequence).
 
 mod group;
 mod job;
 mod lane;
+mod memory;
 mod outputs;
 mod pack;
 mod progress;
@@ -123,10 +125,16 @@ pub struct Scheduler {
     progress: progress::ProgressLog,
     /// Sparse attention budgets (pages per row) of requests and searches that asked for one.
     sparse: HashMap<RequestId, usize>,
+    /// Per lane: its configured pages and the policy pages it borrowed (`memory.rs`).
+    loans: Vec<memory::Loan>,
+    /// The policy's configured pages.
+    kv_policy_base: usize,
+    kv_moves: u64,
 }
 
 impl Scheduler {
     pub fn new(engine: Engine, tokenizer: Tokenizer, opts: SchedulerOptions) -> Self {
+        let kv_policy_base = engine.kv_stats().pages_total;
         Scheduler {
             engine,
             tokenizer,
@@ -143,6 +151,9 @@ impl Scheduler {
             ignore_eos: false,
             progress: Default::default(),
             sparse: HashMap::new(),
+            loans: Vec::new(),
+            kv_policy_base,
+            kv_moves: 0,
         }
     }
 
@@ -184,6 +195,10 @@ impl Scheduler {
     /// Adds a verifier model (its own engine and KV pool); searches name it as
     /// `Verifier::Model { lane, .. }` with the returned lane.
     pub fn add_verifier_model(&mut self, model: VerifierModel) -> usize {
+        self.loans.push(memory::Loan {
+            base: model.engine().kv_stats().pages_total,
+            policy_pages: 0,
+        });
         self.lanes.push(model);
         self.lanes.len() - 1
     }
@@ -402,8 +417,15 @@ impl Scheduler {
     }
 
     /// One scheduling step: searches react, a batch is packed and run, outputs are handed
-    /// out. Returns the number of sequences stepped.
+    /// out; then KV pages move to verifier models that wait for them, or back from idle ones
+    /// (`memory.rs`). Returns the number of sequences stepped.
     pub fn tick(&mut self) -> usize {
+        let stepped = self.step_once();
+        self.rebalance_kv();
+        stepped
+    }
+
+    fn step_once(&mut self) -> usize {
         self.admit();
         let verified = self.step_lanes();
         self.react();

@@ -16,6 +16,11 @@ fn model_dir(name: &str) -> PathBuf {
 
 /// A lane for the model at `dir`, scoring by its reward head (or as judge when `judge`).
 fn lane(dir: &Path, judge: bool) -> VerifierModel {
+    lane_sized(dir, judge, 2 << 20)
+}
+
+/// [`lane`] with a KV pool of `kv_bytes`.
+fn lane_sized(dir: &Path, judge: bool, kv_bytes: usize) -> VerifierModel {
     let loaded = arbor_runtime::load(dir).expect("verifier fixture");
     let scoring = match loaded.model.cfg.reward.clone() {
         Some(head) if !judge => Scoring::Reward {
@@ -27,7 +32,7 @@ fn lane(dir: &Path, judge: bool) -> VerifierModel {
     let engine = Engine::new(
         loaded.model,
         &EngineOptions {
-            kv_cache_bytes: 2 << 20,
+            kv_cache_bytes: kv_bytes,
             page_size: 8,
         },
     )
@@ -120,6 +125,54 @@ fn an_outcome_reward_model_scores_in_the_same_ticks() {
     );
     assert_clean(&s);
     assert_eq!(s.verifier_models()[l].engine().kv_stats().pages_in_use, 0);
+}
+
+#[test]
+fn a_small_verifier_pool_borrows_the_policys_spare_pages_and_gives_them_back() {
+    let dir = model_dir("reward-orm");
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    let policy_pages = s.engine().kv_stats().pages_total;
+    // Room for about one candidate at a time.
+    let l = s.add_verifier_model(lane_sized(&dir, false, 12 << 10));
+    let base = s.verifier_models()[l].engine().kv_stats().pages_total;
+    assert!((2..=4).contains(&base), "{base} pages");
+    let name = s.verifier_models()[l].name.clone();
+    best_of(&mut s, 8, Verifier::Model { lane: l, name });
+    let mut most = base;
+    while s.active() > 0 {
+        s.tick();
+        let lane_pages = s.verifier_models()[l].engine().kv_stats().pages_total;
+        most = most.max(lane_pages);
+        // One budget: what the lane holds beyond its own pool the policy does not.
+        let lent = policy_pages - s.engine().kv_stats().pages_total;
+        let (pb, lb) = (
+            s.engine().kv_stats().page_bytes,
+            s.verifier_models()[l].engine().kv_stats().page_bytes,
+        );
+        assert!(
+            (lane_pages - base) * lb <= lent * pb,
+            "lane {lane_pages}, lent {lent}"
+        );
+    }
+    let (_, Outcome::Search(Ok(r))) = s.take_finished().remove(0) else {
+        panic!("search failed")
+    };
+    assert_eq!(r.candidates.len(), 8);
+    for c in &r.candidates {
+        let want = direct_score(&dir, &c.text);
+        let got = c.score.expect("scored");
+        assert!(
+            (got - want).abs() < 1e-5,
+            "{got} vs {want} for {:?}",
+            c.text
+        );
+    }
+    assert!(most > base, "the lane never grew ({base} pages)");
+    assert!(s.kv_moves() >= 2, "{} moves", s.kv_moves());
+    // Everything is given back once the lane is idle.
+    assert_eq!(s.engine().kv_stats().pages_total, policy_pages);
+    assert_eq!(s.verifier_models()[l].engine().kv_stats().pages_total, base);
+    assert_clean(&s);
 }
 
 #[test]
