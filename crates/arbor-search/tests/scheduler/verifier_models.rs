@@ -82,6 +82,19 @@ fn direct_score(dir: &Path, answer: &str) -> f64 {
     f64::from(head.prob(&out[0].logits))
 }
 
+/// Every candidate's score is what the reward model at `dir` gives it run alone.
+fn assert_scores_are_direct(dir: &Path, candidates: &[arbor_search::scheduler::Candidate]) {
+    for c in candidates {
+        let want = direct_score(dir, &c.text);
+        let got = c.score.expect("scored");
+        assert!(
+            (got - want).abs() < 1e-5,
+            "{got} vs {want} for {:?}",
+            c.text
+        );
+    }
+}
+
 #[test]
 fn an_outcome_reward_model_scores_in_the_same_ticks() {
     let dir = model_dir("reward-orm");
@@ -104,15 +117,7 @@ fn an_outcome_reward_model_scores_in_the_same_ticks() {
     assert_eq!(r.verifiers, vec![name]);
     assert_eq!(r.candidates.len(), 4);
     assert!(r.accounting.verifier_tokens > 0, "{:?}", r.accounting);
-    for c in &r.candidates {
-        let want = direct_score(&dir, &c.text);
-        let got = c.score.expect("scored");
-        assert!(
-            (got - want).abs() < 1e-5,
-            "{got} vs {want} for {:?}",
-            c.text
-        );
-    }
+    assert_scores_are_direct(&dir, &r.candidates);
     let best = r
         .candidates
         .iter()
@@ -158,15 +163,7 @@ fn a_small_verifier_pool_borrows_the_policys_spare_pages_and_gives_them_back() {
         panic!("search failed")
     };
     assert_eq!(r.candidates.len(), 8);
-    for c in &r.candidates {
-        let want = direct_score(&dir, &c.text);
-        let got = c.score.expect("scored");
-        assert!(
-            (got - want).abs() < 1e-5,
-            "{got} vs {want} for {:?}",
-            c.text
-        );
-    }
+    assert_scores_are_direct(&dir, &r.candidates);
     assert!(most > base, "the lane never grew ({base} pages)");
     assert!(s.kv_moves() >= 2, "{} moves", s.kv_moves());
     // Everything is given back once the lane is idle.
