@@ -120,6 +120,15 @@ impl Backend {
         }
     }
 
+    /// Decode steps replayed as CUDA graphs so far (`None` on the CPU).
+    pub fn graph_replays(&self) -> Option<u64> {
+        match self {
+            Backend::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => Some(m.graph_stats().replays),
+        }
+    }
+
     /// The device in words: `cpu, N threads` or `cuda:0 NAME (sm_XY)`.
     pub fn describe(&self) -> String {
         match self {

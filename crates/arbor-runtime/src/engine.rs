@@ -269,6 +269,11 @@ impl Engine {
         self.backend.resize_kv(&mut self.cache, pages)
     }
 
+    /// Decode steps replayed as CUDA graphs so far (`None` on the CPU; see docs/GPU.md).
+    pub fn graph_replays(&self) -> Option<u64> {
+        self.backend.graph_replays()
+    }
+
     /// Page and token counts of the KV cache.
     pub fn kv_stats(&self) -> KvStats {
         self.cache.stats()

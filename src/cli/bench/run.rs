@@ -33,6 +33,8 @@ pub struct CellResult {
     pub unique_tokens_at_peak: usize,
     pub gpu_mem_peak_bytes: Option<u64>,
     pub preemptions: u64,
+    /// Steps replayed as CUDA graphs (`None` on the CPU).
+    pub graph_replays: Option<u64>,
     /// Searches that ended with an error, and the first error.
     pub errors: Vec<String>,
     /// MoE models: tokens routed to each expert of each MoE layer over the cell (policy and
@@ -116,6 +118,7 @@ pub fn run_cell(
     let _ = engine.take_expert_counts(); // start from zero
     let vocab = engine.model.cfg.vocab_size;
     let computed0 = engine.computed_tokens();
+    let replays0 = engine.graph_replays();
     let page_bytes = engine.cache().pool.page_bytes();
     let params = cell.params()?;
     let mut prompts = Vec::with_capacity(searches);
@@ -187,6 +190,10 @@ pub fn run_cell(
         bar.tick();
     }
     finished.extend(sched.take_finished());
+    r.graph_replays = sched
+        .engine()
+        .graph_replays()
+        .map(|n| n - replays0.unwrap_or(0));
     for (_, outcome) in finished {
         match outcome {
             Outcome::Search(Ok(res)) => {
