@@ -71,10 +71,13 @@ fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionPar
     }
     let pool = device_pool(gpu, &rig.cache);
     let dq = up(gpu, &q);
-    for max_group_pages in [64, 3] {
+    // Each plan after the first reuses the previous one's buffers (as the engine's steps do):
+    // 64 → 3 cuts more groups (bigger arrays), 3 → 64 fits in what is there.
+    let mut prev = None;
+    for max_group_pages in [64, 3, 64] {
         let plan = b.plan(&rig.cache, None, &PlanOptions { max_group_pages });
         let shared = plan.group_num_seqs.iter().filter(|&&n| n > 1).count();
-        let gplan = GpuCascadePlan::upload(gpu, &plan).expect("upload");
+        let gplan = GpuCascadePlan::upload_reusing(gpu, &plan, prev.take()).expect("upload");
         let mut out = zeros::<bf16>(gpu, rows * w);
         cascade_attention(gpu, &dq, rows, &gplan, &pool, LAYER, p, &mut out).expect("cascade");
         let got = down_bf16(gpu, &out, rows * w);
@@ -87,6 +90,7 @@ fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionPar
             &want,
             CASCADE_ROUNDED,
         );
+        prev = Some(gplan);
     }
 }
 

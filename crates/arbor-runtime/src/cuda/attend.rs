@@ -110,8 +110,10 @@ impl StepAttention {
     }
 
     /// The attention of an eager step laid out as `meta`: cascade over the plan of `batch` on
-    /// `cache`'s block tables (reserved for the step), uploaded here, when `opts` turn tree
-    /// attention on and the step's sequences share pages; else the paged kernel.
+    /// `cache`'s block tables (reserved for the step), uploaded here into the buffers of the
+    /// plan in `reuse` (an earlier step's, taken only when this step has a plan) where they
+    /// fit, when `opts` turn tree attention on and the step's sequences share pages; else the
+    /// paged kernel.
     pub fn prepare(
         gpu: &Gpu,
         cfg: &ModelConfig,
@@ -119,12 +121,14 @@ impl StepAttention {
         batch: &BatchLayout,
         cache: &KvCache,
         opts: &AttentionOptions,
+        reuse: &mut Option<GpuCascadePlan>,
     ) -> Result<Self, RuntimeError> {
         let plan_opts = CascadeMode::Merge.plan_options();
         let kernel = match batch.cascade_plan(cache, opts.tree.is_some(), &plan_opts)? {
             Some(plan) => {
                 let plan = in_step_order(plan, batch)?;
-                Kernel::Cascade(Box::new(GpuCascadePlan::upload(gpu, &plan)?))
+                let plan = GpuCascadePlan::upload_reusing(gpu, &plan, reuse.take())?;
+                Kernel::Cascade(Box::new(plan))
             }
             None => Kernel::Paged {
                 seqs: meta.seq_row_indptr.len().saturating_sub(1),
@@ -133,6 +137,14 @@ impl StepAttention {
             },
         };
         Ok(Self::new(cfg, kernel))
+    }
+
+    /// The step's cascade plan, if it had one (for the next step to reuse its buffers).
+    pub fn into_plan(self) -> Option<GpuCascadePlan> {
+        match self.kernel {
+            Kernel::Cascade(plan) => Some(*plan),
+            Kernel::Paged { .. } => None,
+        }
     }
 
     /// The attention of a decode step padded to `seqs` sequences for a CUDA graph: the paged

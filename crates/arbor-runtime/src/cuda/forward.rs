@@ -87,8 +87,13 @@ pub(super) fn run(
     match bucket {
         Some(b) => graph::run(m, cfg, b, &lay)?,
         None => {
-            let step = StepAttention::prepare(&gpu, cfg, &meta, batch, cache, &model.attention)?;
+            let reuse = &mut m.last_plan;
+            let step =
+                StepAttention::prepare(&gpu, cfg, &meta, batch, cache, &model.attention, reuse)?;
             layers(m, cfg, &step, &lay, head)?;
+            if let Some(plan) = step.into_plan() {
+                m.last_plan = Some(plan);
+            }
         }
     }
     m.logits = (n_logits > 0).then_some(n_logits);

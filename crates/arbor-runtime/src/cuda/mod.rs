@@ -21,6 +21,7 @@ mod workspace;
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
 use arbor_kernels::cuda::gemm::Gemm;
+use arbor_kernels::cuda::ops::cascade::GpuCascadePlan;
 use arbor_kernels::cuda::ops::sample::{sample, SampleRow};
 use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
 use arbor_kernels::kv::{KvCache, KvLayout};
@@ -49,6 +50,8 @@ pub struct CudaModel {
     moe: moe::MoeState,
     /// Rows of the last step's output in `ws.logits` (`rows × out_dim`), if any.
     logits: Option<usize>,
+    /// The last cascade plan, whose buffers the next one reuses.
+    last_plan: Option<GpuCascadePlan>,
     out_dim: usize,
 }
 
@@ -82,6 +85,7 @@ impl CudaModel {
             graphs: GraphCache::new(GraphMode::from_env()),
             moe,
             logits: None,
+            last_plan: None,
             out_dim: model.cfg.out_dim(),
         })
     }

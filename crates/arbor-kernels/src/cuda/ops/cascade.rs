@@ -12,7 +12,7 @@ use super::attention::check_shapes;
 use super::{int_arg, launch_error, need_len, product};
 use crate::ops::cascade::CascadePlan;
 use crate::ops::AttentionParams;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use half::bf16;
 use std::sync::Mutex;
 
@@ -33,22 +33,31 @@ pub fn rows_per_pass(head_dim: usize, group: usize) -> usize {
     (CASCADE_J * (256 / head_dim.max(1)) / group.max(1)).max(1)
 }
 
-/// A [`CascadePlan`] in device memory, with the host-made task list and a partials buffer
-/// reused by every layer.
+/// The plan's arrays, in the order they sit in [`GpuCascadePlan`]'s one buffer.
+#[derive(Clone, Copy)]
+enum Array {
+    /// `(group, first entry, end entry)` per task.
+    Tasks,
+    GroupPageIndptr,
+    PageIds,
+    GroupFirstPage,
+    GroupRows,
+    RowPos,
+    RowEntryIndptr,
+    RowEntries,
+}
+
+/// A [`CascadePlan`] in device memory: the host-made task list and the plan's CSR arrays in
+/// one buffer (one upload per step), and a partials buffer reused by every layer. Both are
+/// reused by the next step's plan through [`GpuCascadePlan::upload_reusing`].
 pub struct GpuCascadePlan {
     rows: usize,
     entries: usize,
     page_size: usize,
     n_tasks: usize,
-    /// `(group, first entry, end entry)` per task.
-    tasks: CudaSlice<u32>,
-    group_page_indptr: CudaSlice<u32>,
-    page_ids: CudaSlice<u32>,
-    group_first_page: CudaSlice<u32>,
-    group_rows: CudaSlice<u32>,
-    row_pos: CudaSlice<u32>,
-    row_entry_indptr: CudaSlice<u32>,
-    row_entries: CudaSlice<u32>,
+    data: CudaSlice<u32>,
+    /// Where each [`Array`] starts in `data`.
+    starts: [usize; 8],
     /// Partial outputs and LSEs (grown on demand; fully rewritten by every call).
     scratch: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
@@ -57,6 +66,16 @@ impl GpuCascadePlan {
     /// Uploads `plan` (dense rows only). Fails on a plan with sparse rows or inconsistent CSR
     /// arrays.
     pub fn upload(gpu: &Gpu, plan: &CascadePlan) -> Result<Self, GpuError> {
+        Self::upload_reusing(gpu, plan, None)
+    }
+
+    /// [`GpuCascadePlan::upload`] into the buffers of `old` (an earlier step's plan) where they
+    /// are big enough, so that a step of a stable tree allocates nothing.
+    pub fn upload_reusing(
+        gpu: &Gpu,
+        plan: &CascadePlan,
+        old: Option<GpuCascadePlan>,
+    ) -> Result<Self, GpuError> {
         const OP: &str = "cascade plan upload";
         let invalid = |m: String| Err(GpuError::Invalid(format!("{OP}: {m}")));
         if plan.has_sparse() {
@@ -95,22 +114,45 @@ impl GpuCascadePlan {
                 tasks.extend([g as u32, lo as u32, (lo + TASK_ROWS).min(e.end) as u32]);
             }
         }
-        let up = |v: &[u32], what: &str| gpu.upload(v, what);
+        let arrays: [&[u32]; 8] = [
+            &tasks,
+            &plan.group_page_indptr,
+            &plan.page_ids,
+            &plan.group_first_page,
+            &plan.group_rows,
+            &plan.row_pos,
+            &plan.row_entry_indptr,
+            &plan.row_entries,
+        ];
+        let mut starts = [0; 8];
+        let mut packed = Vec::with_capacity(arrays.iter().map(|a| a.len()).sum());
+        for (start, a) in starts.iter_mut().zip(arrays) {
+            *start = packed.len();
+            packed.extend_from_slice(a);
+        }
+        let (data, scratch) = match old {
+            Some(o) if o.data.len() >= packed.len() => {
+                let mut data = o.data;
+                gpu.upload_into(&packed, &mut data, "the cascade plan")?;
+                (data, o.scratch)
+            }
+            Some(o) => (gpu.upload(&packed, "the cascade plan")?, o.scratch),
+            None => (gpu.upload(&packed, "the cascade plan")?, Mutex::new(None)),
+        };
         Ok(GpuCascadePlan {
             rows,
             entries,
             page_size: plan.page_size,
             n_tasks: tasks.len() / 3,
-            tasks: up(&tasks, "the cascade tasks")?,
-            group_page_indptr: up(&plan.group_page_indptr, "the cascade plan")?,
-            page_ids: up(&plan.page_ids, "the cascade plan")?,
-            group_first_page: up(&plan.group_first_page, "the cascade plan")?,
-            group_rows: up(&plan.group_rows, "the cascade plan")?,
-            row_pos: up(&plan.row_pos, "the cascade plan")?,
-            row_entry_indptr: up(&plan.row_entry_indptr, "the cascade plan")?,
-            row_entries: up(&plan.row_entries, "the cascade plan")?,
-            scratch: Mutex::new(None),
+            data,
+            starts,
+            scratch,
         })
+    }
+
+    /// Device address of array `a` (the buffer's base plus its start).
+    fn addr(&self, base: u64, a: Array) -> u64 {
+        base + (self.starts[a as usize] * std::mem::size_of::<u32>()) as u64
     }
 
     /// Query rows of the plan.
@@ -193,17 +235,30 @@ pub fn cascade_attention(
         return invalid("no partials buffer".into());
     };
 
+    let (base, _guard) = plan.data.device_ptr(gpu.stream());
+    let [tasks, group_page_indptr, page_ids, group_first_page, group_rows, row_pos, row_entry_indptr, row_entries] =
+        [
+            Array::Tasks,
+            Array::GroupPageIndptr,
+            Array::PageIds,
+            Array::GroupFirstPage,
+            Array::GroupRows,
+            Array::RowPos,
+            Array::RowEntryIndptr,
+            Array::RowEntries,
+        ]
+        .map(|a| plan.addr(base, a));
     if plan.n_tasks > 0 {
         let f = gpu.func("cascade", &format!("cascade_partial_h{hd}"))?;
         let mut lb = gpu.stream().launch_builder(&f);
         lb.arg(q)
-            .arg(&plan.tasks)
+            .arg(&tasks)
             .arg(&n_tasks)
-            .arg(&plan.group_page_indptr)
-            .arg(&plan.page_ids)
-            .arg(&plan.group_first_page)
-            .arg(&plan.group_rows)
-            .arg(&plan.row_pos)
+            .arg(&group_page_indptr)
+            .arg(&page_ids)
+            .arg(&group_first_page)
+            .arg(&group_rows)
+            .arg(&row_pos)
             .arg(&pool.data)
             .arg(&layer_i)
             .arg(&pages_i)
@@ -229,8 +284,8 @@ pub fn cascade_attention(
     let mut lb = gpu.stream().launch_builder(&f);
     lb.arg(&*part_o)
         .arg(&*part_lse)
-        .arg(&plan.row_entry_indptr)
-        .arg(&plan.row_entries)
+        .arg(&row_entry_indptr)
+        .arg(&row_entries)
         .arg(&rows_i)
         .arg(&nh_i)
         .arg(&nkv_i)
