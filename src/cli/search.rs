@@ -40,8 +40,9 @@ pub struct SearchArgs {
     /// LM as judge).
     #[arg(long, default_value = "judge")]
     pub verifier: String,
-    /// KV cache of a verifier model, in GB: its own; while its queued candidates do not fit,
-    /// it also borrows the policy's spare pages, given back when it is idle.
+    /// KV cache of a verifier model, in GB. With the policy's it is one budget: a verifier
+    /// model borrows the policy's spare pages while candidates wait, and lends its idle pool
+    /// to a policy short of pages (taken back when candidates come).
     #[arg(long, default_value_t = 0.25)]
     pub verifier_kv_gb: f64,
     /// Seconds an external verifier command or a code candidate may take.

@@ -111,6 +111,9 @@ impl Backend {
                     return Ok(cache.resize(target));
                 }
                 let n = cache.resize(target);
+                // Pages compacted below `n` are copied on the device before the top goes.
+                let copies = cache.pool.take_copies();
+                m.copy_pages(&copies)?;
                 if let Err(e) = m.resize_pool(n) {
                     cache.resize(old);
                     return Err(e);

@@ -82,6 +82,30 @@ impl BlockAllocator {
         debug_assert!(fresh, "page {page} freed twice");
     }
 
+    /// Whether `page` is on the free list.
+    pub fn is_free(&self, page: PageId) -> bool {
+        self.free.contains(&page)
+    }
+
+    /// The lowest free page, if any.
+    pub fn lowest_free(&self) -> Option<PageId> {
+        self.free.first().copied()
+    }
+
+    /// Moves the holders of `from` (in use or cached) to the free page `to`: `to` takes
+    /// `from`'s refcount and leaves the free list, `from` joins it. The caller moves the K/V
+    /// and every reference to the page.
+    pub fn move_page(&mut self, from: PageId, to: PageId) {
+        let taken = self.free.remove(&to);
+        debug_assert!(
+            taken,
+            "moving page {from} onto page {to}, which is not free"
+        );
+        debug_assert!(!self.free.contains(&from), "moving free page {from}");
+        self.refcount[to as usize] = std::mem::take(&mut self.refcount[from as usize]);
+        self.free.insert(from);
+    }
+
     /// Grows the pool to `target` pages (new pages free), or shrinks it towards `target` as far
     /// as the pages at the top are free; returns the pages the pool now has.
     pub fn resize(&mut self, target: usize) -> usize {

@@ -73,14 +73,67 @@ impl KvCache {
         }
     }
 
-    /// Grows the cache to `target` pages, or shrinks it towards `target` as far as the pages
-    /// at the top are free (pages in use or kept by the prefix index stay); returns the pages
-    /// it now has. Block tables are unchanged: only free pages come or go.
+    /// Grows the cache to `target` pages, or shrinks it towards `target`: pages in use or
+    /// kept by the prefix index above `target` first move into free pages below it
+    /// ([`KvCache::compact`]), so the cache shrinks to `max(target, pages in use + cached)`.
+    /// Returns the pages it now has.
     pub fn resize(&mut self, target: usize) -> usize {
+        let held = self.alloc.num_in_use() + self.alloc.num_cached();
+        let target = target.max(held);
+        if target < self.alloc.num_total() {
+            self.compact(target);
+        }
         let n = self.alloc.resize(target);
         self.index.resize(n);
         self.pool.resize(n);
         n
+    }
+
+    /// Moves every page in use or cached at or above `target` into the lowest free page below
+    /// it, while there is one: its K/V (the slots it holds), its refcount, every block table
+    /// and prefix-index entry that names it. A detached pool records the copies for the device.
+    /// Call between steps (no reservation in flight).
+    pub fn compact(&mut self, target: usize) {
+        let ps = self.page_size();
+        let total = self.alloc.num_total();
+        // Slots each page holds: the most any table's length covers (cached pages are full).
+        let mut slots = vec![ps; total];
+        let mut seen = vec![false; total];
+        for s in self.seqs.values() {
+            for (i, &p) in s.table.pages.iter().enumerate() {
+                let held = s.table.len.saturating_sub(i * ps).min(ps);
+                let e = &mut slots[p as usize];
+                *e = if seen[p as usize] {
+                    (*e).max(held)
+                } else {
+                    held
+                };
+                seen[p as usize] = true;
+            }
+        }
+        let mut moved: HashMap<PageId, PageId> = HashMap::new();
+        for from in (target..total).rev().map(|p| p as PageId) {
+            if self.alloc.is_free(from) {
+                continue;
+            }
+            let Some(to) = self.alloc.lowest_free().filter(|&t| (t as usize) < target) else {
+                break;
+            };
+            self.pool.copy_page(from, to, slots[from as usize]);
+            self.alloc.move_page(from, to);
+            self.index.move_page(from, to);
+            moved.insert(from, to);
+        }
+        if moved.is_empty() {
+            return;
+        }
+        for s in self.seqs.values_mut() {
+            for p in &mut s.table.pages {
+                if let Some(&to) = moved.get(p) {
+                    *p = to;
+                }
+            }
+        }
     }
 
     pub fn layout(&self) -> KvLayout {

@@ -60,6 +60,14 @@ impl PrefixIndex {
         }
     }
 
+    /// The indexed page `from` now lives at `to` (compaction).
+    pub fn move_page(&mut self, from: PageId, to: PageId) {
+        if let Some(n) = self.page_node[from as usize].take() {
+            self.node_mut(n).page = Some(to);
+            self.page_node[to as usize] = Some(n);
+        }
+    }
+
     /// Follows the pool to `num_pages` pages (pages cut off must not be indexed).
     pub fn resize(&mut self, num_pages: usize) {
         debug_assert!(self.page_node[num_pages.min(self.page_node.len())..]

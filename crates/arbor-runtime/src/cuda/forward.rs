@@ -14,7 +14,7 @@ use super::CudaModel;
 use crate::config::ModelConfig;
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
-use arbor_kernels::cuda::ops::{embedding, kv, norm};
+use arbor_kernels::cuda::ops::{embedding, norm};
 use arbor_kernels::cuda::Gpu;
 use arbor_kernels::kv::KvCache;
 use arbor_kernels::ops;
@@ -50,15 +50,8 @@ pub(super) fn run(
     }
 
     // Copy-on-write of shared partial pages that the host bookkeeping decided on.
-    let copies: Vec<(u32, u32, u32)> = cache
-        .pool
-        .take_copies()
-        .into_iter()
-        .map(|(s, d, n)| (s, d, n as u32))
-        .collect();
-    if !copies.is_empty() {
-        kv::copy_pages(&gpu, &mut m.pool, &copies)?;
-    }
+    let copies = cache.pool.take_copies();
+    m.copy_pages(&copies)?;
     let meta = StepMeta::build(batch, |s| cache.table(s), ps)?;
     let mode = m.graphs.mode();
     let bucket = graph::graph_bucket(mode, model, batch, &meta, !copies.is_empty(), logit_rows);

@@ -22,6 +22,7 @@ use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
 use arbor_kernels::cuda::gemm::Gemm;
 use arbor_kernels::cuda::ops::cascade::GpuCascadePlan;
+use arbor_kernels::cuda::ops::kv;
 use arbor_kernels::cuda::ops::sample::{sample, SampleRow};
 use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
 use arbor_kernels::kv::{KvCache, KvLayout};
@@ -119,6 +120,18 @@ impl CudaModel {
     /// Bytes of device memory the weights take.
     pub fn weight_bytes(&self) -> usize {
         self.weights.bytes
+    }
+
+    /// Makes the page copies `(src, dst, slots)` the host bookkeeping recorded (copy-on-write,
+    /// compaction) in the device pool, in order.
+    pub fn copy_pages(&mut self, copies: &[(u32, u32, usize)]) -> Result<(), RuntimeError> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let copies: Vec<(u32, u32, u32)> =
+            copies.iter().map(|&(s, d, n)| (s, d, n as u32)).collect();
+        kv::copy_pages(&self.gpu, &mut self.pool, &copies)?;
+        Ok(())
     }
 
     /// Resizes the KV pool to `num_pages` pages (see [`GpuKvPool::resize`]); graphs captured

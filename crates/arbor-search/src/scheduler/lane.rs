@@ -34,6 +34,8 @@ pub struct VerifierModel {
     tokenizer: Tokenizer,
     scoring: Scoring,
     jobs: Vec<LaneJob>,
+    /// The pool's configured pages: what it can always get back, lent or not.
+    base_pages: usize,
 }
 
 struct LaneJob {
@@ -61,7 +63,9 @@ impl VerifierModel {
     /// A lane for `engine` (with its tokenizer) scoring by `scoring`. For
     /// [`Scoring::Reward`] the engine's model must carry that reward head.
     pub fn new(name: String, engine: Engine, tokenizer: Tokenizer, scoring: Scoring) -> Self {
+        let base_pages = engine.kv_stats().pages_total;
         VerifierModel {
+            base_pages,
             name,
             engine,
             tokenizer,
@@ -124,7 +128,8 @@ impl VerifierModel {
             ));
         }
         let stats = self.engine.kv_stats();
-        let total = stats.pages_total;
+        // Pages lent to the policy come back when the lane needs them.
+        let total = stats.pages_total.max(self.base_pages);
         if BlockTable::pages_for(feed.len(), stats.page_size) > total {
             return Err(format!(
                 "verifier {}: a candidate of {} tokens needs more KV pages than its pool holds \

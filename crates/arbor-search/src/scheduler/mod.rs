@@ -14,7 +14,7 @@
 //!
 //! Files: `pack.rs` (choosing a step's jobs, preemption), `outputs.rs` (handing out a step's
 //! outputs, reaping, searches reacting), `search.rs` (one search's state), `lane.rs`
-//! (verifier models), `memory.rs` (KV pages lent to verifier models while they need them),
+//! (verifier models), `memory.rs` (KV pages moving between the policy and verifier models),
 //! `group.rs` (n choices of one prompt), `progress.rs` (streaming), `job.rs` (one running
 //! sequence).
 
@@ -125,7 +125,7 @@ pub struct Scheduler {
     progress: progress::ProgressLog,
     /// Sparse attention budgets (pages per row) of requests and searches that asked for one.
     sparse: HashMap<RequestId, usize>,
-    /// Per lane: its configured pages and the policy pages it borrowed (`memory.rs`).
+    /// Per lane: its configured pages and what moved between it and the policy (`memory.rs`).
     loans: Vec<memory::Loan>,
     /// The policy's configured pages.
     kv_policy_base: usize,
@@ -197,7 +197,7 @@ impl Scheduler {
     pub fn add_verifier_model(&mut self, model: VerifierModel) -> usize {
         self.loans.push(memory::Loan {
             base: model.engine().kv_stats().pages_total,
-            policy_pages: 0,
+            ..Default::default()
         });
         self.lanes.push(model);
         self.lanes.len() - 1

@@ -41,7 +41,12 @@ fn lane_sized(dir: &Path, judge: bool, kv_bytes: usize) -> VerifierModel {
 }
 
 fn best_of(s: &mut Scheduler, n: usize, verifier: Verifier) -> u64 {
-    let params = Params::new(n).set("max_tokens", 5);
+    best_of_len(s, n, 5, verifier)
+}
+
+/// [`best_of`] with `max_tokens` new tokens per candidate.
+fn best_of_len(s: &mut Scheduler, n: usize, max_tokens: usize, verifier: Verifier) -> u64 {
+    let params = Params::new(n).set("max_tokens", max_tokens);
     s.submit_search(SearchRequest {
         prompt: prompt(11, 3),
         question: "q".into(),
@@ -132,6 +137,60 @@ fn an_outcome_reward_model_scores_in_the_same_ticks() {
     assert_eq!(s.verifier_models()[l].engine().kv_stats().pages_in_use, 0);
 }
 
+/// The policy's and lane `l`'s pools together never hold more bytes than their configured
+/// sizes (`policy_pages`, `base`) did.
+fn assert_one_budget(s: &Scheduler, l: usize, policy_pages: usize, base: usize) {
+    let (p, v) = (
+        s.engine().kv_stats(),
+        s.verifier_models()[l].engine().kv_stats(),
+    );
+    let now = p.pages_total * p.page_bytes + v.pages_total * v.page_bytes;
+    let budget = policy_pages * p.page_bytes + base * v.page_bytes;
+    assert!(
+        now <= budget,
+        "{} + {} pages exceed the budget of {policy_pages} + {base}",
+        p.pages_total,
+        v.pages_total
+    );
+}
+
+#[test]
+fn a_small_policy_pool_borrows_an_idle_verifier_pool_and_gives_it_back() {
+    let dir = model_dir("reward-orm");
+    // A policy pool of 10 pages: a search of 8 branches on an 11-token prompt is admitted,
+    // but its branches do not all fit beside each other as they grow.
+    let probe = scheduler(1 << 20, SchedulerOptions::default());
+    let pb = probe.engine().kv_stats().page_bytes;
+    let mut s = scheduler(10 * pb, SchedulerOptions::default());
+    let policy_pages = s.engine().kv_stats().pages_total;
+    let l = s.add_verifier_model(lane_sized(&dir, false, 2 << 20));
+    let base = s.verifier_models()[l].engine().kv_stats().pages_total;
+    let name = s.verifier_models()[l].name.clone();
+    // 12 new tokens: each branch grows past its copied prompt page into two more.
+    best_of_len(&mut s, 8, 12, Verifier::Model { lane: l, name });
+    let (mut most, mut least) = (policy_pages, base);
+    while s.active() > 0 {
+        s.tick();
+        most = most.max(s.engine().kv_stats().pages_total);
+        least = least.min(s.verifier_models()[l].engine().kv_stats().pages_total);
+        assert_one_budget(&s, l, policy_pages, base);
+    }
+    let (_, out) = s.take_finished().remove(0);
+    let Outcome::Search(Ok(r)) = out else {
+        panic!("search failed: {out:?}")
+    };
+    assert_eq!(r.candidates.len(), 8);
+    assert_scores_are_direct(&dir, &r.candidates);
+    assert!(
+        most > policy_pages,
+        "the policy never grew ({policy_pages} pages)"
+    );
+    assert!(least < base, "the lane never lent ({base} pages)");
+    // The lane took its pool back to score the candidates.
+    assert!(s.kv_moves() >= 2, "{} moves", s.kv_moves());
+    assert_clean(&s);
+}
+
 #[test]
 fn a_small_verifier_pool_borrows_the_policys_spare_pages_and_gives_them_back() {
     let dir = model_dir("reward-orm");
@@ -146,18 +205,8 @@ fn a_small_verifier_pool_borrows_the_policys_spare_pages_and_gives_them_back() {
     let mut most = base;
     while s.active() > 0 {
         s.tick();
-        let lane_pages = s.verifier_models()[l].engine().kv_stats().pages_total;
-        most = most.max(lane_pages);
-        // One budget: what the lane holds beyond its own pool the policy does not.
-        let lent = policy_pages - s.engine().kv_stats().pages_total;
-        let (pb, lb) = (
-            s.engine().kv_stats().page_bytes,
-            s.verifier_models()[l].engine().kv_stats().page_bytes,
-        );
-        assert!(
-            (lane_pages - base) * lb <= lent * pb,
-            "lane {lane_pages}, lent {lent}"
-        );
+        most = most.max(s.verifier_models()[l].engine().kv_stats().pages_total);
+        assert_one_budget(&s, l, policy_pages, base);
     }
     let (_, Outcome::Search(Ok(r))) = s.take_finished().remove(0) else {
         panic!("search failed")
