@@ -9,7 +9,7 @@
 
 use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
 use super::attention::check_shapes;
-use super::{int_arg, launch_error, need_len, product};
+use super::{int_arg, launch_error, need_len, product, row_blocks};
 use crate::ops::cascade::CascadePlan;
 use crate::ops::AttentionParams;
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
@@ -292,11 +292,7 @@ pub fn cascade_attention(
         .arg(&hd_i)
         .arg(&ne_i)
         .arg(&mut *out);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (MERGE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = row_blocks(rows, MERGE_THREADS);
     // SAFETY: as for the partial launch; every partial a row's entries name was written by it.
     unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
     Ok(())

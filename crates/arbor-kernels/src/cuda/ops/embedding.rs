@@ -1,8 +1,8 @@
 //! Token embedding gather on the GPU (`kernels/embedding.cu`); CPU reference
 //! [`crate::ops::embedding`].
 
-use super::super::{Gpu, GpuError, LaunchConfig};
-use super::{int_arg, launch_error, need_len, product};
+use super::super::{Gpu, GpuError};
+use super::{int_arg, launch_error, need_len, product, row_blocks};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use half::bf16;
 
@@ -48,13 +48,6 @@ pub fn embedding<T: DevicePtr<u32>>(
         .arg(out);
     // SAFETY: the argument list matches the kernel's signature; every index the kernel
     // touches is below the lengths checked above.
-    unsafe {
-        b.launch(LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(launch_error(OP))?;
+    unsafe { b.launch(row_blocks(rows, 256)) }.map_err(launch_error(OP))?;
     Ok(())
 }

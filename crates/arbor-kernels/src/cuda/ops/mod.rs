@@ -44,6 +44,15 @@ pub(crate) fn need_len(
     Ok(())
 }
 
+/// One block of `threads` threads per row, `rows` blocks (1-D; no dynamic shared memory).
+pub(crate) fn row_blocks(rows: usize, threads: u32) -> super::LaunchConfig {
+    super::LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Maps a failed kernel launch to an error naming the op.
 pub(crate) fn launch_error(
     op: &str,

@@ -2,21 +2,30 @@
 //! the GPU (`kernels/norm.cu`); CPU references [`crate::ops::rms_norm`],
 //! [`crate::ops::add_rms_norm`].
 
-use super::super::{Gpu, GpuError, LaunchConfig};
+use super::super::{Gpu, GpuError};
 use super::activation::grid_stride;
-use super::{int_arg, launch_error, need_len, product};
+use super::{int_arg, launch_error, need_len, product, row_blocks};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use half::bf16;
 
 /// One block of this many threads per row.
 const THREADS: u32 = 256;
 
-fn row_config(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+/// Checks the shared arguments of the norms: `x` (and `out`) hold `rows × hidden` values,
+/// `w` holds `hidden`; returns the kernel's `rows` and `hidden`.
+fn norm_args(
+    op: &str,
+    rows: usize,
+    hidden: usize,
+    x: usize,
+    w: usize,
+    out: usize,
+) -> Result<(i32, i32), GpuError> {
+    let n = product(op, "rows × hidden", rows, hidden)?;
+    need_len(op, "x", x, n)?;
+    need_len(op, "weight", w, hidden)?;
+    need_len(op, "out", out, n)?;
+    Ok((int_arg(op, "rows", rows)?, int_arg(op, "hidden", hidden)?))
 }
 
 /// `out[r] = bf16(x[r] / sqrt(mean(x[r]²) + eps) · w)` for the first `rows` rows of `hidden`
@@ -34,11 +43,7 @@ pub fn rms_norm(
     if rows == 0 || hidden == 0 {
         return Ok(());
     }
-    let n = product(OP, "rows × hidden", rows, hidden)?;
-    need_len(OP, "x", x.len(), n)?;
-    need_len(OP, "weight", w.len(), hidden)?;
-    need_len(OP, "out", out.len(), n)?;
-    let (rows_i, hidden_i) = (int_arg(OP, "rows", rows)?, int_arg(OP, "hidden", hidden)?);
+    let (rows_i, hidden_i) = norm_args(OP, rows, hidden, x.len(), w.len(), out.len())?;
     let f = gpu.func("norm", "rms_norm")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x)
@@ -48,7 +53,7 @@ pub fn rms_norm(
         .arg(&hidden_i)
         .arg(out);
     // SAFETY: arguments match the kernel; lengths checked above.
-    unsafe { b.launch(row_config(rows)) }.map_err(launch_error(OP))?;
+    unsafe { b.launch(row_blocks(rows, THREADS)) }.map_err(launch_error(OP))?;
     Ok(())
 }
 
@@ -69,12 +74,8 @@ pub fn add_rms_norm(
     if rows == 0 || hidden == 0 {
         return Ok(());
     }
-    let n = product(OP, "rows × hidden", rows, hidden)?;
-    need_len(OP, "x", x.len(), n)?;
-    need_len(OP, "delta", delta.len(), n)?;
-    need_len(OP, "weight", w.len(), hidden)?;
-    need_len(OP, "out", out.len(), n)?;
-    let (rows_i, hidden_i) = (int_arg(OP, "rows", rows)?, int_arg(OP, "hidden", hidden)?);
+    let (rows_i, hidden_i) = norm_args(OP, rows, hidden, x.len(), w.len(), out.len())?;
+    need_len(OP, "delta", delta.len(), rows * hidden)?;
     let f = gpu.func("norm", "add_rms_norm")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x)
@@ -85,7 +86,7 @@ pub fn add_rms_norm(
         .arg(&hidden_i)
         .arg(out);
     // SAFETY: arguments match the kernel; lengths checked above.
-    unsafe { b.launch(row_config(rows)) }.map_err(launch_error(OP))?;
+    unsafe { b.launch(row_blocks(rows, THREADS)) }.map_err(launch_error(OP))?;
     Ok(())
 }
 
@@ -142,6 +143,6 @@ pub fn gather_rows<I: DevicePtr<u32>>(
         .arg(&n_i)
         .arg(out);
     // SAFETY: arguments match the kernel; the kernel reads only rows below `src_rows`.
-    unsafe { b.launch(row_config(n)) }.map_err(launch_error(OP))?;
+    unsafe { b.launch(row_blocks(n, THREADS)) }.map_err(launch_error(OP))?;
     Ok(())
 }

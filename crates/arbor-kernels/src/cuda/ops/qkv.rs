@@ -3,8 +3,8 @@
 //! the same steps in `arbor-runtime`'s decoder layer ([`crate::ops::rms_norm_rows`],
 //! [`crate::ops::RopeTable::apply`], [`crate::kv::KvPool::write`]).
 
-use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
-use super::{int_arg, launch_error, need_len, product};
+use super::super::{Gpu, GpuError, GpuKvPool};
+use super::{int_arg, launch_error, need_len, product, row_blocks};
 use crate::ops::RopeLayout;
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
@@ -155,13 +155,6 @@ pub fn qkv_rope_store<P: DevicePtr<u32>, S: DevicePtr<u32>>(
         .arg(q_out);
     // SAFETY: arguments match the kernel; buffer lengths, the layer and the pool shape are
     // checked above, and the kernel skips stores to slots beyond the pool.
-    unsafe {
-        b.launch(LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(launch_error(OP))?;
+    unsafe { b.launch(row_blocks(rows, 256)) }.map_err(launch_error(OP))?;
     Ok(())
 }
