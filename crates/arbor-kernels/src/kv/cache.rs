@@ -84,8 +84,10 @@ impl KvCache {
             self.compact(target);
         }
         let n = self.alloc.resize(target);
-        self.index.resize(n);
-        self.pool.resize(n);
+        if n != self.pool.num_pages {
+            self.index.resize(n);
+            self.pool.resize(n);
+        }
         n
     }
 

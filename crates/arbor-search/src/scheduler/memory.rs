@@ -93,9 +93,15 @@ impl Scheduler {
             .available_pages()
             .saturating_sub(self.policy_need());
         let (pb, lb) = self.page_bytes(l);
-        let want = (short * lb).div_ceil(pb).max(self.kv_policy_base / 16);
+        let take = (short * lb)
+            .div_ceil(pb)
+            .max(self.kv_policy_base / 16)
+            .min(spare);
+        if take == 0 {
+            return;
+        }
         let total = self.policy_pages();
-        let Ok(now) = self.engine.resize_kv(total - want.min(spare)) else {
+        let Ok(now) = self.engine.resize_kv(total - take) else {
             return;
         };
         let lent = total - now;
@@ -149,6 +155,9 @@ impl Scheduler {
             .div_ceil(lb)
             .max(self.loans[l].base / 16)
             .min(lane_total);
+        if want == 0 {
+            return;
+        }
         let Ok(now) = self.lanes[l].resize_kv(lane_total - want) else {
             return;
         };
