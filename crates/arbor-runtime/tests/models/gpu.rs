@@ -23,17 +23,23 @@ pub(super) fn engines(path: &Path) -> Option<(Engine, Engine)> {
         m.precision = Precision::Exact;
         m
     };
-    let gpu = match Engine::on_device(load(), &OPTS, Device::Cuda(0)) {
-        Ok(e) => e,
+    let gpu = on_gpu(Engine::on_device(load(), &OPTS, Device::Cuda(0)))?;
+    Some((Engine::new(load(), &OPTS).expect("CPU engine"), gpu))
+}
+
+/// What opening something on the GPU gave, or `None` after printing why the test is skipped;
+/// with `ARBOR_REQUIRE_GPU` set, a failure instead.
+pub(super) fn on_gpu<T, E: std::fmt::Display>(r: Result<T, E>) -> Option<T> {
+    match r {
+        Ok(t) => Some(t),
         Err(e) => {
             if std::env::var_os("ARBOR_REQUIRE_GPU").is_some() {
-                panic!("ARBOR_REQUIRE_GPU is set but the GPU engine failed: {e}");
+                panic!("ARBOR_REQUIRE_GPU is set but the GPU could not be used: {e}");
             }
             eprintln!("skipped (no GPU): {e}");
-            return None;
+            None
         }
-    };
-    Some((Engine::new(load(), &OPTS).expect("CPU engine"), gpu))
+    }
 }
 
 /// Logits of every position of `tokens`, run in chunks of `chunk` tokens.

@@ -26,16 +26,7 @@ const SIZES: [usize; 40] = [
 ];
 
 fn gpu() -> Option<Arc<Gpu>> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            if std::env::var_os("ARBOR_REQUIRE_GPU").is_some() {
-                panic!("ARBOR_REQUIRE_GPU is set but no GPU could be opened: {e}");
-            }
-            eprintln!("skipped (no GPU): {e}");
-            None
-        }
-    }
+    super::gpu::on_gpu(Gpu::open(0))
 }
 
 /// A model on the GPU with its own cache.

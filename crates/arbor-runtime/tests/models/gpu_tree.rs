@@ -33,18 +33,10 @@ fn engines(arch: &str, page_size: usize) -> Option<[Engine; 3]> {
         kv_cache_bytes: 16 << 20,
         page_size,
     };
-    let gpu = |tree: bool| match Engine::on_device(load(), &opts, Device::Cuda(0)) {
-        Ok(mut e) => {
-            e.set_tree_attention(tree);
-            Some(e)
-        }
-        Err(e) => {
-            if std::env::var_os("ARBOR_REQUIRE_GPU").is_some() {
-                panic!("ARBOR_REQUIRE_GPU is set but the GPU engine failed: {e}");
-            }
-            eprintln!("skipped (no GPU): {e}");
-            None
-        }
+    let gpu = |tree: bool| {
+        let mut e = super::gpu::on_gpu(Engine::on_device(load(), &opts, Device::Cuda(0)))?;
+        e.set_tree_attention(tree);
+        Some(e)
     };
     let on = gpu(true)?;
     let off = gpu(false)?;
