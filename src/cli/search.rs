@@ -257,9 +257,16 @@ pub fn search(a: SearchArgs) -> anyhow::Result<()> {
                         "strategy": r.strategy,
                         "verifier": r.verifiers,
                         "answer": r.answer_text,
-                        "candidates": r.candidates.iter().map(|c| serde_json::json!({
-                            "text": c.text, "score": c.score, "logprob": c.logprob, "finish": c.finish,
-                        })).collect::<Vec<_>>(),
+                        "candidates": r.candidates.iter().map(|c| {
+                            let mut j = serde_json::json!({
+                                "text": c.text, "score": c.score, "logprob": c.logprob,
+                                "tokens": c.tokens, "finish": c.finish,
+                            });
+                            if let Some(g) = c.group {
+                                j["group"] = g.into();
+                            }
+                            j
+                        }).collect::<Vec<_>>(),
                         "accounting": r.accounting,
                         "note": r.note,
                     })

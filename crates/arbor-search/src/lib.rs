@@ -18,8 +18,8 @@ pub mod verifier;
 
 pub use params::Params;
 pub use scheduler::{
-    GenerateRequest, GenerateResult, Outcome, RequestId, Scheduler, SchedulerOptions, Scoring,
-    SearchRequest, SearchResult, VerifierModel,
+    Candidate, GenerateRequest, GenerateResult, Outcome, RequestId, Scheduler, SchedulerOptions,
+    Scoring, SearchRequest, SearchResult, VerifierModel,
 };
 pub use strategy::{Action, Event, Strategy, Until};
 pub use tree::{Node, NodeId, NodeStatus, SearchTree, StopReason};

@@ -45,6 +45,10 @@ pub struct Node {
     pub hidden: Vec<f32>,
     /// Latest verifier score, once scored.
     pub score: Option<f64>,
+    /// The behaviour group the latest verifier put it in, if it tells groups apart
+    /// ([`crate::verifier::Verdict::group`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
     /// Why generation of this node stopped, once it has.
     pub stop: Option<StopReason>,
     pub status: NodeStatus,
@@ -111,6 +115,7 @@ impl SearchTree {
             token_entropies: vec![],
             hidden: vec![],
             score: None,
+            group: None,
             stop: None,
             status: NodeStatus::Open,
         }

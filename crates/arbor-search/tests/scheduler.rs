@@ -5,7 +5,7 @@
 
 use arbor_kernels::ops::SamplingParams;
 use arbor_runtime::{Engine, EngineOptions, Model};
-use arbor_search::verifier::{Judge, TextVerifier, Verifier};
+use arbor_search::verifier::{Judge, TextVerifier, Verdict, Verifier};
 use arbor_search::{
     Action, Event, GenerateRequest, NodeId, Outcome, Scheduler, SchedulerOptions, SearchRequest,
     SearchTree, Strategy, Until,
@@ -236,6 +236,76 @@ fn a_second_expansion_of_the_root_draws_its_samples() {
     assert_eq!(r.candidates.len(), 6, "probes plus the rest of the budget");
     assert_eq!(r.tree.node(0).unwrap().children.len(), 6);
     assert_clean(&s);
+}
+
+/// Gives every candidate the same score and groups them by the parity of their length.
+struct ParityGroups;
+impl TextVerifier for ParityGroups {
+    fn name(&self) -> String {
+        "parity".into()
+    }
+    fn score(&mut self, _q: &str, _answer: &str) -> Result<f64, String> {
+        Ok(1.0)
+    }
+    fn verdict(&mut self, q: &str, answer: &str) -> Result<Verdict, String> {
+        Ok(Verdict {
+            score: self.score(q, answer)?,
+            group: Some(answer.len() as u64 % 2),
+        })
+    }
+}
+
+#[test]
+fn best_of_n_picks_the_likeliest_of_the_largest_verifier_group() {
+    use arbor_search::{strategies, Params};
+    for seed in 0..4 {
+        let mut s = scheduler(4 << 20, SchedulerOptions::default());
+        let params = Params::new(9).set("max_tokens", 5);
+        s.submit_search(SearchRequest {
+            prompt: prompt(10, 3),
+            question: "q".into(),
+            strategy: strategies::build("best-of-n", &params).unwrap(),
+            verifiers: vec![Verifier::Text(Box::new(ParityGroups))],
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            },
+            max_policy_tokens: None,
+            max_wall: None,
+        });
+        let (_, Outcome::Search(Ok(r))) = s.run_to_completion().remove(0) else {
+            panic!("search failed");
+        };
+        assert_eq!(r.candidates.len(), 9);
+        // Groups are numbered by first appearance, and follow the verifier's.
+        assert_eq!(r.candidates[0].group, Some(0));
+        for c in &r.candidates {
+            let first = r
+                .candidates
+                .iter()
+                .find(|o| o.text.len() % 2 == c.text.len() % 2);
+            assert_eq!(c.group, first.and_then(|f| f.group));
+        }
+        let size = |g| r.candidates.iter().filter(|c| c.group == g).count();
+        let chosen = r
+            .candidates
+            .iter()
+            .find(|c| Some(c.node) == r.answer)
+            .expect("answer");
+        assert!(r
+            .candidates
+            .iter()
+            .all(|c| size(c.group) <= size(chosen.group)));
+        let mean = |c: &arbor_search::Candidate| c.logprob / c.tokens.max(1) as f64;
+        for c in r.candidates.iter().filter(|c| c.group == chosen.group) {
+            assert!(
+                mean(c) <= mean(chosen),
+                "seed {seed}: {c:?} beats {chosen:?}"
+            );
+        }
+        assert_clean(&s);
+    }
 }
 
 #[test]

@@ -50,7 +50,14 @@ pub struct Candidate {
     pub node: NodeId,
     pub text: String,
     pub score: Option<f64>,
+    /// The verifier's behaviour group, numbered 0, 1, … by first appearance among the
+    /// candidates; absent where the verifier does not group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
+    /// Sum of the log-probabilities of its generated tokens under the policy.
     pub logprob: f64,
+    /// How many tokens the policy generated for it (along its path).
+    pub tokens: usize,
     pub finish: String,
 }
 
@@ -251,6 +258,7 @@ impl SearchState {
         let answer_text =
             text.unwrap_or_else(|| answer.map(|a| self.tree.path_text(a)).unwrap_or_default());
         // Candidates: finished nodes, and leaves that stopped at their token limit.
+        let mut groups: Vec<u64> = vec![];
         let candidates = self
             .tree
             .nodes()
@@ -264,11 +272,25 @@ impl SearchState {
             .into_iter()
             .map(|id| {
                 let n = self.tree.node(id).expect("node");
+                let group = n.group.map(|g| {
+                    groups.iter().position(|&x| x == g).unwrap_or_else(|| {
+                        groups.push(g);
+                        groups.len() - 1
+                    })
+                });
                 Candidate {
                     node: id,
                     text: self.tree.path_text(id),
                     score: n.score,
+                    group,
                     logprob: self.tree.path_logprob(id),
+                    tokens: self
+                        .tree
+                        .path(id)
+                        .iter()
+                        .filter_map(|&p| self.tree.node(p))
+                        .map(|p| p.token_logprobs.len())
+                        .sum(),
                     finish: n
                         .stop
                         .as_ref()
@@ -389,8 +411,11 @@ impl SearchState {
                         ))
                     }
                     Some(Verifier::Text(v)) => {
-                        let s = v.score(&self.question, &answer)?;
-                        self.scored(node, verifier, s);
+                        let verdict = v.verdict(&self.question, &answer)?;
+                        if let Some(n) = self.tree.node_mut(node) {
+                            n.group = verdict.group;
+                        }
+                        self.scored(node, verifier, verdict.score);
                     }
                     Some(Verifier::Model { lane, .. }) => {
                         self.model_scores.push((*lane, node, verifier, answer));

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 /// them; p = the fraction scoring at least `threshold`. It then draws more samples, in one
 /// expansion, while the next sample's marginal gain p(1−p)^N (N = samples drawn so far) is
 /// at least `min_gain` and fewer than `budget` have been drawn; each is scored, and the
-/// answer is the best score over all samples (ties: the lower node id).
+/// answer is the best score over all samples (ties as in best-of-n).
 ///
 /// Parameters: `width` (≥ 1), `budget` (most samples in all, default `width`), `probe`
 /// (default min(4, budget), 1..=budget), `threshold` (score that counts as a pass, default
@@ -259,7 +259,7 @@ impl Strategy for Adaptive {
                     }
                 }
                 vec![Action::Finish {
-                    answer: self.each.best(),
+                    answer: self.each.best(tree),
                     text: None,
                 }]
             }

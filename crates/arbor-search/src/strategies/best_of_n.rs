@@ -6,8 +6,10 @@ use crate::strategy::{Action, Event, Strategy, Until};
 use crate::tree::SearchTree;
 
 /// Best-of-N: draws n = `width` samples of the prompt in one expansion, asks verifier 0 to
-/// score each as soon as it stops, and answers with the highest score (ties: the lower node
-/// id; a NaN score never wins over a number).
+/// score each as soon as it stops, and answers with the highest score (a NaN score never wins
+/// over a number). Ties go to the largest behaviour group the verifier reports (the code
+/// verifier's identical outputs on the examples), then to the highest mean token
+/// log-probability, then to the lower node id.
 ///
 /// Parameters: `width` (samples, ≥ 1), `max_tokens` (default 512), `stop` (default none).
 /// Every sample is scored, including one cut off by `max_tokens`.
@@ -56,7 +58,7 @@ impl Strategy for BestOfN {
                     return vec![];
                 }
                 vec![Action::Finish {
-                    answer: self.each.best(),
+                    answer: self.each.best(tree),
                     text: None,
                 }]
             }

@@ -144,9 +144,32 @@ impl ScoreEach {
         ours
     }
 
-    /// The best-scored sample (ties: lower node id).
-    pub fn best(&self) -> Option<NodeId> {
-        argmax(self.scores.iter().copied())
+    /// The best-scored sample. Among equal scores: a member of the largest behaviour group
+    /// ([`crate::verifier::Verdict::group`]; a sample without one is a group of its own),
+    /// then the highest mean token log-probability, then the lower node id.
+    pub fn best(&self, tree: &SearchTree) -> Option<NodeId> {
+        let top = self
+            .scores
+            .iter()
+            .map(|s| num(s.1))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let tied: Vec<NodeId> = self
+            .scores
+            .iter()
+            .filter(|s| num(s.1) == top)
+            .map(|s| s.0)
+            .collect();
+        let group = |id: NodeId| tree.node(id).and_then(|n| n.group);
+        let size = |id: NodeId| {
+            group(id).map_or(1, |g| tied.iter().filter(|&&o| group(o) == Some(g)).count())
+        };
+        let largest = tied.iter().map(|&id| size(id)).max()?;
+        let members: Vec<NodeId> = tied
+            .iter()
+            .copied()
+            .filter(|&id| size(id) == largest)
+            .collect();
+        most_likely(tree, &members)
     }
 }
 
@@ -202,6 +225,56 @@ mod tests {
         let u = sample_until(&p).unwrap();
         assert_eq!((u.max_tokens, u.stop), (64, vec!["\n\nQ:".to_string()]));
         assert_eq!(sample_until(&Params::new(1)).unwrap(), Until::tokens(512));
+    }
+
+    /// A root with one child per (score, group, token log-probs).
+    fn scored(samples: &[(f64, Option<u64>, &[f32])]) -> (SearchTree, ScoreEach) {
+        let mut tree = SearchTree::new(vec![1]);
+        let mut each = ScoreEach::default();
+        for &(score, group, lps) in samples {
+            let id = tree.add_child(0, vec![], 0.0).unwrap();
+            for &lp in lps {
+                tree.push_token(id, 7, "x", lp, 0.0);
+            }
+            tree.node_mut(id).unwrap().group = group;
+            each.on_expanded(&tree, 0, id);
+            assert!(each.on_scored(id, 0, score));
+        }
+        (tree, each)
+    }
+
+    #[test]
+    fn best_prefers_score_then_group_size_then_likelihood() {
+        let (a, b, c) = (Some(10), Some(11), Some(12));
+        let (tree, each) = scored(&[
+            (1.0, a, &[-0.5, -0.5]), // 1
+            (1.0, b, &[-0.01]),      // 2: likeliest, but its group is small
+            (1.0, a, &[-0.2, -0.2]), // 3: likeliest of the largest group
+            (0.5, c, &[-0.1]),       // 4
+            (0.5, c, &[-0.1]),       // 5
+            (0.5, c, &[-0.1]),       // 6: group c is larger, but scores less
+            (f64::NAN, a, &[0.0]),   // 7: NaN never wins, nor counts
+            (1.0, a, &[-0.9, -0.1]), // 8
+        ]);
+        assert_eq!(each.best(&tree), Some(3));
+        // Without groups: the likeliest of the best score; equal likelihood: the lower id.
+        let (tree, each) = scored(&[
+            (1.0, None, &[-0.5]),
+            (1.0, None, &[-0.2]),
+            (0.0, None, &[0.0]),
+        ]);
+        assert_eq!(each.best(&tree), Some(2));
+        let (tree, each) = scored(&[(2.0, None, &[-1.0]), (2.0, None, &[-1.0, -1.0])]);
+        assert_eq!(each.best(&tree), Some(1));
+        // Two groups of equal size: the likeliest member of either.
+        let (tree, each) = scored(&[
+            (1.0, a, &[-0.3]),
+            (1.0, b, &[-0.1]),
+            (1.0, a, &[-0.3]),
+            (1.0, b, &[-0.9]),
+        ]);
+        assert_eq!(each.best(&tree), Some(2));
+        assert_eq!(ScoreEach::default().best(&tree), None);
     }
 
     #[test]

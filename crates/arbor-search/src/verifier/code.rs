@@ -1,11 +1,10 @@
 //! The code verifier: runs each candidate program on the examples its prompt gives and scores
-//! it by the examples it passes; among equals, candidates that behave like many others win.
+//! it by the examples it passes, and groups candidates that behave identically on them.
 
 use super::examples::{defined_functions, extract_examples, Example};
 use super::subprocess::run_with_timeout;
-use super::TextVerifier;
+use super::{TextVerifier, Verdict};
 use regex::Regex;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,12 +21,12 @@ const HARNESS: &str = include_str!("harness.py");
 /// the whole answer). So a body-only completion finishes the prompt's function, and a full
 /// function redefines it; the prompt's imports and helpers are there either way.
 ///
-/// Score: the fraction of examples passed (with no examples: 1 if the program loads, else 0),
-/// plus a tie-break of 1e-4 × (how many candidates of this question, this one included, have
-/// behaved identically so far: same outputs on every example), capped below one example's
-/// worth. Scoring all candidates in any order, the highest score goes to a member of the
-/// largest cluster among those passing the most examples: best-of-N's argmax makes the
-/// cluster choice of AlphaCode-style filtering without a second pass.
+/// Score: the fraction of examples passed (with no examples: 1 if the program loads, else 0).
+/// Group ([`Verdict::group`]): a hash of the outputs on every example, so candidates that
+/// behave identically share it. Best-of-N picks among the candidates passing the most
+/// examples one of the largest group (AlphaCode-style clustering), and inside it the one the
+/// policy found most likely (highest mean token log-probability): programs that agree on the
+/// examples can still differ elsewhere, and the likelier one was more often right.
 ///
 /// Sandbox: a separate `python3 -I` process in an empty temporary directory with a cleared
 /// environment, an address-space limit, a CPU-time limit, a 1 MB file-size limit, a per-example
@@ -42,8 +41,6 @@ pub struct CodeVerifier {
     pub mem_bytes: u64,
     /// Limit for one example call.
     pub example_timeout: Duration,
-    /// Behaviour signatures seen so far, per question.
-    clusters: HashMap<u64, HashMap<String, usize>>,
 }
 
 impl CodeVerifier {
@@ -55,7 +52,6 @@ impl CodeVerifier {
             timeout: Duration::from_secs(10),
             mem_bytes: 1 << 30,
             example_timeout: Duration::from_secs(1),
-            clusters: HashMap::new(),
         }
     }
 
@@ -172,17 +168,20 @@ impl TextVerifier for CodeVerifier {
     }
 
     fn score(&mut self, question: &str, answer: &str) -> Result<f64, String> {
+        Ok(self.run(question, answer)?.pass_fraction())
+    }
+
+    fn verdict(&mut self, question: &str, answer: &str) -> Result<Verdict, String> {
         let report = self.run(question, answer)?;
-        let mut bonus = 0.0;
-        if let Some(sig) = report.signature() {
+        let group = report.signature().map(|sig| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            question.hash(&mut h);
-            let seen = self.clusters.entry(h.finish()).or_default();
-            let n = seen.entry(sig).or_insert(0);
-            *n += 1;
-            bonus = 1e-4 * (*n).min(99) as f64;
-        }
-        Ok(report.pass_fraction() + bonus)
+            sig.hash(&mut h);
+            h.finish()
+        });
+        Ok(Verdict {
+            score: report.pass_fraction(),
+            group,
+        })
     }
 }
 
@@ -309,10 +308,10 @@ mod tests {
     }
 
     #[test]
-    fn ties_go_to_the_largest_behaviour_cluster() {
+    fn identical_behaviour_shares_a_group() {
         let Some(mut v) = python() else { return };
-        // Neither passes add(-1, 1) == 0, both pass the other two; three behave like `a`,
-        // one like `b`. The best score must be a member of the larger cluster.
+        // Neither passes add(-1, 1) == 0, both pass the other two; `a` written three ways
+        // behaves one way, `b` another.
         let a = |k: u32| {
             format!(
                 "```python\ndef add(a, b):\n    {}return abs(a) + b\n```",
@@ -320,23 +319,17 @@ mod tests {
             )
         };
         let b = "```python\ndef add(a, b):\n    return a + b if a >= 0 else 99\n```";
-        let scores = [
-            v.score(PROMPT, &a(0)).unwrap(),
-            v.score(PROMPT, b).unwrap(),
-            v.score(PROMPT, &a(1)).unwrap(),
-            v.score(PROMPT, &a(2)).unwrap(),
-        ];
-        let best = (0..4)
-            .max_by(|&i, &j| scores[i].total_cmp(&scores[j]))
-            .unwrap();
-        assert_ne!(best, 1, "{scores:?}");
-        assert!(
-            scores.iter().all(|s| (s - 2.0 / 3.0).abs() < 0.01),
-            "{scores:?}"
-        );
-        // Another question keeps its own clusters.
-        let other = PROMPT.replace("Adds.", "Sums.");
-        assert!((v.score(&other, b).unwrap() - (2.0 / 3.0 + 1e-4)).abs() < 1e-9);
+        let va: Vec<Verdict> = (0..3).map(|k| v.verdict(PROMPT, &a(k)).unwrap()).collect();
+        let vb = v.verdict(PROMPT, b).unwrap();
+        assert!(va
+            .iter()
+            .chain([&vb])
+            .all(|x| (x.score - 2.0 / 3.0).abs() < 1e-9));
+        assert!(va[0].group.is_some() && va.iter().all(|x| x.group == va[0].group));
+        assert!(vb.group.is_some() && vb.group != va[0].group);
+        // A program that does not load has no behaviour to share.
+        let broken = v.verdict(PROMPT, "```python\ndef add(a, b) return\n```");
+        assert_eq!(broken.unwrap().group, None);
     }
 
     #[test]

@@ -14,12 +14,31 @@ pub use command::CommandVerifier;
 pub use examples::{extract_examples, Example};
 pub use rule::RuleVerifier;
 
+/// A verifier's finding on one candidate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Verdict {
+    /// Higher is better.
+    pub score: f64,
+    /// The candidate's behaviour class, where the verifier can tell: candidates of one
+    /// question with the same group behaved identically (e.g. the same outputs on every
+    /// example). Among equal scores, selection prefers the largest group.
+    pub group: Option<u64>,
+}
+
 /// Scores a candidate answer's text for a question; higher is better.
 pub trait TextVerifier: Send {
     /// Short name shown in results (e.g. "command:./check.py").
     fn name(&self) -> String;
     /// The score of `answer` to `question`, or why it could not be computed.
     fn score(&mut self, question: &str, answer: &str) -> Result<f64, String>;
+    /// The score with the candidate's behaviour group; verifiers that cannot tell behaviours
+    /// apart give none.
+    fn verdict(&mut self, question: &str, answer: &str) -> Result<Verdict, String> {
+        Ok(Verdict {
+            score: self.score(question, answer)?,
+            group: None,
+        })
+    }
 }
 
 /// LM-as-judge: the probability that the model answers `yes` (rather than `no`) after a judging
