@@ -10,16 +10,19 @@
 //
 // Two kernels:
 // - cascade_partial_h{HD}: one block per (task, kv head); a task is a run of at most a few
-//   dozen entries of one group (made on the host). The block walks the group's positions that
+//   dozen entries of one group (made on the host). The task count is read from device memory
+//   (header[0]) and the grid may be larger (blocks beyond it return at once), so that a CUDA
+//   graph's launch stays valid while the tree's shape changes. The block walks the group's positions that
 //   any of its rows reads, 32 keys at a time staged in shared memory, scores them against
 //   every (row, query head of the KV head) of the task (QV = 16·(256/HD) query vectors per
 //   pass; a task with more loops over passes), online softmax in log2 units, and writes per
 //   (entry, head) the normalised partial output and its natural-log LSE (−∞ when the row
 //   reads nothing there) into part_o [kv_head][entry][head in group][HD] and part_lse
-//   [kv_head][entry][head in group] (the CPU's layout).
+//   [kv_head][entry][head in group] (the CPU's layout), with entry_stride (≥ the entries)
+//   entries per KV head.
 // - cascade_merge: one block per row: merges the row's partials by LSE exactly as
 //   merge_states does and writes bf16 out [rows][n_heads][HD]; a row with no live partial
-//   writes zeros.
+//   (or no entry: the padding rows of a graph step) writes zeros.
 // Bad device data never reads out of bounds: page ids beyond the pool read as zeros.
 #include "arbor.cuh"
 
@@ -32,11 +35,11 @@
 
 template <int HD>
 __device__ __forceinline__ void cascade_partial(
-    const float* __restrict__ q, const u32* __restrict__ tasks, int n_tasks,
+    const float* __restrict__ q, const u32* __restrict__ header, const u32* __restrict__ tasks,
     const u32* __restrict__ group_page_indptr, const u32* __restrict__ page_ids,
     const u32* __restrict__ group_first_page, const u32* __restrict__ group_rows,
     const u32* __restrict__ row_pos, const bf16_t* __restrict__ pool, int layer, int num_pages,
-    int page_size, int n_heads, int n_kv_heads, int n_entries, float scale, int window,
+    int page_size, int n_heads, int n_kv_heads, int entry_stride, float scale, int window,
     float* __restrict__ part_o, float* __restrict__ part_lse) {
     constexpr int R = 256 / HD, NT = HD * R, NW = NT / 32, J = CASCADE_J, QV = J * R;
     constexpr int KS = HD + 4;  // padded K row: one key per lane, fewer bank conflicts
@@ -49,7 +52,7 @@ __device__ __forceinline__ void cascade_partial(
     __shared__ int kv_range[2];
 
     const int task = blockIdx.x, kvh = blockIdx.y;
-    if (task >= n_tasks) return;
+    if (task >= (int)header[0]) return;
     const int gh = n_heads / n_kv_heads;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int d = threadIdx.x % HD, r = threadIdx.x / HD;
@@ -195,7 +198,7 @@ __device__ __forceinline__ void cascade_partial(
             const int qv = r + j * R;
             if (qv >= qv_valid) continue;
             const int rr = qv / gh, gi = qv - rr * gh;
-            const u64 slot = ((u64)kvh * n_entries + e0 + rr) * gh + gi;
+            const u64 slot = ((u64)kvh * entry_stride + e0 + rr) * gh + gi;
             const float lsum = l_s[qv];
             part_o[slot * HD + d] = lsum > 0.0f ? acc[j] / lsum : 0.0f;
             if (d == 0)
@@ -205,15 +208,15 @@ __device__ __forceinline__ void cascade_partial(
 }
 
 #define PARTIAL_ARGS                                                                           \
-    const float *q, const u32 *tasks, int n_tasks, const u32 *group_page_indptr,             \
+    const float *q, const u32 *header, const u32 *tasks, const u32 *group_page_indptr,       \
         const u32 *page_ids, const u32 *group_first_page, const u32 *group_rows,              \
         const u32 *row_pos, const bf16_t *pool, int layer, int num_pages, int page_size,      \
-        int n_heads, int n_kv_heads, int n_entries, float scale, int window, float *part_o,   \
+        int n_heads, int n_kv_heads, int entry_stride, float scale, int window, float *part_o, \
         float *part_lse
 #define PARTIAL_CALL(HD)                                                                       \
-    cascade_partial<HD>(q, tasks, n_tasks, group_page_indptr, page_ids, group_first_page,     \
+    cascade_partial<HD>(q, header, tasks, group_page_indptr, page_ids, group_first_page,      \
                         group_rows, row_pos, pool, layer, num_pages, page_size, n_heads,      \
-                        n_kv_heads, n_entries, scale, window, part_o, part_lse)
+                        n_kv_heads, entry_stride, scale, window, part_o, part_lse)
 
 // The head dims of attention.cu (ATTENTION_HEAD_DIMS), written out so that the compile check
 // sees every kernel's name.
@@ -243,7 +246,7 @@ extern "C" __global__ void cascade_merge(const float* __restrict__ part_o,
                                          const u32* __restrict__ row_entry_indptr,
                                          const u32* __restrict__ row_entries, int rows,
                                          int n_heads, int n_kv_heads, int head_dim,
-                                         int n_entries, bf16_t* __restrict__ out) {
+                                         int entry_stride, bf16_t* __restrict__ out) {
     const int row = blockIdx.x;
     if (row >= rows) return;
     const int gh = n_heads / n_kv_heads;
@@ -254,14 +257,14 @@ extern "C" __global__ void cascade_merge(const float* __restrict__ part_o,
         const int kvh = h / gh, gi = h - kvh * gh;
         float mx = ARBOR_NEG_INF;
         for (u32 k = a; k < b; k++) {
-            const u64 slot = ((u64)kvh * n_entries + row_entries[k]) * gh + gi;
+            const u64 slot = ((u64)kvh * entry_stride + row_entries[k]) * gh + gi;
             mx = fmaxf(mx, part_lse[slot]);
         }
         float res = 0.0f;
         if (mx != ARBOR_NEG_INF) {
             float s = 0.0f, acc = 0.0f;
             for (u32 k = a; k < b; k++) {
-                const u64 slot = ((u64)kvh * n_entries + row_entries[k]) * gh + gi;
+                const u64 slot = ((u64)kvh * entry_stride + row_entries[k]) * gh + gi;
                 const float l = part_lse[slot];
                 if (l == ARBOR_NEG_INF) continue;
                 const float w = expf(l - mx);

@@ -70,28 +70,44 @@ fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionPar
         );
     }
     let pool = device_pool(gpu, &rig.cache);
-    let dq = up(gpu, &q);
     // Each plan after the first reuses the previous one's buffers (as the engine's steps do):
-    // 64 → 3 cuts more groups (bigger arrays), 3 → 64 fits in what is there.
-    let mut prev = None;
-    for max_group_pages in [64, 3, 64] {
+    // 64 → 3 cuts more groups (bigger arrays), 3 → 64 fits in what is there (the same epoch,
+    // as a CUDA graph needs). The second is padded by 5 rows, as for a graph
+    // bucket: padding rows come out as zeros.
+    const PAD: usize = 5;
+    let mut qp = q.clone();
+    qp.resize((rows + PAD) * w, 0.5);
+    let dq = up(gpu, &qp);
+    let mut prev: Option<GpuCascadePlan> = None;
+    let mut epochs = vec![];
+    for (max_group_pages, pad) in [(64, 0), (3, PAD), (64, 0)] {
         let plan = b.plan(&rig.cache, None, &PlanOptions { max_group_pages });
         let shared = plan.group_num_seqs.iter().filter(|&&n| n > 1).count();
-        let gplan = GpuCascadePlan::upload_reusing(gpu, &plan, prev.take()).expect("upload");
-        let mut out = zeros::<bf16>(gpu, rows * w);
-        cascade_attention(gpu, &dq, rows, &gplan, &pool, LAYER, p, &mut out).expect("cascade");
-        let got = down_bf16(gpu, &out, rows * w);
+        let n = rows + pad;
+        let gplan = GpuCascadePlan::upload_reusing(gpu, &plan, n, prev.take()).expect("upload");
+        epochs.push(gplan.epoch());
+        let mut out = zeros::<bf16>(gpu, n * w);
+        cascade_attention(gpu, &dq, n, &gplan, &pool, LAYER, p, &mut out).expect("cascade");
+        let got = down_bf16(gpu, &out, n * w);
         check_bf16_with(
             &format!(
                 "{name} (max_group_pages {max_group_pages}: {} groups, {shared} shared, {rows} rows)",
                 plan.num_groups()
             ),
-            &got,
+            &got[..rows * w],
             &want,
             CASCADE_ROUNDED,
         );
+        assert!(
+            got[rows * w..].iter().all(|&x| x == 0.0),
+            "{name}: padding rows"
+        );
         prev = Some(gplan);
     }
+    assert_eq!(
+        epochs[1], epochs[2],
+        "{name}: a plan that fits keeps the epoch"
+    );
 }
 
 fn params(nkv: usize, group: usize, hd: usize, window: Option<usize>) -> AttentionParams {

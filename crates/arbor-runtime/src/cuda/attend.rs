@@ -109,11 +109,12 @@ impl StepAttention {
         }
     }
 
-    /// The attention of an eager step laid out as `meta`: cascade over the plan of `batch` on
-    /// `cache`'s block tables (reserved for the step), uploaded here into the buffers of the
-    /// plan in `reuse` (an earlier step's, taken only when this step has a plan) where they
-    /// fit, when `opts` turn tree attention on and the step's sequences share pages; else the
-    /// paged kernel.
+    /// The attention of a step laid out as `meta` (`pad_rows` rows once padded for a graph):
+    /// cascade over the plan of `batch` on `cache`'s block tables (reserved for the step),
+    /// uploaded here into the buffers of the plan in `reuse` (an earlier step's, taken only
+    /// when this step has a plan) where they fit, when `opts` turn tree attention on and the
+    /// step's sequences share pages; else the paged kernel.
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         gpu: &Gpu,
         cfg: &ModelConfig,
@@ -121,13 +122,18 @@ impl StepAttention {
         batch: &BatchLayout,
         cache: &KvCache,
         opts: &AttentionOptions,
+        pad_rows: usize,
         reuse: &mut Option<GpuCascadePlan>,
     ) -> Result<Self, RuntimeError> {
         let plan_opts = CascadeMode::Merge.plan_options();
-        let kernel = match batch.cascade_plan(cache, opts.tree.is_some(), &plan_opts)? {
+        let plan = match Self::paged_only(meta, batch, opts) {
+            true => None,
+            false => batch.cascade_plan(cache, opts.tree.is_some(), &plan_opts)?,
+        };
+        let kernel = match plan {
             Some(plan) => {
                 let plan = in_step_order(plan, batch)?;
-                let plan = GpuCascadePlan::upload_reusing(gpu, &plan, reuse.take())?;
+                let plan = GpuCascadePlan::upload_reusing(gpu, &plan, pad_rows, reuse.take())?;
                 Kernel::Cascade(Box::new(plan))
             }
             None => Kernel::Paged {
@@ -147,22 +153,36 @@ impl StepAttention {
         }
     }
 
-    /// The attention of a decode step padded to `seqs` sequences for a CUDA graph: the paged
-    /// kernel with launches that do not depend on the step (the most warps).
-    pub fn graph_decode(cfg: &ModelConfig, seqs: usize) -> Self {
-        let kernel = Kernel::Paged {
-            seqs,
-            max_rows_per_seq: 1,
-            max_context: usize::MAX,
-        };
-        Self::new(cfg, kernel)
+    /// This attention for a decode step padded to `seqs` sequences for a CUDA graph: launches
+    /// that do not depend on the step. The paged kernel gets the most warps (its result does
+    /// not depend on them); a cascade plan's launches depend only on its epoch.
+    pub fn for_graph(self, seqs: usize) -> Self {
+        match self.kernel {
+            Kernel::Paged { .. } => StepAttention {
+                kernel: Kernel::Paged {
+                    seqs,
+                    max_rows_per_seq: 1,
+                    max_context: usize::MAX,
+                },
+                ..self
+            },
+            Kernel::Cascade(_) => self,
+        }
     }
 
-    /// Whether `prepare` would attend this step with the paged kernel (no cascade plan), the
-    /// only attention CUDA graphs capture (`graph.rs`); keep it in step with `prepare`.
-    /// Sharing shows in the first pages (forks and prefix reuse share from page 0); a miss
-    /// would only skip cascade's speed-up, not change what is attended.
-    pub fn paged_only(meta: &StepMeta, batch: &BatchLayout, opts: &AttentionOptions) -> bool {
+    /// What a CUDA graph of this attention is valid for: `None` for the paged kernel (any step
+    /// of a bucket), the plan's epoch for cascade.
+    pub fn graph_epoch(&self) -> Option<u64> {
+        match &self.kernel {
+            Kernel::Paged { .. } => None,
+            Kernel::Cascade(plan) => Some(plan.epoch()),
+        }
+    }
+
+    /// A cheap first test: true when no cascade plan is needed, so none is built. Sharing
+    /// shows in the first pages (forks and prefix reuse share from page 0); a miss would only
+    /// skip cascade's speed-up, not change what is attended.
+    fn paged_only(meta: &StepMeta, batch: &BatchLayout, opts: &AttentionOptions) -> bool {
         if batch.seqs.iter().any(|s| s.sparse_budget.is_some()) {
             return false;
         }

@@ -49,12 +49,13 @@ pub(super) fn run(
         )));
     }
 
-    // Copy-on-write of shared partial pages that the host bookkeeping decided on.
+    // Copy-on-write of shared partial pages that the host bookkeeping decided on (run before
+    // the step, so a graph step needs no copy inside the graph).
     let copies = cache.pool.take_copies();
     m.copy_pages(&copies)?;
     let meta = StepMeta::build(batch, |s| cache.table(s), ps)?;
     let mode = m.graphs.mode();
-    let bucket = graph::graph_bucket(mode, model, batch, &meta, !copies.is_empty(), logit_rows);
+    let bucket = graph::graph_bucket(mode, model, batch, &meta, logit_rows);
     let packed = meta.pack(tokens, logit_rows, hidden_rows, bucket)?;
     let lay = packed.layout;
     let n_logits = logit_rows.len();
@@ -77,17 +78,18 @@ pub(super) fn run(
     drop(packed);
 
     m.logits = None;
-    match bucket {
-        Some(b) => graph::run(m, cfg, b, &lay)?,
+    let reuse = &mut m.last_plan;
+    let opts = &model.attention;
+    let step = StepAttention::prepare(&gpu, cfg, &meta, batch, cache, opts, lay.rows, reuse)?;
+    let step = match bucket {
+        Some(b) => graph::run(m, cfg, b, &lay, step)?,
         None => {
-            let reuse = &mut m.last_plan;
-            let step =
-                StepAttention::prepare(&gpu, cfg, &meta, batch, cache, &model.attention, reuse)?;
             layers(m, cfg, &step, &lay, head)?;
-            if let Some(plan) = step.into_plan() {
-                m.last_plan = Some(plan);
-            }
+            step
         }
+    };
+    if let Some(plan) = step.into_plan() {
+        m.last_plan = Some(plan);
     }
     m.logits = (n_logits > 0).then_some(n_logits);
 

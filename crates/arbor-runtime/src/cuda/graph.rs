@@ -1,7 +1,10 @@
 //! CUDA graphs for decode steps: a step in which every sequence decodes one token is padded to
 //! a batch-size bucket ([`ROW_BUCKETS`]) and its whole launch sequence, from the embedding to
-//! the output head's GEMM, is captured once per (bucket, workspace generation) and replayed,
-//! so that small batches are not bound by the ~9 launches per layer a step makes.
+//! the output head's GEMM, is captured once per (bucket, attention, workspace generation) and
+//! replayed, so that small batches are not bound by the ~9 launches per layer a step makes.
+//! Tree-search steps, whose sequences share pages and attend through a cascade plan, are
+//! captured per (bucket, plan epoch): the plan's arrays keep their addresses while its buffer
+//! is reused ([`GpuCascadePlan::epoch`]), and its counts are read from device memory.
 //!
 //! What makes a replay right: every buffer the step touches is a [`Workspace`] buffer or a
 //! weight, fixed until the workspace's generation changes (then the graphs are dropped); the
@@ -10,8 +13,11 @@
 //! every launch argument is the same for any step of a bucket: rows and sequences are the
 //! bucket, the page-index array is the rest of the metadata buffer, and decode attention gets
 //! the most warps (its result does not depend on them). Padding rows store no K/V and attend
-//! nothing. Capture needs no allocation, copy or synchronisation inside: the first step of a
-//! bucket runs eagerly (loading kernels, making cuBLASLt plans), the second is captured.
+//! nothing. Copy-on-write page copies run before the graph. Capture needs no allocation, copy
+//! or synchronisation inside: the first step of a key runs eagerly (loading kernels, making
+//! cuBLASLt plans, allocating cascade partials), the second is captured.
+//!
+//! [`GpuCascadePlan::epoch`]: arbor_kernels::cuda::ops::cascade::GpuCascadePlan::epoch
 
 use super::attend::StepAttention;
 use super::forward::{self, HeadRows};
@@ -60,6 +66,8 @@ pub struct GraphStats {
     pub captures: u64,
     /// Decode steps run by launching a graph (including the launch right after a capture).
     pub replays: u64,
+    /// Of those, steps that attend through a cascade plan (tree search with shared pages).
+    pub tree_replays: u64,
     /// Decode steps padded to a bucket and run eagerly (first steps of a bucket, `Padded`
     /// mode, failed captures).
     pub eager_padded: u64,
@@ -67,6 +75,13 @@ pub struct GraphStats {
     pub failures: u64,
     /// Why the last capture failed.
     pub last_failure: Option<String>,
+}
+
+impl GraphStats {
+    fn count_replay(&mut self, key: Key) {
+        self.replays += 1;
+        self.tree_replays += u64::from(key.1.is_some());
+    }
 }
 
 /// A captured graph. cudarc's `CudaGraph` is neither `Send` nor `Sync` (graph objects are not
@@ -80,15 +95,21 @@ unsafe impl Send for Captured {}
 // launch it).
 unsafe impl Sync for Captured {}
 
-/// The graphs of one model, keyed by bucket, valid for one workspace generation.
+/// What a graph is valid for within a workspace generation: the bucket, and the cascade
+/// plan's epoch (`None`: the paged kernel).
+type Key = (usize, Option<u64>);
+
+/// The graphs of one model, valid for one workspace generation.
 pub(super) struct GraphCache {
     mode: GraphMode,
     generation: u64,
-    graphs: HashMap<usize, Captured>,
-    /// Buckets run eagerly once in this generation (kernels loaded, plans made).
-    warmed: HashSet<usize>,
-    /// Buckets whose capture failed in this generation.
-    failed: HashSet<usize>,
+    graphs: HashMap<Key, Captured>,
+    /// Keys run eagerly once in this generation (kernels loaded, plans made).
+    warmed: HashSet<Key>,
+    /// Keys whose capture failed in this generation.
+    failed: HashSet<Key>,
+    /// The cascade plan epoch the cascade keys above belong to.
+    epoch: Option<u64>,
     stats: GraphStats,
 }
 
@@ -100,6 +121,7 @@ impl GraphCache {
             graphs: HashMap::new(),
             warmed: HashSet::new(),
             failed: HashSet::new(),
+            epoch: None,
             stats: GraphStats::default(),
         }
     }
@@ -130,6 +152,23 @@ impl GraphCache {
         }
         Ok(())
     }
+
+    /// Drops the cascade graphs of an earlier plan epoch when a step of `epoch` comes (their
+    /// plan buffers may be gone); only one epoch is live at a time.
+    fn sync_epoch(&mut self, gpu: &Gpu, epoch: Option<u64>) -> Result<(), RuntimeError> {
+        let Some(e) = epoch else { return Ok(()) };
+        if self.epoch != Some(e) {
+            let stale = |k: &Key| k.1.is_some();
+            if self.graphs.keys().any(stale) {
+                gpu.synchronize()?;
+            }
+            self.graphs.retain(|k, _| !stale(k));
+            self.warmed.retain(|k| !stale(k));
+            self.failed.retain(|k| !stale(k));
+            self.epoch = Some(e);
+        }
+        Ok(())
+    }
 }
 
 /// The bucket a decode step of `rows` rows pads to, if a graph serves that size.
@@ -141,19 +180,17 @@ pub fn bucket_for(rows: usize) -> Option<usize> {
 }
 
 /// The bucket a step runs in as a graph step, or `None` for an eager step: graphs on, a dense
-/// model, no page copies pending, every sequence one row, plain paged attention (no cascade),
-/// logits for every row in order, and a batch a bucket holds.
+/// model, every sequence one row, no sparse budget, logits for every row in order, and a batch
+/// a bucket holds. Its attention (paged or cascade) is the key's other half.
 pub(super) fn graph_bucket(
     mode: GraphMode,
     model: &Model,
     batch: &BatchLayout,
     meta: &StepMeta,
-    copies_pending: bool,
     logit_rows: &[usize],
 ) -> Option<usize> {
     let rows = meta.positions.len();
     let eligible = mode != GraphMode::Off
-        && !copies_pending
         && rows > 0
         && meta.max_rows_per_seq == 1
         && meta.seq_row_indptr.len() == rows + 1
@@ -163,7 +200,7 @@ pub(super) fn graph_bucket(
             .layers
             .iter()
             .all(|l| matches!(l.ffn, Ffn::Dense { .. }))
-        && StepAttention::paged_only(meta, batch, &model.attention);
+        && batch.seqs.iter().all(|s| s.sparse_budget.is_none());
     if eligible {
         bucket_for(rows)
     } else {
@@ -171,61 +208,64 @@ pub(super) fn graph_bucket(
     }
 }
 
-/// Runs a padded decode step of `bucket` rows whose metadata is already in the workspace
-/// (packed with `lay`): eagerly the first time in a workspace generation, captured the second,
-/// replayed after.
+/// Runs a padded decode step of `bucket` rows whose metadata (and cascade plan, if `attn` has
+/// one) is already on the device (packed with `lay`): eagerly the first time for its key,
+/// captured the second, replayed after. Gives the attention back (its plan is reused).
 pub(super) fn run(
     m: &mut CudaModel,
     cfg: &ModelConfig,
     bucket: usize,
     lay: &PackedLayout,
-) -> Result<(), RuntimeError> {
+    attn: StepAttention,
+) -> Result<StepAttention, RuntimeError> {
     let gpu = m.gpu.clone();
     m.graphs.sync_generation(&gpu, m.ws.generation())?;
-    let paged = StepAttention::graph_decode(cfg, lay.seqs);
+    let attn = attn.for_graph(lay.seqs);
+    let key = (bucket, attn.graph_epoch());
+    m.graphs.sync_epoch(&gpu, key.1)?;
     let mode = m.graphs.mode;
     if mode == GraphMode::Replay {
-        if let Some(Captured(g)) = m.graphs.graphs.get(&bucket) {
+        if let Some(Captured(g)) = m.graphs.graphs.get(&key) {
             g.launch()
                 .map_err(|e| gpu_err("launching a CUDA graph", e))?;
-            m.graphs.stats.replays += 1;
-            return Ok(());
+            m.graphs.stats.count_replay(key);
+            return Ok(attn);
         }
-        if m.graphs.warmed.contains(&bucket) && !m.graphs.failed.contains(&bucket) {
-            match capture(m, cfg, &paged, lay) {
+        if m.graphs.warmed.contains(&key) && !m.graphs.failed.contains(&key) {
+            match capture(m, cfg, &attn, lay) {
                 Ok(g) => {
                     g.launch()
                         .map_err(|e| gpu_err("launching a CUDA graph", e))?;
                     m.graphs.stats.captures += 1;
-                    m.graphs.stats.replays += 1;
-                    m.graphs.graphs.insert(bucket, Captured(g));
-                    return Ok(());
+                    m.graphs.stats.count_replay(key);
+                    m.graphs.graphs.insert(key, Captured(g));
+                    return Ok(attn);
                 }
                 Err(e) => {
-                    // Nothing of the step ran; it runs eagerly below, and so will the bucket.
-                    m.graphs.failed.insert(bucket);
+                    // Nothing of the step ran; it runs eagerly below, and so will the key.
+                    m.graphs.failed.insert(key);
                     m.graphs.stats.failures += 1;
                     m.graphs.stats.last_failure = Some(e.to_string());
                 }
             }
         }
     }
-    forward::layers(m, cfg, &paged, lay, HeadRows::All)?;
-    m.graphs.warmed.insert(bucket);
+    forward::layers(m, cfg, &attn, lay, HeadRows::All)?;
+    m.graphs.warmed.insert(key);
     m.graphs.stats.eager_padded += 1;
-    Ok(())
+    Ok(attn)
 }
 
 /// Captures the step's launches (nothing runs) into a graph.
 fn capture(
     m: &mut CudaModel,
     cfg: &ModelConfig,
-    paged: &StepAttention,
+    attn: &StepAttention,
     lay: &PackedLayout,
 ) -> Result<CudaGraph, RuntimeError> {
     let gpu = m.gpu.clone();
     gpu.begin_capture()?;
-    let body = forward::layers(m, cfg, paged, lay, HeadRows::All);
+    let body = forward::layers(m, cfg, attn, lay, HeadRows::All);
     // End the capture whatever happened, so the stream leaves capture mode.
     let graph = gpu.end_capture();
     body?;
@@ -267,45 +307,40 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_decode_steps_of_dense_models_take_graphs() {
+    fn only_one_row_decode_steps_of_dense_models_take_graphs() {
         let model = fixture("llama");
         let all = |n: usize| (0..n).collect::<Vec<usize>>();
         let (b, m) = step(3, 1, false);
         let on = GraphMode::Replay;
-        assert_eq!(graph_bucket(on, &model, &b, &m, false, &all(3)), Some(4));
+        assert_eq!(graph_bucket(on, &model, &b, &m, &all(3)), Some(4));
         assert_eq!(
-            graph_bucket(GraphMode::Padded, &model, &b, &m, false, &all(3)),
+            graph_bucket(GraphMode::Padded, &model, &b, &m, &all(3)),
             Some(4)
         );
-        assert_eq!(
-            graph_bucket(GraphMode::Off, &model, &b, &m, false, &all(3)),
-            None
-        );
-        // Pending page copies, a partial or reordered head, several rows per sequence.
-        assert_eq!(graph_bucket(on, &model, &b, &m, true, &all(3)), None);
-        assert_eq!(graph_bucket(on, &model, &b, &m, false, &[0, 2]), None);
-        assert_eq!(graph_bucket(on, &model, &b, &m, false, &[1, 0, 2]), None);
+        assert_eq!(graph_bucket(GraphMode::Off, &model, &b, &m, &all(3)), None);
+        // A partial or reordered head, several rows per sequence.
+        assert_eq!(graph_bucket(on, &model, &b, &m, &[0, 2]), None);
+        assert_eq!(graph_bucket(on, &model, &b, &m, &[1, 0, 2]), None);
         let (b2, m2) = step(3, 2, false);
-        assert_eq!(graph_bucket(on, &model, &b2, &m2, false, &all(6)), None);
+        assert_eq!(graph_bucket(on, &model, &b2, &m2, &all(6)), None);
         // Too many sequences for a bucket.
         let (b3, m3) = step(MAX_GRAPH_BATCH + 1, 1, false);
         let n = MAX_GRAPH_BATCH + 1;
-        assert_eq!(graph_bucket(on, &model, &b3, &m3, false, &all(n)), None);
-        // Shared pages under tree attention (the default) go through cascade attention,
-        // eagerly; without tree attention they take the paged kernel.
+        assert_eq!(graph_bucket(on, &model, &b3, &m3, &all(n)), None);
+        // Shared pages take graphs too, with tree attention (cascade) or without.
         let (bs, ms) = step(3, 1, true);
         assert_eq!(model.attention.tree, Some(CascadeMode::Chain));
-        assert_eq!(graph_bucket(on, &model, &bs, &ms, false, &all(3)), None);
+        assert_eq!(graph_bucket(on, &model, &bs, &ms, &all(3)), Some(4));
         let mut flat = fixture("llama");
         flat.attention.tree = None;
-        assert_eq!(graph_bucket(on, &flat, &bs, &ms, false, &all(3)), Some(4));
+        assert_eq!(graph_bucket(on, &flat, &bs, &ms, &all(3)), Some(4));
         // Sparse budgets do not take graphs.
         let mut sparse = b.clone();
         sparse.seqs[1].sparse_budget = Some(4);
-        assert_eq!(graph_bucket(on, &model, &sparse, &m, false, &all(3)), None);
+        assert_eq!(graph_bucket(on, &model, &sparse, &m, &all(3)), None);
         // Mixture-of-experts models stay eager.
         let moe = fixture("qwen2-moe");
-        assert_eq!(graph_bucket(on, &moe, &b, &m, false, &all(3)), None);
+        assert_eq!(graph_bucket(on, &moe, &b, &m, &all(3)), None);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! inside and across the graph buckets. Each step runs padded and eagerly, then replayed from
 //! a graph, on the same model and cache: logits and hidden states must agree bit for bit, and
 //! the counters must show the replays. A second model with graphs off (unpadded) runs the same
-//! steps as a reference for the padding rows' harmlessness. Skipped, with the reason printed,
-//! where no GPU can be opened (`ARBOR_REQUIRE_GPU=1` makes that a failure).
+//! steps as a reference for the padding rows' harmlessness. Tree-search decode steps (branches
+//! forked from a shared prompt, forking further as they go) run the same way through cascade
+//! graphs. Skipped, with the reason printed, where no GPU can be opened (`ARBOR_REQUIRE_GPU=1`
+//! makes that a failure).
 
 use super::errors;
 use super::fixtures::fixture;
@@ -37,6 +39,11 @@ struct Run {
 
 impl Run {
     fn new(gpu: &Arc<Gpu>, model: &Model, mode: GraphMode) -> Self {
+        Self::with_seqs(gpu, model, mode, SEQS)
+    }
+
+    /// A model on the GPU whose cache holds sequences `0..seqs`.
+    fn with_seqs(gpu: &Arc<Gpu>, model: &Model, mode: GraphMode, seqs: usize) -> Self {
         let c = &model.cfg;
         let layout = KvLayout {
             num_layers: c.num_layers,
@@ -48,7 +55,7 @@ impl Run {
         m.set_graph_mode(mode);
         let mut cache = KvCache::detached(layout, PAGES, 0);
         cache.set_indexing(false);
-        for s in 0..SEQS as SeqId {
+        for s in 0..seqs as SeqId {
             cache.add_seq(s);
         }
         Run { m, cache }
@@ -175,5 +182,92 @@ fn graph_replays_match_eager_steps_bit_for_bit() {
         );
         let off = reference.m.graph_stats();
         assert_eq!((off.captures, off.replays, off.eager_padded), (0, 0, 0));
+    }
+}
+
+/// Rows of the tree steps: the live branches rotate through them, across buckets.
+const TREE_SIZES: [usize; 30] = [
+    24, 24, 24, 12, 12, 5, 24, 17, 17, 24, 24, 30, 30, 30, 9, 28, 28, 28, 1, 2, 24, 24, 16, 16, 32,
+    32, 32, 20, 20, 36,
+];
+
+#[test]
+fn tree_decode_steps_replay_through_cascade_graphs() {
+    let Some(gpu) = gpu() else { return };
+    for arch in ["llama", "qwen2"] {
+        let model = Model::load(&fixture(arch)).expect("load model");
+        let vocab = model.cfg.vocab_size as u32;
+        let mut test = Run::with_seqs(&gpu, &model, GraphMode::Replay, 1);
+        let mut reference = Run::with_seqs(&gpu, &model, GraphMode::Off, 1);
+
+        // A 45-token prompt (its last page partial, so forks copy it on write), then 24
+        // branches forked from it.
+        let prompt: Vec<(SeqId, Vec<u32>)> =
+            vec![(0, (0..45).map(|j| (j * 13 + 5) % vocab).collect())];
+        let tokens = prompt[0].1.clone();
+        let mut live: Vec<SeqId> = (1..=24).collect();
+        for r in [&mut test, &mut reference] {
+            let b = r.reserve(&prompt);
+            r.forward(&model, &b, &tokens, &[44], &[]);
+            r.commit(&prompt);
+            for &s in &live {
+                r.cache.fork(0, s).expect("fork");
+            }
+        }
+        let mut next: SeqId = 25;
+        for (k, &n) in TREE_SIZES.iter().enumerate() {
+            if k % 7 == 3 {
+                // Four new branches off one live branch, as a beam or MCTS expansion makes.
+                let parent = live[k % live.len()];
+                for _ in 0..4 {
+                    for r in [&mut test, &mut reference] {
+                        r.cache.fork(parent, next).expect("fork");
+                    }
+                    live.push(next);
+                    next += 1;
+                }
+            }
+            let n = n.min(live.len());
+            let steps: Vec<(SeqId, Vec<u32>)> = (0..n)
+                .map(|j| {
+                    let s = live[(k * 3 + j) % live.len()];
+                    (s, vec![((k * 37 + j * 11) as u32) % vocab])
+                })
+                .collect();
+            let tokens: Vec<u32> = steps.iter().map(|(_, t)| t[0]).collect();
+            let rows: Vec<usize> = (0..n).collect();
+
+            let b = test.reserve(&steps);
+            test.m.set_graph_mode(GraphMode::Padded);
+            let (eager, _) = test.forward(&model, &b, &tokens, &rows, &[]);
+            test.m.set_graph_mode(GraphMode::Replay);
+            let (replay, _) = test.forward(&model, &b, &tokens, &rows, &[]);
+            test.commit(&steps);
+            assert!(
+                same_bits(&eager, &replay),
+                "{arch} tree step {k} ({n} rows): replayed logits differ from the eager step's"
+            );
+
+            let b = reference.reserve(&steps);
+            let (want, _) = reference.forward(&model, &b, &tokens, &rows, &[]);
+            reference.commit(&steps);
+            let (nmse, max) = errors(&replay, &want);
+            assert!(
+                nmse < 1e-4,
+                "{arch} tree step {k} ({n} rows): NMSE {nmse:.2e} (max {max:.2e}) against the \
+                 unpadded eager step"
+            );
+        }
+
+        let st = test.m.graph_stats().clone();
+        println!("{arch} tree: {st:?}");
+        assert_eq!(st.failures, 0, "{arch}: {:?}", st.last_failure);
+        assert_eq!(st.replays, TREE_SIZES.len() as u64, "{arch}: {st:?}");
+        // A one-row step shares with nobody and takes the paged kernel; every other step's
+        // branches share the prompt.
+        let single = TREE_SIZES.iter().filter(|&&n| n == 1).count() as u64;
+        assert_eq!(st.tree_replays, st.replays - single, "{arch}: {st:?}");
+        // Runs of one bucket on a plan that kept its epoch replay without a new capture.
+        assert!(st.replays - st.captures >= 10, "{arch}: {st:?}");
     }
 }

@@ -6,6 +6,11 @@
 //! block per (task, KV head); a task is up to [`TASK_ROWS`] entries of one group, so a group's
 //! pages are read once per task for all of its rows and all query heads of the KV head) and
 //! `cascade_merge` (one block per row). Dense rows only: a plan with sparse budgets is refused.
+//!
+//! CUDA graphs: a plan's arrays sit at capacity-sized places in its buffer ([`PlanLayout`]),
+//! the partial kernel reads the task count from the buffer and gets a block per task the
+//! capacity holds, and rows may be padded; so every plan of one [`GpuCascadePlan::epoch`]
+//! launches alike and a captured decode step replays for a tree whose shape moves.
 
 use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
 use super::attention::check_shapes;
@@ -14,6 +19,7 @@ use crate::ops::cascade::CascadePlan;
 use crate::ops::AttentionParams;
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 use half::bf16;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Entries (rows of one group) per partial-kernel task (as the CPU's `ROWS_PER_TASK`).
@@ -36,6 +42,8 @@ pub fn rows_per_pass(head_dim: usize, group: usize) -> usize {
 /// The plan's arrays, in the order they sit in [`GpuCascadePlan`]'s one buffer.
 #[derive(Clone, Copy)]
 enum Array {
+    /// `[n_tasks]`: the kernel reads the task count here, not from a launch argument.
+    Header,
     /// `(group, first entry, end entry)` per task.
     Tasks,
     GroupPageIndptr,
@@ -43,21 +51,69 @@ enum Array {
     GroupFirstPage,
     GroupRows,
     RowPos,
+    /// Padded to the plan's (padded) rows + 1 with its last value: padding rows have none.
     RowEntryIndptr,
     RowEntries,
 }
 
+const ARRAYS: usize = 9;
+
+/// Where the plan's arrays sit in its buffer. Each array has a capacity, a power of two at
+/// least its length that never shrinks while the buffer is reused, so that a tree whose shape
+/// changes from step to step keeps its arrays at the same addresses: a CUDA graph captured
+/// with them stays valid (the counts it needs are read from device memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLayout {
+    caps: [usize; ARRAYS],
+}
+
+impl PlanLayout {
+    /// The layout for arrays of `lens` (in [`Array`] order): each capacity the next power of
+    /// two that holds its array, and at least `old`'s.
+    fn fit(lens: [usize; ARRAYS], old: Option<&PlanLayout>) -> PlanLayout {
+        let mut caps = lens.map(|n| n.max(1).next_power_of_two());
+        if let Some(o) = old {
+            for (c, &oc) in caps.iter_mut().zip(&o.caps) {
+                *c = (*c).max(oc);
+            }
+        }
+        PlanLayout { caps }
+    }
+
+    /// Where array `a` starts (in `u32`s).
+    fn start(&self, a: Array) -> usize {
+        self.caps[..a as usize].iter().sum()
+    }
+
+    /// `u32`s the buffer needs.
+    fn len(&self) -> usize {
+        self.caps.iter().sum()
+    }
+
+    /// Blocks along x of the partial kernel: every task the capacity holds.
+    fn task_blocks(&self) -> usize {
+        (self.caps[Array::Tasks as usize] / 3).max(1)
+    }
+
+    /// Entries per KV head in the partials buffers.
+    fn entry_stride(&self) -> usize {
+        self.caps[Array::GroupRows as usize]
+    }
+}
+
 /// A [`CascadePlan`] in device memory: the host-made task list and the plan's CSR arrays in
-/// one buffer (one upload per step), and a partials buffer reused by every layer. Both are
-/// reused by the next step's plan through [`GpuCascadePlan::upload_reusing`].
+/// one buffer laid out by a [`PlanLayout`] (one upload per step), and a partials buffer reused
+/// by every layer. Both are reused by the next step's plan through
+/// [`GpuCascadePlan::upload_reusing`]; while they are, the launches of [`cascade_attention`]
+/// take the same arguments (see [`GpuCascadePlan::epoch`]).
 pub struct GpuCascadePlan {
+    /// Query rows, padding rows included.
     rows: usize,
     entries: usize,
     page_size: usize,
-    n_tasks: usize,
     data: CudaSlice<u32>,
-    /// Where each [`Array`] starts in `data`.
-    starts: [usize; 8],
+    layout: PlanLayout,
+    epoch: u64,
     /// Partial outputs and LSEs (grown on demand; fully rewritten by every call).
     scratch: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
@@ -66,14 +122,16 @@ impl GpuCascadePlan {
     /// Uploads `plan` (dense rows only). Fails on a plan with sparse rows or inconsistent CSR
     /// arrays.
     pub fn upload(gpu: &Gpu, plan: &CascadePlan) -> Result<Self, GpuError> {
-        Self::upload_reusing(gpu, plan, None)
+        Self::upload_reusing(gpu, plan, plan.num_rows(), None)
     }
 
     /// [`GpuCascadePlan::upload`] into the buffers of `old` (an earlier step's plan) where they
-    /// are big enough, so that a step of a stable tree allocates nothing.
+    /// are big enough, so that a step of a stable tree allocates nothing, with the rows padded
+    /// to `pad_rows` (≥ the plan's): padding rows read nothing and come out as zeros.
     pub fn upload_reusing(
         gpu: &Gpu,
         plan: &CascadePlan,
+        pad_rows: usize,
         old: Option<GpuCascadePlan>,
     ) -> Result<Self, GpuError> {
         const OP: &str = "cascade plan upload";
@@ -84,6 +142,9 @@ impl GpuCascadePlan {
         let (groups, rows, entries) = (plan.num_groups(), plan.num_rows(), plan.num_entries());
         if plan.page_size == 0 {
             return invalid("page size 0".into());
+        }
+        if pad_rows < rows {
+            return invalid(format!("{rows} rows do not fit {pad_rows} padded rows"));
         }
         let csr_ok = |ptr: &[u32], n: usize, len: usize| {
             ptr.len() == n + 1
@@ -107,55 +168,41 @@ impl GpuCascadePlan {
                 "a row or entry index out of range ({rows} rows, {entries} entries)"
             ));
         }
-        let mut tasks = Vec::new();
-        for g in 0..groups {
-            let e = plan.entries(g);
-            for lo in e.clone().step_by(TASK_ROWS) {
-                tasks.extend([g as u32, lo as u32, (lo + TASK_ROWS).min(e.end) as u32]);
-            }
-        }
-        let arrays: [&[u32]; 8] = [
-            &tasks,
-            &plan.group_page_indptr,
-            &plan.page_ids,
-            &plan.group_first_page,
-            &plan.group_rows,
-            &plan.row_pos,
-            &plan.row_entry_indptr,
-            &plan.row_entries,
-        ];
-        let mut starts = [0; 8];
-        let mut packed = Vec::with_capacity(arrays.iter().map(|a| a.len()).sum());
-        for (start, a) in starts.iter_mut().zip(arrays) {
-            *start = packed.len();
-            packed.extend_from_slice(a);
-        }
-        let (data, scratch) = match old {
-            Some(o) if o.data.len() >= packed.len() => {
+        let (packed, layout) = pack(plan, pad_rows, old.as_ref().map(|o| &o.layout));
+        let (data, scratch, epoch) = match old {
+            Some(o) if o.layout == layout => {
                 let mut data = o.data;
                 gpu.upload_into(&packed, &mut data, "the cascade plan")?;
-                (data, o.scratch)
+                (data, o.scratch, o.epoch)
             }
-            Some(o) => (gpu.upload(&packed, "the cascade plan")?, o.scratch),
-            None => (gpu.upload(&packed, "the cascade plan")?, Mutex::new(None)),
+            Some(o) => (
+                gpu.upload(&packed, "the cascade plan")?,
+                o.scratch,
+                next_epoch(),
+            ),
+            None => (
+                gpu.upload(&packed, "the cascade plan")?,
+                Mutex::new(None),
+                next_epoch(),
+            ),
         };
         Ok(GpuCascadePlan {
-            rows,
+            rows: pad_rows,
             entries,
             page_size: plan.page_size,
-            n_tasks: tasks.len() / 3,
             data,
-            starts,
+            layout,
+            epoch,
             scratch,
         })
     }
 
     /// Device address of array `a` (the buffer's base plus its start).
     fn addr(&self, base: u64, a: Array) -> u64 {
-        base + (self.starts[a as usize] * std::mem::size_of::<u32>()) as u64
+        base + (self.layout.start(a) * std::mem::size_of::<u32>()) as u64
     }
 
-    /// Query rows of the plan.
+    /// Query rows of the plan, padding rows included.
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -164,6 +211,56 @@ impl GpuCascadePlan {
     pub fn entries(&self) -> usize {
         self.entries
     }
+
+    /// Changes whenever the plan's buffer or layout does. Two plans of one epoch make
+    /// [`cascade_attention`] launch the same kernels with the same arguments (for the same
+    /// rows, pool, layer and buffers), so a CUDA graph captured with one replays the other
+    /// once its data is uploaded. The partials buffer is allocated by the first call of an
+    /// epoch: run one eagerly before capturing.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+/// A fresh [`GpuCascadePlan::epoch`].
+fn next_epoch() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The buffer of a checked `plan` with rows padded to `pad_rows`: the task list (runs of at
+/// most [`TASK_ROWS`] entries of one group) and the CSR arrays, each at its place in a layout
+/// that holds `old`'s.
+fn pack(plan: &CascadePlan, pad_rows: usize, old: Option<&PlanLayout>) -> (Vec<u32>, PlanLayout) {
+    let mut tasks = Vec::new();
+    for g in 0..plan.num_groups() {
+        let e = plan.entries(g);
+        for lo in e.clone().step_by(TASK_ROWS) {
+            tasks.extend([g as u32, lo as u32, (lo + TASK_ROWS).min(e.end) as u32]);
+        }
+    }
+    let mut row_entry_indptr = plan.row_entry_indptr.clone();
+    row_entry_indptr.resize(pad_rows + 1, plan.row_entries.len() as u32);
+    let header = [(tasks.len() / 3) as u32];
+    let arrays: [&[u32]; ARRAYS] = [
+        &header,
+        &tasks,
+        &plan.group_page_indptr,
+        &plan.page_ids,
+        &plan.group_first_page,
+        &plan.group_rows,
+        &plan.row_pos,
+        &row_entry_indptr,
+        &plan.row_entries,
+    ];
+    let layout = PlanLayout::fit(arrays.map(<[u32]>::len), old);
+    let mut packed = vec![0u32; layout.len()];
+    let mut at = 0;
+    for (a, cap) in arrays.iter().zip(layout.caps) {
+        packed[at..at + a.len()].copy_from_slice(a);
+        at += cap;
+    }
+    (packed, layout)
 }
 
 /// Cascade attention of every row of `plan` over `layer` of `pool`: `q` is
@@ -204,19 +301,19 @@ pub fn cascade_attention(
     if p.n_kv_heads > 65535 {
         return invalid(format!("{} KV heads exceed the grid", p.n_kv_heads));
     }
-    let n_lse = product(OP, "partials", plan.entries, p.n_heads)?;
+    let stride = plan.layout.entry_stride();
+    let n_lse = product(OP, "partials", stride, p.n_heads)?;
     let n_o = product(OP, "partial values", n_lse, hd)?;
     let window = match p.sliding_window {
         Some(w) => int_arg(OP, "sliding window", w.max(1))?,
         None => 0,
     };
-    let n_tasks = int_arg(OP, "tasks", plan.n_tasks)?;
     let layer_i = int_arg(OP, "layer", layer)?;
     let pages_i = int_arg(OP, "pages", pool.num_pages)?;
     let ps_i = int_arg(OP, "page size", l.page_size)?;
     let nh_i = int_arg(OP, "n_heads", p.n_heads)?;
     let nkv_i = int_arg(OP, "n_kv_heads", p.n_kv_heads)?;
-    let ne_i = int_arg(OP, "entries", plan.entries)?;
+    let stride_i = int_arg(OP, "entry stride", stride)?;
     let rows_i = int_arg(OP, "rows", rows)?;
     let hd_i = int_arg(OP, "head_dim", hd)?;
 
@@ -236,8 +333,9 @@ pub fn cascade_attention(
     };
 
     let (base, _guard) = plan.data.device_ptr(gpu.stream());
-    let [tasks, group_page_indptr, page_ids, group_first_page, group_rows, row_pos, row_entry_indptr, row_entries] =
+    let [header, tasks, group_page_indptr, page_ids, group_first_page, group_rows, row_pos, row_entry_indptr, row_entries] =
         [
+            Array::Header,
             Array::Tasks,
             Array::GroupPageIndptr,
             Array::PageIds,
@@ -248,12 +346,16 @@ pub fn cascade_attention(
             Array::RowEntries,
         ]
         .map(|a| plan.addr(base, a));
-    if plan.n_tasks > 0 {
+    // Every task the layout holds gets a block (those beyond the header's count return), so
+    // the launch is the same for every plan of the epoch.
+    let task_blocks = u32::try_from(plan.layout.task_blocks())
+        .map_err(|_| GpuError::Invalid(format!("{OP}: too many tasks for the grid")))?;
+    {
         let f = gpu.func("cascade", &format!("cascade_partial_h{hd}"))?;
         let mut lb = gpu.stream().launch_builder(&f);
         lb.arg(q)
+            .arg(&header)
             .arg(&tasks)
-            .arg(&n_tasks)
             .arg(&group_page_indptr)
             .arg(&page_ids)
             .arg(&group_first_page)
@@ -265,13 +367,13 @@ pub fn cascade_attention(
             .arg(&ps_i)
             .arg(&nh_i)
             .arg(&nkv_i)
-            .arg(&ne_i)
+            .arg(&stride_i)
             .arg(&p.scale)
             .arg(&window)
             .arg(&mut *part_o)
             .arg(&mut *part_lse);
         let cfg = LaunchConfig {
-            grid_dim: (plan.n_tasks as u32, p.n_kv_heads as u32, 1),
+            grid_dim: (task_blocks, p.n_kv_heads as u32, 1),
             block_dim: ((hd * (256 / hd)) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -290,10 +392,77 @@ pub fn cascade_attention(
         .arg(&nh_i)
         .arg(&nkv_i)
         .arg(&hd_i)
-        .arg(&ne_i)
+        .arg(&stride_i)
         .arg(&mut *out);
     let cfg = row_blocks(rows, MERGE_THREADS);
     // SAFETY: as for the partial launch; every partial a row's entries name was written by it.
     unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cascade::{PlanOptions, PlanSeq};
+
+    /// Three sequences sharing a 2-page prefix, one row each at position `pos`.
+    fn plan(pos: usize) -> CascadePlan {
+        let tables: [Vec<u32>; 3] = [vec![0, 1, 2], vec![0, 1, 3], vec![0, 1, 4]];
+        let seqs: Vec<PlanSeq> = (tables.iter().enumerate())
+            .map(|(i, t)| PlanSeq {
+                pages: t,
+                rows: i..i + 1,
+                sparse_budget: None,
+            })
+            .collect();
+        CascadePlan::build(&seqs, &[pos; 3], 4, &PlanOptions::default()).expect("plan")
+    }
+
+    #[test]
+    fn packing_puts_each_array_at_its_capacity_and_pads_rows() {
+        let p = plan(9);
+        let (buf, lay) = pack(&p, 5, None);
+        assert_eq!(buf.len(), lay.len());
+        assert!(lay.caps.iter().all(|c| c.is_power_of_two()));
+        let at = |a: Array, n: usize| &buf[lay.start(a)..lay.start(a) + n];
+        let n_tasks = buf[lay.start(Array::Header)] as usize;
+        assert_eq!(n_tasks, p.num_groups(), "one task per group of few rows");
+        assert!(lay.task_blocks() >= n_tasks);
+        assert_eq!(at(Array::PageIds, p.page_ids.len()), &p.page_ids[..]);
+        assert_eq!(
+            at(Array::RowEntries, p.row_entries.len()),
+            &p.row_entries[..]
+        );
+        assert!(lay.entry_stride() >= p.num_entries());
+        // Rows 3 and 4 are padding: no entries.
+        let indptr = at(Array::RowEntryIndptr, 6);
+        assert_eq!(&indptr[..4], &p.row_entry_indptr[..]);
+        assert_eq!(indptr[4], indptr[3]);
+        assert_eq!(indptr[5], indptr[3]);
+    }
+
+    #[test]
+    fn a_later_plan_keeps_the_layout_while_it_fits() {
+        let (_, first) = pack(&plan(9), 4, None);
+        // One position further: same shape, same layout.
+        let (_, same) = pack(&plan(10), 4, Some(&first));
+        assert_eq!(same, first);
+        // A smaller plan keeps the larger layout; a larger one grows it.
+        let one = CascadePlan::build(
+            &[PlanSeq {
+                pages: &[0],
+                rows: 0..1,
+                sparse_budget: None,
+            }],
+            &[2],
+            4,
+            &PlanOptions::default(),
+        )
+        .expect("plan");
+        assert_eq!(pack(&one, 1, Some(&first)).1, first);
+        let (_, wider) = pack(&plan(9), 64, Some(&first));
+        assert!(wider.caps.iter().zip(first.caps).all(|(w, f)| *w >= f));
+        assert_ne!(wider, first);
+        assert!(wider.start(Array::RowEntries) > first.start(Array::RowEntries));
+    }
 }
