@@ -115,11 +115,22 @@ impl Strategy for Probe {
 }
 
 fn probe_search(prompt: Vec<u32>, k: usize, tokens: usize, seed: u64) -> SearchRequest {
+    let verifier = Verifier::Text(Box::new(LengthVerifier));
+    request(prompt, Box::new(Probe::new(k, tokens)), verifier, seed)
+}
+
+/// A search of `strategy` on `prompt` with one verifier, sampling at temperature 1.
+fn request(
+    prompt: Vec<u32>,
+    strategy: Box<dyn Strategy>,
+    verifier: Verifier,
+    seed: u64,
+) -> SearchRequest {
     SearchRequest {
         prompt,
         question: "q".into(),
-        strategy: Box::new(Probe::new(k, tokens)),
-        verifiers: vec![Verifier::Text(Box::new(LengthVerifier))],
+        strategy,
+        verifiers: vec![verifier],
         sampling: SamplingParams {
             temperature: 1.0,
             seed,
@@ -215,19 +226,9 @@ fn a_second_expansion_of_the_root_draws_its_samples() {
         .set("probe", 2)
         .set("min_gain", 0)
         .set("max_tokens", 4);
-    let id = s.submit_search(SearchRequest {
-        prompt: prompt(12, 9),
-        question: "q".into(),
-        strategy: strategies::build("adaptive", &params).unwrap(),
-        verifiers: vec![Verifier::Text(Box::new(Alternating(0)))],
-        sampling: SamplingParams {
-            temperature: 1.0,
-            seed: 5,
-            ..Default::default()
-        },
-        max_policy_tokens: None,
-        max_wall: None,
-    });
+    let strategy = strategies::build("adaptive", &params).unwrap();
+    let verifier = Verifier::Text(Box::new(Alternating(0)));
+    let id = s.submit_search(request(prompt(12, 9), strategy, verifier, 5));
     let mut done = s.run_to_completion();
     let (got, Outcome::Search(Ok(r))) = done.remove(0) else {
         panic!("search failed");
@@ -261,19 +262,9 @@ fn best_of_n_picks_the_likeliest_of_the_largest_verifier_group() {
     for seed in 0..4 {
         let mut s = scheduler(4 << 20, SchedulerOptions::default());
         let params = Params::new(9).set("max_tokens", 5);
-        s.submit_search(SearchRequest {
-            prompt: prompt(10, 3),
-            question: "q".into(),
-            strategy: strategies::build("best-of-n", &params).unwrap(),
-            verifiers: vec![Verifier::Text(Box::new(ParityGroups))],
-            sampling: SamplingParams {
-                temperature: 1.0,
-                seed,
-                ..Default::default()
-            },
-            max_policy_tokens: None,
-            max_wall: None,
-        });
+        let strategy = strategies::build("best-of-n", &params).unwrap();
+        let verifier = Verifier::Text(Box::new(ParityGroups));
+        s.submit_search(request(prompt(10, 3), strategy, verifier, seed));
         let (_, Outcome::Search(Ok(r))) = s.run_to_completion().remove(0) else {
             panic!("search failed");
         };
