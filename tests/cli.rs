@@ -330,12 +330,13 @@ fn bench_grid_reports_consistent_cells_csv_and_plots() {
             n(r, "kv_peak_pages") * n(r, "page_bytes")
         );
         assert!(n(r, "tokens_per_s") > 0.0 && n(r, "step_p99_ms") >= n(r, "step_p50_ms"));
-        // CUDA graphs are a GPU matter: the key is there, null on the CPU.
-        assert!(
-            r.get("cuda_graph_replays")
-                .is_some_and(serde_json::Value::is_null),
-            "{r}"
-        );
+        // CUDA graphs are a GPU matter: the keys are there, null on the CPU.
+        for key in ["cuda_graph_replays", "cuda_tree_graph_replays"] {
+            assert!(
+                r.get(key).is_some_and(serde_json::Value::is_null),
+                "{key}: {r}"
+            );
+        }
     }
     let cell = |s: &str, w: f64, sh: &str| {
         recs.iter()

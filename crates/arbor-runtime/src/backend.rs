@@ -123,12 +123,16 @@ impl Backend {
         }
     }
 
-    /// Decode steps replayed as CUDA graphs so far (`None` on the CPU).
-    pub fn graph_replays(&self) -> Option<u64> {
+    /// Decode steps replayed as CUDA graphs so far, and of those the tree (cascade) steps
+    /// (`None` on the CPU).
+    pub fn graph_replays(&self) -> Option<(u64, u64)> {
         match self {
             Backend::Cpu => None,
             #[cfg(feature = "cuda")]
-            Backend::Cuda(m) => Some(m.graph_stats().replays),
+            Backend::Cuda(m) => {
+                let st = m.graph_stats();
+                Some((st.replays, st.tree_replays))
+            }
         }
     }
 

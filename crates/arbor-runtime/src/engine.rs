@@ -269,8 +269,9 @@ impl Engine {
         self.backend.resize_kv(&mut self.cache, pages)
     }
 
-    /// Decode steps replayed as CUDA graphs so far (`None` on the CPU; see docs/GPU.md).
-    pub fn graph_replays(&self) -> Option<u64> {
+    /// Decode steps replayed as CUDA graphs so far, and of those the tree-search steps that
+    /// attend through a cascade plan (`None` on the CPU; see docs/GPU.md).
+    pub fn graph_replays(&self) -> Option<(u64, u64)> {
         self.backend.graph_replays()
     }
 

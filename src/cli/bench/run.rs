@@ -35,6 +35,8 @@ pub struct CellResult {
     pub preemptions: u64,
     /// Steps replayed as CUDA graphs (`None` on the CPU).
     pub graph_replays: Option<u64>,
+    /// Of those, tree-search steps (cascade attention over shared pages).
+    pub tree_graph_replays: Option<u64>,
     /// Searches that ended with an error, and the first error.
     pub errors: Vec<String>,
     /// MoE models: tokens routed to each expert of each MoE layer over the cell (policy and
@@ -190,10 +192,10 @@ pub fn run_cell(
         bar.tick();
     }
     finished.extend(sched.take_finished());
-    r.graph_replays = sched
-        .engine()
-        .graph_replays()
-        .map(|n| n - replays0.unwrap_or(0));
+    let replays = sched.engine().graph_replays();
+    let (all0, tree0) = replays0.unwrap_or_default();
+    r.graph_replays = replays.map(|(all, _)| all - all0);
+    r.tree_graph_replays = replays.map(|(_, tree)| tree - tree0);
     for (_, outcome) in finished {
         match outcome {
             Outcome::Search(Ok(res)) => {
