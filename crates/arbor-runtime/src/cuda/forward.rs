@@ -78,7 +78,8 @@ pub(super) fn run(
     drop(packed);
 
     m.logits = None;
-    let reuse = &mut m.last_plan;
+    let slot = usize::from(bucket.is_none());
+    let reuse = &mut m.last_plan[slot];
     let opts = &model.attention;
     let step = StepAttention::prepare(&gpu, cfg, &meta, batch, cache, opts, lay.rows, reuse)?;
     let step = match bucket {
@@ -89,7 +90,7 @@ pub(super) fn run(
         }
     };
     if let Some(plan) = step.into_plan() {
-        m.last_plan = Some(plan);
+        m.last_plan[slot] = Some(plan);
     }
     m.logits = (n_logits > 0).then_some(n_logits);
 

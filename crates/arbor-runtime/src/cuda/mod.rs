@@ -51,8 +51,10 @@ pub struct CudaModel {
     moe: moe::MoeState,
     /// Rows of the last step's output in `ws.logits` (`rows × out_dim`), if any.
     logits: Option<usize>,
-    /// The last cascade plan, whose buffers the next one reuses.
-    last_plan: Option<GpuCascadePlan>,
+    /// The last cascade plan of a graph step, and of an eager step, whose buffers the next
+    /// such step reuses: kept apart, so that a prompt's large plan does not widen the layout
+    /// (and the launches) of the decode steps' graphs.
+    last_plan: [Option<GpuCascadePlan>; 2],
     out_dim: usize,
 }
 
@@ -86,7 +88,7 @@ impl CudaModel {
             graphs: GraphCache::new(GraphMode::from_env()),
             moe,
             logits: None,
-            last_plan: None,
+            last_plan: [None, None],
             out_dim: model.cfg.out_dim(),
         })
     }
