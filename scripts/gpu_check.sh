@@ -70,6 +70,10 @@ for phase in $PHASES; do
     run bench-headline-beam "$BIN/arbor" bench --device cuda --dummy-weights qwen2.5-0.5b \
       --strategy beam --width 8 --prompt-len 512 --gen-len 256 --sharing on,off \
       --kv-cache-gb 16 --json --out "$OUT/bench-headline-beam"
+    # What CUDA graphs of tree steps buy: the best-of-64 and 8-beam cells, graphs off.
+    run bench-headline-nographs env ARBOR_CUDA_GRAPHS=0 "$BIN/arbor" bench --device cuda \
+      --dummy-weights qwen2.5-0.5b --strategy best-of-n,beam --width 8,64 --prompt-len 512 \
+      --gen-len 256 --sharing on --kv-cache-gb 16 --json --out "$OUT/bench-headline-nographs"
     peer hf-headline --shape qwen2.5-0.5b --modes best-of-n --width 16,64 \
       --prompt-len 512 --gen-len 256 --no-sdpa
     peer hf-headline-beam --shape qwen2.5-0.5b --modes beam --width 8 \
