@@ -130,7 +130,7 @@ impl CascadePlan {
         // Prefix tree over the pages each sequence needs (up to its last row's page).
         let mut nodes: Vec<Node> = Vec::new();
         let mut roots: Vec<u32> = Vec::new();
-        let mut child_of: HashMap<(u32, PageId), u32> = HashMap::new();
+        let mut child_of: HashMap<(u32, PageId), u32, BuildPairHasher> = HashMap::default();
         let mut paths: Vec<Vec<u32>> = Vec::with_capacity(seqs.len());
         for s in seqs {
             if s.rows.end > n_rows {
@@ -155,7 +155,22 @@ impl CascadePlan {
             }
             let mut path = Vec::with_capacity(last);
             let mut parent = u32::MAX; // the root
+            // Sequences of one search sit side by side and share a prefix: while this one
+            // follows the previous sequence's path, its nodes are found without a lookup.
+            let prev: &[u32] = paths.last().map_or(&[], Vec::as_slice);
+            let mut following = true;
             for (depth, &page) in s.pages[..last].iter().enumerate() {
+                if following {
+                    match prev.get(depth) {
+                        Some(&n) if nodes[n as usize].page == page => {
+                            nodes[n as usize].seqs += 1;
+                            path.push(n);
+                            parent = n;
+                            continue;
+                        }
+                        _ => following = false,
+                    }
+                }
                 let n = *child_of.entry((parent, page)).or_insert_with(|| {
                     nodes.push(Node {
                         page,
@@ -321,6 +336,36 @@ impl CascadePlan {
     /// Page reads per (layer, KV head) of dense cascade attention: each group's pages once.
     pub fn pages_read(&self) -> usize {
         self.page_ids.len()
+    }
+}
+
+/// A multiplicative hash for the (parent node, page) keys of the prefix tree: the plan is
+/// built every step, and SipHash's per-lookup cost showed in it; the keys are not
+/// attacker-chosen beyond page ids the engine itself hands out.
+#[derive(Clone, Copy, Default)]
+struct BuildPairHasher;
+
+#[derive(Default)]
+struct PairHasher(u64);
+
+impl std::hash::BuildHasher for BuildPairHasher {
+    type Hasher = PairHasher;
+    fn build_hasher(&self) -> PairHasher {
+        PairHasher(0)
+    }
+}
+
+impl std::hash::Hasher for PairHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(u32::from(b));
+        }
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.0 = (self.0.rotate_left(5) ^ u64::from(x)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 }
 
