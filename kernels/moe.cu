@@ -55,13 +55,23 @@ __device__ __forceinline__ double moe_warp_sum_f64(double v) {
 // each taking the most probable expert after the previous pick in the order (probability
 // descending, index ascending) — the CPU's choice, ties to the lower index. ids/weights:
 // [rows × top_k]; with `renormalize` the weights are divided by their sum (summed in k order)
-// when it is positive. One warp per row; lanes read back only what they wrote.
-extern "C" __global__ void moe_route_topk(float* __restrict__ logits, int rows, int experts,
-                                          int top_k, int renormalize, u32* __restrict__ ids,
-                                          float* __restrict__ weights) {
+// when it is positive. One warp per row; lanes read back only what they wrote. With
+// has_valid, rows from *valid_rows on (a CUDA graph's padding rows) are routed nowhere: expert
+// id `experts` (out of range: no grouped row, no statistics, nothing combined), weight 0.
+extern "C" __global__ void moe_route_topk(float* __restrict__ logits, int rows,
+                                          const u32* __restrict__ valid_rows, int has_valid,
+                                          int experts, int top_k, int renormalize,
+                                          u32* __restrict__ ids, float* __restrict__ weights) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;  // the whole warp: no block-wide synchronisation follows
+    if (has_valid && (u32)row >= *valid_rows) {
+        for (int k = lane; k < top_k; k += 32) {
+            ids[(u64)row * top_k + k] = (u32)experts;
+            weights[(u64)row * top_k + k] = 0.0f;
+        }
+        return;
+    }
     float* p = logits + (u64)row * experts;
     float mx = ARBOR_NEG_INF;
     for (int e = lane; e < experts; e += 32) mx = fmaxf(mx, p[e]);

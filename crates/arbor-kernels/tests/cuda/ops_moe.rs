@@ -81,6 +81,7 @@ fn route_on_gpu(
         experts,
         top_k,
         renormalize,
+        None,
         &mut ids,
         &mut w,
     )
@@ -141,8 +142,59 @@ fn routing_matches_the_cpu_with_ties_and_non_finite_logits() {
     // Bad shapes are errors.
     let mut l = up(&gpu, &[0.0f32; 8]);
     let (mut ids, mut w) = (zeros::<u32>(&gpu, 8), zeros::<f32>(&gpu, 8));
-    assert!(moe::route_softmax_topk(&gpu, &mut l, 2, 4, 5, false, &mut ids, &mut w).is_err());
-    assert!(moe::route_softmax_topk(&gpu, &mut l, 3, 4, 1, false, &mut ids, &mut w).is_err());
+    assert!(moe::route_softmax_topk(&gpu, &mut l, 2, 4, 5, false, None, &mut ids, &mut w).is_err());
+    assert!(moe::route_softmax_topk(&gpu, &mut l, 3, 4, 1, false, None, &mut ids, &mut w).is_err());
+}
+
+/// A CUDA graph's padding rows (from the device's real row count on) are routed to no expert:
+/// id `experts`, weight 0; the grouping gives them no row and counts nothing for them.
+#[test]
+fn padding_rows_are_routed_nowhere_and_not_counted() {
+    let Some(gpu) = common::gpu() else { return };
+    let (rows, real, experts, top_k) = (8usize, 5usize, 6usize, 2usize);
+    let l = common::random(rows * experts, 7, 3.0);
+    let want = ops::route_softmax_topk(&l[..real * experts], experts, top_k, true).expect("cpu");
+    let mut d_logits = up(&gpu, &l);
+    let valid = up(&gpu, &[real as u32]);
+    let (mut ids, mut w) = (
+        zeros::<u32>(&gpu, rows * top_k),
+        zeros::<f32>(&gpu, rows * top_k),
+    );
+    let v = valid.slice(..);
+    moe::route_softmax_topk(
+        &gpu,
+        &mut d_logits,
+        rows,
+        experts,
+        top_k,
+        true,
+        Some(&v),
+        &mut ids,
+        &mut w,
+    )
+    .expect("route");
+    let (got_ids, got_w) = (down(&gpu, &ids, rows * top_k), down(&gpu, &w, rows * top_k));
+    assert_eq!(&got_ids[..real * top_k], &want.experts[..]);
+    assert!(
+        got_ids[real * top_k..].iter().all(|&e| e == experts as u32),
+        "{got_ids:?}"
+    );
+    assert!(got_w[real * top_k..].iter().all(|&x| x == 0.0), "{got_w:?}");
+    let mut table = zeros::<u64>(&gpu, experts);
+    let mut groups = GpuExpertGroups::new(&gpu, rows * top_k, experts).expect("groups");
+    let stats = Some(ExpertStatsRow {
+        table: &mut table,
+        row: 0,
+    });
+    groups
+        .group(&gpu, &ids, &w, rows, top_k, experts, stats)
+        .expect("group");
+    let counts = down(&gpu, &table, experts);
+    assert_eq!(
+        counts.iter().sum::<u64>(),
+        (real * top_k) as u64,
+        "{counts:?}"
+    );
 }
 
 #[test]
@@ -421,6 +473,7 @@ fn check_block(
         experts,
         top_k,
         renormalize,
+        None,
         &mut ids,
         &mut w,
     )

@@ -57,6 +57,8 @@ pub(super) struct MetaViews<'a> {
     /// From the page indices to the end of the buffer: a length fixed by the bucket and the
     /// buffer, not by the step (the kernel reads only what `page_indptr` points at).
     pub page_indices: CudaView<'a, u32>,
+    /// The step's real row count (the last row offset): rows from it on are padding.
+    pub real_rows: CudaView<'a, u32>,
 }
 
 impl<'a> MetaViews<'a> {
@@ -69,6 +71,8 @@ impl<'a> MetaViews<'a> {
             seq_row_indptr: meta.slice(lay.seq_row_indptr.range()),
             page_indptr: meta.slice(lay.page_indptr.range()),
             page_indices: meta.slice(lay.page_indices.start..),
+            real_rows: meta
+                .slice(lay.seq_row_indptr.range().end - 1..lay.seq_row_indptr.range().end),
         }
     }
 }

@@ -4,7 +4,7 @@
 use super::moe::MoeState;
 use super::upload::{GpuFfn, GpuLayer};
 use crate::RuntimeError;
-use arbor_kernels::cuda::cudarc::driver::CudaSlice;
+use arbor_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use arbor_kernels::cuda::gemm::Gemm;
 use arbor_kernels::cuda::ops::activation;
 use arbor_kernels::cuda::Gpu;
@@ -19,6 +19,9 @@ pub(super) struct FfnBuffers<'a> {
     pub proj: &'a mut CudaSlice<f32>,
     /// The FFN output, f32, `rows × h`.
     pub o: &'a mut CudaSlice<f32>,
+    /// The step's real row count on the device: rows from it on are a graph's padding, which
+    /// a MoE layer routes to no expert.
+    pub valid_rows: &'a CudaView<'a, u32>,
 }
 
 /// Layer `l`'s FFN for `rows` rows of width `h` whose normed input is in `b.xn`; the result
@@ -43,7 +46,7 @@ pub(super) fn run_layer(
             activation::swiglu(gpu, b.proj, rows, inter, b.xn)?;
             gemm.matmul_bt(b.xn, rows, down, h, inter, b.o)?;
         }
-        GpuFfn::Moe(m) => moe.run(gpu, gemm, m, rows, h, b.xn, b.o)?,
+        GpuFfn::Moe(m) => moe.run(gpu, gemm, m, rows, h, b.valid_rows, b.xn, b.o)?,
     }
     Ok(())
 }

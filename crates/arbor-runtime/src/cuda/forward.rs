@@ -55,7 +55,7 @@ pub(super) fn run(
     m.copy_pages(&copies)?;
     let meta = StepMeta::build(batch, |s| cache.table(s), ps)?;
     let mode = m.graphs.mode();
-    let bucket = graph::graph_bucket(mode, model, batch, &meta, logit_rows);
+    let bucket = graph::graph_bucket(mode, batch, &meta, logit_rows);
     let packed = meta.pack(tokens, logit_rows, hidden_rows, bucket)?;
     let lay = packed.layout;
     let n_logits = logit_rows.len();
@@ -165,6 +165,7 @@ pub(super) fn layers(
             xn: &mut *xn,
             proj: &mut *proj,
             o: &mut *o,
+            valid_rows: &views.real_rows,
         };
         ffn::run_layer(gpu, gemm, &mut m.moe, l, t, h, bufs)?;
     }

@@ -7,7 +7,9 @@
 //! is reused ([`GpuCascadePlan::epoch`]), and its counts are read from device memory.
 //!
 //! What makes a replay right: every buffer the step touches is a [`Workspace`] buffer or a
-//! weight, fixed until the workspace's generation changes (then the graphs are dropped); the
+//! weight, fixed until the workspace's generation changes (then the graphs are dropped; so do
+//! the MoE scratch's, for mixture-of-experts models, whose padding rows the router sends to no
+//! expert, reading the real row count from the metadata); the
 //! step's metadata is uploaded into the same packed buffer before each replay (outside the
 //! graph), at offsets that depend on the bucket alone ([`super::meta::StepMeta::pack`]); and
 //! every launch argument is the same for any step of a bucket: rows and sequences are the
@@ -25,7 +27,7 @@ use super::meta::{PackedLayout, StepMeta};
 use super::workspace::ROW_BUCKETS;
 use super::CudaModel;
 use crate::config::ModelConfig;
-use crate::model::{BatchLayout, Ffn, Model};
+use crate::model::BatchLayout;
 use crate::RuntimeError;
 use arbor_kernels::cuda::cudarc::driver::CudaGraph;
 use arbor_kernels::cuda::Gpu;
@@ -102,7 +104,8 @@ type Key = (usize, Option<u64>);
 /// The graphs of one model, valid for one workspace generation.
 pub(super) struct GraphCache {
     mode: GraphMode,
-    generation: u64,
+    /// The workspace's and the MoE scratch's generations the graphs were made in.
+    generation: (u64, u64),
     graphs: HashMap<Key, Captured>,
     /// Keys run eagerly once in this generation (kernels loaded, plans made).
     warmed: HashSet<Key>,
@@ -117,7 +120,7 @@ impl GraphCache {
     pub fn new(mode: GraphMode) -> Self {
         GraphCache {
             mode,
-            generation: 0,
+            generation: (0, 0),
             graphs: HashMap::new(),
             warmed: HashSet::new(),
             failed: HashSet::new(),
@@ -140,7 +143,7 @@ impl GraphCache {
 
     /// Drops every graph if the workspace moved (after the stream is idle: a graph is not
     /// destroyed while it may run; `CudaModel`'s drop waits likewise).
-    fn sync_generation(&mut self, gpu: &Gpu, generation: u64) -> Result<(), RuntimeError> {
+    fn sync_generation(&mut self, gpu: &Gpu, generation: (u64, u64)) -> Result<(), RuntimeError> {
         if generation != self.generation {
             if !self.graphs.is_empty() {
                 gpu.synchronize()?;
@@ -179,12 +182,11 @@ pub fn bucket_for(rows: usize) -> Option<usize> {
     ROW_BUCKETS.iter().copied().find(|&b| b >= rows)
 }
 
-/// The bucket a step runs in as a graph step, or `None` for an eager step: graphs on, a dense
-/// model, every sequence one row, no sparse budget, logits for every row in order, and a batch
-/// a bucket holds. Its attention (paged or cascade) is the key's other half.
+/// The bucket a step runs in as a graph step, or `None` for an eager step: graphs on, every
+/// sequence one row, no sparse budget, logits for every row in order, and a batch a bucket
+/// holds. Its attention (paged or cascade) is the key's other half.
 pub(super) fn graph_bucket(
     mode: GraphMode,
-    model: &Model,
     batch: &BatchLayout,
     meta: &StepMeta,
     logit_rows: &[usize],
@@ -196,10 +198,6 @@ pub(super) fn graph_bucket(
         && meta.seq_row_indptr.len() == rows + 1
         && logit_rows.len() == rows
         && logit_rows.iter().enumerate().all(|(i, &r)| i == r)
-        && model
-            .layers
-            .iter()
-            .all(|l| matches!(l.ffn, Ffn::Dense { .. }))
         && batch.seqs.iter().all(|s| s.sparse_budget.is_none());
     if eligible {
         bucket_for(rows)
@@ -219,7 +217,8 @@ pub(super) fn run(
     attn: StepAttention,
 ) -> Result<StepAttention, RuntimeError> {
     let gpu = m.gpu.clone();
-    m.graphs.sync_generation(&gpu, m.ws.generation())?;
+    m.graphs
+        .sync_generation(&gpu, (m.ws.generation(), m.moe.generation()))?;
     let attn = attn.for_graph(lay.seqs);
     let key = (bucket, attn.graph_epoch());
     m.graphs.sync_epoch(&gpu, key.1)?;
@@ -280,14 +279,6 @@ fn gpu_err(what: &str, e: arbor_kernels::cuda::cudarc::driver::DriverError) -> R
 mod tests {
     use super::*;
     use arbor_kernels::kv::BlockTable;
-    use arbor_kernels::ops::cascade::CascadeMode;
-
-    fn fixture(arch: &str) -> Model {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/models")
-            .join(arch);
-        Model::load(&dir).expect("fixture model")
-    }
 
     /// `seqs` sequences of `rows` rows each at position 20, on pages of 16; sequences share
     /// their first page when `shared`.
@@ -307,40 +298,30 @@ mod tests {
     }
 
     #[test]
-    fn only_one_row_decode_steps_of_dense_models_take_graphs() {
-        let model = fixture("llama");
+    fn only_one_row_decode_steps_take_graphs() {
+        // The model does not matter: dense or MoE, paged or cascade attention, all take graphs.
         let all = |n: usize| (0..n).collect::<Vec<usize>>();
         let (b, m) = step(3, 1, false);
         let on = GraphMode::Replay;
-        assert_eq!(graph_bucket(on, &model, &b, &m, &all(3)), Some(4));
-        assert_eq!(
-            graph_bucket(GraphMode::Padded, &model, &b, &m, &all(3)),
-            Some(4)
-        );
-        assert_eq!(graph_bucket(GraphMode::Off, &model, &b, &m, &all(3)), None);
+        assert_eq!(graph_bucket(on, &b, &m, &all(3)), Some(4));
+        assert_eq!(graph_bucket(GraphMode::Padded, &b, &m, &all(3)), Some(4));
+        assert_eq!(graph_bucket(GraphMode::Off, &b, &m, &all(3)), None);
         // A partial or reordered head, several rows per sequence.
-        assert_eq!(graph_bucket(on, &model, &b, &m, &[0, 2]), None);
-        assert_eq!(graph_bucket(on, &model, &b, &m, &[1, 0, 2]), None);
+        assert_eq!(graph_bucket(on, &b, &m, &[0, 2]), None);
+        assert_eq!(graph_bucket(on, &b, &m, &[1, 0, 2]), None);
         let (b2, m2) = step(3, 2, false);
-        assert_eq!(graph_bucket(on, &model, &b2, &m2, &all(6)), None);
+        assert_eq!(graph_bucket(on, &b2, &m2, &all(6)), None);
         // Too many sequences for a bucket.
         let (b3, m3) = step(MAX_GRAPH_BATCH + 1, 1, false);
         let n = MAX_GRAPH_BATCH + 1;
-        assert_eq!(graph_bucket(on, &model, &b3, &m3, &all(n)), None);
-        // Shared pages take graphs too, with tree attention (cascade) or without.
+        assert_eq!(graph_bucket(on, &b3, &m3, &all(n)), None);
+        // Shared pages (tree search: cascade attention) take graphs.
         let (bs, ms) = step(3, 1, true);
-        assert_eq!(model.attention.tree, Some(CascadeMode::Chain));
-        assert_eq!(graph_bucket(on, &model, &bs, &ms, &all(3)), Some(4));
-        let mut flat = fixture("llama");
-        flat.attention.tree = None;
-        assert_eq!(graph_bucket(on, &flat, &bs, &ms, &all(3)), Some(4));
-        // Sparse budgets do not take graphs.
+        assert_eq!(graph_bucket(on, &bs, &ms, &all(3)), Some(4));
+        // Sparse budgets do not.
         let mut sparse = b.clone();
         sparse.seqs[1].sparse_budget = Some(4);
-        assert_eq!(graph_bucket(on, &model, &sparse, &m, &all(3)), None);
-        // Mixture-of-experts models stay eager.
-        let moe = fixture("qwen2-moe");
-        assert_eq!(graph_bucket(on, &moe, &b, &m, &all(3)), None);
+        assert_eq!(graph_bucket(on, &sparse, &m, &all(3)), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::upload::Uploader;
 use super::CudaModel;
 use crate::model::{ExpertCounts, Model, MoeBlock};
 use crate::RuntimeError;
-use arbor_kernels::cuda::cudarc::driver::CudaSlice;
+use arbor_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use arbor_kernels::cuda::gemm::Gemm;
 use arbor_kernels::cuda::ops::activation;
 use arbor_kernels::cuda::ops::moe::{
@@ -23,7 +23,7 @@ use arbor_kernels::cuda::ops::moe::{
 };
 use arbor_kernels::cuda::Gpu;
 use half::bf16;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// One MoE layer's weights on the GPU.
@@ -118,6 +118,9 @@ pub(super) fn upload(
 pub(super) struct MoeState {
     /// Count tokens per expert ([`CudaModel::set_expert_stats`]).
     counting: AtomicBool,
+    /// Changes whenever the scratch moves or counting is switched, either of which changes
+    /// the launches a CUDA graph of a MoE step captured.
+    generation: AtomicU64,
     /// Model layer index of each MoE layer (the statistics rows, in order).
     layers: Vec<usize>,
     num_experts: usize,
@@ -159,6 +162,11 @@ struct Dims {
 }
 
 impl MoeState {
+    /// See the field: graphs of MoE steps are valid while this stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// The state for `model` (nothing allocated for a dense one).
     pub fn new(gpu: &Gpu, model: &Model) -> Result<Self, RuntimeError> {
         let layers: Vec<usize> = (0..model.layers.len())
@@ -171,6 +179,7 @@ impl MoeState {
         };
         Ok(MoeState {
             counting: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             taken: Mutex::new(vec![0; layers.len() * num_experts]),
             layers,
             num_experts,
@@ -220,6 +229,7 @@ impl MoeState {
             let a = cap * need.top_k;
             let s = need.shared_inter;
             let what = "MoE scratch";
+            self.generation.fetch_add(1, Ordering::Relaxed);
             self.bufs = Some(MoeBuffers {
                 rows: cap,
                 logits: gpu.zeros(cap * need.experts, what)?,
@@ -239,7 +249,9 @@ impl MoeState {
             .ok_or_else(|| RuntimeError::Config("MoE scratch missing after allocation".into()))
     }
 
-    /// Layer `m`'s MoE block for `rows` tokens of width `h`: `out (rows × h) = MoE(xn)`.
+    /// Layer `m`'s MoE block for `rows` tokens of width `h`: `out (rows × h) = MoE(xn)`; rows
+    /// from the device scalar `valid_rows` on are padding, routed to no expert (their `out`
+    /// is the shared expert's alone, or zero).
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
@@ -248,6 +260,7 @@ impl MoeState {
         m: &GpuMoe,
         rows: usize,
         h: usize,
+        valid_rows: &CudaView<u32>,
         xn: &CudaSlice<bf16>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), RuntimeError> {
@@ -268,6 +281,7 @@ impl MoeState {
                 e,
                 k,
                 m.renormalize,
+                Some(valid_rows),
                 &mut b.ids,
                 &mut b.weights,
             )?;
@@ -325,7 +339,9 @@ impl CudaModel {
     /// Switches per-expert token counting on or off (off at first), as
     /// [`Model::set_expert_stats`] does for the CPU path.
     pub fn set_expert_stats(&self, on: bool) {
-        self.moe.counting.store(on, Ordering::Relaxed);
+        if self.moe.counting.swap(on, Ordering::Relaxed) != on {
+            self.moe.generation.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Tokens routed to each expert of each MoE layer since the last call (counted while

@@ -1,5 +1,5 @@
-//! CUDA graphs of decode steps on the fixture models: 40 decode steps whose batch sizes move
-//! inside and across the graph buckets. Each step runs padded and eagerly, then replayed from
+//! CUDA graphs of decode steps on the fixture models (dense and mixture-of-experts): 40 decode
+//! steps whose batch sizes move inside and across the graph buckets. Each step runs padded and eagerly, then replayed from
 //! a graph, on the same model and cache: logits and hidden states must agree bit for bit, and
 //! the counters must show the replays. A second model with graphs off (unpadded) runs the same
 //! steps as a reference for the padding rows' harmlessness. Tree-search decode steps (branches
@@ -100,7 +100,14 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 #[test]
 fn graph_replays_match_eager_steps_bit_for_bit() {
     let Some(gpu) = gpu() else { return };
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "qwen2-moe",
+        "mixtral",
+        "qwen3-moe",
+    ] {
         let model = Model::load(&fixture(arch)).expect("load model");
         let vocab = model.cfg.vocab_size as u32;
         let mut test = Run::new(&gpu, &model, GraphMode::Replay);
@@ -126,6 +133,9 @@ fn graph_replays_match_eager_steps_bit_for_bit() {
             let b = r.reserve(&prompts);
             r.forward(&model, &b, &tokens, &logit_rows, &[]);
             r.commit(&prompts);
+            // Expert counts of the decode steps only (MoE models).
+            r.m.set_expert_stats(true);
+            r.m.take_expert_counts().expect("expert counts");
         }
 
         for (k, &n) in SIZES.iter().enumerate() {
@@ -182,6 +192,22 @@ fn graph_replays_match_eager_steps_bit_for_bit() {
         );
         let off = reference.m.graph_stats();
         assert_eq!((off.captures, off.replays, off.eager_padded), (0, 0, 0));
+
+        // Padding rows are routed to no expert: every layer counts exactly the real tokens'
+        // assignments (the test model ran each step twice: padded eagerly, then replayed).
+        if let Some(moe) = &model.cfg.moe {
+            let assigned = (SIZES.iter().sum::<usize>() * moe.experts_per_token) as u64;
+            for (r, times) in [(&test, 2), (&reference, 1)] {
+                let c =
+                    r.m.take_expert_counts()
+                        .expect("counts")
+                        .expect("a MoE model");
+                for (layer, counts) in c.layers.iter().zip(&c.counts) {
+                    let total: u64 = counts.iter().sum();
+                    assert_eq!(total, times * assigned, "{arch} layer {layer}: {counts:?}");
+                }
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@
 
 use super::super::{Gpu, GpuError, LaunchConfig};
 use super::{int_arg, launch_error, need_len, product};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use half::bf16;
 
 /// Threads of the one block that builds offsets and tiles.
@@ -39,6 +39,8 @@ const TILE_LARGE: (usize, usize, &str) = (32, GEMM_WARPS * 2, "moe_gemm_m32");
 /// probable experts by descending probability, ties to the lower index, into `experts` and
 /// their probabilities into `weights` (`rows × top_k` each), divided by their sum when
 /// `renormalize` (Mixtral; Qwen-MoE with `norm_topk_prob`). NaN logits count as −∞.
+/// `valid_rows`, a device scalar, marks rows from it on as padding (a CUDA graph's): they get
+/// expert id `num_experts` (no expert) and weight 0.
 #[allow(clippy::too_many_arguments)]
 pub fn route_softmax_topk(
     gpu: &Gpu,
@@ -47,6 +49,7 @@ pub fn route_softmax_topk(
     num_experts: usize,
     top_k: usize,
     renormalize: bool,
+    valid_rows: Option<&CudaView<u32>>,
     experts: &mut CudaSlice<u32>,
     weights: &mut CudaSlice<f32>,
 ) -> Result<(), GpuError> {
@@ -64,8 +67,12 @@ pub fn route_softmax_topk(
     let a = product(OP, "rows × top_k", rows, top_k)?;
     need_len(OP, "experts", experts.len(), a)?;
     need_len(OP, "weights", weights.len(), a)?;
+    if let Some(v) = valid_rows {
+        need_len(OP, "valid rows", v.len(), 1)?;
+    }
+    let rows_i = int_arg(OP, "rows", rows)?;
+    let has_valid = i32::from(valid_rows.is_some());
     let ints = [
-        int_arg(OP, "rows", rows)?,
         int_arg(OP, "experts", num_experts)?,
         int_arg(OP, "top_k", top_k)?,
         i32::from(renormalize),
@@ -74,7 +81,14 @@ pub fn route_softmax_topk(
         .map_err(|_| GpuError::Invalid(format!("{OP}: {rows} rows are too many")))?;
     let f = gpu.func("moe", "moe_route_topk")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(logits);
+    b.arg(logits).arg(&rows_i);
+    // A null pointer (8 bytes, as the kernel's) where there is none: never read then.
+    let null: u64 = 0;
+    match valid_rows {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
+    b.arg(&has_valid);
     for i in &ints {
         b.arg(i);
     }

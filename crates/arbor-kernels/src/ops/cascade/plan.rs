@@ -155,8 +155,8 @@ impl CascadePlan {
             }
             let mut path = Vec::with_capacity(last);
             let mut parent = u32::MAX; // the root
-            // Sequences of one search sit side by side and share a prefix: while this one
-            // follows the previous sequence's path, its nodes are found without a lookup.
+                                       // Sequences of one search sit side by side and share a prefix: while this one
+                                       // follows the previous sequence's path, its nodes are found without a lookup.
             let prev: &[u32] = paths.last().map_or(&[], Vec::as_slice);
             let mut following = true;
             for (depth, &page) in s.pages[..last].iter().enumerate() {
