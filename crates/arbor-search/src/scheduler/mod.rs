@@ -18,6 +18,7 @@
 //! `group.rs` (n choices of one prompt), `progress.rs` (streaming), `job.rs` (one running
 //! sequence).
 
+mod anchors;
 mod group;
 mod job;
 mod lane;
@@ -521,7 +522,7 @@ impl Scheduler {
         for (id, r) in &mut self.reqs {
             if let Req::Search(s) = r {
                 let mut v = seqs.remove(id).unwrap_or_default();
-                v.extend(s.anchors.values().copied());
+                v.extend(s.anchors.seqs());
                 let bytes = self.engine.kv_usage(&v).pages as u64 * page_bytes;
                 s.acct.kv_peak_bytes = s.acct.kv_peak_bytes.max(bytes);
             }

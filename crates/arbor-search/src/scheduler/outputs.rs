@@ -26,7 +26,7 @@ impl Scheduler {
                 self.jobs[i].done = Some(StopReason::Length);
                 if let Some(Req::Search(s)) = self.reqs.get_mut(&owner) {
                     s.prefilling.remove(&node);
-                    s.anchors.insert(node, self.jobs[i].seq);
+                    s.anchors.set(&mut self.engine, node, self.jobs[i].seq);
                     s.anchored(node);
                 }
             }
@@ -72,7 +72,7 @@ impl Scheduler {
                 };
                 let tops = out.sample.map(|x| x.top_logprobs).unwrap_or_default();
                 let mut children = Vec::new();
-                for (c, &(tok, lp)) in tops.iter().take(k).enumerate() {
+                for &(tok, lp) in tops.iter().take(k) {
                     let Some(child) = s.tree.add_child(node, vec![], 0.0) else {
                         continue;
                     };
@@ -85,20 +85,14 @@ impl Scheduler {
                     };
                     s.tree.stop(child, reason);
                     if reason == StopReason::Length {
-                        let anchor = if c == 0 {
-                            seq
-                        } else {
-                            match self.engine.fork_seq(seq) {
-                                Ok(f) => f,
-                                Err(_) => continue,
-                            }
-                        };
-                        s.anchors.insert(child, anchor);
+                        // Every open child shares the sequence; it is forked for those that
+                        // survive to be expanded (see anchors.rs).
+                        s.anchors.set(&mut self.engine, child, seq);
                     }
                     children.push(child);
                 }
-                // The job's sequence now belongs to the first child (or is freed at reaping).
-                if s.anchors.values().any(|&a| a == seq) {
+                // The job's sequence now belongs to the children (or is freed at reaping).
+                if s.anchors.holds(seq) {
                     self.jobs[i].seq = SeqId::MAX;
                 }
                 s.events

@@ -53,7 +53,7 @@ impl Scheduler {
             .collect();
         for r in self.reqs.values() {
             if let Req::Search(s) = r {
-                cands.extend(s.anchors.values().copied());
+                cands.extend(s.anchors.seqs());
             }
         }
         let best = cands

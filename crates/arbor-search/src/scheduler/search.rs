@@ -1,6 +1,7 @@
 //! One search inside the scheduler: its tree, strategy, verifiers, anchors (the sequences
 //! its nodes' children fork) and accounting. Turns the strategy's actions into jobs.
 
+use super::anchors::Anchors;
 use super::job::{Job, JobKind};
 use super::RequestId;
 use crate::strategy::{Action, Event, Strategy};
@@ -82,8 +83,8 @@ pub(crate) struct SearchState {
     verifiers: Vec<Verifier>,
     pub question: String,
     sampling: SamplingParams,
-    /// Node → sequence holding its path minus the last token.
-    pub anchors: HashMap<NodeId, SeqId>,
+    /// Node → sequence holding its path minus the last token (shared by siblings).
+    pub anchors: Anchors,
     /// Nodes whose anchor is being computed.
     pub prefilling: HashSet<NodeId>,
     /// The strategy has started (its root was computed once).
@@ -121,7 +122,7 @@ impl SearchState {
             verifiers: r.verifiers,
             question: r.question,
             sampling: r.sampling,
-            anchors: HashMap::new(),
+            anchors: Anchors::default(),
             prefilling: HashSet::new(),
             started: false,
             model_scores: Vec::new(),
@@ -174,7 +175,7 @@ impl SearchState {
         }
         self.tree.stop(node, r);
         if self.tree.node(node).is_some_and(|n| n.is_open()) {
-            self.anchors.insert(node, seq);
+            self.anchors.set(engine, node, seq);
         } else {
             engine.free_seq(seq);
         }
@@ -234,20 +235,9 @@ impl SearchState {
         self.note = Some(note);
     }
 
-    /// Frees a node's anchor once its children hold forks of it: only frontier nodes keep
-    /// one, so a long beam does not pin a partial page per round. Expanding the node again
-    /// rebuilds the anchor, re-attaching its full pages from the prefix cache.
-    fn drop_anchor(&mut self, engine: &mut Engine, node: NodeId) {
-        if let Some(a) = self.anchors.remove(&node) {
-            engine.free_seq(a);
-        }
-    }
-
     /// Frees every anchor.
     pub fn free_all(&mut self, engine: &mut Engine) {
-        for (_, s) in self.anchors.drain() {
-            engine.free_seq(s);
-        }
+        self.anchors.free_all(engine);
     }
 
     /// Sequences the search holds beside its jobs'.
@@ -351,7 +341,7 @@ impl SearchState {
                     self.strategy.name()
                 ));
             }
-            if !self.anchors.contains_key(&node) {
+            if !self.anchors.contains(node) {
                 // Compute (or re-attach from the prefix cache) the node's path first.
                 if self.prefilling.insert(node) {
                     let path = self.tree.path_tokens(node);
@@ -363,13 +353,18 @@ impl SearchState {
         }
         match a {
             Action::Expand { node, k, until } => {
-                let anchor = self.anchors[&node];
                 let path = self.tree.path_tokens(node);
                 let last = *path.last().ok_or("expansion of an empty prompt")?;
-                for _ in 0..k {
+                // Only frontier nodes keep an anchor, so a long search does not pin a partial
+                // page per node: the last child takes the node's (expanding the node again
+                // rebuilds it, re-attaching its full pages from the prefix cache).
+                for i in 0..k {
                     let child = self.tree.add_child(node, vec![], 0.0).expect("node exists");
                     self.tree.set_running(child);
-                    let seq = engine.fork_seq(anchor).map_err(|e| e.to_string())?;
+                    let seq = match i + 1 == k {
+                        true => self.anchors.claim(engine, node)?,
+                        false => self.anchors.fork(engine, node)?,
+                    };
                     let mut j = Job::new(
                         owner,
                         seq,
@@ -385,18 +380,18 @@ impl SearchState {
                     j.context = path.len();
                     jobs.push(j);
                 }
-                self.drop_anchor(engine, node);
+                if k == 0 {
+                    self.anchors.release(engine, node);
+                }
             }
             Action::ExpandTopK { node, k } => {
-                let anchor = self.anchors[&node];
                 let last = *self
                     .tree
                     .path_tokens(node)
                     .last()
                     .ok_or("expansion of an empty prompt")?;
-                let seq = engine.fork_seq(anchor).map_err(|e| e.to_string())?;
+                let seq = self.anchors.claim(engine, node)?;
                 jobs.push(Job::new(owner, seq, JobKind::TopK { node, k }, vec![last]));
-                self.drop_anchor(engine, node);
             }
             Action::Score { node, verifier } => {
                 if self.tree.node(node).is_none() {
@@ -459,9 +454,7 @@ impl SearchState {
             }
             Action::Prune { node, reason } => {
                 for n in self.tree.prune(node, &reason) {
-                    if let Some(s) = self.anchors.remove(&n) {
-                        engine.free_seq(s);
-                    }
+                    self.anchors.release(engine, n);
                     self.killed.push(n);
                 }
             }

@@ -17,6 +17,7 @@ use super::{best, check, generated, prune_dead, rank};
 use crate::params::Params;
 use crate::strategy::{Action, Event, Strategy};
 use crate::tree::{NodeId, SearchTree};
+use std::collections::HashMap;
 
 pub struct Beam {
     width: usize,
@@ -56,10 +57,33 @@ impl Beam {
         tree.path_logprob(id) / len.powf(self.alpha)
     }
 
+    /// [`Beam::score`] of every candidate, walking each parent's path once (a round has
+    /// width² candidates under width parents).
+    fn scores(&self, tree: &SearchTree, cands: &[NodeId]) -> HashMap<NodeId, f64> {
+        let mut parents: HashMap<NodeId, (f64, usize)> = HashMap::new();
+        cands
+            .iter()
+            .map(|&c| {
+                let Some(n) = tree.node(c) else {
+                    return (c, f64::NAN);
+                };
+                let (lp, len) = match n.parent {
+                    Some(p) => *parents
+                        .entry(p)
+                        .or_insert_with(|| (tree.path_logprob(p), generated(tree, p))),
+                    None => (0.0, 0),
+                };
+                let len = (len + n.tokens.len()).max(1) as f64;
+                (c, (lp + n.logprob) / len.powf(self.alpha))
+            })
+            .collect()
+    }
+
     fn round(&mut self, tree: &SearchTree) -> Vec<Action> {
         let mut cands = std::mem::take(&mut self.pool);
         cands.sort_unstable();
-        rank(&mut cands, |n| self.score(tree, n));
+        let scores = self.scores(tree, &cands);
+        rank(&mut cands, |n| scores.get(&n).copied().unwrap_or(f64::NAN));
         let (mut next, mut dropped) = (vec![], vec![]);
         for (r, &c) in cands.iter().enumerate() {
             let finished = tree.node(c).is_some_and(|n| n.is_finished());

@@ -134,7 +134,12 @@ pub(crate) fn best(
 
 /// Sorts `nodes` by `key`, highest first; ties keep their order.
 pub(crate) fn rank(nodes: &mut [NodeId], key: impl Fn(NodeId) -> f64) {
-    nodes.sort_by(|&a, &b| num(key(b)).total_cmp(&num(key(a))));
+    // Each key once: a key may walk the node's path, and a beam ranks width² candidates.
+    let mut keyed: Vec<(f64, NodeId)> = nodes.iter().map(|&n| (num(key(n)), n)).collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (slot, (_, n)) in nodes.iter_mut().zip(keyed) {
+        *slot = n;
+    }
 }
 
 /// Tokens generated from the root down to `id` (the root's prompt excluded).
@@ -173,11 +178,13 @@ pub(crate) fn prune_dead(
     reason: &str,
 ) -> Vec<Action> {
     let mut dead: HashSet<NodeId> = drop.iter().copied().collect();
+    // Parents found to keep a wanted child: siblings dropped later need not look again.
+    let mut kept: HashSet<NodeId> = HashSet::new();
     for &d in drop {
         let mut cur = d;
         while let Some(p) = tree.node(cur).and_then(|n| n.parent) {
             let Some(pn) = tree.node(p) else { break };
-            if pn.parent.is_none() || dead.contains(&p) {
+            if pn.parent.is_none() || dead.contains(&p) || kept.contains(&p) {
                 break;
             }
             let wanted = pn.children.iter().any(|&c| {
@@ -189,9 +196,14 @@ pub(crate) fn prune_dead(
                     })
             });
             if wanted {
+                kept.insert(p);
                 break;
             }
             dead.insert(p);
+            // p's parent may have been kept for p's sake: look again when the climb gets there.
+            if let Some(pp) = pn.parent {
+                kept.remove(&pp);
+            }
             cur = p;
         }
     }

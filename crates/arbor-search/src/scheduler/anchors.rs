@@ -1,0 +1,95 @@
+//! A search's anchors: for a node that may be expanded, a sequence holding its path minus the
+//! last token. Siblings may share one: a token-level beam's top-k children all continue the
+//! same sequence, and forking it for each of them at once would cost width² forks per round,
+//! most of them pruned before they run. A shared anchor is forked only when a holder expands
+//! while others still hold it; the last holder takes the sequence itself (no fork, and no
+//! copy-on-write of its partial last page).
+
+use crate::tree::NodeId;
+use arbor_kernels::kv::SeqId;
+use arbor_runtime::Engine;
+use std::collections::HashMap;
+
+#[derive(Debug, Default)]
+pub(crate) struct Anchors {
+    of: HashMap<NodeId, SeqId>,
+    /// Nodes holding each anchor sequence.
+    holders: HashMap<SeqId, usize>,
+}
+
+impl Anchors {
+    pub fn get(&self, node: NodeId) -> Option<SeqId> {
+        self.of.get(&node).copied()
+    }
+
+    pub fn contains(&self, node: NodeId) -> bool {
+        self.of.contains_key(&node)
+    }
+
+    /// Whether some node holds `seq`.
+    pub fn holds(&self, seq: SeqId) -> bool {
+        self.holders.contains_key(&seq)
+    }
+
+    /// The distinct anchor sequences.
+    pub fn seqs(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.holders.keys().copied()
+    }
+
+    /// Makes `seq` (also) the anchor of `node`, releasing the one it had.
+    pub fn set(&mut self, engine: &mut Engine, node: NodeId, seq: SeqId) {
+        if let Some(old) = self.of.insert(node, seq) {
+            self.unhold(engine, old);
+        }
+        *self.holders.entry(seq).or_insert(0) += 1;
+    }
+
+    /// `node` no longer needs its anchor; the sequence is freed with its last holder.
+    pub fn release(&mut self, engine: &mut Engine, node: NodeId) {
+        if let Some(seq) = self.of.remove(&node) {
+            self.unhold(engine, seq);
+        }
+    }
+
+    /// A sequence of the caller's own holding `node`'s anchor, which `node` gives up: the
+    /// anchor itself when `node` was its last holder, else a fork of it.
+    pub fn claim(&mut self, engine: &mut Engine, node: NodeId) -> Result<SeqId, String> {
+        let seq = self
+            .get(node)
+            .ok_or_else(|| format!("node {node} has no anchor"))?;
+        if self.holders.get(&seq) == Some(&1) {
+            self.of.remove(&node);
+            self.holders.remove(&seq);
+            return Ok(seq);
+        }
+        let fork = engine.fork_seq(seq).map_err(|e| e.to_string())?;
+        self.release(engine, node);
+        Ok(fork)
+    }
+
+    /// A fork of `node`'s anchor (which `node` keeps).
+    pub fn fork(&self, engine: &mut Engine, node: NodeId) -> Result<SeqId, String> {
+        let seq = self
+            .get(node)
+            .ok_or_else(|| format!("node {node} has no anchor"))?;
+        engine.fork_seq(seq).map_err(|e| e.to_string())
+    }
+
+    /// Frees every anchor.
+    pub fn free_all(&mut self, engine: &mut Engine) {
+        for (seq, _) in self.holders.drain() {
+            engine.free_seq(seq);
+        }
+        self.of.clear();
+    }
+
+    fn unhold(&mut self, engine: &mut Engine, seq: SeqId) {
+        if let Some(n) = self.holders.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                self.holders.remove(&seq);
+                engine.free_seq(seq);
+            }
+        }
+    }
+}
