@@ -349,9 +349,13 @@ fn bench_grid_reports_consistent_cells_csv_and_plots() {
             n(off, "kv_peak_pages") > n(on, "kv_peak_pages"),
             "{on}\n{off}"
         );
-        // Off: each of the 4 branches computes and stores its own 2-page prompt.
+        // Off: each of the 4 branches computes and stores its own 2-page prompt (one of
+        // them continues the prompt's own sequence, the other 3 compute it again).
         assert!(n(off, "kv_peak_pages") >= 8.0, "{off}");
-        assert!(n(off, "processed_tokens") - n(on, "processed_tokens") >= 4.0 * 15.0);
+        assert!(
+            n(off, "processed_tokens") - n(on, "processed_tokens") >= 3.0 * 15.0,
+            "{on}\n{off}"
+        );
         assert!(n(off, "kv_bytes_per_unique_token") > n(on, "kv_bytes_per_unique_token"));
     }
     let csv = std::fs::read_to_string(dir.join("bench.csv")).expect("bench.csv");
