@@ -7,12 +7,14 @@
 //! most pages, when pages run short — (3) steps the engine once and (4) hands each job its
 //! output. A search's node keeps an *anchor* sequence holding its path minus the last token,
 //! so children fork it and share its pages; the last token is fed by each child with its own
-//! sampling.
+//! sampling. Siblings may share one anchor until they expand (a token-level beam's top-k
+//! children), and the last holder takes the sequence over instead of forking it (`anchors.rs`).
 //!
 //! Nothing is lost: a request or search ends with a result or an error naming the cause
 //! (cancelled, cannot fit in the KV cache, model error).
 //!
-//! Files: `pack.rs` (choosing a step's jobs, preemption), `outputs.rs` (handing out a step's
+//! Files: `pack.rs` (choosing a step's jobs, preemption), `anchors.rs` (nodes' anchor
+//! sequences), `outputs.rs` (handing out a step's
 //! outputs, reaping, searches reacting), `search.rs` (one search's state), `lane.rs`
 //! (verifier models), `memory.rs` (KV pages moving between the policy and verifier models),
 //! `group.rs` (n choices of one prompt), `progress.rs` (streaming), `job.rs` (one running
