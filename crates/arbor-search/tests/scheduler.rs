@@ -506,6 +506,14 @@ fn thousands_of_random_searches_with_cancellations_leak_nothing() {
                     max_tokens: 1 + next(10) as usize,
                     stop: vec![],
                 })
+            } else if next(3) == 0 {
+                // Token-level beams: top-k children share their parent's sequence until
+                // they expand or are pruned.
+                let params = arbor_search::Params::new(k).set("max_tokens", 1 + next(6));
+                let beam = arbor_search::strategies::build("beam", &params).expect("beam");
+                let verifier = Verifier::Text(Box::new(LengthVerifier));
+                let p = prompt(len, next(1000) as u32);
+                s.submit_search(request(p, beam, verifier, next(1 << 30)))
             } else {
                 s.submit_search(probe_search(
                     prompt(len, next(1000) as u32),
