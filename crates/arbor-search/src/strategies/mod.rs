@@ -24,6 +24,7 @@ pub mod vote;
 use crate::params::Params;
 use crate::strategy::{Action, Strategy, Until};
 use crate::tree::{NodeId, SearchTree};
+use std::collections::HashMap;
 
 /// Every strategy name the CLI accepts.
 pub const NAMES: &[&str] = &[
@@ -160,9 +161,11 @@ impl ScoreEach {
             .map(|s| s.0)
             .collect();
         let group = |id: NodeId| tree.node(id).and_then(|n| n.group);
-        let size = |id: NodeId| {
-            group(id).map_or(1, |g| tied.iter().filter(|&&o| group(o) == Some(g)).count())
-        };
+        let mut sizes: HashMap<u64, usize> = HashMap::new();
+        for g in tied.iter().filter_map(|&id| group(id)) {
+            *sizes.entry(g).or_insert(0) += 1;
+        }
+        let size = |id: NodeId| group(id).map_or(1, |g| sizes[&g]);
         let largest = tied.iter().map(|&id| size(id)).max()?;
         let members: Vec<NodeId> = tied
             .iter()

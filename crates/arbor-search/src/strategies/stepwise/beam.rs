@@ -52,9 +52,14 @@ impl Beam {
         })
     }
 
+    /// The length-penalised score of a path with summed log-probability `logprob` over `len`
+    /// generated tokens.
+    fn penalised(&self, logprob: f64, len: usize) -> f64 {
+        logprob / (len.max(1) as f64).powf(self.alpha)
+    }
+
     fn score(&self, tree: &SearchTree, id: NodeId) -> f64 {
-        let len = generated(tree, id).max(1) as f64;
-        tree.path_logprob(id) / len.powf(self.alpha)
+        self.penalised(tree.path_logprob(id), generated(tree, id))
     }
 
     /// [`Beam::score`] of every candidate, walking each parent's path once (a round has
@@ -67,14 +72,13 @@ impl Beam {
                 let Some(n) = tree.node(c) else {
                     return (c, f64::NAN);
                 };
-                let (lp, len) = match n.parent {
-                    Some(p) => *parents
-                        .entry(p)
-                        .or_insert_with(|| (tree.path_logprob(p), generated(tree, p))),
-                    None => (0.0, 0),
+                let Some(p) = n.parent else {
+                    return (c, self.score(tree, c));
                 };
-                let len = (len + n.tokens.len()).max(1) as f64;
-                (c, (lp + n.logprob) / len.powf(self.alpha))
+                let (lp, len) = *parents
+                    .entry(p)
+                    .or_insert_with(|| (tree.path_logprob(p), generated(tree, p)));
+                (c, self.penalised(lp + n.logprob, len + n.tokens.len()))
             })
             .collect()
     }
