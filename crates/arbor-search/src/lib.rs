@@ -21,5 +21,5 @@ pub use scheduler::{
     Candidate, GenerateRequest, GenerateResult, Outcome, RequestId, Scheduler, SchedulerOptions,
     Scoring, SearchRequest, SearchResult, VerifierModel,
 };
-pub use strategy::{Action, Event, Strategy, Until};
+pub use strategy::{Action, Event, Strategy, TopToken, Until};
 pub use tree::{Node, NodeId, NodeStatus, SearchTree, StopReason};

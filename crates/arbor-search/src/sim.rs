@@ -3,12 +3,12 @@
 //! [`crate::strategy`]). Strategy tests use it to check the exact decisions a strategy makes.
 //!
 //! Time runs in ticks as in the scheduler: each tick every running child receives one token;
-//! children that stop in a tick report in creation order; scores and top-k expansions asked
-//! for in one tick arrive in the next.
+//! children that stop in a tick report in creation order; scores and top-k offers asked for
+//! in one tick arrive in the next; `Extend` reports at once.
 
-use crate::strategy::{Action, Event, Strategy, Until};
+use crate::strategy::{Action, Event, Strategy, TopToken, Until};
 use crate::tree::{NodeId, SearchTree, StopReason};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 /// One scripted token.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,6 +89,8 @@ pub struct Simulator<'a> {
     policy: PolicyFn<'a>,
     topk: TopKFn<'a>,
     verify: VerifyFn<'a>,
+    /// Top-k offers not yet taken up, by node.
+    offers: HashMap<NodeId, Vec<SimToken>>,
     /// Gives up (with an error) after this many ticks.
     pub max_ticks: usize,
 }
@@ -100,6 +102,7 @@ impl<'a> Simulator<'a> {
             policy: Box::new(policy),
             topk: Box::new(|_, _, _| panic!("the test scripted no top-k")),
             verify: Box::new(|_, _, _| panic!("the test scripted no verifier")),
+            offers: HashMap::new(),
             max_ticks: 10_000,
         }
     }
@@ -141,7 +144,7 @@ impl<'a> Simulator<'a> {
                             ticks: tick,
                         });
                     }
-                    self.apply(a, &mut tree, &mut running, &mut later)?;
+                    self.apply(a, &mut tree, &mut running, &mut later, &mut events)?;
                 }
                 let Some(e) = events.pop_front() else { break };
                 pending.extend(strategy.on_event(&tree, e));
@@ -194,6 +197,7 @@ impl<'a> Simulator<'a> {
         tree: &mut SearchTree,
         running: &mut Vec<Running>,
         later: &mut VecDeque<Event>,
+        now: &mut VecDeque<Event>,
     ) -> Result<(), String> {
         match a {
             Action::Expand { node, k, until } => self.expand(tree, running, node, k, until)?,
@@ -203,21 +207,40 @@ impl<'a> Simulator<'a> {
             }
             Action::ExpandTopK { node, k } => {
                 exists(tree, node)?;
+                let mut script = (self.topk)(tree, node, k);
+                script.truncate(k);
+                let options = script
+                    .iter()
+                    .map(|t| TopToken {
+                        token: intern(&t.text),
+                        logprob: t.logprob,
+                        eos: t.eos,
+                    })
+                    .collect();
+                self.offers.insert(node, script);
+                later.push_back(Event::TopK { node, options });
+            }
+            Action::Extend { node, picks } => {
+                let script = self
+                    .offers
+                    .remove(&node)
+                    .ok_or_else(|| format!("extend of node {node}, which has no offer"))?;
                 let mut children = Vec::new();
-                for t in (self.topk)(tree, node, k).into_iter().take(k) {
+                for p in picks {
+                    let t = script
+                        .get(p)
+                        .ok_or_else(|| format!("pick {p} of {} offered", script.len()))?;
                     let c = tree.add_child(node, vec![], 0.0).expect("node exists");
                     tree.push_token(c, intern(&t.text), &t.text, t.logprob, t.entropy);
-                    tree.stop(
-                        c,
-                        if t.eos {
-                            StopReason::Eos
-                        } else {
-                            StopReason::Length
-                        },
-                    );
+                    let stop = if t.eos {
+                        StopReason::Eos
+                    } else {
+                        StopReason::Length
+                    };
+                    tree.stop(c, stop);
                     children.push(c);
                 }
-                later.push_back(Event::ExpandedTopK { node, children });
+                now.push_back(Event::Extended { node, children });
             }
             Action::Score { node, verifier } => {
                 exists(tree, node)?;
@@ -231,7 +254,9 @@ impl<'a> Simulator<'a> {
             }
             Action::Prune { node, reason } => {
                 exists(tree, node)?;
-                tree.prune(node, &reason);
+                for n in tree.prune(node, &reason) {
+                    self.offers.remove(&n);
+                }
             }
             Action::Finish { .. } => unreachable!("handled by run"),
         }

@@ -7,8 +7,11 @@
 //! - `Expand { node, k }` adds `k` children of `node` at once (status Running) and fills them
 //!   token by token; each child that stops produces one `Expanded` event. A child's status
 //!   after it stops follows [`crate::tree::SearchTree::stop`].
-//! - `ExpandTopK { node, k }` adds the `k` most likely next tokens of `node` as one-token
-//!   children (status Open, stop `Length`) and produces one `ExpandedTopK` event.
+//! - `ExpandTopK { node, k }` offers the `k` most likely next tokens of `node` in one `TopK`
+//!   event, without making nodes of them: a token-level beam keeps `width` of `width²`.
+//! - `Extend { node, picks }` makes one-token children of `node` from its offer (status Open
+//!   with stop `Length`, or finished with `Eos`) and produces one `Extended` event at once,
+//!   before any later model output. It uses the offer up; so does a `Prune` of `node`.
 //! - `Score` produces one `Scored` event (the score is also stored in the node).
 //! - `Prompt` adds a new root holding the rendered prompt and expands it like `Expand`.
 //! - `Prune` marks the subtree pruned, stops its running children (no events for them) and
@@ -56,8 +59,11 @@ pub enum Action {
         k: usize,
         until: Until,
     },
-    /// Add the `k` most likely next tokens of `node` as children (token-level beam).
+    /// Offer the `k` most likely next tokens of `node` (token-level beam): a `TopK` event.
     ExpandTopK { node: NodeId, k: usize },
+    /// Make children of `node` from the options of its `TopK` offer numbered `picks`
+    /// (indices into the event's list; no picks just gives the offer up).
+    Extend { node: NodeId, picks: Vec<usize> },
     /// Score the candidate ending at `node` with the search's verifier number `verifier`.
     Score { node: NodeId, verifier: usize },
     /// Start a fresh prompt (a user message, formatted like the search's own prompt) built
@@ -87,13 +93,29 @@ impl Action {
     }
 }
 
+/// One of a node's most likely next tokens, offered by `ExpandTopK`. Its text is decoded
+/// only for the options a strategy picks (a beam round offers width² of them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TopToken {
+    pub token: u32,
+    /// Natural-log probability of the token after the node's path.
+    pub logprob: f32,
+    /// End of generation: a child made of it is finished.
+    pub eos: bool,
+}
+
 /// What the runner reports back.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// `child` (a child of `node` started by an `Expand` or `Prompt`) stopped.
     Expanded { node: NodeId, child: NodeId },
-    /// The top-k children of `node` were added.
-    ExpandedTopK { node: NodeId, children: Vec<NodeId> },
+    /// The most likely next tokens of `node`, most likely first (no nodes yet).
+    TopK {
+        node: NodeId,
+        options: Vec<TopToken>,
+    },
+    /// The children an `Extend` of `node` made, in the order of its picks.
+    Extended { node: NodeId, children: Vec<NodeId> },
     /// Verifier `verifier` scored `node`.
     Scored {
         node: NodeId,

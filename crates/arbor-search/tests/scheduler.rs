@@ -109,7 +109,7 @@ impl Strategy for Probe {
                 acts.push(Action::finish(best.0));
                 acts
             }
-            Event::ExpandedTopK { .. } => vec![],
+            Event::TopK { .. } | Event::Extended { .. } => vec![],
         }
     }
 }
@@ -339,8 +339,10 @@ fn a_scheduled_request_equals_generate() {
     assert_clean(&s);
 }
 
-/// Top-k expansion of the root, then the policy judges each child.
+/// Top-k expansion of the root, then the policy judges each child kept of the offer.
 struct TopKJudge {
+    /// Options of the offer kept (all when None).
+    picks: Option<Vec<usize>>,
     children: Vec<NodeId>,
     scores: Vec<(NodeId, f64)>,
 }
@@ -356,7 +358,11 @@ impl Strategy for TopKJudge {
     }
     fn on_event(&mut self, _t: &SearchTree, e: Event) -> Vec<Action> {
         match e {
-            Event::ExpandedTopK { children, .. } => {
+            Event::TopK { node, options } => vec![Action::Extend {
+                node,
+                picks: (self.picks.clone()).unwrap_or_else(|| (0..options.len()).collect()),
+            }],
+            Event::Extended { children, .. } => {
                 self.children = children.clone();
                 children
                     .iter()
@@ -390,6 +396,7 @@ fn top_k_children_are_the_most_likely_tokens_and_the_judge_scores_them() {
         prompt: p.clone(),
         question: "2+2?".into(),
         strategy: Box::new(TopKJudge {
+            picks: None,
             children: vec![],
             scores: vec![],
         }),
@@ -435,6 +442,46 @@ fn top_k_children_are_the_most_likely_tokens_and_the_judge_scores_them() {
     }
     assert!(r.accounting.verifier_tokens > 0);
     assert_eq!(r.verifiers, vec!["judge:policy".to_string()]);
+    assert_clean(&s);
+}
+
+/// A search of `TopKJudge` keeping `picks` of the root's offer.
+fn top_k_search(picks: Vec<usize>) -> SearchRequest {
+    SearchRequest {
+        prompt: prompt(12, 5),
+        question: "2+2?".into(),
+        strategy: Box::new(TopKJudge {
+            picks: Some(picks),
+            children: vec![],
+            scores: vec![],
+        }),
+        verifiers: vec![Verifier::Judge(Judge::default())],
+        sampling: SamplingParams::default(),
+        max_policy_tokens: None,
+        max_wall: None,
+    }
+}
+
+#[test]
+fn only_the_kept_options_of_an_offer_become_nodes() {
+    let mut s = scheduler(4 << 20, SchedulerOptions::default());
+    let kept = s.submit_search(top_k_search(vec![2, 0]));
+    let bad = s.submit_search(top_k_search(vec![1, 3]));
+    for (id, o) in s.run_to_completion() {
+        match o {
+            Outcome::Search(Ok(r)) if id == kept => {
+                let kids = &r.tree.node(0).expect("root").children;
+                assert_eq!(kids.len(), 2, "offered 3, kept 2");
+                let lp = |c: NodeId| r.tree.node(c).expect("child").logprob;
+                // Kept in pick order: the third likeliest token, then the likeliest.
+                assert!(lp(kids[0]) <= lp(kids[1]), "{} {}", lp(kids[0]), lp(kids[1]));
+            }
+            Outcome::Search(Err(e)) if id == bad => {
+                assert!(e.contains("pick 3") && e.contains("3 tokens"), "{e}")
+            }
+            o => panic!("search {id}: {o:?}"),
+        }
+    }
     assert_clean(&s);
 }
 

@@ -3,6 +3,7 @@
 
 use super::job::JobKind;
 use super::{GenerateResult, Outcome, Req, RequestId, Scheduler};
+use crate::strategy::TopToken;
 use crate::tree::{NodeId, StopReason};
 use arbor_kernels::kv::SeqId;
 use std::collections::HashSet;
@@ -71,32 +72,20 @@ impl Scheduler {
                     return;
                 };
                 let tops = out.sample.map(|x| x.top_logprobs).unwrap_or_default();
-                let mut children = Vec::new();
-                for &(tok, lp) in tops.iter().take(k) {
-                    let Some(child) = s.tree.add_child(node, vec![], 0.0) else {
-                        continue;
-                    };
-                    let text = self.tokenizer.decode(&[tok], true);
-                    s.tree.push_token(child, tok, &text, lp, 0.0);
-                    let reason = if !self.ignore_eos && self.tokenizer.is_eog(tok) {
-                        StopReason::Eos
-                    } else {
-                        StopReason::Length
-                    };
-                    s.tree.stop(child, reason);
-                    if reason == StopReason::Length {
-                        // Every open child shares the sequence; it is forked for those that
-                        // survive to be expanded (see anchors.rs).
-                        s.anchors.set(&mut self.engine, child, seq);
-                    }
-                    children.push(child);
-                }
-                // The job's sequence now belongs to the children (or is freed at reaping).
-                if s.anchors.holds(seq) {
-                    self.jobs[i].seq = SeqId::MAX;
-                }
-                s.events
-                    .push_back(crate::Event::ExpandedTopK { node, children });
+                let options: Vec<TopToken> = tops
+                    .iter()
+                    .take(k)
+                    .map(|&(token, logprob)| TopToken {
+                        token,
+                        logprob,
+                        eos: !self.ignore_eos && self.tokenizer.is_eog(token),
+                    })
+                    .collect();
+                // The job's sequence now holds the offer (see anchors.rs).
+                s.anchors
+                    .offer(&mut self.engine, node, seq, options.clone());
+                self.jobs[i].seq = SeqId::MAX;
+                s.events.push_back(crate::Event::TopK { node, options });
             }
             JobKind::Judge { node, verifier, .. } => {
                 self.jobs[i].done = Some(StopReason::Length);

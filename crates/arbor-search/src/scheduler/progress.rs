@@ -47,7 +47,8 @@ pub enum SearchProgress {
         logprob: f64,
         stop: Option<StopReason>,
     },
-    /// The `children` of `node` were added as its most likely next tokens.
+    /// The `children` of `node` were added from its most likely next tokens (those a
+    /// strategy kept of the offer).
     ExpandedTopK { node: NodeId, children: Vec<NodeId> },
     /// Verifier `verifier` scored `node`.
     Scored {
@@ -104,7 +105,9 @@ impl ProgressLog {
                         stop: n.stop,
                     }
                 }
-                Event::ExpandedTopK { node, children } => {
+                // The options a beam keeps become nodes: those are reported.
+                Event::TopK { .. } => continue,
+                Event::Extended { node, children } => {
                     SearchProgress::ExpandedTopK { node, children }
                 }
                 Event::Scored {

@@ -393,6 +393,29 @@ impl SearchState {
                 let seq = self.anchors.claim(engine, node)?;
                 jobs.push(Job::new(owner, seq, JobKind::TopK { node, k }, vec![last]));
             }
+            Action::Extend { node, picks } => {
+                let tree = &mut self.tree;
+                let children = self.anchors.take_offer(engine, node, &picks, |t| {
+                    let child = tree
+                        .add_child(node, vec![], 0.0)
+                        .expect("offering node exists");
+                    tree.push_token(
+                        child,
+                        t.token,
+                        &tok.decode(&[t.token], true),
+                        t.logprob,
+                        0.0,
+                    );
+                    let stop = if t.eos {
+                        StopReason::Eos
+                    } else {
+                        StopReason::Length
+                    };
+                    tree.stop(child, stop);
+                    (child, !t.eos)
+                })?;
+                self.events.push_back(Event::Extended { node, children });
+            }
             Action::Score { node, verifier } => {
                 if self.tree.node(node).is_none() {
                     return Err(format!("score of unknown node {node}"));

@@ -167,7 +167,7 @@ impl Strategy for Backtrack {
                     }
                 }
             }
-            Event::ExpandedTopK { .. } => vec![],
+            Event::TopK { .. } | Event::Extended { .. } => vec![],
         }
     }
 

@@ -1,33 +1,50 @@
 //! `beam`: token-level beam search, as in HF transformers' `num_beams` decoding.
 //!
-//! Each round every live beam asks for its `width` most likely next tokens (`ExpandTopK`).
-//! The round's candidates are ranked by length-normalised cumulative logprob, `score =
-//! logprob_sum / len^α` (len counts the tokens generated, EOS included). Walking them
-//! best first: a finished (EOS) candidate whose rank is below `width` joins the finished
+//! Each round every live beam is offered its `width` most likely next tokens (`ExpandTopK`).
+//! The round's candidates (beam + token) are ranked by length-normalised cumulative logprob,
+//! `score = logprob_sum / len^α` (len counts the tokens generated, EOS included). Walking
+//! them best first: a finished (EOS) candidate whose rank is below `width` joins the finished
 //! list, an open one becomes a beam of the next round until there are `width` beams; the
-//! rest are pruned ("beam cut", with any beam left without a surviving child). The search
-//! stops when no beam is left, when the beams reach `max_tokens` tokens, or when the best
-//! finished candidate beats every live beam (a heuristic: with α > 0 a beam's score may
-//! still rise). Answer: the best finished candidate, else the best live beam.
+//! rest never become nodes (width² candidates, `width` kept). The kept candidates become
+//! children (`Extend`), and a beam none of whose candidates is kept is pruned ("beam cut").
+//! The search stops when no beam is left, when the beams reach `max_tokens` tokens, or when
+//! the best finished candidate beats every live beam (a heuristic: with α > 0 a beam's score
+//! may still rise). Answer: the best finished candidate, else the best live beam.
 //!
 //! Parameters: `width` beams (1 is greedy decoding); `length_penalty` α ≥ 0 (default 1.0:
 //! mean token logprob; 0: raw sum); `max_tokens` (default 256).
 
-use super::{best, check, generated, prune_dead, rank};
+use super::{check, num, prune_dead};
 use crate::params::Params;
-use crate::strategy::{Action, Event, Strategy};
+use crate::strategy::{Action, Event, Strategy, TopToken};
 use crate::tree::{NodeId, SearchTree};
 use std::collections::HashMap;
+
+/// A candidate of the round: option `pick` of beam `parent`'s offer.
+struct Candidate {
+    parent: NodeId,
+    pick: usize,
+    score: f64,
+    eos: bool,
+}
 
 pub struct Beam {
     width: usize,
     alpha: f64,
     max_tokens: usize,
-    live: Vec<NodeId>,
-    finished: Vec<NodeId>,
-    /// Candidates of the round so far, and top-k expansions still to report.
-    pool: Vec<NodeId>,
+    /// Beams of the round, best first, with their scores.
+    live: Vec<(NodeId, f64)>,
+    /// Tokens every live beam has generated.
+    depth: usize,
+    finished: Vec<(NodeId, f64)>,
+    /// Candidates of the round so far.
+    pool: Vec<Candidate>,
+    /// Offers (then extensions) still to be reported this round.
     waiting: usize,
+    /// The scores of the candidates kept of each beam's offer, in pick order.
+    kept: HashMap<NodeId, Vec<f64>>,
+    /// Beams of the next round, as their extensions report.
+    next: Vec<(NodeId, f64)>,
 }
 
 impl Beam {
@@ -46,9 +63,12 @@ impl Beam {
             alpha,
             max_tokens,
             live: vec![],
+            depth: 0,
             finished: vec![],
             pool: vec![],
             waiting: 0,
+            kept: HashMap::new(),
+            next: vec![],
         })
     }
 
@@ -58,67 +78,99 @@ impl Beam {
         logprob / (len.max(1) as f64).powf(self.alpha)
     }
 
-    fn score(&self, tree: &SearchTree, id: NodeId) -> f64 {
-        self.penalised(tree.path_logprob(id), generated(tree, id))
-    }
-
-    /// [`Beam::score`] of every candidate, walking each parent's path once (a round has
-    /// width² candidates under width parents).
-    fn scores(&self, tree: &SearchTree, cands: &[NodeId]) -> HashMap<NodeId, f64> {
-        let mut parents: HashMap<NodeId, (f64, usize)> = HashMap::new();
-        cands
-            .iter()
-            .map(|&c| {
-                let Some(n) = tree.node(c) else {
-                    return (c, f64::NAN);
-                };
-                let Some(p) = n.parent else {
-                    return (c, self.score(tree, c));
-                };
-                let (lp, len) = *parents
-                    .entry(p)
-                    .or_insert_with(|| (tree.path_logprob(p), generated(tree, p)));
-                (c, self.penalised(lp + n.logprob, len + n.tokens.len()))
-            })
-            .collect()
-    }
-
-    fn round(&mut self, tree: &SearchTree) -> Vec<Action> {
-        let mut cands = std::mem::take(&mut self.pool);
-        cands.sort_unstable();
-        let scores = self.scores(tree, &cands);
-        rank(&mut cands, |n| scores.get(&n).copied().unwrap_or(f64::NAN));
-        let (mut next, mut dropped) = (vec![], vec![]);
-        for (r, &c) in cands.iter().enumerate() {
-            let finished = tree.node(c).is_some_and(|n| n.is_finished());
-            if finished {
-                if r < self.width {
-                    self.finished.push(c);
-                }
-            } else if next.len() < self.width {
-                next.push(c);
-            } else {
-                dropped.push(c);
-            }
+    /// Adds beam `parent`'s offer to the round's candidates (its path walked once).
+    fn offered(&mut self, tree: &SearchTree, parent: NodeId, options: &[TopToken]) {
+        let lp = tree.path_logprob(parent);
+        for (pick, o) in options.iter().enumerate() {
+            let score = num(self.penalised(lp + o.logprob as f64, self.depth + 1));
+            self.pool.push(Candidate {
+                parent,
+                pick,
+                score,
+                eos: o.eos,
+            });
         }
-        let mut out = prune_dead(tree, &dropped, |c| self.finished.contains(&c), "beam cut");
-        self.live = next;
-        let top_finished = best(self.finished.iter().copied(), |n| self.score(tree, n));
-        let top_live = best(self.live.iter().copied(), |n| self.score(tree, n));
-        let len = self.live.first().map_or(0, |&b| generated(tree, b));
+    }
+
+    /// All offers are in: keeps the best candidates (as `Extend`s) and cuts beams left
+    /// without one.
+    fn select(&mut self, tree: &SearchTree) -> Vec<Action> {
+        let mut cands = std::mem::take(&mut self.pool);
+        // Best first; ties go to the better beam, then the likelier token.
+        let order: HashMap<NodeId, usize> = self
+            .live
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.0, i))
+            .collect();
+        let at = |n: NodeId| order.get(&n).copied().unwrap_or(usize::MAX);
+        cands.sort_by(|a, b| {
+            (b.score.total_cmp(&a.score))
+                .then(at(a.parent).cmp(&at(b.parent)))
+                .then(a.pick.cmp(&b.pick))
+        });
+        // Kept picks per beam, beams in the order of their best kept candidate.
+        let mut picks: Vec<(NodeId, Vec<usize>)> = vec![];
+        let mut open = 0;
+        for (r, c) in cands.iter().enumerate() {
+            if open == self.width && r >= self.width {
+                break;
+            }
+            let keep = match c.eos {
+                true => r < self.width,
+                false => open < self.width,
+            };
+            if !keep {
+                continue;
+            }
+            open += usize::from(!c.eos);
+            match picks.iter_mut().find(|(p, _)| *p == c.parent) {
+                Some((_, v)) => v.push(c.pick),
+                None => picks.push((c.parent, vec![c.pick])),
+            }
+            self.kept.entry(c.parent).or_default().push(c.score);
+        }
+        self.depth += 1;
+        let cut: Vec<NodeId> = (self.live.iter())
+            .map(|b| b.0)
+            .filter(|b| !self.kept.contains_key(b))
+            .collect();
+        let finished: Vec<NodeId> = self.finished.iter().map(|f| f.0).collect();
+        let mut out = prune_dead(tree, &cut, |c| finished.contains(&c), "beam cut");
+        if picks.is_empty() {
+            return self.decide(out);
+        }
+        self.waiting = picks.len();
+        out.extend(
+            picks
+                .into_iter()
+                .map(|(node, picks)| Action::Extend { node, picks }),
+        );
+        out
+    }
+
+    /// The round's beams are known: finishes, or offers them their next tokens.
+    fn decide(&mut self, mut out: Vec<Action>) -> Vec<Action> {
+        self.live = std::mem::take(&mut self.next);
+        self.live.sort_by(|a, b| b.1.total_cmp(&a.1));
+        // The best finished candidate; ties go to the earlier one.
+        let top_finished = (self.finished.iter().rev())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .copied();
+        let top_live = self.live.first().copied();
         let beaten = match (top_finished, top_live) {
-            (Some(f), Some(l)) => self.score(tree, f) > self.score(tree, l),
+            (Some(f), Some(l)) => f.1 > l.1,
             _ => false,
         };
-        if self.live.is_empty() || len >= self.max_tokens || beaten {
+        if self.live.is_empty() || self.depth >= self.max_tokens || beaten {
             out.push(Action::Finish {
-                answer: top_finished.or(top_live),
+                answer: top_finished.or(top_live).map(|x| x.0),
                 text: None,
             });
             return out;
         }
         self.waiting = self.live.len();
-        out.extend(self.live.iter().map(|&node| Action::ExpandTopK {
+        out.extend(self.live.iter().map(|&(node, _)| Action::ExpandTopK {
             node,
             k: self.width,
         }));
@@ -132,7 +184,7 @@ impl Strategy for Beam {
     }
 
     fn start(&mut self, tree: &SearchTree) -> Vec<Action> {
-        self.live = vec![tree.root()];
+        self.live = vec![(tree.root(), 0.0)];
         self.waiting = 1;
         vec![Action::ExpandTopK {
             node: tree.root(),
@@ -141,15 +193,31 @@ impl Strategy for Beam {
     }
 
     fn on_event(&mut self, tree: &SearchTree, event: Event) -> Vec<Action> {
-        let Event::ExpandedTopK { children, .. } = event else {
-            return vec![];
-        };
-        self.pool.extend(children);
-        self.waiting = self.waiting.saturating_sub(1);
-        if self.waiting > 0 {
-            return vec![];
+        match event {
+            Event::TopK { node, options } => {
+                self.offered(tree, node, &options);
+                self.waiting = self.waiting.saturating_sub(1);
+                match self.waiting {
+                    0 => self.select(tree),
+                    _ => vec![],
+                }
+            }
+            Event::Extended { node, children } => {
+                let scores = self.kept.remove(&node).unwrap_or_default();
+                for (c, s) in children.into_iter().zip(scores) {
+                    match tree.node(c).is_some_and(|n| n.is_finished()) {
+                        true => self.finished.push((c, s)),
+                        false => self.next.push((c, s)),
+                    }
+                }
+                self.waiting = self.waiting.saturating_sub(1);
+                match self.waiting {
+                    0 => self.decide(vec![]),
+                    _ => vec![],
+                }
+            }
+            _ => vec![],
         }
-        self.round(tree)
     }
 
     fn width(&self) -> usize {
@@ -205,6 +273,7 @@ mod tests {
     fn log(out: &SimOutcome) -> String {
         let line = |a: &Action| match a {
             Action::ExpandTopK { node, k } => format!("T {}:{k}", path(out, *node)),
+            Action::Extend { node, picks } => format!("X {}:{picks:?}", path(out, *node)),
             Action::Prune { node, reason } => format!("P {} {reason}", path(out, *node)),
             Action::Finish { answer, .. } => format!("F {}", path(out, answer.unwrap())),
             a => panic!("beam asked for {a:?}"),
@@ -227,7 +296,9 @@ mod tests {
                 ("aa", &[("a", -0.1), ("b", -0.2)]),
             ],
         );
-        let want = "T root:2, T a:2, T b:2, P bb beam cut, T ba:2, T aa:2, P aab beam cut, F ba$";
+        // bb and aab are never made: candidates not kept do not become nodes.
+        let want = "T root:2, X root:[0, 1], T a:2, T b:2, X b:[0], X a:[1, 0], T ba:2, T aa:2, \
+                    X ba:[0, 1], X aa:[0], F ba$";
         assert_eq!(log(&out), want);
     }
 
@@ -241,9 +312,9 @@ mod tests {
                 ("b", &[("a", -0.1), ("b", -0.2)]),
             ],
         );
-        // Both children of "a" are cut, so "a" goes in their place; at max_tokens with
-        // nothing finished the best live beam wins.
-        let want = "T root:2, T a:2, T b:2, P a beam cut, F ba";
+        // Neither candidate of "a" is kept, so "a" is cut; at max_tokens with nothing
+        // finished the best live beam wins.
+        let want = "T root:2, X root:[0, 1], T a:2, T b:2, P a beam cut, X b:[0, 1], F ba";
         assert_eq!(log(&out), want);
     }
 
@@ -256,15 +327,41 @@ mod tests {
             ("bd", &[("$", -2.0), ("f", -2.0)]),
         ];
         let out = run(Params::new(1), table);
-        assert_eq!(log(&out), "T root:1, T b:1, T bc:1, F bc$");
+        assert_eq!(
+            log(&out),
+            "T root:1, X root:[0], T b:1, X b:[0], T bc:1, X bc:[0], F bc$"
+        );
         // α = 0 (sums): $ -0.6 (finished) beats bc -0.7 and bd -0.8 after round 2.
         let out = run(Params::new(2).set("length_penalty", 0), table);
-        assert_eq!(log(&out), "T root:2, T b:2, F $");
+        assert_eq!(log(&out), "T root:2, X root:[0, 1], T b:2, X b:[0, 1], F $");
         // α = 1 (means): bc -0.35 and bd -0.4 beat $ -0.6; in round 3 bc$ -0.267 finishes,
-        // bd$ -0.833 ranks third (dropped, not kept as finished), bce -0.567 and bdf -0.833
+        // bd$ -0.933 ranks third (dropped, not kept as finished), bce -0.567 and bdf -0.933
         // go on as beams, and bc$ beats both.
         let out = run(Params::new(2), table);
-        assert_eq!(log(&out), "T root:2, T b:2, T bc:2, T bd:2, F bc$");
+        let want = "T root:2, X root:[0, 1], T b:2, X b:[0, 1], T bc:2, T bd:2, X bc:[0, 1], \
+                    X bd:[1], F bc$";
+        assert_eq!(log(&out), want);
+    }
+
+    #[test]
+    fn a_round_makes_nodes_only_of_the_kept_candidates() {
+        // Every path is offered k tokens "t0".."t{k-1}" (t_i has logprob -0.1·(i+1)), no EOS:
+        // the tree holds the root and width nodes per round, not width² candidates.
+        let (width, rounds) = (4, 6);
+        let mut s = Beam::from_params(&Params::new(width).set("max_tokens", rounds)).unwrap();
+        let offers = |_: &SearchTree, _: NodeId, k: usize| -> Vec<SimToken> {
+            (0..k)
+                .map(|i| SimToken::new(&format!("t{i}"), -0.1 * (i as f32 + 1.0)))
+                .collect()
+        };
+        let out = Simulator::new(|_, _, _| panic!("beam samples nothing"))
+            .with_topk(offers)
+            .run(&mut s, "q")
+            .unwrap();
+        assert_eq!(out.tree.len(), 1 + width * rounds);
+        let offered = out.actions.iter().filter(|a| matches!(a, Action::ExpandTopK { .. }));
+        assert_eq!(offered.count(), 1 + width * (rounds - 1));
+        assert_eq!(path(&out, out.answer.unwrap()), "t0".repeat(rounds));
     }
 
     #[test]

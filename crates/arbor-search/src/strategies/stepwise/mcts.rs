@@ -248,7 +248,7 @@ impl Strategy for Mcts {
                 self.backup(&path, -1.0, 0.0);
                 self.fill(tree)
             }
-            Event::ExpandedTopK { .. } => vec![],
+            Event::TopK { .. } | Event::Extended { .. } => vec![],
         }
     }
 

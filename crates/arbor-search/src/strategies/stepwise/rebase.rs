@@ -186,7 +186,7 @@ impl Strategy for Rebase {
                 }]
             }
             Event::Scored { .. } => vec![],
-            Event::ExpandedTopK { .. } => return vec![],
+            Event::TopK { .. } | Event::Extended { .. } => return vec![],
         };
         self.waiting = self.waiting.saturating_sub(1);
         if self.waiting > 0 {

@@ -256,7 +256,7 @@ impl Strategy for StepBeam {
                 Some(cand) => self.valued(tree, node, cand, score),
                 None => vec![],
             },
-            Event::ExpandedTopK { .. } => vec![],
+            Event::TopK { .. } | Event::Extended { .. } => vec![],
         }
     }
 

@@ -69,8 +69,8 @@ pub fn verifier(scores: &str) -> impl FnMut(&SearchTree, NodeId, usize) -> f64 {
     }
 }
 
-/// The actions, comma-separated: `E a:2` expand, `T a:2` top-k, `S a` score, `Q 3` prompt,
-/// `P a why` prune, `F a` finish.
+/// The actions, comma-separated: `E a:2` expand, `T a:2` top-k, `X a:0,1` extend, `S a`
+/// score, `Q 3` prompt, `P a why` prune, `F a` finish.
 pub fn log(out: &SimOutcome) -> String {
     let l = |n: NodeId| label(&out.tree, n);
     let lines: Vec<String> = out
@@ -79,6 +79,7 @@ pub fn log(out: &SimOutcome) -> String {
         .map(|a| match a {
             Action::Expand { node, k, .. } => format!("E {}:{k}", l(*node)),
             Action::ExpandTopK { node, k } => format!("T {}:{k}", l(*node)),
+            Action::Extend { node, picks } => format!("X {}:{}", l(*node), list(picks)),
             Action::Score { node, .. } => format!("S {}", l(*node)),
             Action::Prompt { k, .. } => format!("Q {k}"),
             Action::Prune { node, reason } => format!("P {} {reason}", l(*node)),
@@ -86,4 +87,9 @@ pub fn log(out: &SimOutcome) -> String {
         })
         .collect();
     lines.join(", ")
+}
+
+fn list(picks: &[usize]) -> String {
+    let s: Vec<String> = picks.iter().map(|p| p.to_string()).collect();
+    s.join(",")
 }
