@@ -474,7 +474,12 @@ fn only_the_kept_options_of_an_offer_become_nodes() {
                 assert_eq!(kids.len(), 2, "offered 3, kept 2");
                 let lp = |c: NodeId| r.tree.node(c).expect("child").logprob;
                 // Kept in pick order: the third likeliest token, then the likeliest.
-                assert!(lp(kids[0]) <= lp(kids[1]), "{} {}", lp(kids[0]), lp(kids[1]));
+                assert!(
+                    lp(kids[0]) <= lp(kids[1]),
+                    "{} {}",
+                    lp(kids[0]),
+                    lp(kids[1])
+                );
             }
             Outcome::Search(Err(e)) if id == bad => {
                 assert!(e.contains("pick 3") && e.contains("3 tokens"), "{e}")

@@ -359,7 +359,10 @@ mod tests {
             .run(&mut s, "q")
             .unwrap();
         assert_eq!(out.tree.len(), 1 + width * rounds);
-        let offered = out.actions.iter().filter(|a| matches!(a, Action::ExpandTopK { .. }));
+        let offered = out
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::ExpandTopK { .. }));
         assert_eq!(offered.count(), 1 + width * (rounds - 1));
         assert_eq!(path(&out, out.answer.unwrap()), "t0".repeat(rounds));
     }

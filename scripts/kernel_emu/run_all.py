@@ -1,0 +1,23 @@
+"""Every kernel check on the CPU emulator (see emu.py); exits non-zero on the first failure.
+Run by crates/arbor-kernels/tests/cuda/emulator.rs, or by hand:
+    python3 scripts/kernel_emu/run_all.py
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import check_attention  # noqa: E402
+import check_cascade  # noqa: E402
+import check_moe  # noqa: E402
+
+CHECKS = [("attention.cu", check_attention), ("cascade.cu", check_cascade),
+          ("moe.cu", check_moe)]
+
+if __name__ == "__main__":
+    for name, mod in CHECKS:
+        t0 = time.time()
+        worst = mod.main()
+        print(f"== {name}: ok, worst nmse {worst:.2e}, {time.time() - t0:.1f} s", flush=True)
