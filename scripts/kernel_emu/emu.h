@@ -137,38 +137,14 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
     return out;
 }
 
-// Atomics: fibers switch only at barriers, so a plain read-modify-write is atomic here.
+// Atomics (the kernels use only atomicAdd): fibers switch only at barriers, so a plain
+// read-modify-write is atomic here.
 template <class T>
 inline T atomicAdd(T* p, T v) {
     T old = *p;
     *p = old + v;
     return old;
 }
-template <class T>
-inline T atomicMax(T* p, T v) {
-    T old = *p;
-    if (v > old) *p = v;
-    return old;
-}
-template <class T>
-inline T atomicMin(T* p, T v) {
-    T old = *p;
-    if (v < old) *p = v;
-    return old;
-}
-template <class T>
-inline T atomicExch(T* p, T v) {
-    T old = *p;
-    *p = v;
-    return old;
-}
-template <class T>
-inline T atomicCAS(T* p, T cmp, T v) {
-    T old = *p;
-    if (old == cmp) *p = v;
-    return old;
-}
-
 // Bit casts and integer intrinsics.
 inline float __int_as_float(int x) { return emu_from_bits<float>((uint32_t)x); }
 inline float __uint_as_float(unsigned x) { return emu_from_bits<float>(x); }

@@ -392,19 +392,7 @@ impl Strategy for TopKJudge {
 fn top_k_children_are_the_most_likely_tokens_and_the_judge_scores_them() {
     let mut s = scheduler(4 << 20, SchedulerOptions::default());
     let p = prompt(10, 4);
-    let id = s.submit_search(SearchRequest {
-        prompt: p.clone(),
-        question: "2+2?".into(),
-        strategy: Box::new(TopKJudge {
-            picks: None,
-            children: vec![],
-            scores: vec![],
-        }),
-        verifiers: vec![Verifier::Judge(Judge::default())],
-        sampling: SamplingParams::default(),
-        max_policy_tokens: None,
-        max_wall: None,
-    });
+    let id = s.submit_search(top_k_search(p.clone(), None));
     let out = s.run_to_completion();
     let r = match out.into_iter().find(|(i, _)| *i == id) {
         Some((_, Outcome::Search(r))) => r.expect("ok"),
@@ -445,13 +433,13 @@ fn top_k_children_are_the_most_likely_tokens_and_the_judge_scores_them() {
     assert_clean(&s);
 }
 
-/// A search of `TopKJudge` keeping `picks` of the root's offer.
-fn top_k_search(picks: Vec<usize>) -> SearchRequest {
+/// A search of `TopKJudge` keeping `picks` of the root's offer (all when None).
+fn top_k_search(prompt: Vec<u32>, picks: Option<Vec<usize>>) -> SearchRequest {
     SearchRequest {
-        prompt: prompt(12, 5),
+        prompt,
         question: "2+2?".into(),
         strategy: Box::new(TopKJudge {
-            picks: Some(picks),
+            picks,
             children: vec![],
             scores: vec![],
         }),
@@ -465,8 +453,8 @@ fn top_k_search(picks: Vec<usize>) -> SearchRequest {
 #[test]
 fn only_the_kept_options_of_an_offer_become_nodes() {
     let mut s = scheduler(4 << 20, SchedulerOptions::default());
-    let kept = s.submit_search(top_k_search(vec![2, 0]));
-    let bad = s.submit_search(top_k_search(vec![1, 3]));
+    let kept = s.submit_search(top_k_search(prompt(12, 5), Some(vec![2, 0])));
+    let bad = s.submit_search(top_k_search(prompt(12, 5), Some(vec![1, 3])));
     for (id, o) in s.run_to_completion() {
         match o {
             Outcome::Search(Ok(r)) if id == kept => {
