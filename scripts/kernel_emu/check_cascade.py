@@ -39,7 +39,7 @@ def random_tree(rng, depth, width, pages_per_node, page_size):
 def plan(nodes, leaves, page_ids):
     """The CascadePlan arrays: one group per node, an entry per (node, row below it)."""
     rows = [(path, pos) for path, ps in leaves for pos in ps]
-    first, depth_pages = {}, {}
+    first = {}
     for path, _ in leaves:
         at = 0
         for n in path:

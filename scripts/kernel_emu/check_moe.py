@@ -70,13 +70,12 @@ def case(seed, rows, valid, experts, top_k, hidden, inter, renorm, shared, skew)
         out = k.buf(np.full((rows, inter), np.nan, np.float32))
         # The combine sums expert outputs of width `inter` here (the runtime's down projection
         # is one more grouped GEMM of the same kernel).
-        xn = k.buf(to_bf16(rng_x[:, :inter]) if shared else x)
+        xn = k.buf(x[:, :inter].copy())  # the normed input the shared gate reads (bf16)
         k.launch("moe_combine", (rows,), (256,), y, i32(inter), sorted_pos, sorted_w,
                  i32(rows), i32(top_k), i32(shared), k.buf(shared_y), xn,
                  k.buf(gate[:inter].copy()), out)
         return ids.get(), wts.get(), counts.get(), stats.get(), out.get()
 
-    rng_x = from_bf16(x)
     ids, wts, counts, stats, out = both_orders(k, go)
     want_ids, want_w = route_ref(logits[:valid].astype(np.float64), top_k, renorm)
     ids, wts = ids.reshape(rows, top_k), wts.reshape(rows, top_k)
@@ -96,8 +95,7 @@ def case(seed, rows, valid, experts, top_k, hidden, inter, renorm, shared, skew)
             e = want_ids[t, i]
             want[t] += wts[t, i] * (wf[e] @ xf[t])
     if shared:
-        xn = from_bf16(to_bf16(rng_x[:, :inter])).astype(np.float64)
-        g = 1.0 / (1.0 + np.exp(-(xn @ gate[:inter])))
+        g = 1.0 / (1.0 + np.exp(-(xf[:, :inter] @ gate[:inter])))
         want += g[:, None] * shared_y
     e = nmse(out, want)
     empty = int((want_counts == 0).sum())

@@ -78,16 +78,16 @@ impl Anchors {
     ) -> Result<Vec<NodeId>, String> {
         let (seq, options) = self
             .offers
-            .get(&node)
+            .remove(&node)
             .ok_or_else(|| format!("node {node} has no top-k offer to extend"))?;
         if let Some(&p) = picks.iter().find(|&&p| p >= options.len()) {
-            return Err(format!(
+            let e = format!(
                 "pick {p} of node {node}'s offer of {} tokens",
                 options.len()
-            ));
+            );
+            self.offers.insert(node, (seq, options)); // untouched: freed with the others
+            return Err(e);
         }
-        let (seq, options) = (*seq, options.clone());
-        self.offers.remove(&node);
         let mut children = Vec::with_capacity(picks.len());
         for &p in picks {
             let (child, open) = make(options[p]);
