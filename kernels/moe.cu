@@ -101,29 +101,22 @@ extern "C" __global__ void moe_route_topk(float* __restrict__ logits, int rows,
     float sum = 0.0f;
     for (int k = 0; k < top_k; k++) {
         float bv = -1.0f;
-        int bi = 0x7fffffff;
+        u32 bi = 0xffffffffu;
         for (int e = lane; e < experts; e += 32) {
             float v = p[e];
             bool after = v < pv || (v == pv && e > pi);
             // A lane visits ascending e, so strict > keeps its lowest index on ties.
             if (after && v > bv) {
                 bv = v;
-                bi = e;
+                bi = (u32)e;
             }
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(MOE_FULL, bv, o);
-            int oi = __shfl_xor_sync(MOE_FULL, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         pv = bv;
-        pi = bi;
+        pi = (int)bi;
         sum += bv;
         if (lane == 0) {
-            out_ids[k] = (u32)bi;
+            out_ids[k] = bi;
             out_w[k] = bv;
         }
     }

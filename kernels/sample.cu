@@ -140,14 +140,7 @@ __device__ __forceinline__ void block_sum2_f64(double& a, double& b, Smem& sh) {
 __device__ __forceinline__ void block_argmax(float& v, u32& idx, Smem& sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int pass = 0; pass < 2; ++pass) {
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(FULL_MASK, v, o);
-            u32 oi = __shfl_xor_sync(FULL_MASK, idx, o);
-            if (ov > v || (ov == v && oi < idx)) {
-                v = ov;
-                idx = oi;
-            }
-        }
+        warp_argmax(v, idx);
         if (pass == 1) break;
         __syncthreads();
         if (lane == 0) {

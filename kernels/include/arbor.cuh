@@ -33,6 +33,18 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// (max, lowest index holding it) over the warp; every lane gets it.
+__device__ __forceinline__ void warp_argmax(float& v, u32& idx) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
 // `scratch` is 32 floats of shared memory; the call synchronises the block.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
