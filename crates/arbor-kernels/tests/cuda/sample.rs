@@ -2,7 +2,8 @@
 //! greedy rows; ≥ 99.9% of sampled rows, a mismatch being allowed only where the draw's
 //! target falls within rounding of a token boundary, and even then the GPU's token must be
 //! one the CPU could draw), logprobs within 1e-4, entropy within 1e-4, identical top-n ids.
-//! Every mismatch is printed with its row's parameters.
+//! Every mismatch is printed with its row's parameters. The case builders and [`check`] also
+//! serve the emulator test (emulator.rs), which runs the same kernel on the CPU.
 
 use crate::common;
 use arbor_kernels::cuda::ops::sample::{sample as gpu_sample, SampleRow, MAX_TOP_LOGPROBS};
@@ -12,15 +13,37 @@ use std::time::Instant;
 
 /// One row: its logits, parameters, penalty history and step.
 #[derive(Clone)]
-struct Case {
-    logits: Vec<f32>,
-    params: SamplingParams,
-    history: Vec<u32>,
-    step: u64,
+pub(crate) struct Case {
+    pub logits: Vec<f32>,
+    pub params: SamplingParams,
+    pub history: Vec<u32>,
+    pub step: u64,
+}
+
+impl Case {
+    /// The row as the wrapper takes it.
+    pub fn row(&self) -> SampleRow<'_> {
+        SampleRow {
+            params: &self.params,
+            history: &self.history,
+            step: self.step,
+        }
+    }
+}
+
+/// Runs sample.cu on one batch of rows: the GPU, or the CPU emulator (emulator.rs).
+pub(crate) trait Sampler {
+    fn run(&self, vocab: usize, cases: &[Case]) -> Vec<SampleOutput>;
+}
+
+impl Sampler for std::sync::Arc<Gpu> {
+    fn run(&self, vocab: usize, cases: &[Case]) -> Vec<SampleOutput> {
+        run_gpu(self, vocab, cases)
+    }
 }
 
 /// xorshift64*, for parameters and histories.
-struct Rng(u64);
+pub(crate) struct Rng(pub u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
@@ -38,7 +61,7 @@ impl Rng {
 
 /// LM-like logits: a uniform ±4 body and a few spikes up to +14, so that the top tokens
 /// carry most of the mass but the tail is not negligible.
-fn lm_logits(vocab: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn lm_logits(vocab: usize, seed: u64) -> Vec<f32> {
     let mut x = common::random(vocab, seed, 4.0);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     for _ in 0..(vocab / 500).clamp(1, 40) {
@@ -49,7 +72,7 @@ fn lm_logits(vocab: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Logits rounded to multiples of 0.5: many exact ties.
-fn tied_logits(vocab: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn tied_logits(vocab: usize, seed: u64) -> Vec<f32> {
     lm_logits(vocab, seed)
         .into_iter()
         .map(|v| (v * 2.0).round() / 2.0)
@@ -57,7 +80,7 @@ fn tied_logits(vocab: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Parameters with `temperature` and `seed`, everything else off.
-fn params(seed: u64, temperature: f32) -> SamplingParams {
+pub(crate) fn params(seed: u64, temperature: f32) -> SamplingParams {
     SamplingParams {
         temperature,
         seed,
@@ -65,7 +88,7 @@ fn params(seed: u64, temperature: f32) -> SamplingParams {
     }
 }
 
-fn case(logits: Vec<f32>, params: SamplingParams, history: Vec<u32>, step: u64) -> Case {
+pub(crate) fn case(logits: Vec<f32>, params: SamplingParams, history: Vec<u32>, step: u64) -> Case {
     Case {
         logits,
         params,
@@ -105,14 +128,7 @@ fn run_gpu(gpu: &Gpu, vocab: usize, cases: &[Case]) -> Vec<SampleOutput> {
         .flat_map(|c| c.logits.iter().copied())
         .collect();
     let dev = gpu.upload(&flat, "test logits").expect("upload");
-    let rows: Vec<SampleRow> = cases
-        .iter()
-        .map(|c| SampleRow {
-            params: &c.params,
-            history: &c.history,
-            step: c.step,
-        })
-        .collect();
+    let rows: Vec<SampleRow> = cases.iter().map(Case::row).collect();
     let t = Instant::now();
     let out = gpu_sample(gpu, &dev, vocab, &rows).expect("gpu sample");
     eprintln!(
@@ -126,8 +142,8 @@ fn run_gpu(gpu: &Gpu, vocab: usize, cases: &[Case]) -> Vec<SampleOutput> {
 /// Compares every case with the CPU sampler. Greedy cases (and all cases when `exact`) must
 /// draw the same token; otherwise at most 0.1% of rows may differ, each only to a token the
 /// CPU could have drawn. Panics listing every failure.
-fn check(gpu: &Gpu, vocab: usize, cases: &[Case], exact: bool, label: &str) {
-    let out = run_gpu(gpu, vocab, cases);
+pub(crate) fn check(s: &dyn Sampler, vocab: usize, cases: &[Case], exact: bool, label: &str) {
+    let out = s.run(vocab, cases);
     assert_eq!(out.len(), cases.len());
     let (mut failures, mut differ) = (Vec::new(), 0usize);
     for (i, (c, g)) in cases.iter().zip(&out).enumerate() {
@@ -201,24 +217,28 @@ fn sample_kernel_compiles_for_every_arch() {
     }
 }
 
+/// Greedy rows: temperature 0 or NaN, or top-k 1.
+pub(crate) fn greedy_cases(vocab: usize, rows: u64) -> Vec<Case> {
+    (0..rows)
+        .map(|r| {
+            let mut p = params(r, [0.0, 0.8, f32::NAN][r as usize % 3]);
+            p.top_k = (r % 3 == 1) as usize;
+            case(lm_logits(vocab, 100 + r), p, vec![], r)
+        })
+        .collect()
+}
+
 #[test]
 fn greedy_matches_cpu_exactly() {
     let Some(gpu) = common::gpu() else { return };
     for &vocab in [1, 2, 31, 32, 33, 1025].iter().chain(VOCABS) {
-        let cases: Vec<Case> = (0..24)
-            .map(|r| {
-                let mut p = params(r, [0.0, 0.8, f32::NAN][r as usize % 3]);
-                p.top_k = (r % 3 == 1) as usize;
-                case(lm_logits(vocab, 100 + r), p, vec![], r)
-            })
-            .collect();
-        check(&gpu, vocab, &cases, true, "greedy");
+        check(&gpu, vocab, &greedy_cases(vocab, 24), true, "greedy");
     }
 }
 
-#[test]
-fn greedy_ties_pick_the_lowest_id() {
-    let Some(gpu) = common::gpu() else { return };
+/// The vocabulary and three greedy rows whose maximum is tied three ways; the lowest ids
+/// of the ties are the expected tokens.
+pub(crate) fn greedy_tie_cases() -> (usize, Vec<Case>, [u32; 3]) {
     let vocab = 5000;
     let cases: Vec<Case> = [[4999, 3000, 2048], [7, 1031, 4000], [1024, 1023, 2047]]
         .iter()
@@ -230,36 +250,53 @@ fn greedy_ties_pick_the_lowest_id() {
             case(logits, params(0, 0.0), vec![], 0)
         })
         .collect();
+    (vocab, cases, [2048, 7, 1023])
+}
+
+#[test]
+fn greedy_ties_pick_the_lowest_id() {
+    let Some(gpu) = common::gpu() else { return };
+    let (vocab, cases, want) = greedy_tie_cases();
     let tokens: Vec<u32> = run_gpu(&gpu, vocab, &cases)
         .iter()
         .map(|o| o.token)
         .collect();
-    assert_eq!(tokens, [2048, 7, 1023]);
+    assert_eq!(tokens, want);
     check(&gpu, vocab, &cases, true, "greedy ties");
+}
+
+/// Plain temperature draws over 20 logit rows.
+pub(crate) fn temperature_cases(vocab: usize, rows: u64) -> Vec<Case> {
+    (0..rows)
+        .map(|r| {
+            let t = [0.3, 0.7, 1.0, 1.5, 3.0][r as usize % 5];
+            case(
+                lm_logits(vocab, r % 20),
+                params(r * 7 + 1, t),
+                vec![],
+                r / 3,
+            )
+        })
+        .collect()
 }
 
 #[test]
 fn temperature_draws_match_cpu() {
     let Some(gpu) = common::gpu() else { return };
     for &vocab in VOCABS {
-        let cases: Vec<Case> = (0..200u64)
-            .map(|r| {
-                let t = [0.3, 0.7, 1.0, 1.5, 3.0][r as usize % 5];
-                case(
-                    lm_logits(vocab, r % 20),
-                    params(r * 7 + 1, t),
-                    vec![],
-                    r / 3,
-                )
-            })
-            .collect();
-        check(&gpu, vocab, &cases, false, "temperature");
+        check(
+            &gpu,
+            vocab,
+            &temperature_cases(vocab, 200),
+            false,
+            "temperature",
+        );
     }
 }
 
 /// Random truncation parameters (top-k, top-p, min-p, alone and combined) on LM-like, flat
 /// or (with `tied`) tied logits.
-fn truncation_cases(vocab: usize, rows: u64, seed: u64, tied: bool) -> Vec<Case> {
+pub(crate) fn truncation_cases(vocab: usize, rows: u64, seed: u64, tied: bool) -> Vec<Case> {
     let mut rng = Rng(seed | 1);
     (0..rows)
         .map(|r| {
@@ -313,7 +350,7 @@ fn truncations_with_ties_match_cpu() {
 
 /// Random penalties (including values the CPU ignores) over histories with repeats and ids
 /// beyond the vocabulary; a third of the rows greedy.
-fn penalty_cases(vocab: usize, rows: u64) -> Vec<Case> {
+pub(crate) fn penalty_cases(vocab: usize, rows: u64) -> Vec<Case> {
     let mut rng = Rng(vocab as u64 * 31 + 1);
     let spikes: Vec<u32> = (3..vocab as u32).step_by(97).collect();
     (0..rows)
@@ -345,42 +382,47 @@ fn penalties_match_cpu() {
     }
 }
 
-#[test]
-fn penalties_pushing_every_token_to_minus_infinity_fall_back_to_raw_argmax() {
-    let Some(gpu) = common::gpu() else { return };
+/// One row (vocabulary 40) whose penalties push every token to −∞.
+pub(crate) fn all_penalised_case() -> (usize, Vec<Case>) {
     let vocab = 40;
     let mut p = params(3, 1.0);
     p.frequency_penalty = f32::MAX;
     let history: Vec<u32> = (0..vocab as u32).flat_map(|t| [t, t]).collect();
-    let cases = vec![case(lm_logits(vocab, 5), p, history, 0)];
-    check(&gpu, vocab, &cases, true, "all penalised");
+    (vocab, vec![case(lm_logits(vocab, 5), p, history, 0)])
 }
 
 #[test]
-fn top_logprobs_match_cpu() {
+fn penalties_pushing_every_token_to_minus_infinity_fall_back_to_raw_argmax() {
     let Some(gpu) = common::gpu() else { return };
-    for &vocab in VOCABS {
-        let cases: Vec<Case> = (0..60u64)
-            .map(|r| {
-                let mut p = params(r, (r % 2) as f32);
-                p.top_logprobs = [1, 5, 20, 100, MAX_TOP_LOGPROBS, 3][r as usize % 6];
-                let logits = if r % 3 == 0 {
-                    tied_logits(vocab, r)
-                } else {
-                    lm_logits(vocab, r)
-                };
-                case(logits, p, vec![], r)
-            })
-            .collect();
-        check(&gpu, vocab, &cases, false, "top logprobs");
-    }
-    // The whole vocabulary, and more than there are finite logits (−∞ tokens by id).
+    let (vocab, cases) = all_penalised_case();
+    check(&gpu, vocab, &cases, true, "all penalised");
+}
+
+/// Rows asking for 1 to MAX_TOP_LOGPROBS top logprobs, a third of them on tied logits.
+pub(crate) fn top_logprob_cases(vocab: usize, rows: u64) -> Vec<Case> {
+    (0..rows)
+        .map(|r| {
+            let mut p = params(r, (r % 2) as f32);
+            p.top_logprobs = [1, 5, 20, 100, MAX_TOP_LOGPROBS, 3][r as usize % 6];
+            let logits = if r % 3 == 0 {
+                tied_logits(vocab, r)
+            } else {
+                lm_logits(vocab, r)
+            };
+            case(logits, p, vec![], r)
+        })
+        .collect()
+}
+
+/// Vocabulary 1000: the whole vocabulary as top logprobs, and more than there are finite
+/// logits (−∞ tokens by id).
+pub(crate) fn top_logprob_edge_cases() -> (usize, Vec<Case>) {
     let vocab = 1000;
     let mut sparse = vec![f32::NEG_INFINITY; vocab];
     for i in (0..vocab).step_by(97) {
         sparse[i] = (i % 7) as f32;
     }
-    let cases: Vec<Case> = [
+    let cases = [
         (tied_logits(vocab, 9), 1000),
         (sparse.clone(), 20),
         (sparse, 1000),
@@ -394,12 +436,28 @@ fn top_logprobs_match_cpu() {
         case(logits, p, vec![], 0)
     })
     .collect();
-    check(&gpu, vocab, &cases, false, "top logprobs (edge)");
+    (vocab, cases)
 }
 
 #[test]
-fn non_finite_rows_match_cpu() {
+fn top_logprobs_match_cpu() {
     let Some(gpu) = common::gpu() else { return };
+    for &vocab in VOCABS {
+        check(
+            &gpu,
+            vocab,
+            &top_logprob_cases(vocab, 60),
+            false,
+            "top logprobs",
+        );
+    }
+    let (vocab, cases) = top_logprob_edge_cases();
+    check(&gpu, vocab, &cases, false, "top logprobs (edge)");
+}
+
+/// Vocabulary 3000: rows with NaN, ±∞, nothing finite, one finite token, and huge values,
+/// each under greedy, temperature, top-p and top-k.
+pub(crate) fn non_finite_cases() -> (usize, Vec<Case>) {
     let vocab = 3000;
     let mut rows: Vec<Vec<f32>> = Vec::new();
     let mut x = lm_logits(vocab, 1);
@@ -435,30 +493,53 @@ fn non_finite_rows_match_cpu() {
             cases.push(case(logits.clone(), p, vec![5, 2, 2], j as u64));
         }
     }
+    (vocab, cases)
+}
+
+#[test]
+fn non_finite_rows_match_cpu() {
+    let Some(gpu) = common::gpu() else { return };
+    let (vocab, cases) = non_finite_cases();
     check(&gpu, vocab, &cases, false, "non-finite");
+}
+
+/// Truncations, top logprobs and penalties mixed in one batch.
+pub(crate) fn mixed_cases(vocab: usize, rows: u64) -> Vec<Case> {
+    let mut cases = truncation_cases(vocab, rows, 5, false);
+    for (i, c) in cases.iter_mut().enumerate() {
+        c.params.top_logprobs = i % 4;
+        c.params.presence_penalty = if i % 5 == 0 { 0.7 } else { 0.0 };
+        c.history = vec![(i * 13) as u32, 1, 1];
+    }
+    cases
+}
+
+/// `cases` checked, run twice (identical results), and rows `singles` each alone (identical
+/// to the same row in the batch).
+pub(crate) fn check_row_independence(
+    s: &dyn Sampler,
+    vocab: usize,
+    cases: &[Case],
+    singles: &[usize],
+) {
+    check(s, vocab, cases, false, "mixed");
+    let a = s.run(vocab, cases);
+    let b = s.run(vocab, cases);
+    assert_eq!(a, b, "two runs of one batch differ");
+    for &i in singles {
+        let single = s.run(vocab, &cases[i..i + 1]);
+        assert_eq!(
+            single[0], a[i],
+            "row {i} alone differs from row {i} in the batch"
+        );
+    }
 }
 
 #[test]
 fn mixed_batches_are_row_independent_and_deterministic() {
     let Some(gpu) = common::gpu() else { return };
     let vocab = 49152;
-    let mut cases = truncation_cases(vocab, 64, 5, false);
-    for (i, c) in cases.iter_mut().enumerate() {
-        c.params.top_logprobs = i % 4;
-        c.params.presence_penalty = if i % 5 == 0 { 0.7 } else { 0.0 };
-        c.history = vec![(i * 13) as u32, 1, 1];
-    }
-    check(&gpu, vocab, &cases, false, "mixed");
-    let a = run_gpu(&gpu, vocab, &cases);
-    let b = run_gpu(&gpu, vocab, &cases);
-    assert_eq!(a, b, "two runs of one batch differ");
-    for i in [0, 17, 63] {
-        let single = run_gpu(&gpu, vocab, &cases[i..i + 1]);
-        assert_eq!(
-            single[0], a[i],
-            "row {i} alone differs from row {i} in the batch"
-        );
-    }
+    check_row_independence(&gpu, vocab, &mixed_cases(vocab, 64), &[0, 17, 63]);
 }
 
 #[test]
