@@ -1,5 +1,12 @@
 // The scheduler of the CUDA emulator (see emu.h): blocks one after another, a block's threads
 // as fibers switched at barriers; device buffers between guard pages.
+//
+// A fiber starts with setcontext and is switched with _setjmp/_longjmp afterwards: unlike
+// swapcontext they do not save the signal mask, a system call per switch that made the
+// switches most of the emulator's time. Jumps between stacks are what fortified longjmp
+// rejects, hence the #undef.
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -19,7 +26,9 @@ namespace {
 enum class St { Ready, Block, Warp, Done };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;  // the entry, for the first switch
+    jmp_buf jb;      // where it yielded, for the later ones
+    bool started;
     dim3 tid;
     St st;
     unsigned mask;
@@ -29,7 +38,7 @@ const size_t kStack = 256 * 1024;
 std::vector<Fiber> fibers;
 std::vector<char*> stacks;
 std::vector<uint64_t> slots;
-ucontext_t sched;
+jmp_buf sched;
 int cur = -1;
 void (*body)(void**) = nullptr;
 void** body_args = nullptr;
@@ -45,10 +54,22 @@ std::vector<Alloc> allocs;
 void entry() {
     body(body_args);
     fibers[cur].st = St::Done;
-    swapcontext(&fibers[cur].ctx, &sched);
+    _longjmp(sched, 1);
 }
 
-void yield_to_scheduler() { swapcontext(&fibers[cur].ctx, &sched); }
+void yield_to_scheduler() {
+    if (!_setjmp(fibers[cur].jb)) _longjmp(sched, 1);
+}
+
+// Runs fiber i until it yields or ends.
+void resume(int i) {
+    if (_setjmp(sched)) return;
+    if (!fibers[i].started) {
+        fibers[i].started = true;
+        setcontext(&fibers[i].ctx);
+    }
+    _longjmp(fibers[i].jb, 1);
+}
 
 void on_fault(int sig, siginfo_t* info, void*) {
     char msg[512];
@@ -118,6 +139,7 @@ bool run_block(int n, bool reverse) {
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, entry, 0);
         f.st = St::Ready;
+        f.started = false;
         f.tid = {(unsigned)i % blockDim.x, (unsigned)i / blockDim.x % blockDim.y,
                  (unsigned)i / (blockDim.x * blockDim.y)};
     }
@@ -127,7 +149,7 @@ bool run_block(int n, bool reverse) {
             if (fibers[i].st != St::Ready) continue;
             cur = i;
             threadIdx = fibers[i].tid;
-            swapcontext(&sched, &fibers[i].ctx);
+            resume(i);
         }
         bool released = false, bad = false;
         for (int i = 0; i < n; i++) {

@@ -158,7 +158,7 @@ fn sampler_matches_the_cpu_sampler_on_the_emulator() {
         false,
         "temperature",
     );
-    for (vocab, rows) in [(1000, 40), (32001, 4)] {
+    for (vocab, rows) in [(1000, 40), (32001, 6), (151936, 2)] {
         let cases = sample::truncation_cases(vocab, rows, vocab as u64, false);
         sample::check(&emu, vocab, &cases, false, "truncation");
     }
