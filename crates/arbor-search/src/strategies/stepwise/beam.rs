@@ -23,9 +23,19 @@ use std::collections::HashMap;
 /// A candidate of the round: option `pick` of beam `parent`'s offer.
 struct Candidate {
     parent: NodeId,
+    /// `parent`'s position among the round's beams (best first): the first tie-break.
+    rank: usize,
     pick: usize,
     score: f64,
     eos: bool,
+}
+
+/// Best first; ties go to the better beam, then the likelier token. A total order (no two
+/// candidates share beam and pick), so any sort gives the same ranking.
+fn better(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    (b.score.total_cmp(&a.score))
+        .then(a.rank.cmp(&b.rank))
+        .then(a.pick.cmp(&b.pick))
 }
 
 pub struct Beam {
@@ -81,10 +91,12 @@ impl Beam {
     /// Adds beam `parent`'s offer to the round's candidates (its path walked once).
     fn offered(&mut self, tree: &SearchTree, parent: NodeId, options: &[TopToken]) {
         let lp = tree.path_logprob(parent);
+        let rank = (self.live.iter().position(|b| b.0 == parent)).unwrap_or(usize::MAX);
         for (pick, o) in options.iter().enumerate() {
             let score = num(self.penalised(lp + o.logprob as f64, self.depth + 1));
             self.pool.push(Candidate {
                 parent,
+                rank,
                 pick,
                 score,
                 eos: o.eos,
@@ -96,26 +108,24 @@ impl Beam {
     /// without one.
     fn select(&mut self, tree: &SearchTree) -> Vec<Action> {
         let mut cands = std::mem::take(&mut self.pool);
-        // Best first; ties go to the better beam, then the likelier token.
-        let order: HashMap<NodeId, usize> = self
-            .live
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.0, i))
-            .collect();
-        let at = |n: NodeId| order.get(&n).copied().unwrap_or(usize::MAX);
-        cands.sort_by(|a, b| {
-            (b.score.total_cmp(&a.score))
-                .then(at(a.parent).cmp(&at(b.parent)))
-                .then(a.pick.cmp(&b.pick))
-        });
+        // Only the best ~2·width of the width² candidates are usually walked: those are
+        // selected and sorted first, the rest only if the walk gets that far (many EOS).
+        let head = (2 * self.width).min(cands.len());
+        if head < cands.len() {
+            cands.select_nth_unstable_by(head, better);
+        }
+        cands[..head].sort_unstable_by(better);
         // Kept picks per beam, beams in the order of their best kept candidate.
         let mut picks: Vec<(NodeId, Vec<usize>)> = vec![];
         let mut open = 0;
-        for (r, c) in cands.iter().enumerate() {
+        for r in 0..cands.len() {
             if open == self.width && r >= self.width {
                 break;
             }
+            if r == head {
+                cands[head..].sort_unstable_by(better);
+            }
+            let c = &cands[r];
             let keep = match c.eos {
                 true => r < self.width,
                 false => open < self.width,
@@ -365,6 +375,27 @@ mod tests {
             .filter(|a| matches!(a, Action::ExpandTopK { .. }));
         assert_eq!(offered.count(), 1 + width * (rounds - 1));
         assert_eq!(path(&out, out.answer.unwrap()), "t0".repeat(rounds));
+    }
+
+    #[test]
+    fn a_walk_past_the_presorted_head_ranks_the_rest() {
+        // Beams offering two EOS tokens each (as a model with several EOS ids does): the
+        // best 2·width = 8 candidates, presorted, are all EOS (4 finish, 4 rank too low), so
+        // the open beams are chosen from the rest: the x of every beam, none of the y.
+        const OFFER: &[(&str, f32)] = &[("$", -0.01), ("$", -0.02), ("x", -5.0), ("y", -6.0)];
+        let out = run(
+            Params::new(4),
+            &[
+                ("", &[("a", -0.1), ("b", -0.2), ("c", -0.3), ("d", -0.4)]),
+                ("a", OFFER),
+                ("b", OFFER),
+                ("c", OFFER),
+                ("d", OFFER),
+            ],
+        );
+        let want = "T root:4, X root:[0, 1, 2, 3], T a:4, T b:4, T c:4, T d:4, \
+                    X a:[0, 1, 2], X b:[0, 1, 2], X c:[2], X d:[2], F a$";
+        assert_eq!(log(&out), want);
     }
 
     #[test]
