@@ -68,8 +68,10 @@ class EmuError(RuntimeError):
 
 def _build(cu):
     src = os.path.join(KERNELS, cu + ".cu")
+    inc = os.path.join(KERNELS, "include")
+    headers = sorted(os.path.join(inc, h) for h in os.listdir(inc) if h.endswith(".cuh"))
     files = [src, os.path.join(HERE, "emu.h"), os.path.join(HERE, "emu_runtime.cpp"),
-             os.path.join(KERNELS, "include", "arbor.cuh"), os.path.abspath(__file__)]
+             *headers, os.path.abspath(__file__)]
     parts = [open(p, "rb").read() for p in files]
     opt = os.environ.get("EMU_OPT", "-O1").encode()
     key = hashlib.sha256(b"".join(parts) + REGISTRY.encode() + opt).hexdigest()[:16]
