@@ -11,10 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import check_attention  # noqa: E402
 import check_cascade  # noqa: E402
+import check_elementwise  # noqa: E402
+import check_kv  # noqa: E402
 import check_moe  # noqa: E402
+import check_qkv  # noqa: E402
 
 CHECKS = [("attention.cu", check_attention), ("cascade.cu", check_cascade),
-          ("moe.cu", check_moe)]
+          ("moe.cu", check_moe), ("qkv.cu", check_qkv), ("kv.cu", check_kv),
+          ("norm.cu, embedding.cu, activation.cu", check_elementwise)]
 
 if __name__ == "__main__":
     for name, mod in CHECKS:
