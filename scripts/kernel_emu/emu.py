@@ -119,6 +119,12 @@ class Buf:
         return out
 
 
+class Null:
+    """A null device pointer argument (`Kernels.null()`)."""
+
+    ptr = None
+
+
 class Kernels:
     """The kernels of one kernels/*.cu file, compiled for the emulator."""
 
@@ -136,6 +142,9 @@ class Kernels:
     def buf(self, arr):
         return Buf(self.lib, arr)
 
+    def null(self):
+        return Null()
+
     def launch(self, name, grid, block, *args):
         sizes = self.lib.emu_arg_sizes(name.encode())
         if not sizes:
@@ -147,7 +156,7 @@ class Kernels:
             raise EmuError(f"{name} takes {len(want)} arguments, {len(args)} given")
         keep, ptrs = [], (ctypes.c_void_p * max(len(args), 1))()
         for i, (a, w) in enumerate(zip(args, want)):
-            if isinstance(a, Buf):
+            if isinstance(a, (Buf, Null)):
                 v = ctypes.c_void_p(a.ptr)
                 size = 8
             else:
@@ -168,9 +177,9 @@ class Kernels:
 
 
 def both_orders(k, run):
-    """`run()` with the threads of each block run forward, then backward; the two results
-    must be equal bit for bit (a difference is a missing barrier or a race). Returns the
-    first."""
+    """`run()` with the blocks, and the threads of each block, run forward, then backward;
+    the two results must be equal bit for bit (a difference is a missing barrier, or blocks
+    whose result depends on their order). Returns the first."""
     k.reverse = 0
     a = run()
     k.reverse = 1
@@ -178,8 +187,8 @@ def both_orders(k, run):
     k.reverse = 0
     for x, y in zip(_flat(a), _flat(b)):
         if x.tobytes() != y.tobytes():
-            raise EmuError("results differ when a block's threads run in another order "
-                           "(a missing barrier or a race)")
+            raise EmuError("results differ when the blocks and their threads run in another "
+                           "order (a missing barrier or a race)")
     return a
 
 

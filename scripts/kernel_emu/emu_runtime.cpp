@@ -232,15 +232,18 @@ int emu_run(const char* name, void (*fn)(void**), void** args, unsigned gx, unsi
     kernel = name;
     blockDim = {bx, by, bz};
     gridDim = {gx, gy, gz};
-    for (unsigned z = 0; z < gz; z++)
-        for (unsigned y = 0; y < gy; y++)
-            for (unsigned x = 0; x < gx; x++) {
-                blockIdx = {x, y, z};
-                if (!run_block(n, reverse != 0)) {
-                    error = std::string(name) + ", block (" + std::to_string(x) + "," +
-                            std::to_string(y) + "," + std::to_string(z) + "): " + error;
-                    return -1;
-                }
-            }
+    // Reversed, the blocks run last to first too: a result that depends on the order of
+    // blocks (two blocks writing one place) then differs between the two runs.
+    const unsigned nb = gx * gy * gz;
+    for (unsigned b = 0; b < nb; b++) {
+        const unsigned i = reverse ? nb - 1 - b : b;
+        const unsigned x = i % gx, y = i / gx % gy, z = i / (gx * gy);
+        blockIdx = {x, y, z};
+        if (!run_block(n, reverse != 0)) {
+            error = std::string(name) + ", block (" + std::to_string(x) + "," +
+                    std::to_string(y) + "," + std::to_string(z) + "): " + error;
+            return -1;
+        }
+    }
     return 0;
 }
