@@ -1,5 +1,8 @@
 // Cascade (tree) attention over the bf16 KV pool, f32 queries in, bf16 out; the GPU side of
-// crate::ops::cascade (CPU reference: attend.rs + merge.rs). Dense rows only.
+// crate::ops::cascade (CPU reference: attend.rs + merge.rs). Sparse attention: with `marks`
+// (made by sparse.cu's sparse_select; null = dense) a group reads, per KV head, only the pages
+// marked for it, one byte per (group page, KV head) at group_page_indptr[g]·n_kv_heads +
+// kv_head·pages(g) + page; key tiles with no marked page are skipped.
 //
 // The plan (CascadePlan, flat CSR, uploaded as it is): group g holds pages
 // page_ids[group_page_indptr[g] ..][..], covering absolute positions
@@ -40,7 +43,8 @@ __device__ __forceinline__ void cascade_partial(
     const u32* __restrict__ group_first_page, const u32* __restrict__ group_rows,
     const u32* __restrict__ row_pos, const bf16_t* __restrict__ pool, int layer, int num_pages,
     int page_size, int n_heads, int n_kv_heads, int entry_stride, float scale, int window,
-    float* __restrict__ part_o, float* __restrict__ part_lse) {
+    const unsigned char* __restrict__ marks, float* __restrict__ part_o,
+    float* __restrict__ part_lse) {
     constexpr int R = 256 / HD, NT = HD * R, NW = NT / 32, J = CASCADE_J, QV = J * R;
     constexpr int KS = HD + 4;  // padded K row: one key per lane, fewer bank conflicts
     constexpr int CPW = (QV + NW - 1) / NW;
@@ -61,6 +65,10 @@ __device__ __forceinline__ void cascade_partial(
     const long long g_lo = (long long)group_first_page[g] * page_size;
     const long long g_hi = g_lo + (long long)(gp1 - gp0) * page_size;
     const float qscale = scale * LOG2E;  // scores in log2 units, for exp2f
+    // This (group, KV head)'s page marks, or null when every page is read.
+    const unsigned char* gm =
+        marks ? marks + (u64)gp0 * n_kv_heads + (u64)kvh * (gp1 - gp0) : nullptr;
+    auto marked = [&](int kpos) { return gm == nullptr || gm[kpos / page_size] != 0; };
     const int rows_per_pass = QV / gh;   // >= 1 (checked by the wrapper)
 
     for (u32 e0 = e_begin; e0 < e_end; e0 += rows_per_pass) {
@@ -107,11 +115,18 @@ __device__ __forceinline__ void cascade_partial(
         for (int j = 0; j < J; j++) acc[j] = 0.0f;
 
         for (int kt = kv_lo; kt < kv_hi; kt += KT) {
+            if (gm) {
+                // Skipped by every thread alike: the marks are the same for the whole block.
+                bool any = false;
+                const int last = min(kt + KT, kv_hi) - 1;
+                for (int pg = kt / page_size; pg <= last / page_size; ++pg) any |= gm[pg] != 0;
+                if (!any) continue;
+            }
             __syncthreads();  // the previous key tile's readers are done
             for (int i = threadIdx.x; i < KT * (HD / 8); i += NT) {
                 const int key = i / (HD / 8), c = i - key * (HD / 8), kpos = kt + key;
                 uint4 kw = make_uint4(0, 0, 0, 0), vw = kw;  // zeros: masked keys stay finite
-                if (kpos < kv_hi) {
+                if (kpos < kv_hi && marked(kpos)) {
                     const u32 pi = gp0 + (u32)(kpos / page_size);
                     const u32 page = pi < gp1 ? page_ids[pi] : 0xffffffffu;
                     if (page < (u32)num_pages) {
@@ -155,7 +170,7 @@ __device__ __forceinline__ void cascade_partial(
                          a.w * bf16_hi(w.y);
                 }
                 const int kpos = kt + lane;
-                const bool valid = kpos >= rlo[rr] && kpos < rhi[rr];
+                const bool valid = kpos >= rlo[rr] && kpos < rhi[rr] && marked(kpos);
                 const float x = valid ? s * qscale : ARBOR_NEG_INF;
                 const float mn = fmaxf(m[t], warp_max(x));
                 float p = 0.0f, corr = 1.0f;
@@ -211,12 +226,12 @@ __device__ __forceinline__ void cascade_partial(
     const float *q, const u32 *header, const u32 *tasks, const u32 *group_page_indptr,       \
         const u32 *page_ids, const u32 *group_first_page, const u32 *group_rows,              \
         const u32 *row_pos, const bf16_t *pool, int layer, int num_pages, int page_size,      \
-        int n_heads, int n_kv_heads, int entry_stride, float scale, int window, float *part_o, \
-        float *part_lse
+        int n_heads, int n_kv_heads, int entry_stride, float scale, int window,                \
+        const unsigned char *marks, float *part_o, float *part_lse
 #define PARTIAL_CALL(HD)                                                                       \
     cascade_partial<HD>(q, header, tasks, group_page_indptr, page_ids, group_first_page,      \
                         group_rows, row_pos, pool, layer, num_pages, page_size, n_heads,      \
-                        n_kv_heads, entry_stride, scale, window, part_o, part_lse)
+                        n_kv_heads, entry_stride, scale, window, marks, part_o, part_lse)
 
 // The head dims of attention.cu (ATTENTION_HEAD_DIMS), written out so that the compile check
 // sees every kernel's name.

@@ -1,7 +1,9 @@
 """kernels/cascade.cu (partial + merge) on the emulator, on random search trees, against plain
 per-row attention (check_attention.reference), launched as cuda/ops/cascade.rs launches them:
 a grid with more task blocks than tasks (the header holds the count), an entry stride above
-the entry count, and padding rows with no entries (they must come out as zeros)."""
+the entry count, and padding rows with no entries (they must come out as zeros). Sparse
+cases pass page marks (as sparse.cu's selection leaves them): each (group, KV head) reads only
+its marked pages, checked against a reference that drops the others' keys."""
 
 import numpy as np
 
@@ -69,7 +71,39 @@ def plan(nodes, leaves, page_ids):
                 row_entries=u([e for es in entries_of_row for e in es]), rows=rows)
 
 
-def case(seed, hd, n_heads, kv_heads, depth, width, window=0, page_size=16, pad_rows=3):
+def masked_reference(q, pool, pl, page_ids, marks, n_heads, scale, window):
+    """Per row and head: attention over the row's context with the keys of pages unmarked for
+    (group, KV head) left out; zeros when nothing is left."""
+    hd, ps, gh = pool.hd, pool.page_size, n_heads // pool.kv_heads
+    gpi, first = pl["group_page_indptr"], pl["group_first_page"]
+    out = np.zeros_like(q)
+    for r, (path, pos) in enumerate(pl["rows"]):
+        lo = max(0, pos + 1 - window) if window else 0
+        for h in range(n_heads):
+            kvh = h // gh
+            keep = []
+            for g in path:
+                n = len(page_ids[g])
+                base = int(gpi[g]) * pool.kv_heads + kvh * n
+                for j in range(n):
+                    if not marks[base + j]:
+                        continue
+                    for slot in range(ps):
+                        p = (int(first[g]) + j) * ps + slot
+                        if lo <= p <= pos:
+                            keep.append((page_ids[g][j], slot))
+            if not keep:
+                continue
+            k = np.stack([pool.f32[1, pg, 0, kvh, sl] for pg, sl in keep])
+            v = np.stack([pool.f32[1, pg, 1, kvh, sl] for pg, sl in keep])
+            s = (k @ q[r, h * hd:(h + 1) * hd].astype(np.float64)) * scale
+            w = np.exp(s - s.max())
+            out[r, h * hd:(h + 1) * hd] = (w / w.sum()) @ v
+    return out
+
+
+def case(seed, hd, n_heads, kv_heads, depth, width, window=0, page_size=16, pad_rows=3,
+         sparse=False):
     rng = np.random.default_rng(seed)
     nodes, leaves = random_tree(rng, depth, width, 3, page_size)
     total = sum(int(n[1]) for n in nodes)
@@ -89,6 +123,9 @@ def case(seed, hd, n_heads, kv_heads, depth, width, window=0, page_size=16, pad_
                           np.full(pad_rows, pl["row_entry_indptr"][-1], np.uint32)])
     i32 = np.int32
     k = Kernels("cascade")
+    # Sparse: about 60% of the (group page, KV head) marks set, so tiles of none occur too.
+    marks = (rng.random(len(pl["page_ids"]) * kv_heads) < 0.6).astype(np.uint8) if sparse \
+        else None
 
     def go():
         bufs = [k.buf(np.array([n_tasks], np.uint32))] + [
@@ -98,9 +135,10 @@ def case(seed, hd, n_heads, kv_heads, depth, width, window=0, page_size=16, pad_
         part_lse = k.buf(np.full(stride * n_heads, np.nan, np.float32))
         qb, poolb = k.buf(q), k.buf(pool.bits)
         scale = np.float32(1.0 / np.sqrt(hd))
+        mk = k.buf(marks) if sparse else k.null()
         k.launch(f"cascade_partial_h{hd}", (task_blocks, kv_heads), (hd * (256 // hd),),
                  qb, *bufs, poolb, i32(1), i32(pool.pages), i32(page_size), i32(n_heads),
-                 i32(kv_heads), i32(stride), scale, i32(window), part_o, part_lse)
+                 i32(kv_heads), i32(stride), scale, i32(window), mk, part_o, part_lse)
         out = k.buf(np.full((rows + pad_rows, n_heads * hd), 0x7FC0, np.uint16))
         k.launch("cascade_merge", (rows + pad_rows,), (256,), part_o, part_lse, k.buf(rei),
                  k.buf(pl["row_entries"]), i32(rows + pad_rows), i32(n_heads), i32(kv_heads),
@@ -108,8 +146,12 @@ def case(seed, hd, n_heads, kv_heads, depth, width, window=0, page_size=16, pad_
         return out.get()
 
     got = from_bf16(both_orders(k, go))
-    seqs = [([p for n in path for p in page_ids[n]], [pos]) for path, pos in pl["rows"]]
-    want = reference(q[:rows], pool, 1, seqs, n_heads, 1.0 / np.sqrt(hd), window)
+    if sparse:
+        want = masked_reference(q[:rows], pool, pl, page_ids, marks, n_heads,
+                                1.0 / np.sqrt(hd), window)
+    else:
+        seqs = [([p for n in path for p in page_ids[n]], [pos]) for path, pos in pl["rows"]]
+        want = reference(q[:rows], pool, 1, seqs, n_heads, 1.0 / np.sqrt(hd), window)
     assert np.all(got[rows:] == 0.0), "padding rows must be zeros"
     return nmse(got[:rows], want), rows, len(nodes), entries
 
@@ -125,6 +167,14 @@ CASES = [
     (7, 16, 8, 2, 6, 1, 0),
     (8, 128, 16, 2, 2, 40, 0),  # a root of 40+ rows: several tasks, 4 rows per pass
 ]
+# Sparse (marked pages), with page sizes 16 (two pages per key tile) and 64 (one).
+SPARSE_CASES = [
+    # (seed, head_dim, heads, kv heads, depth, width, window, page size)
+    (11, 64, 9, 3, 3, 3, 0, 16),
+    (12, 128, 8, 2, 2, 5, 0, 16),
+    (13, 32, 7, 1, 4, 2, 40, 16),
+    (14, 64, 8, 4, 2, 3, 0, 64),
+]
 
 
 def main():
@@ -134,6 +184,13 @@ def main():
         worst = max(worst, e)
         print(f"cascade hd{hd:<3} gqa{nh // kvh} depth {depth} width {width:<2} "
               f"window {window:<2}: {rows:3d} rows, {groups:3d} groups, {entries:4d} entries, "
+              f"nmse {e:.2e}")
+    for seed, hd, nh, kvh, depth, width, window, ps in SPARSE_CASES:
+        e, rows, groups, entries = case(seed, hd, nh, kvh, depth, width, window, ps,
+                                        sparse=True)
+        worst = max(worst, e)
+        print(f"cascade hd{hd:<3} gqa{nh // kvh} depth {depth} width {width:<2} "
+              f"window {window:<2} sparse, pages of {ps}: {rows:3d} rows, {groups:3d} groups, "
               f"nmse {e:.2e}")
     assert worst < 1e-4, f"cascade: nmse {worst:.2e} over 1e-4"
     return worst

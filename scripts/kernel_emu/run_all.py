@@ -15,10 +15,12 @@ import check_elementwise  # noqa: E402
 import check_kv  # noqa: E402
 import check_moe  # noqa: E402
 import check_qkv  # noqa: E402
+import check_sparse  # noqa: E402
 
 CHECKS = [("attention.cu", check_attention), ("cascade.cu", check_cascade),
           ("moe.cu", check_moe), ("qkv.cu", check_qkv), ("kv.cu", check_kv),
-          ("norm.cu, embedding.cu, activation.cu", check_elementwise)]
+          ("norm.cu, embedding.cu, activation.cu", check_elementwise),
+          ("sparse.cu", check_sparse)]
 
 if __name__ == "__main__":
     for name, mod in CHECKS:

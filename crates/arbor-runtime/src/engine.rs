@@ -346,13 +346,6 @@ impl Engine {
         let ps = self.cache.layout().page_size;
         let mut seen = std::collections::HashSet::with_capacity(batch.seqs.len());
         for s in &batch.seqs {
-            if s.sparse_budget.is_some() && self.device() != Device::Cpu {
-                return Err(RuntimeError::Request(format!(
-                    "sequence {}: sparse attention (sparse_budget) runs on the CPU only for now; leave it unset on {}",
-                    s.seq,
-                    self.device()
-                )));
-            }
             let have = self.tokens.get(&s.seq).ok_or_else(|| unknown(s.seq))?.len();
             let new_len = have + s.tokens.len();
             if s.tokens.is_empty() {

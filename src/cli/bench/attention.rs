@@ -608,7 +608,7 @@ mod gpu {
 
             let dplan = GpuCascadePlan::upload(gpu, plan)?;
             let cascade_ms = timed(gpu, a.reps, &mut || {
-                cascade::cascade_attention(gpu, &q, rows, &dplan, &pool, 0, p, &mut out_c)
+                cascade::cascade_attention(gpu, &q, rows, &dplan, &pool, 0, p, None, &mut out_c)
                     .map_err(anyhow::Error::from)
             })?;
 

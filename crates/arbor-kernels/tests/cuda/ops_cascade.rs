@@ -7,12 +7,17 @@
 
 use crate::common;
 use crate::ops_common::*;
+use arbor_kernels::cuda::kv::summary_elems_per_page;
 use arbor_kernels::cuda::ops::cascade::{cascade_attention, GpuCascadePlan};
+use arbor_kernels::cuda::ops::sparse::{summarise_pages, GpuSparsePlan};
 use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
 #[path = "../shared/tree_rig.rs"]
 mod tree_rig;
 use arbor_kernels::kv::{KvCache, KvLayout};
-use arbor_kernels::ops::cascade::{CascadePlan, PlanOptions, PlanSeq};
+use arbor_kernels::ops::cascade::{
+    cascade_attention as cpu_cascade, mark_index, select_pages, CascadePlan, PlanOptions, PlanSeq,
+    SparseParams,
+};
 use arbor_kernels::ops::{paged_attention, AttentionParams};
 use half::bf16;
 use tree_rig::{tree, Batch, Rig};
@@ -32,6 +37,7 @@ fn device_pool(gpu: &Gpu, cache: &KvCache) -> GpuKvPool {
         layout: l,
         num_pages: n,
         data: up(gpu, &[bf16::ZERO]),
+        summaries: up(gpu, &[bf16::ZERO]),
     };
     for layer in 0..l.num_layers {
         for page in 0..n {
@@ -45,10 +51,18 @@ fn device_pool(gpu: &Gpu, cache: &KvCache) -> GpuKvPool {
             }
         }
     }
-    GpuKvPool {
+    let summaries = vec![bf16::ZERO; l.num_layers * n * summary_elems_per_page(&l)];
+    let mut dev = GpuKvPool {
         data: up(gpu, &host),
+        summaries: up(gpu, &summaries),
         ..dev
-    }
+    };
+    // Summaries of what each page holds (every layer is written alike).
+    let filled: Vec<(u32, u32)> = (0..n as u32)
+        .map(|page| (page, cache.pool.summaries().filled(0, page) as u32))
+        .collect();
+    summarise_pages(gpu, &mut dev, &filled).expect("summaries");
+    dev
 }
 
 /// Runs the GPU cascade for `b` over `rig`'s cache (with two group sizes, so split runs are
@@ -87,7 +101,7 @@ fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionPar
         let gplan = GpuCascadePlan::upload_reusing(gpu, &plan, n, prev.take()).expect("upload");
         epochs.push(gplan.epoch());
         let mut out = zeros::<bf16>(gpu, n * w);
-        cascade_attention(gpu, &dq, n, &gplan, &pool, LAYER, p, &mut out).expect("cascade");
+        cascade_attention(gpu, &dq, n, &gplan, &pool, LAYER, p, None, &mut out).expect("cascade");
         let got = down_bf16(gpu, &out, n * w);
         check_bf16_with(
             &format!(
@@ -236,8 +250,89 @@ fn cascade_mixed_batch_with_plain_sequences() {
     }
 }
 
+/// Sparse cascade: the GPU selection marks exactly the pages the CPU's `select_pages` picks
+/// (same summaries from the same bf16 keys, same bound, same tie rule), and the GPU cascade
+/// over them matches the CPU's sparse cascade.
 #[test]
-fn cascade_rejects_sparse_plans_and_bad_shapes() {
+fn sparse_selection_and_attention_match_the_cpu() {
+    let Some(gpu) = common::gpu() else { return };
+    let sp = SparseParams {
+        dense_layers: 0,
+        ..SparseParams::default()
+    };
+    for (seed, nkv, group, hd, budget) in [(1, 2, 3, 64, 3), (2, 1, 7, 128, 1), (3, 4, 1, 64, 6)] {
+        let mut rig = Rig::bf16(layout(nkv, hd, 16), 2048, seed);
+        let mut b = Batch::default();
+        let (all, leaves) = tree(&mut rig, 400, 3, 5, 40);
+        for &s in &all[all.len() - leaves..] {
+            b.add(&mut rig, s, 1);
+        }
+        let p = params(nkv, group, hd, None);
+        let plan = b.plan(&rig.cache, Some(budget), &PlanOptions::default());
+        let rows = b.positions.len();
+        let q = rig.rng.normals(rows * p.n_heads * hd, 3.0);
+        let sel = select_pages(&q, &plan, &rig.cache.pool, LAYER, &p, &sp).expect("sparse");
+        let mut want = vec![0.0f32; q.len()];
+        cpu_cascade(&q, &plan, &rig.cache.pool, LAYER, &p, Some(&sel), &mut want);
+
+        let pool = device_pool(&gpu, &rig.cache);
+        let gplan = GpuCascadePlan::upload(&gpu, &plan).expect("upload");
+        let mut gsp = GpuSparsePlan::upload(&gpu, &plan, &p, &sp)
+            .expect("upload")
+            .expect("sparse rows");
+        let dq = up(&gpu, &q);
+        let marks = (gsp.select(&gpu, &dq, &pool, LAYER, &p))
+            .expect("select")
+            .expect("a sparse layer");
+        let got_marks = down(&gpu, marks, marks.len());
+        for g in 0..plan.num_groups() {
+            for h in 0..nkv {
+                let got: Vec<u32> = (0..plan.pages(g).len())
+                    .filter(|&j| got_marks[mark_index(&plan, nkv, g, h, j)] == 1)
+                    .map(|j| j as u32)
+                    .collect();
+                assert_eq!(got, sel.pages(g, h), "seed {seed}: group {g}, KV head {h}");
+            }
+        }
+        let mut out = zeros::<bf16>(&gpu, q.len());
+        cascade_attention(
+            &gpu,
+            &dq,
+            rows,
+            &gplan,
+            &pool,
+            LAYER,
+            &p,
+            Some(marks),
+            &mut out,
+        )
+        .expect("cascade");
+        let got = down_bf16(&gpu, &out, q.len());
+        check_bf16_with(
+            &format!("sparse seed {seed} (budget {budget}, {rows} rows)"),
+            &got,
+            &want,
+            CASCADE_ROUNDED,
+        );
+        // Marks shorter than the plan's pages × KV heads are refused.
+        let short = zeros::<u8>(&gpu, 1);
+        let e = cascade_attention(
+            &gpu,
+            &dq,
+            rows,
+            &gplan,
+            &pool,
+            LAYER,
+            &p,
+            Some(&short),
+            &mut out,
+        );
+        assert!(matches!(e, Err(GpuError::Invalid(_))), "{e:?}");
+    }
+}
+
+#[test]
+fn cascade_takes_sparse_plans_and_rejects_bad_shapes() {
     let Some(gpu) = common::gpu() else { return };
     let mut rig = Rig::bf16(layout(1, 64, 16), 64, 7);
     let s = rig.new_seq();
@@ -255,10 +350,7 @@ fn cascade_rejects_sparse_plans_and_bad_shapes() {
     }];
     let sparse =
         CascadePlan::build(&seqs, &b.positions, 16, &PlanOptions::default()).expect("plan");
-    assert!(matches!(
-        GpuCascadePlan::upload(&gpu, &sparse),
-        Err(GpuError::Invalid(_))
-    ));
+    assert!(GpuCascadePlan::upload(&gpu, &sparse).is_ok());
     let plan = b.plan(&rig.cache, None, &PlanOptions::default());
     let gplan = GpuCascadePlan::upload(&gpu, &plan).expect("upload");
     let pool = device_pool(&gpu, &rig.cache);
@@ -266,9 +358,9 @@ fn cascade_rejects_sparse_plans_and_bad_shapes() {
     let q = zeros::<f32>(&gpu, 128);
     let mut out = zeros::<bf16>(&gpu, 128);
     // Two rows asked of a one-row plan; a short q.
-    let e = cascade_attention(&gpu, &q, 2, &gplan, &pool, LAYER, &p, &mut out);
+    let e = cascade_attention(&gpu, &q, 2, &gplan, &pool, LAYER, &p, None, &mut out);
     assert!(matches!(e, Err(GpuError::Invalid(_))), "{e:?}");
     let short = zeros::<f32>(&gpu, 64);
-    let e = cascade_attention(&gpu, &short, 1, &gplan, &pool, LAYER, &p, &mut out);
+    let e = cascade_attention(&gpu, &short, 1, &gplan, &pool, LAYER, &p, None, &mut out);
     assert!(matches!(e, Err(GpuError::Invalid(_))), "{e:?}");
 }

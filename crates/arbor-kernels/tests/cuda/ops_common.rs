@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 use crate::common;
+use arbor_kernels::cuda::kv::summary_elems_per_page;
 use arbor_kernels::cuda::{Gpu, GpuKvPool};
 use arbor_kernels::kv::{KvLayout, KvPool, PageId};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
@@ -134,10 +135,13 @@ pub fn random_pools(
             }
         }
     }
+    let summaries =
+        vec![bf16::ZERO; layout.num_layers * num_pages * summary_elems_per_page(&layout)];
     let dev = GpuKvPool {
         layout,
         num_pages,
         data: up(gpu, &to_bf16(&flat_pool(&host))),
+        summaries: up(gpu, &summaries),
     };
     (host, dev)
 }

@@ -9,7 +9,10 @@
 //! (each shared page read once for all the rows below it) instead of the paged kernel. The GPU
 //! kernel always merges partials by LSE, so its groups are cut as [`CascadeMode::Merge`] cuts
 //! them (long shared runs split across blocks); whether a plan exists does not depend on that.
-//! Sparse budgets are refused on the GPU (the engine says so before a step runs).
+//! Sparse budgets: the plan's sparse rows get a [`GpuSparsePlan`]; every layer past the dense
+//! ones selects its pages on the device and cascade reads only those. Every layer also keeps
+//! the pool's key summaries up to date for the pages its K/V store wrote (whether or not this
+//! step is sparse: a later sparse request ranks the pages written now).
 
 use super::meta::{PackedLayout, StepMeta};
 use super::upload::GpuLayer;
@@ -19,12 +22,14 @@ use crate::RuntimeError;
 use arbor_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use arbor_kernels::cuda::gemm::Gemm;
 use arbor_kernels::cuda::ops::cascade::{self, GpuCascadePlan};
+use arbor_kernels::cuda::ops::sparse::{self, GpuSparsePlan};
 use arbor_kernels::cuda::ops::{attention, qkv};
 use arbor_kernels::cuda::{Gpu, GpuKvPool};
 use arbor_kernels::kv::KvCache;
 use arbor_kernels::ops::cascade::{CascadeMode, CascadePlan};
 use arbor_kernels::ops::AttentionParams;
 use half::bf16;
+use std::sync::Mutex;
 
 /// How a step's rows attend.
 enum Kernel {
@@ -35,8 +40,10 @@ enum Kernel {
         /// An upper bound on any row's context (`usize::MAX`: the most warps).
         max_context: usize,
     },
-    /// Cascade attention over the step's plan (rows in the step's order).
-    Cascade(Box<GpuCascadePlan>),
+    /// Cascade attention over the step's plan (rows in the step's order), with the page
+    /// selection of its sparse rows if it has any (locked per layer: each layer refills its
+    /// marks).
+    Cascade(Box<GpuCascadePlan>, Option<Box<Mutex<GpuSparsePlan>>>),
 }
 
 /// One step's attention, shared by every layer.
@@ -102,13 +109,7 @@ impl StepAttention {
                 layout: cfg.rope_layout,
                 eps: cfg.rms_eps,
             },
-            params: AttentionParams {
-                n_heads: cfg.num_heads,
-                n_kv_heads: cfg.num_kv_heads,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-                sliding_window: cfg.sliding_window,
-            },
+            params: attention_params(cfg),
             kernel,
         }
     }
@@ -137,8 +138,10 @@ impl StepAttention {
         let kernel = match plan {
             Some(plan) => {
                 let plan = in_step_order(plan, batch)?;
+                let sparse =
+                    GpuSparsePlan::upload(gpu, &plan, &attention_params(cfg), &opts.sparse)?;
                 let plan = GpuCascadePlan::upload_reusing(gpu, &plan, pad_rows, reuse.take())?;
-                Kernel::Cascade(Box::new(plan))
+                Kernel::Cascade(Box::new(plan), sparse.map(|s| Box::new(Mutex::new(s))))
             }
             None => Kernel::Paged {
                 seqs: meta.seq_row_indptr.len().saturating_sub(1),
@@ -152,7 +155,7 @@ impl StepAttention {
     /// The step's cascade plan, if it had one (for the next step to reuse its buffers).
     pub fn into_plan(self) -> Option<GpuCascadePlan> {
         match self.kernel {
-            Kernel::Cascade(plan) => Some(*plan),
+            Kernel::Cascade(plan, _) => Some(*plan),
             Kernel::Paged { .. } => None,
         }
     }
@@ -170,7 +173,7 @@ impl StepAttention {
                 },
                 ..self
             },
-            Kernel::Cascade(_) => self,
+            Kernel::Cascade(..) => self,
         }
     }
 
@@ -179,7 +182,7 @@ impl StepAttention {
     pub fn graph_epoch(&self) -> Option<u64> {
         match &self.kernel {
             Kernel::Paged { .. } => None,
-            Kernel::Cascade(plan) => Some(plan.epoch()),
+            Kernel::Cascade(plan, _) => Some(plan.epoch()),
         }
     }
 
@@ -237,9 +240,27 @@ impl StepAttention {
             i,
             b.q,
         )?;
+        sparse::summarise_rows(gpu, pool, &v.slots, rows, i)?;
         match &self.kernel {
-            Kernel::Cascade(plan) => {
-                cascade::cascade_attention(gpu, b.q, rows, plan, pool, i, &self.params, b.xn)?
+            Kernel::Cascade(plan, None) => {
+                cascade::cascade_attention(gpu, b.q, rows, plan, pool, i, &self.params, None, b.xn)?
+            }
+            Kernel::Cascade(plan, Some(sp)) => {
+                let mut sp = sp.lock().map_err(|_| {
+                    RuntimeError::Request("the step's sparse selection lock is poisoned".into())
+                })?;
+                let marks = sp.select(gpu, b.q, pool, i, &self.params)?;
+                cascade::cascade_attention(
+                    gpu,
+                    b.q,
+                    rows,
+                    plan,
+                    pool,
+                    i,
+                    &self.params,
+                    marks,
+                    b.xn,
+                )?
             }
             &Kernel::Paged {
                 seqs,
@@ -261,6 +282,17 @@ impl StepAttention {
         }
         gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
         Ok(())
+    }
+}
+
+/// The model's attention shape.
+fn attention_params(cfg: &ModelConfig) -> AttentionParams {
+    AttentionParams {
+        n_heads: cfg.num_heads,
+        n_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+        sliding_window: cfg.sliding_window,
     }
 }
 

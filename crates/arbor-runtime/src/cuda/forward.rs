@@ -55,7 +55,12 @@ pub(super) fn run(
     m.copy_pages(&copies)?;
     let meta = StepMeta::build(batch, |s| cache.table(s), ps)?;
     let mode = m.graphs.mode();
-    let bucket = graph::graph_bucket(mode, batch, &meta, logit_rows);
+    // A sparse step selects pages per layer with launches shaped by its plan: run eagerly.
+    let sparse = batch.seqs.iter().any(|s| s.sparse_budget.is_some());
+    let bucket = match sparse {
+        true => None,
+        false => graph::graph_bucket(mode, batch, &meta, logit_rows),
+    };
     let packed = meta.pack(tokens, logit_rows, hidden_rows, bucket)?;
     let lay = packed.layout;
     let n_logits = logit_rows.len();

@@ -300,20 +300,9 @@ impl Scheduler {
     /// Sparse attention for the request or search `id` (as a submit returned it): every row
     /// its sequences run on the policy engine reads at most `budget` KV pages picked by their
     /// key summaries, beside its sink and local pages (see `SeqStep::sparse_budget`); `None`
-    /// reads every page (the default). The engine runs sparse attention on the CPU only, so
-    /// on another device this is refused (a step with a sparse row would fail as a whole).
-    /// An id that has already ended is left alone.
-    pub fn set_sparse_budget(
-        &mut self,
-        id: RequestId,
-        budget: Option<usize>,
-    ) -> Result<(), String> {
-        let device = self.engine.device();
-        if budget.is_some() && device != arbor_kernels::Device::Cpu {
-            return Err(format!(
-                "sparse attention runs on the CPU only; this engine runs on {device}"
-            ));
-        }
+    /// reads every page (the default). Both backends run it. An id that has already ended is
+    /// left alone.
+    pub fn set_sparse_budget(&mut self, id: RequestId, budget: Option<usize>) {
         match budget {
             Some(b) if self.reqs.contains_key(&id) => {
                 self.sparse.insert(id, b);
@@ -322,7 +311,6 @@ impl Scheduler {
                 self.sparse.remove(&id);
             }
         }
-        Ok(())
     }
 
     /// The sparse budget of the jobs `owner` runs: its own, or for a group's shared prompt

@@ -179,9 +179,6 @@ impl Worker {
     }
 
     fn generate(&mut self, ticket: Ticket, job: GenJob, tx: UnboundedSender<Update>) {
-        if let Err(e) = self.check_sparse(job.sparse_budget) {
-            return drop(tx.send(Update::Rejected(e)));
-        }
         let ctx = self.sched.engine().model.cfg.max_context;
         let total = self.sched.engine().cache().allocator().num_total();
         let ps = self.page_size();
@@ -247,8 +244,7 @@ impl Worker {
             }
         }
         for &id in &ids {
-            // Cannot fail: check_sparse refused budgets on other devices.
-            let _ = self.sched.set_sparse_budget(id, job.sparse_budget);
+            self.sched.set_sparse_budget(id, job.sparse_budget);
         }
         self.reserved += need;
         self.tickets.insert(
@@ -264,9 +260,6 @@ impl Worker {
     }
 
     fn search(&mut self, ticket: Ticket, job: SearchJob, tx: UnboundedSender<Update>) {
-        if let Err(e) = self.check_sparse(job.sparse_budget) {
-            return drop(tx.send(Update::Rejected(e)));
-        }
         let tokens = match self.check_prompt(&job.input, job.prompt_param, Some(0)) {
             Ok(t) => t,
             Err(e) => return drop(tx.send(Update::Rejected(e))),
@@ -300,8 +293,7 @@ impl Worker {
             max_policy_tokens: job.max_policy_tokens,
             max_wall: job.max_wall,
         });
-        // Cannot fail: check_sparse refused budgets on other devices.
-        let _ = self.sched.set_sparse_budget(id, job.sparse_budget);
+        self.sched.set_sparse_budget(id, job.sparse_budget);
         self.owners.insert(id, (ticket, 0));
         self.tickets.insert(
             ticket,
@@ -313,11 +305,6 @@ impl Worker {
                 reserved: 0,
             },
         );
-    }
-
-    /// A sparse budget is served on the CPU only: a 400 naming `sparse_budget` elsewhere.
-    fn check_sparse(&self, budget: Option<usize>) -> Result<(), ApiError> {
-        sparse_on(self.sched.engine().device(), budget)
     }
 
     /// Tokenises a prompt and checks it against the context: a 400 naming `param` otherwise.
@@ -418,36 +405,5 @@ impl Worker {
                 self.tickets.remove(&ticket);
             }
         }
-    }
-}
-
-/// Whether a model on `device` serves a request with `budget`: sparse attention runs on the
-/// CPU only (the engine would fail the whole step otherwise), so elsewhere a budget is a 400
-/// naming `sparse_budget`.
-fn sparse_on(device: arbor_kernels::Device, budget: Option<usize>) -> Result<(), ApiError> {
-    if budget.is_some() && device != arbor_kernels::Device::Cpu {
-        return Err(ApiError::invalid(
-            "sparse_budget",
-            format!(
-                "sparse attention (sparse_budget) runs on the CPU only, and this server's model runs on {device}: leave sparse_budget out"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arbor_kernels::Device;
-
-    #[test]
-    fn sparse_budgets_are_refused_off_the_cpu() {
-        assert!(sparse_on(Device::Cpu, Some(4)).is_ok());
-        assert!(sparse_on(Device::Cuda(0), None).is_ok());
-        let e = sparse_on(Device::Cuda(0), Some(4)).expect_err("GPU");
-        assert_eq!(e.status.as_u16(), 400);
-        assert_eq!(e.param.as_deref(), Some("sparse_budget"));
-        assert!(e.message.contains("CPU only"), "{}", e.message);
     }
 }

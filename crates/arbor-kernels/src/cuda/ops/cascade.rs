@@ -5,7 +5,9 @@
 //! layer), then [`cascade_attention`] per layer. Two launches: `cascade_partial_h{HD}` (one
 //! block per (task, KV head); a task is up to [`TASK_ROWS`] entries of one group, so a group's
 //! pages are read once per task for all of its rows and all query heads of the KV head) and
-//! `cascade_merge` (one block per row). Dense rows only: a plan with sparse budgets is refused.
+//! `cascade_merge` (one block per row). Sparse rows: [`cascade_attention`] takes the page marks
+//! that [`super::sparse::GpuSparsePlan::select`] leaves for the layer, and each (group, KV head)
+//! reads only its marked pages.
 //!
 //! CUDA graphs: a plan's arrays sit at capacity-sized places in its buffer ([`PlanLayout`]),
 //! the partial kernel reads the task count from the buffer and gets a block per task the
@@ -110,6 +112,8 @@ pub struct GpuCascadePlan {
     /// Query rows, padding rows included.
     rows: usize,
     entries: usize,
+    /// Group pages (the plan's `page_ids`): with the KV heads, the length of a marks array.
+    pages_read: usize,
     page_size: usize,
     data: CudaSlice<u32>,
     layout: PlanLayout,
@@ -119,8 +123,7 @@ pub struct GpuCascadePlan {
 }
 
 impl GpuCascadePlan {
-    /// Uploads `plan` (dense rows only). Fails on a plan with sparse rows or inconsistent CSR
-    /// arrays.
+    /// Uploads `plan`. Fails on inconsistent CSR arrays.
     pub fn upload(gpu: &Gpu, plan: &CascadePlan) -> Result<Self, GpuError> {
         Self::upload_reusing(gpu, plan, plan.num_rows(), None)
     }
@@ -136,9 +139,6 @@ impl GpuCascadePlan {
     ) -> Result<Self, GpuError> {
         const OP: &str = "cascade plan upload";
         let invalid = |m: String| Err(GpuError::Invalid(format!("{OP}: {m}")));
-        if plan.has_sparse() {
-            return invalid("sparse rows are not supported on the GPU (dense rows only)".into());
-        }
         let (groups, rows, entries) = (plan.num_groups(), plan.num_rows(), plan.num_entries());
         if plan.page_size == 0 {
             return invalid("page size 0".into());
@@ -189,6 +189,7 @@ impl GpuCascadePlan {
         Ok(GpuCascadePlan {
             rows: pad_rows,
             entries,
+            pages_read: plan.page_ids.len(),
             page_size: plan.page_size,
             data,
             layout,
@@ -265,7 +266,9 @@ fn pack(plan: &CascadePlan, pad_rows: usize, old: Option<&PlanLayout>) -> (Vec<u
 
 /// Cascade attention of every row of `plan` over `layer` of `pool`: `q` is
 /// `[rows × n_heads × head_dim]` f32 (rows in the plan's order), `out` the same shape in bf16.
-/// Equals per-sequence [`crate::ops::paged_attention`] up to rounding. head_dim must be one of
+/// Equals per-sequence [`crate::ops::paged_attention`] up to rounding; with `marks` (one byte
+/// per group page and KV head, laid out as [`crate::ops::cascade::mark_index`]) each (group,
+/// KV head) reads only its marked pages, as the CPU's sparse selection. head_dim must be one of
 /// [`super::attention::ATTENTION_HEAD_DIMS`], `n_kv_heads` must divide `n_heads`, and the group
 /// (`n_heads / n_kv_heads`) must be at most `16 · (256 / head_dim)`.
 #[allow(clippy::too_many_arguments)]
@@ -277,6 +280,7 @@ pub fn cascade_attention(
     pool: &GpuKvPool,
     layer: usize,
     p: &AttentionParams,
+    marks: Option<&CudaSlice<u8>>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<(), GpuError> {
     const OP: &str = "cascade attention";
@@ -332,6 +336,12 @@ pub fn cascade_attention(
         return invalid("no partials buffer".into());
     };
 
+    if let Some(m) = marks {
+        let need = product(OP, "marks", plan.pages_read, p.n_kv_heads)?;
+        need_len(OP, "marks", m.len(), need)?;
+    }
+    let marks_guard = marks.map(|m| m.device_ptr(gpu.stream()));
+    let marks_addr: u64 = marks_guard.as_ref().map_or(0, |g| g.0);
     let (base, _guard) = plan.data.device_ptr(gpu.stream());
     let [header, tasks, group_page_indptr, page_ids, group_first_page, group_rows, row_pos, row_entry_indptr, row_entries] =
         [
@@ -370,6 +380,7 @@ pub fn cascade_attention(
             .arg(&stride_i)
             .arg(&p.scale)
             .arg(&window)
+            .arg(&marks_addr)
             .arg(&mut *part_o)
             .arg(&mut *part_lse);
         let cfg = LaunchConfig {
@@ -378,7 +389,7 @@ pub fn cascade_attention(
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match the kernel; the plan's CSR arrays were checked at upload,
-        // buffer lengths above, and the kernel skips page ids beyond the pool.
+        // buffer lengths (the marks' too) above, and the kernel skips page ids beyond the pool.
         unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
     }
 

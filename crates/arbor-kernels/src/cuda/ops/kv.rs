@@ -8,7 +8,8 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
 /// For each `(src, dst, slots)`, copies the first `slots` positions of page `src` to page
-/// `dst` in every layer, K and V, every KV head (copy-on-write of a shared partial page).
+/// `dst` in every layer, K and V, every KV head (copy-on-write of a shared partial page), and
+/// recomputes `dst`'s key summaries.
 /// The copies run concurrently, so no page may be both a source and a destination, nor the
 /// destination of two copies; pages must lie in the pool and `slots ≤ page_size`.
 pub fn copy_pages(
@@ -82,7 +83,9 @@ pub fn copy_pages(
         })
     }
     .map_err(launch_error(OP))?;
-    Ok(())
+    // The copies' key summaries, for sparse attention.
+    let pages: Vec<(u32, u32)> = copies.iter().map(|&(_, d, n)| (d, n)).collect();
+    super::sparse::summarise_pages(gpu, pool, &pages)
 }
 
 /// `out[i] = bf16(x[i])` (round to nearest even) for `i < n`.

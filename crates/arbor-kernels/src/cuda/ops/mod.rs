@@ -12,6 +12,7 @@ pub mod moe;
 pub mod norm;
 pub mod qkv;
 pub mod sample;
+pub mod sparse;
 
 // Shared argument checks of the launch wrappers (activation, attention, embedding, kv, norm,
 // qkv): every bad shape is a `GpuError::Invalid` naming the op and the sizes, never a panic.

@@ -64,4 +64,6 @@ impl CascadeMode {
         }
     }
 }
-pub use sparse::{select_pages, PageSelection, SparseParams};
+pub use sparse::{
+    mark_index, row_candidates, select_pages, Candidate, PageSelection, RowCandidates, SparseParams,
+};

@@ -73,84 +73,49 @@ impl PageSelection {
     }
 }
 
-/// Chooses the pages of `layer` that each group of `plan` reads for the queries `q`
-/// (`rows × n_heads × head_dim`, after RoPE). `None` (read everything) when no row has a
-/// sparse budget or `layer` is one of the dense layers.
-pub fn select_pages(
-    q: &[f32],
-    plan: &CascadePlan,
-    pool: &KvPool,
-    layer: usize,
-    p: &AttentionParams,
-    sp: &SparseParams,
-) -> Option<PageSelection> {
-    if !plan.has_sparse() || layer < sp.dense_layers {
-        return None;
-    }
-    let nkv = p.n_kv_heads;
-    let n_groups = plan.num_groups();
-    // Marks of group g, head h start at `group_page_indptr[g]·nkv + h·pages(g)`.
-    let base =
-        |g: usize, h: usize| plan.group_page_indptr[g] as usize * nkv + h * plan.pages(g).len();
-    let mut marks = vec![false; plan.pages_read() * nkv];
-    for g in 0..n_groups {
-        let dense = plan.group_rows[plan.entries(g)]
-            .iter()
-            .any(|&r| plan.row_budget[r as usize] == DENSE);
-        if dense {
-            let b = base(g, 0);
-            marks[b..b + nkv * plan.pages(g).len()].fill(true);
-        }
-    }
-    let picks: Vec<Vec<usize>> = (0..plan.num_rows())
-        .into_par_iter()
-        .map(|r| row_picks(q, plan, pool, layer, p, sp, r, &base))
-        .collect();
-    for m in picks.into_iter().flatten() {
-        marks[m] = true;
-    }
-    let mut sel = PageSelection {
-        n_kv_heads: nkv,
-        indptr: vec![0],
-        pages: Vec::new(),
-    };
-    for g in 0..n_groups {
-        for h in 0..nkv {
-            let b = base(g, h);
-            let n = plan.pages(g).len();
-            sel.pages
-                .extend((0..n as u32).filter(|&j| marks[b + j as usize]));
-            sel.indptr.push(sel.pages.len() as u32);
-        }
-    }
-    Some(sel)
+/// Where the mark of page `j` of group `g` for KV head `h` sits in a selection's mark array
+/// (`plan.pages_read() × n_kv_heads` entries): groups in order, each `n_kv_heads` runs of its
+/// pages. [`select_pages`] and the GPU selection (`cuda::ops::sparse`) share this layout.
+pub fn mark_index(plan: &CascadePlan, n_kv_heads: usize, g: usize, h: usize, j: usize) -> usize {
+    plan.group_page_indptr[g] as usize * n_kv_heads + h * plan.pages(g).len() + j
 }
 
-/// Marks (indices into the selection's mark array, see `base`) of the pages row `r` chooses.
-#[allow(clippy::too_many_arguments)]
-fn row_picks(
-    q: &[f32],
+/// A page a sparse row may read: page `j` (local) of group `group`, pool page `page`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub group: usize,
+    pub j: usize,
+    pub page: u32,
+}
+
+/// The pages of one sparse row before ranking: those it always reads (sink and local window,
+/// for every KV head) and the candidates, in a fixed order (the row's entries in order, each
+/// group's visible pages ascending), of which it reads the `take` with the highest bounds per
+/// KV head; ties go to the earlier candidate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowCandidates {
+    pub always: Vec<(usize, usize)>,
+    pub cands: Vec<Candidate>,
+    pub take: usize,
+}
+
+/// Row `r`'s [`RowCandidates`]; `None` for a dense row (no budget).
+pub fn row_candidates(
     plan: &CascadePlan,
-    pool: &KvPool,
-    layer: usize,
     p: &AttentionParams,
     sp: &SparseParams,
     r: usize,
-    base: &(impl Fn(usize, usize) -> usize + Sync),
-) -> Vec<usize> {
+) -> Option<RowCandidates> {
     let budget = plan.row_budget[r];
     if budget == DENSE {
-        return Vec::new();
+        return None;
     }
-    let (ps, hd, nkv) = (plan.page_size, p.head_dim, p.n_kv_heads);
-    let gh = p.n_heads / nkv;
+    let ps = plan.page_size;
     let end = plan.row_pos[r] as usize + 1;
     let start = p.sliding_window.map_or(0, |w| end.saturating_sub(w.max(1)));
     let last_page = (end - 1) / ps;
     let local = sp.local_pages.max(1);
-    let mut marks = Vec::new();
-    // Candidates: (group, local index, page id).
-    let mut cands = Vec::new();
+    let mut out = RowCandidates::default();
     for &e in plan.row_entries(r) {
         let g = plan
             .group_row_indptr
@@ -171,38 +136,109 @@ fn row_picks(
         {
             let abs = first + j;
             if abs < sp.sink_pages || abs + local > last_page {
-                marks.extend((0..nkv).map(|h| base(g, h) + j));
+                out.always.push((g, j));
             } else {
-                cands.push((g, j, page));
+                out.cands.push(Candidate { group: g, j, page });
             }
         }
     }
-    let k = budget as usize;
-    if k >= cands.len() {
-        for &(g, j, _) in &cands {
-            marks.extend((0..nkv).map(|h| base(g, h) + j));
+    out.take = (budget as usize).min(out.cands.len());
+    Some(out)
+}
+
+/// Chooses the pages of `layer` that each group of `plan` reads for the queries `q`
+/// (`rows × n_heads × head_dim`, after RoPE). `None` (read everything) when no row has a
+/// sparse budget or `layer` is one of the dense layers.
+pub fn select_pages(
+    q: &[f32],
+    plan: &CascadePlan,
+    pool: &KvPool,
+    layer: usize,
+    p: &AttentionParams,
+    sp: &SparseParams,
+) -> Option<PageSelection> {
+    if !plan.has_sparse() || layer < sp.dense_layers {
+        return None;
+    }
+    let nkv = p.n_kv_heads;
+    let n_groups = plan.num_groups();
+    let mut marks = vec![false; plan.pages_read() * nkv];
+    for g in 0..n_groups {
+        let dense = plan.group_rows[plan.entries(g)]
+            .iter()
+            .any(|&r| plan.row_budget[r as usize] == DENSE);
+        if dense {
+            let b = mark_index(plan, nkv, g, 0, 0);
+            marks[b..b + nkv * plan.pages(g).len()].fill(true);
         }
+    }
+    let picks: Vec<Vec<usize>> = (0..plan.num_rows())
+        .into_par_iter()
+        .map(|r| row_picks(q, plan, pool, layer, p, sp, r))
+        .collect();
+    for m in picks.into_iter().flatten() {
+        marks[m] = true;
+    }
+    let mut sel = PageSelection {
+        n_kv_heads: nkv,
+        indptr: vec![0],
+        pages: Vec::new(),
+    };
+    for g in 0..n_groups {
+        for h in 0..nkv {
+            let b = mark_index(plan, nkv, g, h, 0);
+            let n = plan.pages(g).len();
+            sel.pages
+                .extend((0..n as u32).filter(|&j| marks[b + j as usize]));
+            sel.indptr.push(sel.pages.len() as u32);
+        }
+    }
+    Some(sel)
+}
+
+/// Marks (indices into the selection's mark array, see [`mark_index`]) of the pages row `r`
+/// chooses.
+fn row_picks(
+    q: &[f32],
+    plan: &CascadePlan,
+    pool: &KvPool,
+    layer: usize,
+    p: &AttentionParams,
+    sp: &SparseParams,
+    r: usize,
+) -> Vec<usize> {
+    let Some(rc) = row_candidates(plan, p, sp, r) else {
+        return Vec::new();
+    };
+    let (hd, nkv) = (p.head_dim, p.n_kv_heads);
+    let gh = p.n_heads / nkv;
+    let all_heads = |(g, j): (usize, usize)| (0..nkv).map(move |h| mark_index(plan, nkv, g, h, j));
+    let mut marks: Vec<usize> = rc.always.iter().copied().flat_map(all_heads).collect();
+    let k = rc.take;
+    if k == rc.cands.len() {
+        marks.extend(rc.cands.iter().flat_map(|c| all_heads((c.group, c.j))));
         return marks;
     }
     if k == 0 {
         return marks;
     }
     let sums = pool.summaries();
-    let mut scored: Vec<(f32, usize)> = Vec::with_capacity(cands.len());
+    let mut scored: Vec<(f32, usize)> = Vec::with_capacity(rc.cands.len());
     for h in 0..nkv {
         let q0 = (r * p.n_heads + h * gh) * hd;
         scored.clear();
-        scored.extend(cands.iter().enumerate().map(|(c, &(_, _, page))| {
+        scored.extend(rc.cands.iter().enumerate().map(|(c, cand)| {
             let b = (0..gh)
-                .map(|i| sums.bound(layer, page, h, &q[q0 + i * hd..q0 + (i + 1) * hd]))
+                .map(|i| sums.bound(layer, cand.page, h, &q[q0 + i * hd..q0 + (i + 1) * hd]))
                 .fold(f32::NEG_INFINITY, f32::max);
             (b, c)
         }));
-        // Highest bounds first (a total order, so NaN cannot upset the selection).
-        scored.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+        // Highest bounds first, ties to the earlier candidate: a total order, so the choice
+        // is unique (NaN included) and the GPU's selection can make the same one.
+        scored.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         for &(_, c) in &scored[..k] {
-            let (g, j, _) = cands[c];
-            marks.push(base(g, h) + j);
+            let cand = rc.cands[c];
+            marks.push(mark_index(plan, nkv, cand.group, h, cand.j));
         }
     }
     marks

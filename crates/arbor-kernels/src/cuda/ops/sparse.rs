@@ -1,0 +1,399 @@
+//! Sparse attention on the GPU (`kernels/sparse.cu`): the pool's key summaries kept up to date
+//! ([`summarise_rows`] after each layer's K/V store, [`summarise_pages`] after page copies),
+//! and per layer the pages each (group, KV head) reads ([`GpuSparsePlan::select`]), which
+//! [`super::cascade::cascade_attention`] then reads alone. The CPU reference is
+//! [`crate::ops::cascade::select_pages`]: the host half here uses its
+//! [`row_candidates`] and [`mark_index`], and the kernel ranks by the same bound, operation
+//! for operation, with the same tie rule, so the two choose the same pages from the same keys.
+
+use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
+use super::{int_arg, launch_error, need_len, product};
+use crate::ops::cascade::{mark_index, row_candidates, CascadePlan, SparseParams, DENSE};
+use crate::ops::AttentionParams;
+use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+
+/// Threads of a summary block (they stride over the channels).
+const SUMMARY_THREADS: u32 = 128;
+/// Threads of a selection block (`SELECT_THREADS` in sparse.cu).
+const SELECT_THREADS: u32 = 256;
+
+fn grid_dim(op: &str, what: &str, n: usize) -> Result<u32, GpuError> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&v| v <= 65535 || what == "x")
+        .ok_or_else(|| GpuError::Invalid(format!("{op}: {n} blocks along {what} exceed the grid")))
+}
+
+/// Recomputes, for layer `layer`, the summary of every page the step's K/V store wrote into:
+/// `slots` holds each of the `rows` rows' `page · page_size + slot` (rows of one page adjacent
+/// and in slot order, as a step lays them out; slots beyond the pool are padding).
+pub fn summarise_rows(
+    gpu: &Gpu,
+    pool: &mut GpuKvPool,
+    slots: &CudaView<u32>,
+    rows: usize,
+    layer: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "key summaries";
+    let l = pool.layout;
+    if rows == 0 || l.head_dim == 0 || l.num_kv_heads == 0 {
+        return Ok(());
+    }
+    need_len(OP, "slots", slots.len(), rows)?;
+    if layer >= l.num_layers {
+        return Err(GpuError::Invalid(format!(
+            "{OP}: layer {layer} of a {}-layer pool",
+            l.num_layers
+        )));
+    }
+    let f = gpu.func("sparse", "kv_summarise_rows")?;
+    let mut lb = gpu.stream().launch_builder(&f);
+    let ints = [
+        int_arg(OP, "rows", rows)?,
+        int_arg(OP, "layer", layer)?,
+        int_arg(OP, "pages", pool.num_pages)?,
+        int_arg(OP, "page size", l.page_size)?,
+        int_arg(OP, "KV heads", l.num_kv_heads)?,
+        int_arg(OP, "head_dim", l.head_dim)?,
+    ];
+    lb.arg(&pool.data).arg(slots);
+    for v in &ints {
+        lb.arg(v);
+    }
+    lb.arg(&mut pool.summaries);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_dim(OP, "x", rows)?,
+            grid_dim(OP, "y", l.num_kv_heads)?,
+            1,
+        ),
+        block_dim: (SUMMARY_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match the kernel; `slots` holds `rows` entries, and pages beyond the
+    // pool are skipped by the kernel, so every access lies in the pool and its summaries.
+    unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
+    Ok(())
+}
+
+/// Recomputes the summaries of pages `(page, slots)` (their first `slots` slots) in every
+/// layer, after those pages were copied.
+pub fn summarise_pages(
+    gpu: &Gpu,
+    pool: &mut GpuKvPool,
+    pages: &[(u32, u32)],
+) -> Result<(), GpuError> {
+    const OP: &str = "key summaries of copied pages";
+    let l = pool.layout;
+    if pages.is_empty() || l.head_dim == 0 || l.num_kv_heads == 0 || l.num_layers == 0 {
+        return Ok(());
+    }
+    let flat: Vec<u32> = pages.iter().flat_map(|&(p, n)| [p, n]).collect();
+    let dev = gpu.upload(&flat, "copied pages")?;
+    let f = gpu.func("sparse", "kv_summarise_pages")?;
+    let mut lb = gpu.stream().launch_builder(&f);
+    let ints = [
+        int_arg(OP, "pages", pages.len())?,
+        int_arg(OP, "pool pages", pool.num_pages)?,
+        int_arg(OP, "page size", l.page_size)?,
+        int_arg(OP, "KV heads", l.num_kv_heads)?,
+        int_arg(OP, "head_dim", l.head_dim)?,
+    ];
+    lb.arg(&pool.data).arg(&dev);
+    for v in &ints {
+        lb.arg(v);
+    }
+    lb.arg(&mut pool.summaries);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_dim(OP, "x", pages.len())?,
+            grid_dim(OP, "y", l.num_kv_heads)?,
+            grid_dim(OP, "z", l.num_layers)?,
+        ),
+        block_dim: (SUMMARY_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match the kernel; pages beyond the pool are skipped and slots are
+    // clamped to the page size by the kernel.
+    unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
+    Ok(())
+}
+
+/// The host half of a step's sparse selection, made from its [`CascadePlan`]: the marks every
+/// layer starts from (sinks, local windows, dense groups, rows whose budget covers every
+/// candidate) and the ranked choices the kernel makes (one per sparse row that must choose).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SparseHostPlan {
+    /// One byte per (group page, KV head), laid out as [`mark_index`].
+    pub init_marks: Vec<u8>,
+    /// Per ranked choice: (row, pages to take, first candidate, end candidate).
+    pub selections: Vec<[u32; 4]>,
+    /// Per candidate: (pool page, mark index for KV head 0, its group's page count).
+    pub candidates: Vec<[u32; 3]>,
+}
+
+impl SparseHostPlan {
+    /// The selection of `plan`'s sparse rows; `None` when it has none.
+    pub fn new(
+        plan: &CascadePlan,
+        p: &AttentionParams,
+        sp: &SparseParams,
+    ) -> Result<Option<Self>, GpuError> {
+        if !plan.has_sparse() {
+            return Ok(None);
+        }
+        let nkv = p.n_kv_heads;
+        let too_big =
+            || GpuError::Invalid("sparse selection: the plan exceeds 32-bit indices".into());
+        let n_marks = plan.pages_read().checked_mul(nkv).ok_or_else(too_big)?;
+        u32::try_from(n_marks).map_err(|_| too_big())?;
+        let mut out = SparseHostPlan {
+            init_marks: vec![0; n_marks],
+            ..Default::default()
+        };
+        for g in 0..plan.num_groups() {
+            let dense = plan.group_rows[plan.entries(g)]
+                .iter()
+                .any(|&r| plan.row_budget[r as usize] == DENSE);
+            if dense {
+                let b = mark_index(plan, nkv, g, 0, 0);
+                out.init_marks[b..b + nkv * plan.pages(g).len()].fill(1);
+            }
+        }
+        for r in 0..plan.num_rows() {
+            let Some(rc) = row_candidates(plan, p, sp, r) else {
+                continue;
+            };
+            let mut mark_all = |g: usize, j: usize| {
+                for h in 0..nkv {
+                    out.init_marks[mark_index(plan, nkv, g, h, j)] = 1;
+                }
+            };
+            for &(g, j) in &rc.always {
+                mark_all(g, j);
+            }
+            if rc.take == rc.cands.len() {
+                for c in &rc.cands {
+                    mark_all(c.group, c.j);
+                }
+                continue;
+            }
+            if rc.take == 0 {
+                continue;
+            }
+            let c0 = out.candidates.len();
+            for c in &rc.cands {
+                out.candidates.push([
+                    c.page,
+                    mark_index(plan, nkv, c.group, 0, c.j) as u32,
+                    plan.pages(c.group).len() as u32,
+                ]);
+            }
+            let c1 = out.candidates.len();
+            u32::try_from(c1).map_err(|_| too_big())?;
+            out.selections
+                .push([r as u32, rc.take as u32, c0 as u32, c1 as u32]);
+        }
+        Ok(Some(out))
+    }
+}
+
+/// A step's sparse selection on the device: the [`SparseHostPlan`] uploaded once, and the
+/// marks buffer each layer's [`GpuSparsePlan::select`] fills.
+pub struct GpuSparsePlan {
+    n_sel: usize,
+    n_cands: usize,
+    dense_layers: usize,
+    sel: CudaSlice<u32>,
+    cand: CudaSlice<u32>,
+    init: CudaSlice<u8>,
+    marks: CudaSlice<u8>,
+    keys: CudaSlice<u32>,
+}
+
+impl GpuSparsePlan {
+    /// Uploads the selection of `plan`'s sparse rows (`None` when it has none).
+    pub fn upload(
+        gpu: &Gpu,
+        plan: &CascadePlan,
+        p: &AttentionParams,
+        sp: &SparseParams,
+    ) -> Result<Option<Self>, GpuError> {
+        let Some(host) = SparseHostPlan::new(plan, p, sp)? else {
+            return Ok(None);
+        };
+        let flat = |v: &[[u32; 4]]| v.iter().flatten().copied().collect::<Vec<u32>>();
+        let sel = flat(&host.selections);
+        let cand: Vec<u32> = host.candidates.iter().flatten().copied().collect();
+        let n_keys = product(
+            "sparse selection",
+            "keys",
+            host.candidates.len(),
+            p.n_kv_heads,
+        )?;
+        Ok(Some(GpuSparsePlan {
+            n_sel: host.selections.len(),
+            n_cands: host.candidates.len(),
+            dense_layers: sp.dense_layers,
+            sel: gpu.upload(&sel, "sparse selections")?,
+            cand: gpu.upload(&cand, "sparse candidates")?,
+            init: gpu.upload(&host.init_marks, "sparse page marks")?,
+            marks: gpu.zeros::<u8>(host.init_marks.len().max(1), "sparse page marks")?,
+            keys: gpu.zeros::<u32>(n_keys.max(1), "sparse page keys")?,
+        }))
+    }
+
+    /// The page marks of `layer` for the queries `q` (`rows × n_heads × head_dim`, after RoPE,
+    /// rows in the plan's order), or `None` for the first `dense_layers` layers (read every
+    /// page). The marks stay valid until the next call.
+    pub fn select(
+        &mut self,
+        gpu: &Gpu,
+        q: &CudaSlice<f32>,
+        pool: &GpuKvPool,
+        layer: usize,
+        p: &AttentionParams,
+    ) -> Result<Option<&CudaSlice<u8>>, GpuError> {
+        const OP: &str = "sparse page selection";
+        if layer < self.dense_layers {
+            return Ok(None);
+        }
+        gpu.stream()
+            .memcpy_dtod(&self.init, &mut self.marks)
+            .map_err(|e| GpuError::driver("resetting the sparse page marks", e))?;
+        if self.n_sel == 0 {
+            return Ok(Some(&self.marks));
+        }
+        let l = pool.layout;
+        if p.head_dim != l.head_dim || p.n_kv_heads != l.num_kv_heads || p.n_kv_heads == 0 {
+            return Err(GpuError::Invalid(format!(
+                "{OP}: {} KV heads of {} dims, the pool has {} of {}",
+                p.n_kv_heads, p.head_dim, l.num_kv_heads, l.head_dim
+            )));
+        }
+        let ints = [
+            int_arg(OP, "n_heads", p.n_heads)?,
+            int_arg(OP, "n_kv_heads", p.n_kv_heads)?,
+            int_arg(OP, "head_dim", p.head_dim)?,
+        ];
+        let (layer_i, pages_i) = (
+            int_arg(OP, "layer", layer)?,
+            int_arg(OP, "pages", pool.num_pages)?,
+        );
+        let total = self.n_cands as u32;
+        let f = gpu.func("sparse", "sparse_select")?;
+        let mut lb = gpu.stream().launch_builder(&f);
+        lb.arg(q);
+        for v in &ints {
+            lb.arg(v);
+        }
+        lb.arg(&pool.summaries)
+            .arg(&layer_i)
+            .arg(&pages_i)
+            .arg(&self.sel)
+            .arg(&self.cand)
+            .arg(&total)
+            .arg(&mut self.keys)
+            .arg(&mut self.marks);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_dim(OP, "x", self.n_sel)?,
+                grid_dim(OP, "y", p.n_kv_heads)?,
+                1,
+            ),
+            block_dim: (SELECT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel. The host plan's rows index `q`'s plan rows, its
+        // mark indices come from `mark_index` over the same plan (the marks buffer's length),
+        // and the candidates' pages beyond the pool score −∞ without a read.
+        unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
+        Ok(Some(&self.marks))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cascade::{PlanOptions, PlanSeq};
+
+    fn params(nkv: usize) -> AttentionParams {
+        AttentionParams {
+            n_heads: 2 * nkv,
+            n_kv_heads: nkv,
+            head_dim: 8,
+            scale: 1.0,
+            sliding_window: None,
+        }
+    }
+
+    /// Two sequences sharing 6 pages (size 4), each with 2 private pages; row budgets given.
+    fn plan(budgets: [Option<usize>; 2]) -> CascadePlan {
+        let tables = [vec![0, 1, 2, 3, 4, 5, 6, 7], vec![0, 1, 2, 3, 4, 5, 8, 9]];
+        let seqs: Vec<PlanSeq> = (tables.iter().enumerate())
+            .map(|(i, t)| PlanSeq {
+                pages: t,
+                rows: i..i + 1,
+                sparse_budget: budgets[i],
+            })
+            .collect();
+        CascadePlan::build(&seqs, &[30, 30], 4, &PlanOptions::default()).expect("plan")
+    }
+
+    #[test]
+    fn a_dense_plan_has_no_selection() {
+        let host = SparseHostPlan::new(&plan([None, None]), &params(2), &SparseParams::default());
+        assert_eq!(host.expect("plan"), None);
+    }
+
+    #[test]
+    fn rows_choose_among_their_middle_pages_and_premark_the_rest() {
+        // Page 0 is the sink, pages 6–7 the local window (position 30 is in page 7); pages
+        // 1–5 are the candidates of each row, which takes 2 of them.
+        let (p, sp) = (params(2), SparseParams::default());
+        let pl = plan([Some(2), Some(2)]);
+        let host = SparseHostPlan::new(&pl, &p, &sp)
+            .expect("plan")
+            .expect("sparse");
+        assert_eq!(host.selections.len(), 2);
+        for s in &host.selections {
+            assert_eq!(s[1], 2, "take");
+            assert_eq!(s[3] - s[2], 5, "candidates");
+        }
+        let pages: Vec<u32> = host.candidates.iter().map(|c| c[0]).collect();
+        assert_eq!(pages, [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]);
+        // Pre-marked: the sink and both rows' local pages, for both KV heads; nothing else.
+        let marked = host.init_marks.iter().filter(|&&m| m == 1).count();
+        assert_eq!(marked, (1 + 2 + 2) * 2);
+    }
+
+    #[test]
+    fn a_budget_covering_every_candidate_premarks_what_the_cpu_reads() {
+        // With nothing to rank, the host plan alone decides, and must mark exactly what the
+        // CPU selection reads.
+        let (p, sp) = (params(3), SparseParams::default());
+        let pl = plan([Some(5), None]);
+        let host = SparseHostPlan::new(&pl, &p, &sp)
+            .expect("plan")
+            .expect("sparse");
+        assert!(host.selections.is_empty());
+        let layout = crate::kv::KvLayout {
+            num_layers: 3,
+            num_kv_heads: 3,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let pool = crate::kv::KvPool::new(layout, 10);
+        let q = vec![0.0; 2 * p.n_heads * p.head_dim];
+        let sel = crate::ops::cascade::select_pages(&q, &pl, &pool, 2, &p, &sp).expect("sparse");
+        for g in 0..pl.num_groups() {
+            for h in 0..3 {
+                let want: Vec<u32> = sel.pages(g, h).to_vec();
+                let got: Vec<u32> = (0..pl.pages(g).len() as u32)
+                    .filter(|&j| host.init_marks[mark_index(&pl, 3, g, h, j as usize)] == 1)
+                    .collect();
+                assert_eq!(got, want, "group {g} head {h}");
+            }
+        }
+    }
+}
