@@ -1,20 +1,20 @@
 // RMSNorm (plain and fused with the residual add), a plain residual add, and a row gather for
 // picking logit rows.
-// One block per row; the mean square is summed in f32 per thread, then over the block.
+// One block per row; the mean square is summed in f64 (as the CPU does: squares of huge
+// values overflow f32), per thread, then over the block.
 #include "arbor.cuh"
 
 // out[r] = bf16(x[r] / sqrt(mean(x[r]²) + eps) · w), for r < rows.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float eps, int rows, int hidden,
                                     bf16_t* __restrict__ out) {
-    __shared__ float scratch[32];
+    __shared__ double scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (u64)r * hidden;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = block_sum(ss, scratch);
-    float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += (double)xr[i] * (double)xr[i];
+    float inv = rms_inv(block_sum_f64(ss, scratch), hidden, eps);
     bf16_t* o = out + (u64)r * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f32_to_bf16(xr[i] * inv * w[i]);
 }
@@ -23,19 +23,18 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ delta,
                                         const float* __restrict__ w, float eps, int rows,
                                         int hidden, bf16_t* __restrict__ out) {
-    __shared__ float scratch[32];
+    __shared__ double scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     float* xr = x + (u64)r * hidden;
     const float* dr = delta + (u64)r * hidden;
-    float ss = 0.0f;
+    double ss = 0.0;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = xr[i] + dr[i];
         xr[i] = v;
-        ss += v * v;
+        ss += (double)v * (double)v;
     }
-    ss = block_sum(ss, scratch);
-    float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+    float inv = rms_inv(block_sum_f64(ss, scratch), hidden, eps);
     bf16_t* o = out + (u64)r * hidden;
     // Each thread reads back only the elements it wrote above.
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f32_to_bf16(xr[i] * inv * w[i]);

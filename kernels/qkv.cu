@@ -52,16 +52,16 @@ qkv_rope_store(const float* __restrict__ qkv, int rows, int n_heads, int n_kv_he
     for (int h = warp; h < heads; h += QKV_WARPS) {
         int base = h * head_dim;
         int kind = h < n_heads ? 0 : (h < n_heads + n_kv_heads ? 1 : 2);  // q, k, v
-        float ss = 0.0f;
+        double ss = 0.0;  // in f64, as the CPU: squares of huge values overflow f32
         for (int d = lane; d < head_dim; d += 32) {
             float x = in[base + d];
             if (has_bias) x += bias[base + d];
             buf[d] = x;
-            ss += x * x;
+            ss += (double)x * (double)x;
         }
         const float* nw = kind == 0 && has_q_norm ? q_norm : (kind == 1 && has_k_norm ? k_norm : 0);
         if (nw) {
-            float inv = 1.0f / sqrtf(warp_sum(ss) / (float)head_dim + eps);
+            float inv = rms_inv(warp_sum_f64(ss), head_dim, eps);
             // Each lane rescales the elements it wrote.
             for (int d = lane; d < head_dim; d += 32) buf[d] = buf[d] * inv * nw[d];
         }

@@ -87,11 +87,6 @@ __device__ __forceinline__ float exp_nonpos(float x) {
     return x >= -87.0f ? __fmul_rn(p, scale) : 0.0f;
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
 // Two f64 sums over the block, as block_sum_ull.
 __device__ __forceinline__ void block_sum2_f64(double& a, double& b, Smem& sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -55,6 +55,8 @@ def norm_case(k, rng, rows, hidden):
     x[2] = 0.0  # a padding row: only eps keeps it finite
     delta[2] = -x[2]
     x[-1] *= 1e15  # squares near 1e30: the f32 block sum must not overflow
+    x[-2] *= 1e20  # squares of 1e40 overflow f32: the sum is in f64, as the CPU's
+    delta[-2] *= 1e20
     w = (1.0 + 0.3 * rng.standard_normal(hidden)).astype(np.float32)
 
     def go():
