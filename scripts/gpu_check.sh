@@ -11,7 +11,8 @@
 #   decode     one stream and 64, SmolLM2-135M and Qwen2.5-0.5B shapes, beside HF   [cuda]
 #   headline   Qwen2.5-0.5B, prompt 512, 256 tokens: best-of-16/64 and 8-beam, sharing on and
 #              off, beside HF best-of-16/64 and 8-beam                              [bench]
-#   attention  cascade vs paged attention on shared-prefix trees; torch SDPA per branch [tree]
+#   attention  cascade vs paged attention on shared-prefix trees; torch SDPA per branch;
+#              sparse page selection vs dense cascade at 8K-32K                           [tree]
 #   moe        Qwen3-30B-A3B shape decode at batch 1/16/64 and best-of-16, beside HF  [moe]
 #
 # gpu-bin/ holds: arbor (release build), cuda-tests (arbor-kernels' `cuda` test binary) and
@@ -85,6 +86,10 @@ for phase in $PHASES; do
       --heads 32 --kv-heads 8 --head-dim 128
     peer sdpa-tree --heads 32 --kv-heads 8 --head-dim 128 \
       --sdpa-tree 16/64/256,1024/4096/32768,64/256/1024,2/4
+    # Sparse (Quest-style) page selection at long context: 64 pages per row vs dense cascade.
+    run bench-attention-sparse "$BIN/arbor" bench attention --device cuda --branches 1,16,64 \
+      --prefix 8192,32768 --suffix 256 --levels 2 --heads 32 --kv-heads 8 --head-dim 128 \
+      --sparse-budget 64
     ;;
   moe)
     run bench-moe "$BIN/arbor" bench --device cuda --dummy-weights qwen3-30b-a3b \

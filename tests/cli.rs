@@ -487,6 +487,55 @@ fn bench_attention_reports_consistent_cells() {
         .find(|r| n(r, "p") == 64.0 && n(r, "levels") == 2.0)
         .expect("cell");
     assert_eq!(n(aligned, "kv_bytes_read"), n(aligned, "unique_kv_bytes"));
+    assert!(
+        recs.iter().all(|r| r["sparse_ms"].is_null()),
+        "no budget, no sparse"
+    );
+
+    // Sparse: 2 pages per row keep part of the reads; a budget above every page keeps all of
+    // them and gives the dense output exactly.
+    for (budget, all) in [("2", false), ("1000", true)] {
+        let out = arbor(&[
+            "bench",
+            "attention",
+            "--branches",
+            "2",
+            "--prefix",
+            "256",
+            "--suffix",
+            "8",
+            "--levels",
+            "2",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "32",
+            "--reps",
+            "2",
+            "--copy-mib",
+            "4",
+            "--sparse-budget",
+            budget,
+        ]);
+        let r = &json_lines(&out)[0];
+        let frac = n(r, "sparse_reads_frac");
+        assert!(
+            close(
+                n(r, "sparse_speedup"),
+                n(r, "cascade_ms") / n(r, "sparse_ms")
+            ),
+            "{r}"
+        );
+        if all {
+            assert_eq!(frac, 1.0, "{r}");
+            assert_eq!(n(r, "sparse_max_abs_diff"), 0.0, "{r}");
+        } else {
+            assert!(frac > 0.0 && frac < 1.0, "{r}");
+            assert!(n(r, "sparse_max_abs_diff") > 0.0, "{r}");
+        }
+    }
 
     fails_with(
         &arbor(&["bench", "attention", "--levels", "1"]),

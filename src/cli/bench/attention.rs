@@ -18,6 +18,11 @@
 //! the same run), so `frac_of_copy_bw` tells how near the kernel comes to reading each unique
 //! byte once at full speed. `max_abs_diff` compares the two kernels' outputs.
 //!
+//! With `--sparse-budget N`, each cell also times sparse attention with every row reading at
+//! most N pages (besides its sink and local ones): the page selection plus cascade over the
+//! chosen pages, reported beside dense cascade as `sparse_ms`, `sparse_speedup`, the fraction
+//! of (group page, KV head) reads kept, and the output's distance from dense.
+//!
 //! On the CPU the CPU kernels run (f32 KV; meant for small sizes); on a GPU the CUDA kernels
 //! (bf16 KV), timed with CUDA events. `scripts/bench_peers.py --sdpa-tree` times torch SDPA
 //! attending per branch on the same cells.
@@ -25,7 +30,7 @@
 use super::grid::numbers;
 use anyhow::{bail, Context};
 use arbor_kernels::kv::{BlockTable, KvLayout, KvPool, PageId};
-use arbor_kernels::ops::cascade::{self, CascadePlan, PlanOptions, PlanSeq};
+use arbor_kernels::ops::cascade::{self, CascadePlan, PlanOptions, PlanSeq, SparseParams};
 use arbor_kernels::ops::{paged_attention, AttentionParams};
 use arbor_kernels::Device;
 use clap::Args;
@@ -78,6 +83,18 @@ pub struct AttentionArgs {
     /// Seed of the random K/V and queries.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also time sparse attention with this many pages per row (0: off), beside dense
+    /// cascade: the page selection plus cascade over the chosen pages.
+    #[arg(long, default_value_t = 0)]
+    pub sparse_budget: usize,
+}
+
+/// The sparse settings of the benchmark: one layer, sparse (no dense layers).
+fn sparse_params() -> SparseParams {
+    SparseParams {
+        dense_layers: 0,
+        ..SparseParams::default()
+    }
 }
 
 /// One cell of the grid.
@@ -149,7 +166,13 @@ impl Tree {
         }
     }
 
-    fn plan(&self, page_size: usize, group_pages: usize) -> anyhow::Result<CascadePlan> {
+    /// The cascade plan of the tree's rows, each with `budget` sparse pages (`None`: dense).
+    fn plan(
+        &self,
+        page_size: usize,
+        group_pages: usize,
+        budget: Option<usize>,
+    ) -> anyhow::Result<CascadePlan> {
         let seqs: Vec<PlanSeq> = self
             .tables
             .iter()
@@ -157,7 +180,7 @@ impl Tree {
             .map(|(i, t)| PlanSeq {
                 pages: t,
                 rows: i..i + 1,
-                sparse_budget: None,
+                sparse_budget: budget,
             })
             .collect();
         let opts = PlanOptions {
@@ -202,6 +225,17 @@ struct Timing {
     max_abs_diff: f64,
     /// Positions loaded per KV head by the cascade kernel (see [`cascade_positions`]).
     cascade_positions: u64,
+    sparse: Option<SparseTiming>,
+}
+
+/// Sparse attention in one cell: selection plus cascade over the chosen pages.
+struct SparseTiming {
+    ms: f64,
+    /// (group page, KV head) reads kept, and all there are.
+    marked: usize,
+    total: usize,
+    /// Largest difference from the dense cascade's output.
+    max_abs_diff: f64,
 }
 
 /// Median of `v` (non-empty).
@@ -282,10 +316,14 @@ pub fn bench(a: AttentionArgs) -> anyhow::Result<()> {
     );
     for (i, &c) in cells.iter().enumerate() {
         let tree = Tree::build(c, a.page_size);
-        let plan = tree.plan(a.page_size, a.group_pages)?;
+        let plan = tree.plan(a.page_size, a.group_pages, None)?;
+        let sparse = match a.sparse_budget {
+            0 => None,
+            n => Some(tree.plan(a.page_size, a.group_pages, Some(n))?),
+        };
         let seed = a.seed.wrapping_add(i as u64);
         let t = dev
-            .run(&tree, &plan, &p, &a, seed)
+            .run(&tree, &plan, sparse.as_ref(), &p, &a, seed)
             .with_context(|| format!("cell B={} P={} S={} levels={}", c.b, c.p, c.s, c.levels))?;
         let rec = record(&a, c, &tree, &plan, &t, &dev);
         eprintln!(
@@ -299,6 +337,15 @@ pub fn bench(a: AttentionArgs) -> anyhow::Result<()> {
             t.paged_ms / t.cascade_ms,
             100.0 * rec["frac_of_copy_bw"].as_f64().unwrap_or(0.0)
         );
+        if let Some(sp) = &t.sparse {
+            eprintln!(
+                "  sparse budget {}: {:.3} ms ({:.2}× dense cascade), {:.1}% of page reads",
+                a.sparse_budget,
+                sp.ms,
+                t.cascade_ms / sp.ms,
+                100.0 * sp.marked as f64 / sp.total.max(1) as f64
+            );
+        }
         println!("{rec}");
     }
     Ok(())
@@ -318,7 +365,13 @@ fn record(
     let paged_positions: u64 = tree.positions.iter().map(|&p| p as u64 + 1).sum();
     let unique = tree.unique_tokens as u64 * per_pos;
     let unique_bw = unique as f64 / (t.cascade_ms * 1e-3) / 1e9;
+    let sp = t.sparse.as_ref();
     serde_json::json!({
+        "sparse_budget": sp.map(|_| a.sparse_budget),
+        "sparse_ms": sp.map(|s| s.ms),
+        "sparse_speedup": sp.map(|s| t.cascade_ms / s.ms),
+        "sparse_reads_frac": sp.map(|s| s.marked as f64 / s.total.max(1) as f64),
+        "sparse_max_abs_diff": sp.map(|s| s.max_abs_diff),
         "b": c.b,
         "p": c.p,
         "s": c.s,
@@ -393,18 +446,20 @@ impl Backend {
         }
     }
 
+    /// Times a cell: `plan` dense, and `sparse` (the same tree with budgets) if given.
     fn run(
         &mut self,
         tree: &Tree,
         plan: &CascadePlan,
+        sparse: Option<&CascadePlan>,
         p: &AttentionParams,
         a: &AttentionArgs,
         seed: u64,
     ) -> anyhow::Result<Timing> {
         match self {
-            Backend::Cpu { .. } => run_cpu(tree, plan, p, a, seed),
+            Backend::Cpu { .. } => run_cpu(tree, plan, sparse, p, a, seed),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(g) => g.run(tree, plan, p, a, seed),
+            Backend::Cuda(g) => g.run(tree, plan, sparse, p, a, seed),
         }
     }
 }
@@ -435,6 +490,7 @@ fn cpu_copy_bw(mib: usize, reps: usize) -> f64 {
 fn run_cpu(
     tree: &Tree,
     plan: &CascadePlan,
+    sparse: Option<&CascadePlan>,
     p: &AttentionParams,
     a: &AttentionArgs,
     seed: u64,
@@ -496,11 +552,31 @@ fn run_cpu(
             paged_attention(&q[r.clone()], &[pos], &pool, 0, t, p, &mut out_p[r]);
         }
     });
+    let sparse = match sparse {
+        None => None,
+        Some(sp_plan) => {
+            let sp = sparse_params();
+            let mut out_s = vec![0.0f32; rows * w];
+            let mut marked = 0;
+            let ms = time(&mut || {
+                let sel = cascade::select_pages(&q, sp_plan, &pool, 0, p, &sp);
+                marked = sel.as_ref().map_or(0, |s| s.pages_read());
+                cascade::cascade_attention(&q, sp_plan, &pool, 0, p, sel.as_ref(), &mut out_s);
+            });
+            Some(SparseTiming {
+                ms,
+                marked,
+                total: sp_plan.pages_read() * a.kv_heads,
+                max_abs_diff: max_abs_diff(&out_s, &out_c),
+            })
+        }
+    };
     Ok(Timing {
         cascade_ms,
         paged_ms,
         max_abs_diff: max_abs_diff(&out_c, &out_p),
         cascade_positions: cascade_positions(plan, cascade::ROWS_PER_TASK, usize::MAX),
+        sparse,
     })
 }
 
@@ -514,12 +590,16 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 /// The CUDA side: the pool in device memory, kernels timed with CUDA events.
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::{cascade_positions, max_abs_diff, median, AttentionArgs, Rng, Timing, Tree};
+    use super::{
+        cascade_positions, max_abs_diff, median, sparse_params, AttentionArgs, Rng, SparseTiming,
+        Timing, Tree,
+    };
     use anyhow::{anyhow, Context};
     use arbor_kernels::cuda::cudarc::driver::sys::CUevent_flags;
     use arbor_kernels::cuda::cudarc::driver::{CudaSlice, DriverError};
     use arbor_kernels::cuda::ops::attention::{self, AttentionBatch};
     use arbor_kernels::cuda::ops::cascade::{self, GpuCascadePlan, TASK_ROWS};
+    use arbor_kernels::cuda::ops::sparse::{summarise_pages, GpuSparsePlan};
     use arbor_kernels::cuda::{Gpu, GpuKvPool};
     use arbor_kernels::kv::KvLayout;
     use arbor_kernels::ops::cascade::CascadePlan;
@@ -571,6 +651,7 @@ mod gpu {
             &mut self,
             tree: &Tree,
             plan: &CascadePlan,
+            sparse: Option<&CascadePlan>,
             p: &AttentionParams,
             a: &AttentionArgs,
             seed: u64,
@@ -646,12 +727,50 @@ mod gpu {
                 let v = gpu.download(o, "attention output")?;
                 Ok(v[..rows * w].iter().map(|x| x.to_f32()).collect())
             };
+            let sparse = match sparse {
+                None => None,
+                Some(sp_plan) => {
+                    // Every page is full: summaries of all their slots (not timed).
+                    let full: Vec<(u32, u32)> = (0..tree.pages as u32)
+                        .map(|pg| (pg, a.page_size as u32))
+                        .collect();
+                    summarise_pages(gpu, &mut pool, &full)?;
+                    let sp = sparse_params();
+                    let dsp = GpuCascadePlan::upload(gpu, sp_plan)?;
+                    let mut sel = GpuSparsePlan::upload(gpu, sp_plan, p, &sp)?
+                        .context("a plan with budgets has sparse rows")?;
+                    let mut out_s = gpu.zeros::<bf16>(rows * w, "sparse output")?;
+                    let ms = timed(gpu, a.reps, &mut || {
+                        let marks = sel.select(gpu, &q, &pool, 0, p)?;
+                        cascade::cascade_attention(
+                            gpu, &q, rows, &dsp, &pool, 0, p, marks, &mut out_s,
+                        )
+                        .map_err(anyhow::Error::from)
+                    })?;
+                    let marks = sel.select(gpu, &q, &pool, 0, p)?;
+                    let marked = match marks {
+                        Some(m) => gpu
+                            .download(m, "page marks")?
+                            .iter()
+                            .filter(|&&x| x != 0)
+                            .count(),
+                        None => 0,
+                    };
+                    Some(SparseTiming {
+                        ms,
+                        marked,
+                        total: sp_plan.pages_read() * a.kv_heads,
+                        max_abs_diff: max_abs_diff(&down(&out_s)?, &down(&out_c)?),
+                    })
+                }
+            };
             let pass_rows = cascade::rows_per_pass(a.head_dim, a.heads / a.kv_heads);
             Ok(Timing {
                 cascade_ms,
                 paged_ms,
                 max_abs_diff: max_abs_diff(&down(&out_c)?, &down(&out_p)?),
                 cascade_positions: cascade_positions(plan, TASK_ROWS, pass_rows),
+                sparse,
             })
         }
     }
@@ -717,7 +836,7 @@ mod tests {
         );
         assert_eq!(t.pages, 2 + 2);
         assert_eq!(t.tables, vec![vec![0, 2], vec![0, 3]]);
-        let plan = t.plan(16, 64).expect("plan");
+        let plan = t.plan(16, 64, None).expect("plan");
         assert!(plan.has_sharing());
         // The shared page once per task, then each branch's own page up to its row.
         assert_eq!(cascade_positions(&plan, 32, usize::MAX), 16 + 2 * 8);
