@@ -5,10 +5,18 @@
 //! - `run_all.py` checks the kernel files against numpy references;
 //! - the sampler's reference is the CPU sampler itself, so its check is here: sample.cu runs on
 //!   the emulator on the GPU tests' cases (sample.rs), fewer and smaller, and is held to the
-//!   same rules.
+//!   same rules;
+//! - likewise sparse page selection (sparse.cu): the host half made by `SparseHostPlan` from a
+//!   real cascade plan, the summaries and the selection on the emulator, against the pages the
+//!   CPU's `select_pages` picks.
 
+use crate::ops_cascade::tree_rig::{tree, Batch, Rig};
+use crate::ops_cascade::{layout, params, LAYER};
+use crate::ops_common::{flat_pool, to_bf16};
 use crate::sample::{self, Case, Sampler};
 use arbor_kernels::cuda::ops::sample::{SamplePlan, SampleRow};
+use arbor_kernels::cuda::ops::sparse::SparseHostPlan;
+use arbor_kernels::ops::cascade::{mark_index, select_pages, PlanOptions, SparseParams};
 use arbor_kernels::ops::SampleOutput;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,33 +79,49 @@ fn kernels_match_numpy_on_the_cpu_emulator() {
     python(&root, "scripts/kernel_emu/run_all.py", &[]);
 }
 
-/// sample.cu on the emulator: each batch goes through [`SamplePlan`] as on the GPU, to
-/// scripts/kernel_emu/run_sample.py through files in a scratch directory.
-struct Emulated {
-    root: PathBuf,
-    dir: PathBuf,
-}
+/// A scratch directory for an emulator run's input and output files, removed on drop.
+struct Scratch(PathBuf);
 
-impl Emulated {
-    fn new(root: PathBuf) -> Self {
+impl Scratch {
+    fn new(what: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "sample-emu-{}-{}",
+            "{what}-emu-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("creating the emulator's scratch directory");
-        Emulated { root, dir }
+        Scratch(dir)
     }
 
     fn write(&self, name: &str, bytes: &[u8]) {
-        std::fs::write(self.dir.join(name), bytes).expect("writing emulator input");
+        std::fs::write(self.0.join(name), bytes).expect("writing emulator input");
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.0.join(name)).expect("reading the emulator's output")
     }
 }
 
-impl Drop for Emulated {
+impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// sample.cu on the emulator: each batch goes through [`SamplePlan`] as on the GPU, to
+/// scripts/kernel_emu/run_sample.py through files in a scratch directory.
+struct Emulated {
+    root: PathBuf,
+    dir: Scratch,
+}
+
+impl Emulated {
+    fn new(root: PathBuf) -> Self {
+        Emulated {
+            root,
+            dir: Scratch::new("sample"),
+        }
     }
 }
 
@@ -117,21 +141,20 @@ impl Sampler for Emulated {
             plan.scratch_len(vocab),
             plan.out_len()
         );
-        self.write("meta.txt", meta.as_bytes());
-        self.write("logits.f32", &le_bytes(&logits, f32::to_le_bytes));
-        self.write("params.bin", &plan.params_bytes());
-        self.write("hist_tok.u32", &le_bytes(tokens, u32::to_le_bytes));
-        self.write("hist_cnt.u32", &le_bytes(counts, u32::to_le_bytes));
+        let d = &self.dir;
+        d.write("meta.txt", meta.as_bytes());
+        d.write("logits.f32", &le_bytes(&logits, f32::to_le_bytes));
+        d.write("params.bin", &plan.params_bytes());
+        d.write("hist_tok.u32", &le_bytes(tokens, u32::to_le_bytes));
+        d.write("hist_cnt.u32", &le_bytes(counts, u32::to_le_bytes));
         let t = std::time::Instant::now();
-        python(&self.root, "scripts/kernel_emu/run_sample.py", &[&self.dir]);
+        python(&self.root, "scripts/kernel_emu/run_sample.py", &[&d.0]);
         eprintln!(
             "  emulated {} rows × vocab {vocab}: {:.1} s",
             cases.len(),
             t.elapsed().as_secs_f64()
         );
-        let words: Vec<u32> = std::fs::read(self.dir.join("out.u32"))
-            .expect("reading the emulator's output")
-            .chunks_exact(4)
+        let words: Vec<u32> = (d.read("out.u32").chunks_exact(4))
             .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
             .collect();
         assert_eq!(words.len(), plan.out_len(), "emulator output length");
@@ -182,4 +205,92 @@ fn sampler_matches_the_cpu_sampler_on_the_emulator() {
     let (vocab, cases) = sample::non_finite_cases();
     sample::check(&emu, vocab, &cases, false, "non-finite");
     sample::check_row_independence(&emu, 1000, &sample::mixed_cases(1000, 12), &[0, 7]);
+}
+
+/// sparse.cu on the emulator against the CPU's selection: trees from the real KV cache (shared
+/// prefixes ending mid-page, copy-on-write), every leaf one sparse decode row; the summaries
+/// of every page (each layer) and the selection run on the emulator from what
+/// `SparseHostPlan` makes of the plan, and the marks must name exactly the pages
+/// `select_pages` picks for every (group, KV head).
+#[test]
+fn sparse_selection_matches_the_cpu_on_the_emulator() {
+    let Some(root) = emulator_root("sparse selection on the kernel emulator") else {
+        return;
+    };
+    let sp = SparseParams {
+        dense_layers: 0,
+        ..SparseParams::default()
+    };
+    // (seed, KV heads, query heads per KV head, head_dim, budget)
+    for (seed, nkv, group, hd, budget) in [(1, 2, 3, 64, 3), (2, 1, 7, 128, 1), (3, 4, 1, 32, 6)] {
+        let mut rig = Rig::bf16(layout(nkv, hd, 16), 320, seed);
+        let mut b = Batch::default();
+        let (all, leaves) = tree(&mut rig, 300, 3, 4, 40);
+        for &s in &all[all.len() - leaves..] {
+            b.add(&mut rig, s, 1);
+        }
+        let p = params(nkv, group, hd, None);
+        let plan = b.plan(&rig.cache, Some(budget), &PlanOptions::default());
+        let rows = b.positions.len();
+        let q = rig.rng.normals(rows * p.n_heads * hd, 3.0);
+        let sel = select_pages(&q, &plan, &rig.cache.pool, LAYER, &p, &sp).expect("sparse");
+        let host = SparseHostPlan::new(&plan, &p, &sp)
+            .expect("host plan")
+            .expect("sparse rows");
+
+        let pool = &rig.cache.pool;
+        let l = pool.layout;
+        let bits: Vec<u16> = to_bf16(&flat_pool(pool))
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        let pairs: Vec<u32> = (0..pool.num_pages as u32)
+            .flat_map(|pg| [pg, pool.summaries().filled(LAYER, pg) as u32])
+            .collect();
+        let d = Scratch::new("sparse");
+        let meta = format!(
+            "{} {} {nkv} {} {hd} {} {LAYER} {} {} {} {}",
+            l.num_layers,
+            pool.num_pages,
+            l.page_size,
+            p.n_heads,
+            host.selections.len(),
+            host.candidates.len(),
+            host.init_marks.len(),
+            pool.num_pages
+        );
+        d.write("meta.txt", meta.as_bytes());
+        d.write("pool.u16", &le_bytes(&bits, u16::to_le_bytes));
+        d.write("pairs.u32", &le_bytes(&pairs, u32::to_le_bytes));
+        d.write("q.f32", &le_bytes(&q, f32::to_le_bytes));
+        let sel_w: Vec<u32> = host.selections.iter().flatten().copied().collect();
+        let cand_w: Vec<u32> = host.candidates.iter().flatten().copied().collect();
+        d.write("sel.u32", &le_bytes(&sel_w, u32::to_le_bytes));
+        d.write("cand.u32", &le_bytes(&cand_w, u32::to_le_bytes));
+        d.write("init.u8", &host.init_marks);
+        python(&root, "scripts/kernel_emu/run_sparse.py", &[&d.0]);
+        let marks = d.read("marks.u8");
+        assert_eq!(marks.len(), host.init_marks.len(), "marks length");
+        let (mut kept, mut total) = (0, 0);
+        for g in 0..plan.num_groups() {
+            for h in 0..nkv {
+                let got: Vec<u32> = (0..plan.pages(g).len())
+                    .filter(|&j| marks[mark_index(&plan, nkv, g, h, j)] == 1)
+                    .map(|j| j as u32)
+                    .collect();
+                assert_eq!(got, sel.pages(g, h), "seed {seed}: group {g}, KV head {h}");
+                kept += got.len();
+                total += plan.pages(g).len();
+            }
+        }
+        eprintln!(
+            "sparse seed {seed}: {rows} rows, {} ranked choices over {} candidates, {kept} of {total} page reads kept: marks equal the CPU's",
+            host.selections.len(),
+            host.candidates.len()
+        );
+        assert!(
+            !host.selections.is_empty() && kept < total,
+            "seed {seed}: nothing was ranked"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use arbor_kernels::cuda::ops::cascade::{cascade_attention, GpuCascadePlan};
 use arbor_kernels::cuda::ops::sparse::{summarise_pages, GpuSparsePlan};
 use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
 #[path = "../shared/tree_rig.rs"]
-mod tree_rig;
+pub(crate) mod tree_rig;
 use arbor_kernels::kv::{KvCache, KvLayout};
 use arbor_kernels::ops::cascade::{
     cascade_attention as cpu_cascade, mark_index, select_pages, CascadePlan, PlanOptions, PlanSeq,
@@ -22,7 +22,7 @@ use arbor_kernels::ops::{paged_attention, AttentionParams};
 use half::bf16;
 use tree_rig::{tree, Batch, Rig};
 
-const LAYER: usize = 1;
+pub(crate) const LAYER: usize = 1;
 
 /// Bound against the bf16-rounded reference (as ATTENTION_ROUNDED in ops_attention.rs: the
 /// split softmax and its merge change f32 results by ~1e-6 relative, flipping a few roundings).
@@ -124,7 +124,12 @@ fn check_batch(gpu: &Gpu, name: &str, rig: &mut Rig, b: &Batch, p: &AttentionPar
     );
 }
 
-fn params(nkv: usize, group: usize, hd: usize, window: Option<usize>) -> AttentionParams {
+pub(crate) fn params(
+    nkv: usize,
+    group: usize,
+    hd: usize,
+    window: Option<usize>,
+) -> AttentionParams {
     AttentionParams {
         n_heads: nkv * group,
         n_kv_heads: nkv,
@@ -134,7 +139,7 @@ fn params(nkv: usize, group: usize, hd: usize, window: Option<usize>) -> Attenti
     }
 }
 
-fn layout(nkv: usize, hd: usize, ps: usize) -> KvLayout {
+pub(crate) fn layout(nkv: usize, hd: usize, ps: usize) -> KvLayout {
     KvLayout {
         num_layers: 2,
         num_kv_heads: nkv,
