@@ -10,13 +10,11 @@
 //!   real cascade plan, the summaries and the selection on the emulator, against the pages the
 //!   CPU's `select_pages` picks.
 
-use crate::ops_cascade::tree_rig::{tree, Batch, Rig};
-use crate::ops_cascade::{layout, params, LAYER};
+use crate::ops_cascade::{sparse_case, LAYER};
 use crate::ops_common::{flat_pool, to_bf16};
 use crate::sample::{self, Case, Sampler};
 use arbor_kernels::cuda::ops::sample::{SamplePlan, SampleRow};
 use arbor_kernels::cuda::ops::sparse::SparseHostPlan;
-use arbor_kernels::ops::cascade::{mark_index, select_pages, PlanOptions, SparseParams};
 use arbor_kernels::ops::SampleOutput;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -217,28 +215,16 @@ fn sparse_selection_matches_the_cpu_on_the_emulator() {
     let Some(root) = emulator_root("sparse selection on the kernel emulator") else {
         return;
     };
-    let sp = SparseParams {
-        dense_layers: 0,
-        ..SparseParams::default()
-    };
     // (seed, KV heads, query heads per KV head, head_dim, budget)
     for (seed, nkv, group, hd, budget) in [(1, 2, 3, 64, 3), (2, 1, 7, 128, 1), (3, 4, 1, 32, 6)] {
-        let mut rig = Rig::bf16(layout(nkv, hd, 16), 320, seed);
-        let mut b = Batch::default();
-        let (all, leaves) = tree(&mut rig, 300, 3, 4, 40);
-        for &s in &all[all.len() - leaves..] {
-            b.add(&mut rig, s, 1);
-        }
-        let p = params(nkv, group, hd, None);
-        let plan = b.plan(&rig.cache, Some(budget), &PlanOptions::default());
-        let rows = b.positions.len();
-        let q = rig.rng.normals(rows * p.n_heads * hd, 3.0);
-        let sel = select_pages(&q, &plan, &rig.cache.pool, LAYER, &p, &sp).expect("sparse");
-        let host = SparseHostPlan::new(&plan, &p, &sp)
+        let c = sparse_case(seed, nkv, group, hd, budget, 320, 3, 4);
+        let (p, q) = (&c.p, &c.q);
+        let rows = c.plan.num_rows();
+        let host = SparseHostPlan::new(&c.plan, p, &c.sp)
             .expect("host plan")
             .expect("sparse rows");
 
-        let pool = &rig.cache.pool;
+        let pool = &c.rig.cache.pool;
         let l = pool.layout;
         let bits: Vec<u16> = to_bf16(&flat_pool(pool))
             .iter()
@@ -262,7 +248,7 @@ fn sparse_selection_matches_the_cpu_on_the_emulator() {
         d.write("meta.txt", meta.as_bytes());
         d.write("pool.u16", &le_bytes(&bits, u16::to_le_bytes));
         d.write("pairs.u32", &le_bytes(&pairs, u32::to_le_bytes));
-        d.write("q.f32", &le_bytes(&q, f32::to_le_bytes));
+        d.write("q.f32", &le_bytes(q, f32::to_le_bytes));
         let sel_w: Vec<u32> = host.selections.iter().flatten().copied().collect();
         let cand_w: Vec<u32> = host.candidates.iter().flatten().copied().collect();
         d.write("sel.u32", &le_bytes(&sel_w, u32::to_le_bytes));
@@ -271,18 +257,7 @@ fn sparse_selection_matches_the_cpu_on_the_emulator() {
         python(&root, "scripts/kernel_emu/run_sparse.py", &[&d.0]);
         let marks = d.read("marks.u8");
         assert_eq!(marks.len(), host.init_marks.len(), "marks length");
-        let (mut kept, mut total) = (0, 0);
-        for g in 0..plan.num_groups() {
-            for h in 0..nkv {
-                let got: Vec<u32> = (0..plan.pages(g).len())
-                    .filter(|&j| marks[mark_index(&plan, nkv, g, h, j)] == 1)
-                    .map(|j| j as u32)
-                    .collect();
-                assert_eq!(got, sel.pages(g, h), "seed {seed}: group {g}, KV head {h}");
-                kept += got.len();
-                total += plan.pages(g).len();
-            }
-        }
+        let (kept, total) = c.check_marks(&marks, &format!("seed {seed}"));
         eprintln!(
             "sparse seed {seed}: {rows} rows, {} ranked choices over {} candidates, {kept} of {total} page reads kept: marks equal the CPU's",
             host.selections.len(),

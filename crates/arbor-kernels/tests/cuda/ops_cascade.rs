@@ -15,8 +15,8 @@ use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
 pub(crate) mod tree_rig;
 use arbor_kernels::kv::{KvCache, KvLayout};
 use arbor_kernels::ops::cascade::{
-    cascade_attention as cpu_cascade, mark_index, select_pages, CascadePlan, PlanOptions, PlanSeq,
-    SparseParams,
+    cascade_attention as cpu_cascade, mark_index, select_pages, CascadePlan, PageSelection,
+    PlanOptions, PlanSeq, SparseParams,
 };
 use arbor_kernels::ops::{paged_attention, AttentionParams};
 use half::bf16;
@@ -255,50 +255,99 @@ fn cascade_mixed_batch_with_plain_sequences() {
     }
 }
 
+/// One layer's sparse decode step for the selection tests (GPU and emulator): a tree from the
+/// real KV cache, every leaf one sparse row with `budget` pages, random queries, and the
+/// CPU's selection.
+pub(crate) struct SparseCase {
+    pub rig: Rig,
+    pub plan: CascadePlan,
+    pub p: AttentionParams,
+    pub sp: SparseParams,
+    pub q: Vec<f32>,
+    pub sel: PageSelection,
+}
+
+/// A [`SparseCase`]: `pages` pool pages, a tree of `depth` levels and `width` (see
+/// `tree_rig::tree`) below a 300-token root.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sparse_case(
+    seed: u64,
+    nkv: usize,
+    group: usize,
+    hd: usize,
+    budget: usize,
+    pages: usize,
+    depth: usize,
+    width: usize,
+) -> SparseCase {
+    let sp = SparseParams {
+        dense_layers: 0,
+        ..SparseParams::default()
+    };
+    let mut rig = Rig::bf16(layout(nkv, hd, 16), pages, seed);
+    let mut b = Batch::default();
+    let (all, leaves) = tree(&mut rig, 300, depth, width, 40);
+    for &s in &all[all.len() - leaves..] {
+        b.add(&mut rig, s, 1);
+    }
+    let p = params(nkv, group, hd, None);
+    let plan = b.plan(&rig.cache, Some(budget), &PlanOptions::default());
+    let q = rig.rng.normals(b.positions.len() * p.n_heads * hd, 3.0);
+    let sel = select_pages(&q, &plan, &rig.cache.pool, LAYER, &p, &sp).expect("sparse");
+    SparseCase {
+        rig,
+        plan,
+        p,
+        sp,
+        q,
+        sel,
+    }
+}
+
+impl SparseCase {
+    /// Checks that `marks` (one byte per group page and KV head) name exactly the CPU's
+    /// pages; returns (page reads kept, page reads of the dense step).
+    pub fn check_marks(&self, marks: &[u8], label: &str) -> (usize, usize) {
+        let nkv = self.p.n_kv_heads;
+        let (mut kept, mut total) = (0, 0);
+        for g in 0..self.plan.num_groups() {
+            for h in 0..nkv {
+                let got: Vec<u32> = (0..self.plan.pages(g).len())
+                    .filter(|&j| marks[mark_index(&self.plan, nkv, g, h, j)] == 1)
+                    .map(|j| j as u32)
+                    .collect();
+                assert_eq!(got, self.sel.pages(g, h), "{label}: group {g}, KV head {h}");
+                kept += got.len();
+                total += self.plan.pages(g).len();
+            }
+        }
+        (kept, total)
+    }
+}
+
 /// Sparse cascade: the GPU selection marks exactly the pages the CPU's `select_pages` picks
 /// (same summaries from the same bf16 keys, same bound, same tie rule), and the GPU cascade
 /// over them matches the CPU's sparse cascade.
 #[test]
 fn sparse_selection_and_attention_match_the_cpu() {
     let Some(gpu) = common::gpu() else { return };
-    let sp = SparseParams {
-        dense_layers: 0,
-        ..SparseParams::default()
-    };
     for (seed, nkv, group, hd, budget) in [(1, 2, 3, 64, 3), (2, 1, 7, 128, 1), (3, 4, 1, 64, 6)] {
-        let mut rig = Rig::bf16(layout(nkv, hd, 16), 2048, seed);
-        let mut b = Batch::default();
-        let (all, leaves) = tree(&mut rig, 400, 3, 5, 40);
-        for &s in &all[all.len() - leaves..] {
-            b.add(&mut rig, s, 1);
-        }
-        let p = params(nkv, group, hd, None);
-        let plan = b.plan(&rig.cache, Some(budget), &PlanOptions::default());
-        let rows = b.positions.len();
-        let q = rig.rng.normals(rows * p.n_heads * hd, 3.0);
-        let sel = select_pages(&q, &plan, &rig.cache.pool, LAYER, &p, &sp).expect("sparse");
+        let c = sparse_case(seed, nkv, group, hd, budget, 2048, 3, 5);
+        let (rig, plan, p, sp, q, sel) = (&c.rig, &c.plan, &c.p, &c.sp, &c.q, &c.sel);
+        let rows = plan.num_rows();
         let mut want = vec![0.0f32; q.len()];
-        cpu_cascade(&q, &plan, &rig.cache.pool, LAYER, &p, Some(&sel), &mut want);
+        cpu_cascade(q, plan, &rig.cache.pool, LAYER, p, Some(sel), &mut want);
 
         let pool = device_pool(&gpu, &rig.cache);
-        let gplan = GpuCascadePlan::upload(&gpu, &plan).expect("upload");
-        let mut gsp = GpuSparsePlan::upload(&gpu, &plan, &p, &sp)
+        let gplan = GpuCascadePlan::upload(&gpu, plan).expect("upload");
+        let mut gsp = GpuSparsePlan::upload(&gpu, plan, p, sp)
             .expect("upload")
             .expect("sparse rows");
-        let dq = up(&gpu, &q);
-        let marks = (gsp.select(&gpu, &dq, &pool, LAYER, &p))
+        let dq = up(&gpu, q);
+        let marks = (gsp.select(&gpu, &dq, &pool, LAYER, p))
             .expect("select")
             .expect("a sparse layer");
-        let got_marks = down(&gpu, marks, marks.len());
-        for g in 0..plan.num_groups() {
-            for h in 0..nkv {
-                let got: Vec<u32> = (0..plan.pages(g).len())
-                    .filter(|&j| got_marks[mark_index(&plan, nkv, g, h, j)] == 1)
-                    .map(|j| j as u32)
-                    .collect();
-                assert_eq!(got, sel.pages(g, h), "seed {seed}: group {g}, KV head {h}");
-            }
-        }
+        c.check_marks(&down(&gpu, marks, marks.len()), &format!("seed {seed}"));
         let mut out = zeros::<bf16>(&gpu, q.len());
         cascade_attention(
             &gpu,
@@ -307,7 +356,7 @@ fn sparse_selection_and_attention_match_the_cpu() {
             &gplan,
             &pool,
             LAYER,
-            &p,
+            p,
             Some(marks),
             &mut out,
         )
@@ -328,7 +377,7 @@ fn sparse_selection_and_attention_match_the_cpu() {
             &gplan,
             &pool,
             LAYER,
-            &p,
+            p,
             Some(&short),
             &mut out,
         );
