@@ -43,11 +43,6 @@ __device__ __forceinline__ float moe_exp_nonpos(float x) {
     return x >= -87.0f ? p * scale : 0.0f;
 }
 
-__device__ __forceinline__ double moe_warp_sum_f64(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(MOE_FULL, v, o);
-    return v;
-}
-
 // ---- routing ----
 
 // logits: [rows × experts] f32, replaced by the softmax probabilities (NaN counts as −∞; a
@@ -90,7 +85,7 @@ extern "C" __global__ void moe_route_topk(float* __restrict__ logits, int rows,
             p[e] = v;
             s += v;
         }
-        float inv = (float)(1.0 / moe_warp_sum_f64(s));
+        float inv = (float)(1.0 / warp_sum(s));
         for (int e = lane; e < experts; e += 32) p[e] *= inv;
     }
     u32* out_ids = ids + (u64)row * top_k;

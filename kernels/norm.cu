@@ -14,7 +14,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     const float* xr = x + (u64)r * hidden;
     double ss = 0.0;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += (double)xr[i] * (double)xr[i];
-    float inv = rms_inv(block_sum_f64(ss, scratch), hidden, eps);
+    float inv = rms_inv(block_sum(ss, scratch), hidden, eps);
     bf16_t* o = out + (u64)r * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f32_to_bf16(xr[i] * inv * w[i]);
 }
@@ -34,7 +34,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
         xr[i] = v;
         ss += (double)v * (double)v;
     }
-    float inv = rms_inv(block_sum_f64(ss, scratch), hidden, eps);
+    float inv = rms_inv(block_sum(ss, scratch), hidden, eps);
     bf16_t* o = out + (u64)r * hidden;
     // Each thread reads back only the elements it wrote above.
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f32_to_bf16(xr[i] * inv * w[i]);

@@ -61,7 +61,7 @@ qkv_rope_store(const float* __restrict__ qkv, int rows, int n_heads, int n_kv_he
         }
         const float* nw = kind == 0 && has_q_norm ? q_norm : (kind == 1 && has_k_norm ? k_norm : 0);
         if (nw) {
-            float inv = rms_inv(warp_sum_f64(ss), head_dim, eps);
+            float inv = rms_inv(warp_sum(ss), head_dim, eps);
             // Each lane rescales the elements it wrote.
             for (int d = lane; d < head_dim; d += 32) buf[d] = buf[d] * inv * nw[d];
         }

@@ -90,16 +90,16 @@ __device__ __forceinline__ float exp_nonpos(float x) {
 // Two f64 sums over the block, as block_sum_ull.
 __device__ __forceinline__ void block_sum2_f64(double& a, double& b, Smem& sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    a = warp_sum_f64(a);
-    b = warp_sum_f64(b);
+    a = warp_sum(a);
+    b = warp_sum(b);
     __syncthreads();
     if (lane == 0) {
         sh.dsum[0][warp] = a;
         sh.dsum[1][warp] = b;
     }
     __syncthreads();
-    a = warp_sum_f64(lane < SAMPLE_WARPS ? sh.dsum[0][lane] : 0.0);
-    b = warp_sum_f64(lane < SAMPLE_WARPS ? sh.dsum[1][lane] : 0.0);
+    a = warp_sum(lane < SAMPLE_WARPS ? sh.dsum[0][lane] : 0.0);
+    b = warp_sum(lane < SAMPLE_WARPS ? sh.dsum[1][lane] : 0.0);
 }
 
 // (max, lowest index holding it) over the block; every thread gets it.

@@ -45,20 +45,9 @@ __device__ __forceinline__ void warp_argmax(float& v, u32& idx) {
     }
 }
 
-__device__ __forceinline__ double warp_sum_f64(double v) {
+__device__ __forceinline__ double warp_sum(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
-}
-
-// Sum over the block in f64, as block_sum (scratch: 32 doubles of shared memory).
-__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.0;
-    return warp_sum_f64(v);
 }
 
 // 1 / sqrt(mean square + eps) from a sum of squares in f64, rounded to f32: as the CPU's
@@ -68,15 +57,16 @@ __device__ __forceinline__ float rms_inv(double sum_sq, int n, float eps) {
     return (float)(1.0 / sqrt(sum_sq / (double)n + (double)eps));
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-// `scratch` is 32 floats of shared memory; the call synchronises the block.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Sum over the block (blockDim.x a multiple of 32, at most 1024), in float or double; every
+// thread gets it. `scratch` is 32 elements of shared memory; the call synchronises the block.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     v = warp_sum(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.0f;
+    v = lane < warps ? scratch[lane] : (T)0;
     return warp_sum(v);
 }
 
