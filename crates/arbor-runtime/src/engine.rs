@@ -176,7 +176,7 @@ impl Engine {
     /// through cascade attention, which reads each shared page once for all of them; with
     /// `false` each sequence attends alone (a baseline). On the CPU the default cascade mode
     /// gives bitwise the same results (set `model.attention` for another); on a GPU the
-    /// cascade kernel merges partials, equal up to rounding. Sparse steps (CPU only) use
+    /// cascade kernel merges partials, equal up to rounding. Sparse steps (either backend) use
     /// cascade attention either way.
     pub fn set_tree_attention(&mut self, on: bool) {
         self.model.attention.tree = on.then_some(CascadeMode::Chain);
