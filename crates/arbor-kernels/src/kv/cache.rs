@@ -98,11 +98,16 @@ impl KvCache {
     pub fn compact(&mut self, target: usize) {
         let ps = self.page_size();
         let total = self.alloc.num_total();
-        // Slots each page holds: the most any table's length covers (cached pages are full).
+        // Slots each page holds: the most any table's length covers; a page of the prefix
+        // index is full whatever the tables say (a sequence truncated inside a page it shares
+        // with the index covers only part of it).
         let mut slots = vec![ps; total];
         let mut seen = vec![false; total];
         for s in self.seqs.values() {
             for (i, &p) in s.table.pages.iter().enumerate() {
+                if self.index.node_of(p).is_some() {
+                    continue;
+                }
                 let held = s.table.len.saturating_sub(i * ps).min(ps);
                 let e = &mut slots[p as usize];
                 *e = if seen[p as usize] {

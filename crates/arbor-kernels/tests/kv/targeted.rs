@@ -333,3 +333,32 @@ fn detached_cache_records_copy_on_write() {
     assert_eq!(c.table(1).map(|t| t.pages[1]), Some(dst));
     assert!(c.pool.take_copies().is_empty(), "taken once");
 }
+
+/// Compaction moves every slot of a prefix-index page that a truncated sequence still holds in
+/// part (the index's copy is full), so a later prefix hit reads the right K/V. (Found by the
+/// random operations test: the slots to move came from the table's length alone.)
+#[test]
+fn compaction_moves_whole_indexed_pages_a_truncated_sequence_shares() {
+    let mut f = Fixture::new(4, 16);
+    // A filler takes the low pages, so that the next sequence's pages sit above the target.
+    f.append(9, &toks(1000, 32)).unwrap();
+    f.append(1, &toks(0, 12)).unwrap();
+    assert!(f.pages(1).iter().all(|&p| p >= 8));
+    f.free(9);
+    f.cache.evict(usize::MAX);
+    // Sequence 1 keeps one slot of its second page, which the index holds whole.
+    f.cache.truncate(1, 5);
+    f.live.get_mut(&1).unwrap().truncate(5);
+    f.check();
+    assert_eq!(f.cache.resize(8), 8);
+    assert!(
+        f.pages(1).iter().all(|&p| p < 8),
+        "compaction moved the pages"
+    );
+    f.check();
+    assert_eq!(
+        f.append(2, &toks(0, 13)).unwrap(),
+        12,
+        "the whole prefix is reused"
+    );
+}
