@@ -16,6 +16,30 @@
 
 use super::{KvLayout, PageId};
 
+/// `Σ_c max(q_c·min_c, q_c·max_c)` in eight lane sums added in order (sparse.cu's
+/// `page_bound` does the same operations, so both backends rank pages alike).
+#[inline(always)]
+fn lane_bound(q: &[f32], mn: &[f32], mx: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n = q.len().min(mn.len()).min(mx.len());
+    let mut c = 0;
+    while c + 8 <= n {
+        for j in 0..8 {
+            acc[j] += (q[c + j] * mn[c + j]).max(q[c + j] * mx[c + j]);
+        }
+        c += 8;
+    }
+    for j in 0..n - c {
+        acc[j] += (q[c + j] * mn[c + j]).max(q[c + j] * mx[c + j]);
+    }
+    // In lane order, as `Iterator::sum` adds them.
+    let mut s = -0.0f32;
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
 /// Min/max of the keys of every (layer, page, KV head), laid out
 /// `[layer][page][kv_head][min | max][head_dim]`, plus the slots each (layer, page) covers.
 #[derive(Clone, Debug)]
@@ -71,18 +95,28 @@ impl KeySummaries {
     /// Upper bound of `q · k` over the summarised keys of `head` in `page`:
     /// `Σ_c max(q_c·min_c, q_c·max_c)`; −∞ for a page with nothing summarised.
     pub fn bound(&self, layer: usize, page: PageId, head: usize, q: &[f32]) -> f32 {
+        self.max_bound(layer, page, head, q)
+    }
+
+    /// The largest [`KeySummaries::bound`] over the query vectors `qs` (`n × head_dim`, e.g.
+    /// the query heads that share KV head `head`), each computed exactly as `bound` does; the
+    /// page's min and max are read once for all of them. Inlined, so that a caller compiled
+    /// for wider vectors (`with_wide_vectors`) vectorises it.
+    #[inline(always)]
+    pub fn max_bound(&self, layer: usize, page: PageId, head: usize, qs: &[f32]) -> f32 {
         if self.filled(layer, page) == 0 {
             return f32::NEG_INFINITY;
         }
         let (mn, mx) = self.min_max(layer, page, head);
-        // Eight lanes so that the loop vectorises.
-        let mut acc = [0.0f32; 8];
-        for ((qc, lo), hi) in q.chunks(8).zip(mn.chunks(8)).zip(mx.chunks(8)) {
-            for j in 0..qc.len() {
-                acc[j] += (qc[j] * lo[j]).max(qc[j] * hi[j]);
-            }
+        // Plain loops (no iterator adaptor calls), so that all of it inlines into the caller.
+        let mut best = f32::NEG_INFINITY;
+        let mut rest = qs;
+        while rest.len() >= self.head_dim && self.head_dim > 0 {
+            let (q, r) = rest.split_at(self.head_dim);
+            best = best.max(lane_bound(q, mn, mx));
+            rest = r;
         }
-        acc.iter().sum()
+        best
     }
 
     /// Bytes held.

@@ -156,6 +156,10 @@ impl GpuBench {
                     cascade::cascade_attention(gpu, &q, rows, &dsp, &pool, 0, p, marks, &mut out_s)
                         .map_err(anyhow::Error::from)
                 })?;
+                let select_ms = timed(gpu, a.reps, &mut || {
+                    sel.select(gpu, &q, &pool, 0, p)?;
+                    Ok(())
+                })?;
                 let marks = sel.select(gpu, &q, &pool, 0, p)?;
                 let marked = match marks {
                     Some(m) => gpu
@@ -167,6 +171,7 @@ impl GpuBench {
                 };
                 Some(SparseTiming {
                     ms,
+                    select_ms,
                     marked,
                     total: sp_plan.pages_read() * a.kv_heads,
                     max_abs_diff: max_abs_diff(&down(&out_s)?, &down(&out_c)?),

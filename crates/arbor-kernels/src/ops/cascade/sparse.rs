@@ -26,6 +26,7 @@
 use super::plan::{CascadePlan, DENSE};
 use super::AttentionParams;
 use crate::kv::KvPool;
+use crate::ops::softmax::with_wide_vectors;
 use rayon::prelude::*;
 
 /// Pages every sparse row reads besides its top-scoring ones, and where sparsity applies.
@@ -226,13 +227,19 @@ fn row_picks(
     let mut scored: Vec<(f32, usize)> = Vec::with_capacity(rc.cands.len());
     for h in 0..nkv {
         let q0 = (r * p.n_heads + h * gh) * hd;
+        let qh = &q[q0..q0 + gh * hd];
         scored.clear();
-        scored.extend(rc.cands.iter().enumerate().map(|(c, cand)| {
-            let b = (0..gh)
-                .map(|i| sums.bound(layer, cand.page, h, &q[q0 + i * hd..q0 + (i + 1) * hd]))
-                .fold(f32::NEG_INFINITY, f32::max);
-            (b, c)
-        }));
+        scored.resize(rc.cands.len(), (0.0, 0));
+        // A plain loop in the closure: the bounds must be compiled inside the AVX2 function
+        // (a call into `Vec::extend` would compile them without it).
+        with_wide_vectors(
+            #[inline(always)]
+            || {
+                for (c, (slot, cand)) in scored.iter_mut().zip(&rc.cands).enumerate() {
+                    *slot = (sums.max_bound(layer, cand.page, h, qh), c);
+                }
+            },
+        );
         // Highest bounds first, ties to the earlier candidate: a total order, so the choice
         // is unique (NaN included) and the GPU's selection can make the same one.
         scored.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
