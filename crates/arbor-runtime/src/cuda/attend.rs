@@ -242,14 +242,15 @@ impl StepAttention {
         )?;
         sparse::summarise_rows(gpu, pool, &v.slots, rows, i)?;
         match &self.kernel {
-            Kernel::Cascade(plan, None) => {
-                cascade::cascade_attention(gpu, b.q, rows, plan, pool, i, &self.params, None, b.xn)?
-            }
-            Kernel::Cascade(plan, Some(sp)) => {
-                let mut sp = sp.lock().map_err(|_| {
+            Kernel::Cascade(plan, sparse) => {
+                let lock = sparse.as_ref().map(|sp| sp.lock());
+                let mut guard = lock.transpose().map_err(|_| {
                     RuntimeError::Request("the step's sparse selection lock is poisoned".into())
                 })?;
-                let marks = sp.select(gpu, b.q, pool, i, &self.params)?;
+                let marks = match guard.as_mut() {
+                    Some(sp) => sp.select(gpu, b.q, pool, i, &self.params)?,
+                    None => None,
+                };
                 cascade::cascade_attention(
                     gpu,
                     b.q,

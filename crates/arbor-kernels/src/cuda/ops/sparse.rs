@@ -2,13 +2,13 @@
 //! ([`summarise_rows`] after each layer's K/V store, [`summarise_pages`] after page copies),
 //! and per layer the pages each (group, KV head) reads ([`GpuSparsePlan::select`]), which
 //! [`super::cascade::cascade_attention`] then reads alone. The CPU reference is
-//! [`crate::ops::cascade::select_pages`]: the host half here uses its
-//! [`row_candidates`] and [`mark_index`], and the kernel ranks by the same bound, operation
+//! [`crate::ops::cascade::select_pages`]: the host half here starts from its
+//! [`selection_start`] (the same marks and candidates), and the kernel ranks by the same bound, operation
 //! for operation, with the same tie rule, so the two choose the same pages from the same keys.
 
 use super::super::{Gpu, GpuError, GpuKvPool, LaunchConfig};
 use super::{int_arg, launch_error, need_len, product};
-use crate::ops::cascade::{mark_index, row_candidates, CascadePlan, SparseParams, DENSE};
+use crate::ops::cascade::{mark_index, selection_start, CascadePlan, SparseParams};
 use crate::ops::AttentionParams;
 use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
@@ -17,10 +17,15 @@ const SUMMARY_THREADS: u32 = 128;
 /// Threads of a selection block (`SELECT_THREADS` in sparse.cu).
 const SELECT_THREADS: u32 = 256;
 
+/// `n` blocks along grid axis `what` ("x", "y" or "z"; y and z hold at most 65535).
 fn grid_dim(op: &str, what: &str, n: usize) -> Result<u32, GpuError> {
-    u32::try_from(n)
-        .ok()
-        .filter(|&v| v <= 65535 || what == "x")
+    let max = if what == "x" {
+        i32::MAX as usize
+    } else {
+        65535
+    };
+    (n <= max)
+        .then_some(n as u32)
         .ok_or_else(|| GpuError::Invalid(format!("{op}: {n} blocks along {what} exceed the grid")))
 }
 
@@ -147,40 +152,12 @@ impl SparseHostPlan {
             || GpuError::Invalid("sparse selection: the plan exceeds 32-bit indices".into());
         let n_marks = plan.pages_read().checked_mul(nkv).ok_or_else(too_big)?;
         u32::try_from(n_marks).map_err(|_| too_big())?;
+        let start = selection_start(plan, p, sp);
         let mut out = SparseHostPlan {
-            init_marks: vec![0; n_marks],
+            init_marks: start.marks.iter().map(|&m| u8::from(m)).collect(),
             ..Default::default()
         };
-        for g in 0..plan.num_groups() {
-            let dense = plan.group_rows[plan.entries(g)]
-                .iter()
-                .any(|&r| plan.row_budget[r as usize] == DENSE);
-            if dense {
-                let b = mark_index(plan, nkv, g, 0, 0);
-                out.init_marks[b..b + nkv * plan.pages(g).len()].fill(1);
-            }
-        }
-        for r in 0..plan.num_rows() {
-            let Some(rc) = row_candidates(plan, p, sp, r) else {
-                continue;
-            };
-            let mut mark_all = |g: usize, j: usize| {
-                for h in 0..nkv {
-                    out.init_marks[mark_index(plan, nkv, g, h, j)] = 1;
-                }
-            };
-            for &(g, j) in &rc.always {
-                mark_all(g, j);
-            }
-            if rc.take == rc.cands.len() {
-                for c in &rc.cands {
-                    mark_all(c.group, c.j);
-                }
-                continue;
-            }
-            if rc.take == 0 {
-                continue;
-            }
+        for (r, rc) in &start.ranked {
             let c0 = out.candidates.len();
             for c in &rc.cands {
                 out.candidates.push([
@@ -192,7 +169,7 @@ impl SparseHostPlan {
             let c1 = out.candidates.len();
             u32::try_from(c1).map_err(|_| too_big())?;
             out.selections
-                .push([r as u32, rc.take as u32, c0 as u32, c1 as u32]);
+                .push([*r as u32, rc.take as u32, c0 as u32, c1 as u32]);
         }
         Ok(Some(out))
     }
@@ -222,8 +199,7 @@ impl GpuSparsePlan {
         let Some(host) = SparseHostPlan::new(plan, p, sp)? else {
             return Ok(None);
         };
-        let flat = |v: &[[u32; 4]]| v.iter().flatten().copied().collect::<Vec<u32>>();
-        let sel = flat(&host.selections);
+        let sel: Vec<u32> = host.selections.iter().flatten().copied().collect();
         let cand: Vec<u32> = host.candidates.iter().flatten().copied().collect();
         let n_keys = product(
             "sparse selection",

@@ -65,5 +65,6 @@ impl CascadeMode {
     }
 }
 pub use sparse::{
-    mark_index, row_candidates, select_pages, Candidate, PageSelection, RowCandidates, SparseParams,
+    mark_index, row_candidates, select_pages, selection_start, Candidate, PageSelection,
+    RowCandidates, SelectionStart, SparseParams,
 };

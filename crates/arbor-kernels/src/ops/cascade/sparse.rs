@@ -147,6 +147,57 @@ pub fn row_candidates(
     Some(out)
 }
 
+/// What a selection decides before any ranking, the same in every sparse layer: the marks
+/// (laid out as [`mark_index`]) of dense groups (a group with a dense row reads everything),
+/// of every sparse row's sink and local pages, and of all the candidates of rows whose budget
+/// covers them; and the rows left to rank, with their candidates. [`select_pages`] ranks them
+/// on the CPU; the GPU's host half (`cuda::ops::sparse::SparseHostPlan`) hands them to its
+/// kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SelectionStart {
+    pub marks: Vec<bool>,
+    /// (row, its candidates), for rows that take some but not all of them.
+    pub ranked: Vec<(usize, RowCandidates)>,
+}
+
+/// The [`SelectionStart`] of `plan`'s rows.
+pub fn selection_start(
+    plan: &CascadePlan,
+    p: &AttentionParams,
+    sp: &SparseParams,
+) -> SelectionStart {
+    let nkv = p.n_kv_heads;
+    let mut out = SelectionStart {
+        marks: vec![false; plan.pages_read() * nkv],
+        ranked: Vec::new(),
+    };
+    for g in 0..plan.num_groups() {
+        let dense = plan.group_rows[plan.entries(g)]
+            .iter()
+            .any(|&r| plan.row_budget[r as usize] == DENSE);
+        if dense {
+            let b = mark_index(plan, nkv, g, 0, 0);
+            out.marks[b..b + nkv * plan.pages(g).len()].fill(true);
+        }
+    }
+    for r in 0..plan.num_rows() {
+        let Some(rc) = row_candidates(plan, p, sp, r) else {
+            continue;
+        };
+        let all = rc.take == rc.cands.len();
+        let taken = rc.cands.iter().filter(|_| all).map(|c| (c.group, c.j));
+        for (g, j) in rc.always.iter().copied().chain(taken) {
+            for h in 0..nkv {
+                out.marks[mark_index(plan, nkv, g, h, j)] = true;
+            }
+        }
+        if !all && rc.take > 0 {
+            out.ranked.push((r, rc));
+        }
+    }
+    out
+}
+
 /// Chooses the pages of `layer` that each group of `plan` reads for the queries `q`
 /// (`rows × n_heads × head_dim`, after RoPE). `None` (read everything) when no row has a
 /// sparse budget or `layer` is one of the dense layers.
@@ -162,20 +213,10 @@ pub fn select_pages(
         return None;
     }
     let nkv = p.n_kv_heads;
-    let n_groups = plan.num_groups();
-    let mut marks = vec![false; plan.pages_read() * nkv];
-    for g in 0..n_groups {
-        let dense = plan.group_rows[plan.entries(g)]
-            .iter()
-            .any(|&r| plan.row_budget[r as usize] == DENSE);
-        if dense {
-            let b = mark_index(plan, nkv, g, 0, 0);
-            marks[b..b + nkv * plan.pages(g).len()].fill(true);
-        }
-    }
-    let picks: Vec<Vec<usize>> = (0..plan.num_rows())
-        .into_par_iter()
-        .map(|r| row_picks(q, plan, pool, layer, p, sp, r))
+    let SelectionStart { mut marks, ranked } = selection_start(plan, p, sp);
+    let picks: Vec<Vec<usize>> = ranked
+        .par_iter()
+        .map(|(r, rc)| row_picks(q, plan, pool, layer, p, *r, rc))
         .collect();
     for m in picks.into_iter().flatten() {
         marks[m] = true;
@@ -185,7 +226,7 @@ pub fn select_pages(
         indptr: vec![0],
         pages: Vec::new(),
     };
-    for g in 0..n_groups {
+    for g in 0..plan.num_groups() {
         for h in 0..nkv {
             let b = mark_index(plan, nkv, g, h, 0);
             let n = plan.pages(g).len();
@@ -197,33 +238,22 @@ pub fn select_pages(
     Some(sel)
 }
 
-/// Marks (indices into the selection's mark array, see [`mark_index`]) of the pages row `r`
-/// chooses.
+/// Marks (indices into the selection's mark array, see [`mark_index`]) of the `rc.take`
+/// candidates with the highest bounds, per KV head, that row `r` ranks.
 fn row_picks(
     q: &[f32],
     plan: &CascadePlan,
     pool: &KvPool,
     layer: usize,
     p: &AttentionParams,
-    sp: &SparseParams,
     r: usize,
+    rc: &RowCandidates,
 ) -> Vec<usize> {
-    let Some(rc) = row_candidates(plan, p, sp, r) else {
-        return Vec::new();
-    };
     let (hd, nkv) = (p.head_dim, p.n_kv_heads);
     let gh = p.n_heads / nkv;
-    let all_heads = |(g, j): (usize, usize)| (0..nkv).map(move |h| mark_index(plan, nkv, g, h, j));
-    let mut marks: Vec<usize> = rc.always.iter().copied().flat_map(all_heads).collect();
     let k = rc.take;
-    if k == rc.cands.len() {
-        marks.extend(rc.cands.iter().flat_map(|c| all_heads((c.group, c.j))));
-        return marks;
-    }
-    if k == 0 {
-        return marks;
-    }
     let sums = pool.summaries();
+    let mut marks = Vec::with_capacity(k * nkv);
     let mut scored: Vec<(f32, usize)> = Vec::with_capacity(rc.cands.len());
     for h in 0..nkv {
         let q0 = (r * p.n_heads + h * gh) * hd;
