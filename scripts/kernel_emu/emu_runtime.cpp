@@ -247,3 +247,17 @@ int emu_run(const char* name, void (*fn)(void**), void** args, unsigned gx, unsi
     }
     return 0;
 }
+
+// A buffer allocated elsewhere (scripts/fake_cuda), named in fault messages like emu_alloc's.
+extern "C" void emu_register(void* p, size_t n) {
+    install_fault_handler();
+    allocs.push_back({(char*)p, n});
+}
+
+extern "C" void emu_unregister(void* p, size_t) {
+    for (size_t i = 0; i < allocs.size(); i++)
+        if (allocs[i].p == (char*)p) {
+            allocs.erase(allocs.begin() + (long)i);
+            return;
+        }
+}
