@@ -15,6 +15,35 @@ const OPTS: EngineOptions = EngineOptions {
     page_size: 16,
 };
 
+/// NMSE bound for the logits of one position against the CPU. bf16 weights and K/V move a
+/// random fixture's positions very unevenly: the llama fixture's 31 positions of one prompt
+/// ranged from 4e-5 to 4.5e-3 (on the CPU emulator of the GPU, scripts/fake_cuda), while all
+/// of them together stay near 4e-4, under the 1e-3 that whole-prompt checks use.
+pub(super) const POSITION_NMSE: f64 = 1e-2;
+
+/// The GPU's argmax of one position's logits must be the CPU's, unless the two are a tie
+/// within the rounding (see [`assert_tie`]).
+pub(super) fn same_pick(cpu: &[f32], gpu: &[f32], what: &str) {
+    let (c, g) = (argmax(cpu), argmax(gpu));
+    if c != g {
+        assert_tie(cpu, gpu, c, g, what);
+    }
+}
+
+/// Tokens `c` (the CPU's pick) and `g` (the GPU's) differ only by a tie within the rounding:
+/// the CPU's logits of the two differ by no more than twice the largest logit difference
+/// between the devices at that position.
+pub(super) fn assert_tie(cpu: &[f32], gpu: &[f32], c: usize, g: usize, what: &str) {
+    let (_, max) = errors(gpu, cpu);
+    let margin = (cpu[c] - cpu[g]) as f64;
+    assert!(
+        margin <= 2.0 * max,
+        "{what}: token {g} on the GPU, {c} on the CPU, which prefers it by {margin:.3} \
+         (the logits differ by at most {max:.3})"
+    );
+    println!("{what}: the pick differs at a tie within {margin:.3} (logits differ by ≤ {max:.3})");
+}
+
 /// A CPU engine (exact f32 math over the stored weights) and a GPU engine of the model at
 /// `path`, or `None` (after printing why) without a GPU.
 pub(super) fn engines(path: &Path) -> Option<(Engine, Engine)> {
@@ -67,6 +96,42 @@ pub(super) fn greedy(e: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
     }
     e.free_seq(seq);
     out
+}
+
+/// Greedy continuations of `prompt` (`n` tokens) on the CPU and the GPU must agree, except that
+/// they may part at a near tie: where the CPU's logit of the GPU's token is within `tol` of
+/// its own choice's (bf16 weights move logits by up to the `max abs` the logit checks print).
+/// After such a tie the continuations differ by right, so the comparison ends there. Returns
+/// the tokens agreed on.
+pub(super) fn greedy_agrees(
+    cpu: &mut Engine,
+    gpu: &mut Engine,
+    prompt: &[u32],
+    n: usize,
+    tol: f64,
+    what: &str,
+) -> usize {
+    let (c, g) = (greedy(cpu, prompt, n), greedy(gpu, prompt, n));
+    let same = c.iter().zip(&g).take_while(|(a, b)| a == b).count();
+    if same < n {
+        let mut seen = prompt.to_vec();
+        seen.extend_from_slice(&c[..same]);
+        let all = logits(cpu, &seen, seen.len());
+        let last = &all[all.len() - cpu.model.cfg.vocab_size..];
+        let margin = (last[c[same] as usize] - last[g[same] as usize]) as f64;
+        println!(
+            "{what}: greedy agrees for {same} of {n} tokens, then a tie within {margin:.3} \
+             on the CPU (tolerance {tol:.3})"
+        );
+        assert!(
+            margin <= tol,
+            "{what}: greedy parts after {same} tokens where the CPU prefers its token by \
+             {margin:.3} (> {tol:.3})\nCPU {c:?}\nGPU {g:?}"
+        );
+    } else {
+        println!("{what}: greedy agrees for all {n} tokens");
+    }
+    same
 }
 
 /// `len` deterministic pseudo-random tokens below `vocab`.
@@ -126,6 +191,7 @@ fn fixtures_match_the_cpu() {
         let vocab = cpu.model.cfg.vocab_size;
         let toks = prompt(45, vocab, 1);
         // The whole prompt at once, then in chunks that cross page boundaries, then decode.
+        let mut worst = 0f64;
         for chunk in [45, 7, 1] {
             let want = logits(&mut cpu, &toks, chunk);
             let got = logits(&mut gpu, &toks, chunk);
@@ -133,12 +199,11 @@ fn fixtures_match_the_cpu() {
             println!("{arch} chunk {chunk}: NMSE {nmse:.2e}, max abs {max:.2e}");
             // bf16 weights and K/V against f32 ones: relative error ~2⁻⁹ per value.
             assert!(nmse < 1e-3, "{arch} chunk {chunk}: NMSE {nmse:.2e}");
+            worst = worst.max(max);
         }
-        let g_cpu = greedy(&mut cpu, &toks[..9], 32);
-        let g_gpu = greedy(&mut gpu, &toks[..9], 32);
-        let same = g_cpu.iter().zip(&g_gpu).take_while(|(a, b)| a == b).count();
-        println!("{arch}: greedy agrees for {same} of 32 tokens");
-        assert_eq!(same, 32, "{arch}: CPU {g_cpu:?}\nGPU {g_gpu:?}");
+        // Random weights give near ties (the llama fixture has one 0.07 apart after 24
+        // tokens, where bf16 moves logits by up to 0.36).
+        greedy_agrees(&mut cpu, &mut gpu, &toks[..9], 32, worst, arch);
     }
 }
 
@@ -153,8 +218,8 @@ fn forked_branches_share_pages_on_the_gpu() {
     for (i, (c, g)) in results[0].iter().zip(&results[1]).enumerate() {
         let (nmse, _) = errors(g, c);
         println!("branch {i}: NMSE {nmse:.2e}");
-        assert!(nmse < 1e-3, "branch {i}: NMSE {nmse:.2e}");
-        assert_eq!(argmax(g), argmax(c), "branch {i}: argmax differs");
+        assert!(nmse < POSITION_NMSE, "branch {i}: NMSE {nmse:.2e}");
+        same_pick(c, g, &format!("branch {i}"));
     }
 }
 
@@ -172,17 +237,22 @@ fn smollm2_matches_the_cpu() {
         let (nmse, max) = errors(&got, &want);
         println!("SmolLM2 prompt {i} ({len} tokens): NMSE {nmse:.2e}, max abs {max:.2e}");
         assert!(nmse < 1e-3, "NMSE {nmse:.2e}");
-        let g_cpu = greedy(&mut cpu, &toks, 32);
-        let g_gpu = greedy(&mut gpu, &toks, 32);
-        assert_eq!(
-            g_cpu, g_gpu,
-            "SmolLM2 prompt {i}: greedy continuations differ"
+        // Random-token prompts leave near ties (the CPU emulator of the GPU parted from the
+        // CPU on prompt 0 at logits NMSE 1.9e-5): identical tokens but at a tie.
+        greedy_agrees(
+            &mut cpu,
+            &mut gpu,
+            &toks,
+            32,
+            max,
+            &format!("SmolLM2 prompt {i}"),
         );
     }
 }
 
 /// The GPU pool grows and shrinks (one device copy per layer) under a live sequence, which
-/// then decodes on as before: logits against the CPU doing the same.
+/// then decodes on exactly as without the resizes (bit for bit), and like the CPU doing the
+/// same.
 #[test]
 fn the_gpu_kv_pool_resizes_under_live_sequences() {
     let Some((mut cpu, mut gpu)) = engines(&fixture("llama")) else {
@@ -190,7 +260,7 @@ fn the_gpu_kv_pool_resizes_under_live_sequences() {
     };
     let vocab = cpu.model.cfg.vocab_size;
     let toks = prompt(29, vocab, 4);
-    let logits = [&mut cpu, &mut gpu].map(|e| {
+    let run = |e: &mut Engine, resize: bool| {
         let seq = e.new_seq();
         let last = |tokens: Vec<u32>| SeqStep {
             seq,
@@ -204,20 +274,27 @@ fn the_gpu_kv_pool_resizes_under_live_sequences() {
         .expect("prefill");
         let mut out = Vec::new();
         for t in [7u32, 11] {
-            let total = e.kv_stats().pages_total;
-            assert_eq!(e.resize_kv(total + 40).expect("grow"), total + 40);
-            let n = e.resize_kv(1).expect("shrink");
-            assert!(n < total + 40, "{n} pages");
+            if resize {
+                let total = e.kv_stats().pages_total;
+                assert_eq!(e.resize_kv(total + 40).expect("grow"), total + 40);
+                let n = e.resize_kv(1).expect("shrink");
+                assert!(n < total + 40, "{n} pages");
+            }
             let res = e.step(&ForwardBatch {
                 seqs: vec![last(vec![t % vocab as u32])],
             });
             out.push(res.expect("decode").remove(0).logits);
         }
+        e.free_seq(seq);
         out
-    });
-    for (c, g) in logits[0].iter().zip(&logits[1]) {
+    };
+    let plain = run(&mut gpu, false);
+    let resized = run(&mut gpu, true);
+    assert_eq!(plain, resized, "resizing the GPU pool changed the logits");
+    let cpu_resized = run(&mut cpu, true);
+    for (i, (c, g)) in cpu_resized.iter().zip(&resized).enumerate() {
         let (nmse, _) = errors(g, c);
-        assert!(nmse < 1e-3, "NMSE {nmse:.2e} after a resize");
-        assert_eq!(argmax(g), argmax(c));
+        assert!(nmse < POSITION_NMSE, "NMSE {nmse:.2e} after a resize");
+        same_pick(c, g, &format!("decode step {i} after a resize"));
     }
 }

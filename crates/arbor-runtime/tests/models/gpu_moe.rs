@@ -9,9 +9,9 @@
 //! routed differently on the two devices; forcing every such swap within 1e-3 of probability
 //! on the CPU moves these fixtures' logits by NMSE ≤ 4e-5, far inside the bound.
 
+use super::errors;
 use super::fixtures::{fixture, reference, run_chunked};
-use super::gpu::{self, forked_decode, greedy, prompt};
-use super::{argmax, errors};
+use super::gpu::{self, forked_decode, greedy_agrees, prompt, same_pick, POSITION_NMSE};
 use arbor_runtime::model::ExpertCounts;
 use arbor_runtime::Engine;
 
@@ -31,12 +31,14 @@ fn moe_fixtures_match_the_cpu() {
         let vocab = cpu.model.cfg.vocab_size;
         let mut seqs: Vec<Vec<u32>> = reference(name).1.into_iter().map(|(t, _)| t).collect();
         seqs.push(prompt(45, vocab, 3));
+        let mut worst = 0f64;
         for (i, toks) in seqs.iter().enumerate() {
             // The whole prompt at once, in chunks (then single tokens), and token by token.
             for chunks in [&[usize::MAX][..], &[5, 17, 3][..], &[1][..]] {
                 let want = run_chunked(&mut cpu, toks, chunks);
                 let got = run_chunked(&mut gpu, toks, chunks);
                 let (nmse, max) = errors(&got, &want);
+                worst = worst.max(max);
                 println!(
                     "{name} seq {i} ({} tokens) chunks {chunks:?}: NMSE {nmse:.2e}, max abs {max:.2e}",
                     toks.len()
@@ -58,11 +60,7 @@ fn moe_fixtures_match_the_cpu() {
             );
         }
         let toks = prompt(45, vocab, 1);
-        let g_cpu = greedy(&mut cpu, &toks[..9], 32);
-        let g_gpu = greedy(&mut gpu, &toks[..9], 32);
-        let same = g_cpu.iter().zip(&g_gpu).take_while(|(a, b)| a == b).count();
-        println!("{name}: greedy agrees for {same} of 32 tokens");
-        assert_eq!(same, 32, "{name}: CPU {g_cpu:?}\nGPU {g_gpu:?}");
+        greedy_agrees(&mut cpu, &mut gpu, &toks[..9], 32, worst, name);
         assert_eq!(gpu.cache().allocator().num_in_use(), 0, "pages leaked");
     }
 }
@@ -80,8 +78,8 @@ fn moe_batched_decode_matches_the_cpu() {
         let results = [&mut cpu, &mut gpu].map(|e| forked_decode(e, &toks, 12, 4));
         for (i, (c, g)) in results[0].iter().zip(&results[1]).enumerate() {
             let (nmse, _) = errors(g, c);
-            assert!(nmse < 1e-3, "{name} branch {i}: NMSE {nmse:.2e}");
-            assert_eq!(argmax(g), argmax(c), "{name} branch {i}: argmax differs");
+            assert!(nmse < POSITION_NMSE, "{name} branch {i}: NMSE {nmse:.2e}");
+            same_pick(c, g, &format!("{name} branch {i}"));
         }
         println!("{name}: 12 branches decoded together agree with the CPU");
     }

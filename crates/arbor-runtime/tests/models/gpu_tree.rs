@@ -6,6 +6,7 @@
 
 use super::errors;
 use super::fixtures::fixture;
+use super::gpu::POSITION_NMSE;
 use arbor_kernels::cuda::ops::attention::ATTENTION_HEAD_DIMS;
 use arbor_kernels::kv::SeqId;
 use arbor_kernels::ops::SamplingParams;
@@ -50,6 +51,28 @@ fn engines(arch: &str, page_size: usize) -> Option<[Engine; 3]> {
 struct Outcome {
     logits: Vec<Vec<f32>>,
     tokens: Vec<Vec<u32>>,
+    /// The greedy token of every (step, sequence), in the order of `logits`.
+    picks: Vec<u32>,
+}
+
+/// How a script runs.
+#[derive(Clone, Default)]
+struct RunOpts {
+    /// Ask for logits (read back, sampled on the host) or only sample (on the device).
+    logits: bool,
+    /// Feed these tokens (another run's [`Outcome::tokens`]) where the script feeds a
+    /// sequence its last greedy token, so that the GPU runs the CPU's inputs even where
+    /// bf16 rounding tips a near tie the other way.
+    follow: Option<Vec<Vec<u32>>>,
+}
+
+impl RunOpts {
+    fn logits() -> Self {
+        RunOpts {
+            logits: true,
+            follow: None,
+        }
+    }
 }
 
 /// Drives one engine: sequences are indices into `seqs`; each stepping sequence feeds its
@@ -59,20 +82,19 @@ struct Driver<'a> {
     seqs: Vec<SeqId>,
     next: Vec<Vec<u32>>,
     out: Outcome,
-    /// Ask for logits (read back, sampled on the host) or only sample (on the device).
-    logits: bool,
+    opts: RunOpts,
     /// Every step's sparse budget.
     budget: Option<usize>,
 }
 
 impl<'a> Driver<'a> {
-    fn new(e: &'a mut Engine, logits: bool) -> Self {
+    fn new(e: &'a mut Engine, opts: &RunOpts) -> Self {
         Driver {
             e,
             seqs: vec![],
             next: vec![],
             out: Outcome::default(),
-            logits,
+            opts: opts.clone(),
             budget: None,
         }
     }
@@ -106,14 +128,14 @@ impl<'a> Driver<'a> {
             .iter()
             .map(|(i, forced)| SeqStep {
                 seq: self.seqs[*i],
-                tokens: if forced.is_empty() {
-                    std::mem::take(&mut self.next[*i])
-                } else {
-                    forced.clone()
+                tokens: match (forced.is_empty(), &self.opts.follow) {
+                    (false, _) => forced.clone(),
+                    (true, None) => std::mem::take(&mut self.next[*i]),
+                    (true, Some(f)) => vec![f[*i][self.out.tokens[*i].len() - 1]],
                 },
                 sample: Some(SamplingParams::default()),
                 sparse_budget: self.budget,
-                logits: if self.logits {
+                logits: if self.opts.logits {
                     LogitsMode::All
                 } else {
                     LogitsMode::None
@@ -126,8 +148,9 @@ impl<'a> Driver<'a> {
         for ((i, _), o) in who.iter().zip(res) {
             let t = o.sample.expect("sampled").token;
             self.out.tokens[*i].push(t);
+            self.out.picks.push(t);
             self.next[*i] = vec![t];
-            if self.logits {
+            if self.opts.logits {
                 self.out.logits.push(o.logits);
             }
         }
@@ -143,9 +166,9 @@ fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
 /// 8 branches of a 37-token prompt (ending mid-page, so each copies its last page), decoding
 /// 6 tokens each (the first forced, the rest greedy), beside an unrelated prompt chunk in the
 /// first two steps.
-fn forked(e: &mut Engine, logits: bool) -> Outcome {
+fn forked(e: &mut Engine, opts: &RunOpts) -> Outcome {
     let vocab = e.model.cfg.vocab_size;
-    let mut d = Driver::new(e, logits);
+    let mut d = Driver::new(e, opts);
     let root = d.new_seq();
     d.step(&[(root, tokens(37, 1, vocab))]);
     let kids: Vec<usize> = (0..8).map(|_| d.fork(root)).collect();
@@ -175,9 +198,9 @@ fn forked(e: &mut Engine, logits: bool) -> Outcome {
 /// own), which feed 10 more; the first grandchild forks 2 great-grandchildren and the others 1,
 /// which feed 10 more; then every leaf decodes 4 greedy tokens. Page size 8: every level spans
 /// pages of its own and shares them with everything below.
-fn deep(e: &mut Engine, logits: bool) -> Outcome {
+fn deep(e: &mut Engine, opts: &RunOpts) -> Outcome {
     let vocab = e.model.cfg.vocab_size;
-    let mut d = Driver::new(e, logits);
+    let mut d = Driver::new(e, opts);
     let root = d.new_seq();
     d.step(&[(root, tokens(21, 2, vocab))]);
     let chunk = |i: usize, level: u32| tokens(10, 100 * level + i as u32, vocab);
@@ -205,14 +228,18 @@ fn deep(e: &mut Engine, logits: bool) -> Outcome {
     d.finish()
 }
 
-/// 4 branches of a 203-token prompt (pages of 8: 26 pages), 6 decode steps, every step with
-/// sparse budget `budget` (the prompt too).
-fn sparse_run(e: &mut Engine, budget: Option<usize>) -> Outcome {
+/// 4 branches of a 115-token prompt (pages of 8: 15 pages; the fixtures' context is 128), 6
+/// decode steps, every step with sparse budget `budget` (the prompt too).
+fn sparse_run(e: &mut Engine, budget: Option<usize>, follow: Option<Vec<Vec<u32>>>) -> Outcome {
     let vocab = e.model.cfg.vocab_size;
-    let mut d = Driver::new(e, true);
+    let opts = RunOpts {
+        logits: true,
+        follow,
+    };
+    let mut d = Driver::new(e, &opts);
     d.budget = budget;
     let root = d.new_seq();
-    d.step(&[(root, tokens(203, 3, vocab))]);
+    d.step(&[(root, tokens(115, 3, vocab))]);
     let kids: Vec<usize> = (0..4).map(|_| d.fork(root)).collect();
     for round in 0..6u32 {
         let who: Vec<(usize, Vec<u32>)> = (kids.iter().enumerate())
@@ -230,13 +257,16 @@ fn sparse_run(e: &mut Engine, budget: Option<usize>) -> Outcome {
 /// dense GPU run's decode logits (every page marked: the same reads; ≤ 1e-8 NMSE allows for a
 /// plan cut otherwise); a budget of 2 pages changes them, and stays near the CPU's sparse run
 /// (the CPU ranks pages by f32 keys, the GPU by bf16 ones, so a choice near a tie may differ:
-/// the bound is loose and the NMSE is printed).
+/// the bound is loose and the NMSE is printed). The ops test `sparse_selection_and_attention_
+/// match_the_cpu` checks the selection itself page for page.
 #[test]
 fn sparse_attention_on_the_gpu() {
+    let (mut ran, mut changed) = (0, false);
     for arch in ARCHS {
         let Some([mut cpu, mut on, _]) = engines(arch, 8) else {
             continue;
         };
+        ran += 1;
         for e in [&mut cpu, &mut on] {
             e.model.attention.sparse.dense_layers = 0;
         }
@@ -248,11 +278,14 @@ fn sparse_attention_on_the_gpu() {
                 .map(|(g, w)| errors(g, w).0)
                 .fold(0.0f64, f64::max)
         };
-        let dense = decode(&sparse_run(&mut on, None));
-        let all = decode(&sparse_run(&mut on, Some(1000)));
+        // Every GPU run feeds the CPU's greedy tokens: the same inputs throughout.
+        let cpu_run = sparse_run(&mut cpu, Some(2), None);
+        let follow = || Some(cpu_run.tokens.clone());
+        let want = decode(&cpu_run);
+        let dense = decode(&sparse_run(&mut on, None, follow()));
+        let all = decode(&sparse_run(&mut on, Some(1000), follow()));
         let e_all = worst(&all, &dense);
-        let small = decode(&sparse_run(&mut on, Some(2)));
-        let want = decode(&sparse_run(&mut cpu, Some(2)));
+        let small = decode(&sparse_run(&mut on, Some(2), follow()));
         let (e_dense, e_cpu) = (worst(&small, &dense), worst(&small, &want));
         println!(
             "{arch} sparse on the GPU: budget 1000 vs dense {e_all:.2e}; budget 2 vs dense \
@@ -262,22 +295,38 @@ fn sparse_attention_on_the_gpu() {
             e_all <= 1e-8,
             "{arch}: a budget above every page must equal dense"
         );
-        assert!(e_dense > 0.0, "{arch}: budget 2 read every page anyway");
-        assert!(e_cpu < 1e-2, "{arch}: sparse vs CPU NMSE {e_cpu:.2e}");
+        // Mistral's 24-token window holds only the sink, local and budget pages: no change.
+        changed |= e_dense > 0.0;
+        // Measured on the CPU emulator of the GPU (scripts/fake_cuda): qwen3 1.7e-3, llama
+        // 1.8e-2 (its positions move most under bf16, see POSITION_NMSE); budget 2 against
+        // dense is ~2.
+        assert!(e_cpu < 5e-2, "{arch}: sparse vs CPU NMSE {e_cpu:.2e}");
+    }
+    if ran > 0 {
+        assert!(changed, "budget 2 read every page anyway on every fixture");
     }
 }
 
+/// A script of steps, run on one engine.
+type Scenario = fn(&mut Engine, &RunOpts) -> Outcome;
+
 /// Runs `scenario` on the CPU and on the GPU with tree attention on and off, and compares.
-fn check(name: &str, page_size: usize, scenario: fn(&mut Engine, bool) -> Outcome) {
-    let mut ran = 0;
+fn check(name: &str, page_size: usize, scenario: Scenario) {
+    let (mut ran, mut differed) = (0, false);
     for arch in ARCHS {
         let Some([mut cpu, mut on, mut off]) = engines(arch, page_size) else {
             continue;
         };
         ran += 1;
-        let want = scenario(&mut cpu, true);
-        let got_on = scenario(&mut on, true);
-        let got_off = scenario(&mut off, true);
+        let vocab = cpu.model.cfg.vocab_size;
+        let want = scenario(&mut cpu, &RunOpts::logits());
+        // The GPU runs feed the CPU's greedy tokens (see RunOpts::follow).
+        let follow = |logits| RunOpts {
+            logits,
+            follow: Some(want.tokens.clone()),
+        };
+        let got_on = scenario(&mut on, &follow(true));
+        let got_off = scenario(&mut off, &follow(true));
         assert_eq!(want.logits.len(), got_on.logits.len());
         let worst = |got: &Outcome| {
             got.logits
@@ -296,10 +345,14 @@ fn check(name: &str, page_size: usize, scenario: fn(&mut Engine, bool) -> Outcom
         println!(
             "{arch} {name}: worst NMSE vs CPU: tree on {nmse_on:.2e}, off {nmse_off:.2e}; on vs off {on_off:.2e}"
         );
-        // bf16 weights and K/V against f32 ones (as gpu.rs); on and off share all of that.
-        assert!(nmse_on < 1e-3, "{arch} {name}: tree on, NMSE {nmse_on:.2e}");
+        // bf16 weights and K/V against f32 ones, one position at a time (as gpu.rs); on and
+        // off share all of that.
         assert!(
-            nmse_off < 1e-3,
+            nmse_on < POSITION_NMSE,
+            "{arch} {name}: tree on, NMSE {nmse_on:.2e}"
+        );
+        assert!(
+            nmse_off < POSITION_NMSE,
             "{arch} {name}: tree off, NMSE {nmse_off:.2e}"
         );
         assert!(on_off < 1e-4, "{arch} {name}: on vs off, NMSE {on_off:.2e}");
@@ -309,26 +362,35 @@ fn check(name: &str, page_size: usize, scenario: fn(&mut Engine, bool) -> Outcom
             .flatten()
             .zip(got_off.logits.iter().flatten())
             .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(!bitwise, "{arch} {name}: was the cascade kernel used?");
-        // Greedy tokens: sampled on the host (logits read back) and on the device.
-        assert_eq!(got_on.tokens, want.tokens, "{arch} {name}: tree on vs CPU");
-        assert_eq!(
-            got_off.tokens, want.tokens,
-            "{arch} {name}: tree off vs CPU"
-        );
-        let dev_on = scenario(&mut on, false);
-        let dev_off = scenario(&mut off, false);
-        assert_eq!(
-            dev_on.tokens, want.tokens,
-            "{arch} {name}: device sampling, on"
-        );
-        assert_eq!(
-            dev_off.tokens, want.tokens,
-            "{arch} {name}: device sampling, off"
-        );
+        // Cascade sums in another order than the paged kernel, but attention's bf16 output
+        // can round that away entirely on a small model (llama's 2 layers do): at least one
+        // fixture must differ (below), proving the cascade kernel ran.
+        differed |= !bitwise;
+        // Greedy tokens, sampled on the host (logits read back) and on the device: the CPU's,
+        // but for near ties.
+        let dev_on = scenario(&mut on, &follow(false));
+        let dev_off = scenario(&mut off, &follow(false));
+        for (got, how) in [
+            (&got_on, "tree on"),
+            (&got_off, "tree off"),
+            (&dev_on, "device sampling, tree on"),
+            (&dev_off, "device sampling, tree off"),
+        ] {
+            assert_eq!(got.picks.len(), want.picks.len(), "{arch} {name}: {how}");
+            for (k, (&g, &c)) in got.picks.iter().zip(&want.picks).enumerate() {
+                if g != c {
+                    let last = |l: &[f32]| l[l.len() - vocab..].to_vec();
+                    let (cl, gl) = (last(&want.logits[k]), last(&got_on.logits[k]));
+                    let what = format!("{arch} {name}: {how}, pick {k}");
+                    super::gpu::assert_tie(&cl, &gl, c as usize, g as usize, &what);
+                }
+            }
+        }
     }
     if ran == 0 {
         println!("{name}: no fixture ran on the GPU");
+    } else {
+        assert!(differed, "{name}: tree on and off agree bit for bit on every fixture: was the cascade kernel used?");
     }
 }
 
@@ -348,7 +410,7 @@ fn gpu_tree_deep_uneven_tree_matches_the_cpu() {
 fn tree_scripts_on_the_cpu() {
     use arbor_kernels::ops::cascade::CascadeMode;
     for (arch, page_size, scenario) in [
-        ("qwen3", 16, forked as fn(&mut Engine, bool) -> Outcome),
+        ("qwen3", 16, forked as Scenario),
         ("llama", 8, deep),
         ("mistral", 8, deep),
     ] {
@@ -362,7 +424,7 @@ fn tree_scripts_on_the_cpu() {
             )
             .expect("engine");
             e.model.attention.tree = tree;
-            scenario(&mut e, true)
+            scenario(&mut e, &RunOpts::logits())
         };
         let (off, chain, merge) = (
             run(None),
