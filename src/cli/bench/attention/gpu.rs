@@ -12,7 +12,6 @@ use arbor_kernels::cuda::ops::attention::{self, AttentionBatch};
 use arbor_kernels::cuda::ops::cascade::{self, GpuCascadePlan, TASK_ROWS};
 use arbor_kernels::cuda::ops::sparse::{summarise_pages, GpuSparsePlan};
 use arbor_kernels::cuda::{Gpu, GpuKvPool};
-use arbor_kernels::kv::KvLayout;
 use arbor_kernels::ops::cascade::CascadePlan;
 use arbor_kernels::ops::AttentionParams;
 use half::bf16;
@@ -68,12 +67,7 @@ impl GpuBench {
         seed: u64,
     ) -> anyhow::Result<Timing> {
         let gpu = &self.gpu;
-        let layout = KvLayout {
-            num_layers: 1,
-            num_kv_heads: a.kv_heads,
-            head_dim: a.head_dim,
-            page_size: a.page_size,
-        };
+        let layout = a.kv_layout();
         let mut pool = GpuKvPool::new(gpu, layout, tree.pages)?;
         let mut rng = Rng::new(seed);
         // Random K/V: one random block uploaded, then copied over the whole pool.

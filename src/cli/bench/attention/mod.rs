@@ -89,6 +89,18 @@ pub struct AttentionArgs {
     pub sparse_budget: usize,
 }
 
+impl AttentionArgs {
+    /// The one-layer KV layout of the benchmark's pool (CPU and GPU alike).
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            num_layers: 1,
+            num_kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            page_size: self.page_size,
+        }
+    }
+}
+
 /// The sparse settings of the benchmark: one layer, sparse (no dense layers).
 fn sparse_params() -> SparseParams {
     SparseParams {
@@ -499,12 +511,7 @@ fn run_cpu(
     a: &AttentionArgs,
     seed: u64,
 ) -> anyhow::Result<Timing> {
-    let layout = KvLayout {
-        num_layers: 1,
-        num_kv_heads: a.kv_heads,
-        head_dim: a.head_dim,
-        page_size: a.page_size,
-    };
+    let layout = a.kv_layout();
     let bytes = layout.bytes_per_page(4) * tree.pages;
     if bytes > CPU_MAX_KV_BYTES {
         bail!(
