@@ -83,7 +83,20 @@ reference run, the smallest top-k margin and the layer kinds).
   router logits) of a tie, so f32 rounding cannot flip it: seeds seed, seed+1000,
   ... are tried until one gives such routing (reference.json records it).
 
-Usage: python3 scripts/make_fixtures.py [--out tests/fixtures/models] [--only all|causal|reward|moe]
+BF16 SENSITIVITY (bf16_sensitivity; `--only bf16` adds it to the MoE fixtures'
+reference.json without touching anything else): how far transformers' own bf16
+run of a MoE fixture is from its f32 run, per input_ids[i], with every token
+routed to the experts the f32 run chose (bf16 breaks some near-ties between
+experts the other way; one token sent to another expert moves its logits by far
+more than rounding does). reference.json "bf16": {"nmse": [...] (logits over
+all positions), "tokens_routed_apart": [...] (token-layers whose bf16 top-k set
+differs, unforced), "max_regret": [...] (over those, the f32 k-th router logit
+minus the lowest f32 logit of the bf16 choice)}. The GPU tests hold arbor's bf16
+GPU path to no worse than this, since these random fixtures amplify rounding
+unevenly (transformers bf16 vs f32: llama 1.6e-3, mixtral 3.1e-3, qwen2-moe
+7.3e-3, qwen3-moe 5.5e-4 NMSE on input_ids[0]).
+
+Usage: python3 scripts/make_fixtures.py [--out tests/fixtures/models] [--only all|causal|reward|moe|bf16]
 Needs torch, transformers (tested with 5.23), tokenizers, safetensors. CPU only.
 """
 
@@ -427,13 +440,81 @@ def make_moe_fixture(root, arch, tok, cfg, sdtype, sdtype_name, seed, original_f
     return True
 
 
+@torch.no_grad()
+def bf16_sensitivity(model_dir, input_ids):
+    """transformers' bf16 run of a MoE fixture against its f32 run (see BF16 SENSITIVITY)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    routers = [l.mlp.gate for l in model.model.layers
+               if hasattr(l.mlp, "gate") and hasattr(l.mlp, "experts")]
+    renorm = getattr(model.config, "norm_topk_prob", True)  # Mixtral has no flag: always
+    out = {"nmse": [], "tokens_routed_apart": [], "max_regret": []}
+    for ids in input_ids:
+        f32_logits, f32_choice = {}, {}
+
+        def record(i):
+            def hook(mod, inp, o):
+                f32_logits[i], f32_choice[i] = o[0].float().clone(), o[2].clone()
+            return hook
+
+        hooks = [r.register_forward_hook(record(i)) for i, r in enumerate(routers)]
+        want = model(input_ids=torch.tensor([ids])).logits[0].float()
+        for h in hooks:
+            h.remove()
+        bf = model.to(torch.bfloat16)
+        apart, regret = [0], [0.0]
+
+        def force(i):
+            # Route as the f32 run did, weighted by this run's own router probabilities.
+            def hook(mod, inp, o):
+                logits, own = o[0], o[2]
+                idx = f32_choice[i]
+                moved = (own.sort(-1).values != idx.sort(-1).values).any(-1)
+                apart[0] += int(moved.sum())
+                if moved.any():
+                    fl = f32_logits[i][moved]
+                    kth = fl.topk(idx.shape[-1], -1).values[:, -1]
+                    low = fl.gather(-1, own[moved]).min(-1).values
+                    regret[0] = max(regret[0], float((kth - low).max()))
+                p = torch.softmax(logits.float(), -1).gather(-1, idx)
+                if renorm:
+                    p = p / p.sum(-1, keepdim=True)
+                return logits, p.to(o[1].dtype), idx
+            return hook
+
+        hooks = [r.register_forward_hook(force(i)) for i, r in enumerate(routers)]
+        got = bf(input_ids=torch.tensor([ids])).logits[0].float()
+        for h in hooks:
+            h.remove()
+        model = bf.to(torch.float32)
+        out["nmse"].append(float(((got - want) ** 2).sum() / (want ** 2).sum()))
+        out["tokens_routed_apart"].append(apart[0])
+        out["max_regret"].append(regret[0])
+    return out
+
+
+def add_bf16_sensitivity(root):
+    """Adds "bf16" (bf16_sensitivity) to each MoE fixture's reference.json."""
+    for arch in ["mixtral", "qwen2-moe", "qwen3-moe"]:
+        d = os.path.join(root, arch)
+        with open(os.path.join(d, "reference.json")) as f:
+            refj = json.load(f)
+        refj["bf16"] = bf16_sensitivity(d, refj["input_ids"])
+        with open(os.path.join(d, "reference.json"), "w") as f:
+            f.write(dump_compact(refj))
+        print(f"{arch:9s} transformers bf16 vs f32 (f32 routing): {refj['bf16']}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "models"))
-    ap.add_argument("--only", choices=["all", "causal", "reward", "moe"], default="all")
+    ap.add_argument("--only", choices=["all", "causal", "reward", "moe", "bf16"], default="all")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.only == "bf16":
+        add_bf16_sensitivity(os.path.abspath(args.out))
+        return
 
     tok = make_tokenizer()
     vocab = tok.get_vocab_size()
@@ -533,6 +614,7 @@ def main():
         make_reward_fixtures(os.path.abspath(args.out), vocab, special_ids, input_ids)
     if args.only in ("all", "moe"):
         make_moe_fixtures(os.path.abspath(args.out), tok, vocab, special_ids, input_ids)
+        add_bf16_sensitivity(os.path.abspath(args.out))
 
 
 if __name__ == "__main__":

@@ -323,6 +323,18 @@ impl Engine {
         self.backend.take_expert_counts(&self.model)
     }
 
+    /// Routing replay for the next step (see [`Model::replay_routing`]): each MoE layer
+    /// sends the step's tokens to the given experts instead of its router's top k. CPU
+    /// engines only (an error on a GPU, whose router kernels do not take a replay).
+    pub fn replay_routing(&self, per_layer: Vec<Vec<u32>>) -> Result<(), RuntimeError> {
+        if self.backend.device() != Device::Cpu {
+            return Err(RuntimeError::Request(
+                "routing replay runs on the CPU backend only; open the engine on the CPU".into(),
+            ));
+        }
+        self.model.replay_routing(per_layer)
+    }
+
     /// Runs one batch: appends each sequence's new tokens, then samples and returns what each
     /// asked for. On error nothing is appended.
     pub fn step(&mut self, batch: &ForwardBatch) -> Result<Vec<SeqOutput>, RuntimeError> {

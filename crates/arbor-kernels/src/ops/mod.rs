@@ -15,7 +15,10 @@ pub mod swiglu;
 pub use attention::{paged_attention, AttentionParams};
 pub use embedding::embedding;
 pub use matmul::matmul;
-pub use moe::{group_by_expert, moe_experts, route_softmax_topk, ExpertFfn, ExpertGroups, Routing};
+pub use moe::{
+    group_by_expert, moe_experts, route_given, route_softmax_topk, routing_regret, ExpertFfn,
+    ExpertGroups, Routing,
+};
 pub use norm::{add_rms_norm, rms_norm, rms_norm_rows};
 pub use rope::{RopeLayout, RopeScaling, RopeTable};
 pub use sample::{

@@ -46,18 +46,7 @@ pub fn route_softmax_topk(
     top_k: usize,
     renormalize: bool,
 ) -> Result<Routing, KernelError> {
-    if num_experts == 0 || top_k == 0 || top_k > num_experts {
-        return Err(KernelError::Invalid(format!(
-            "cannot route to the top {top_k} of {num_experts} experts"
-        )));
-    }
-    if !logits.len().is_multiple_of(num_experts) {
-        return Err(KernelError::Shape {
-            op: "route_softmax_topk",
-            detail: format!("{} logits for {num_experts} experts", logits.len()),
-        });
-    }
-    let t = logits.len() / num_experts;
+    let t = route_rows("route_softmax_topk", logits, num_experts, top_k)?;
     let mut experts = vec![0u32; t * top_k];
     let mut weights = vec![0.0f32; t * top_k];
     experts
@@ -84,10 +73,7 @@ pub fn route_softmax_topk(
                 *wt = p[best];
             }
             if renormalize {
-                let sum: f32 = w.iter().sum();
-                if sum > 0.0 {
-                    w.iter_mut().for_each(|x| *x /= sum);
-                }
+                renormalize_row(w);
             }
         });
     Ok(Routing {
@@ -95,6 +81,127 @@ pub fn route_softmax_topk(
         experts,
         weights,
     })
+}
+
+/// Rows of `logits` after checking a routing's arguments.
+fn route_rows(
+    op: &'static str,
+    logits: &[f32],
+    num_experts: usize,
+    top_k: usize,
+) -> Result<usize, KernelError> {
+    if num_experts == 0 || top_k == 0 || top_k > num_experts {
+        return Err(KernelError::Invalid(format!(
+            "cannot route to the top {top_k} of {num_experts} experts"
+        )));
+    }
+    if !logits.len().is_multiple_of(num_experts) {
+        return Err(KernelError::Shape {
+            op,
+            detail: format!("{} logits for {num_experts} experts", logits.len()),
+        });
+    }
+    Ok(logits.len() / num_experts)
+}
+
+/// Divides a row's routing weights by their sum (left as they are if it is not positive).
+fn renormalize_row(w: &mut [f32]) {
+    let sum: f32 = w.iter().sum();
+    if sum > 0.0 {
+        w.iter_mut().for_each(|x| *x /= sum);
+    }
+}
+
+/// Routes each row of `logits` (`t × num_experts`) to given experts instead of its top k
+/// (routing replay: `given`, `t × top_k` ids, was recorded from another run or device),
+/// weighted as [`route_softmax_topk`] weights its choice: the given experts' softmax
+/// probabilities, divided by their sum with `renormalize`. Each row's experts are put in
+/// descending probability (ties to the lower index). Errors on an id out of range or given
+/// twice in a row, or on `given` not holding `t × top_k` ids.
+pub fn route_given(
+    logits: &[f32],
+    num_experts: usize,
+    top_k: usize,
+    given: &[u32],
+    renormalize: bool,
+) -> Result<Routing, KernelError> {
+    const OP: &str = "route_given";
+    let t = route_rows(OP, logits, num_experts, top_k)?;
+    if given.len() != t * top_k {
+        return Err(KernelError::Shape {
+            op: OP,
+            detail: format!("{} expert ids for {t} rows of top {top_k}", given.len()),
+        });
+    }
+    let mut experts = vec![0u32; t * top_k];
+    let mut weights = vec![0.0f32; t * top_k];
+    for (r, ((ex, w), row)) in experts
+        .chunks_mut(top_k)
+        .zip(weights.chunks_mut(top_k))
+        .zip(logits.chunks(num_experts))
+        .enumerate()
+    {
+        let mut ids = given[r * top_k..(r + 1) * top_k].to_vec();
+        ids.sort_unstable();
+        if let Some(&bad) = ids.iter().find(|&&e| e as usize >= num_experts) {
+            return Err(KernelError::Invalid(format!(
+                "row {r} is routed to expert {bad}, out of range ({num_experts} experts)"
+            )));
+        }
+        if let Some(d) = ids.windows(2).find(|p| p[0] == p[1]) {
+            return Err(KernelError::Invalid(format!(
+                "row {r} is routed to expert {} twice",
+                d[0]
+            )));
+        }
+        let mut p = row.to_vec();
+        softmax_inplace(&mut p);
+        // Stable sort of ascending ids: equal probabilities keep the lower index first.
+        ids.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]));
+        for ((slot, wt), &e) in ex.iter_mut().zip(w.iter_mut()).zip(&ids) {
+            *slot = e;
+            *wt = p[e as usize];
+        }
+        if renormalize {
+            renormalize_row(w);
+        }
+    }
+    Ok(Routing {
+        top_k,
+        experts,
+        weights,
+    })
+}
+
+/// How far `routing` strays from each row's own top-k choice by `logits`: the largest, over
+/// rows, of the k-th highest logit minus the lowest logit among the row's experts. 0 when
+/// every row is routed to its top k (or to experts tied with them); a small value means the
+/// routing differs only at near-ties. NaN logits count as −∞.
+pub fn routing_regret(logits: &[f32], num_experts: usize, routing: &Routing) -> f32 {
+    let k = routing.top_k;
+    let finite = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    logits
+        .chunks(num_experts)
+        .zip(routing.experts.chunks(k.max(1)))
+        .map(|(row, ex)| {
+            let mut sorted: Vec<f32> = row.iter().map(|&x| finite(x)).collect();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kth = sorted[k.clamp(1, num_experts) - 1];
+            let lowest = ex
+                .iter()
+                .map(|&e| {
+                    row.get(e as usize)
+                        .map_or(f32::NEG_INFINITY, |&x| finite(x))
+                })
+                .fold(f32::INFINITY, f32::min);
+            let gap = kth - lowest;
+            if gap.is_nan() {
+                0.0
+            } else {
+                gap.max(0.0)
+            }
+        })
+        .fold(0.0, f32::max)
 }
 
 /// Routing assignments grouped by expert (a counting sort): expert `e`'s rows are

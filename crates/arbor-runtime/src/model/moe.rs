@@ -20,7 +20,9 @@ use crate::RuntimeError;
 use arbor_kernels::ops::{self, ExpertFfn, ExpertGroups};
 use arbor_kernels::{KernelError, Weight};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// One layer's MoE block.
 pub struct MoeBlock {
@@ -31,12 +33,24 @@ pub struct MoeBlock {
     pub(crate) top_k: usize,
     pub(crate) renormalize: bool,
     stats: ExpertStats,
+    replay: RoutingReplay,
 }
 
 /// Qwen2-MoE's shared expert: every token goes through it, scaled by `sigmoid(gate · x)`.
 pub(crate) struct SharedExpert {
     pub(crate) ffn: ExpertFfn,
     pub(crate) gate: Vec<f32>,
+}
+
+/// Routing to use instead of the router's in the coming forward passes (see
+/// [`Model::replay_routing`]), and how far it strayed from the router's own choice.
+#[derive(Default)]
+struct RoutingReplay {
+    /// `tokens × top_k` expert ids per forward pass, oldest first.
+    queue: Mutex<VecDeque<Vec<u32>>>,
+    /// Largest [`ops::routing_regret`] since the last take, as f32 bits (non-negative
+    /// floats order as their bits do).
+    regret: AtomicU32,
 }
 
 /// Tokens routed to each expert since the last take; counted only while switched on.
@@ -135,6 +149,7 @@ impl MoeBlock {
                 on: AtomicBool::new(false),
                 counts: (0..n_exp).map(|_| AtomicU64::new(0)).collect(),
             },
+            replay: RoutingReplay::default(),
         })
     }
 
@@ -159,7 +174,23 @@ impl MoeBlock {
         let (h, n_exp) = (self.router.cols, self.experts.len());
         let mut logits = vec![0.0f32; t * n_exp];
         linear(p, xn, t, &self.router, &mut logits)?;
-        let routing = ops::route_softmax_topk(&logits, n_exp, self.top_k, self.renormalize)?;
+        let replayed = self
+            .replay
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front();
+        let routing = match replayed {
+            Some(given) => {
+                let r = ops::route_given(&logits, n_exp, self.top_k, &given, self.renormalize)?;
+                let regret = ops::routing_regret(&logits, n_exp, &r);
+                self.replay
+                    .regret
+                    .fetch_max(regret.to_bits(), Ordering::Relaxed);
+                r
+            }
+            None => ops::route_softmax_topk(&logits, n_exp, self.top_k, self.renormalize)?,
+        };
         let groups = ops::group_by_expert(&routing, n_exp)?;
         self.stats.record(&groups);
         let matmul = |x: &[f32], m: usize, w: &Weight, o: &mut [f32]| -> Result<(), KernelError> {
@@ -271,6 +302,62 @@ impl Model {
                 m.stats.on.store(on, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Routing replay: the next forward pass of each MoE layer sends its tokens to the given
+    /// experts instead of its router's top k, weighted by the router's own probabilities of
+    /// them (as [`ops::route_given`]). `per_layer[i]` is for the i-th MoE layer in layer
+    /// order: `tokens × top_k` expert ids, the step's tokens in batch order. Each call queues
+    /// one forward pass; the queue is used up one entry per pass. For reproducing routing
+    /// recorded elsewhere, e.g. on a GPU whose rounding broke a near-tie between two experts
+    /// the other way (see [`Model::take_replay_regret`]). Errors, queueing nothing, on a
+    /// dense model, a count of layers other than the model's MoE layers, or an expert id out
+    /// of range; a pass whose token count does not match its entry fails with an error.
+    pub fn replay_routing(&self, per_layer: Vec<Vec<u32>>) -> Result<(), RuntimeError> {
+        let blocks: Vec<&MoeBlock> = self.layers.iter().filter_map(|l| l.moe()).collect();
+        if blocks.is_empty() || blocks.len() != per_layer.len() {
+            return Err(RuntimeError::Request(format!(
+                "routing replay: {} layers' routing given, the model has {} MoE layers",
+                per_layer.len(),
+                blocks.len()
+            )));
+        }
+        for (i, (m, ids)) in blocks.iter().zip(&per_layer).enumerate() {
+            let n_exp = m.experts.len();
+            if !ids.len().is_multiple_of(m.top_k) {
+                return Err(RuntimeError::Request(format!(
+                    "routing replay: MoE layer {i} got {} expert ids, not a multiple of top_k {}",
+                    ids.len(),
+                    m.top_k
+                )));
+            }
+            if let Some(bad) = ids.iter().find(|&&e| e as usize >= n_exp) {
+                return Err(RuntimeError::Request(format!(
+                    "routing replay: MoE layer {i} has no expert {bad} ({n_exp} experts)"
+                )));
+            }
+        }
+        for (m, ids) in blocks.into_iter().zip(per_layer) {
+            let mut q = m
+                .replay
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            q.push_back(ids);
+        }
+        Ok(())
+    }
+
+    /// The largest router-logit regret of the routing replayed since the last call: over the
+    /// tokens of every MoE layer, how far the lowest replayed expert's router logit fell below
+    /// the router's own k-th choice ([`ops::routing_regret`]); 0 when the replay matched
+    /// the router's top k. Resets it.
+    pub fn take_replay_regret(&self) -> f32 {
+        self.layers
+            .iter()
+            .filter_map(|l| l.moe())
+            .map(|m| f32::from_bits(m.replay.regret.swap(0, Ordering::Relaxed)))
+            .fold(0.0, f32::max)
     }
 
     /// Tokens routed to each expert since the last call (counted while

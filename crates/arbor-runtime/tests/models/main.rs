@@ -14,6 +14,7 @@ mod gpu_tree;
 mod kv_tree;
 mod moe;
 mod moe_gguf;
+mod moe_replay;
 mod reward;
 mod smollm2;
 mod sparse_accuracy;
