@@ -229,24 +229,37 @@ fn smollm2_matches_the_cpu() {
     let Some((mut cpu, mut gpu)) = engines(&path) else {
         return;
     };
-    let vocab = cpu.model.cfg.vocab_size;
-    for (i, len) in [12usize, 40, 100].into_iter().enumerate() {
-        let toks = prompt(len, vocab, 10 + i as u32);
-        let want = logits(&mut cpu, &toks, len);
-        let got = logits(&mut gpu, &toks, len);
+    let tok = arbor_runtime::load(&path).expect("load SmolLM2").tokenizer;
+    let text = [
+        "The capital of France is",
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+        "Question: A train covers 60 km in 45 minutes. What is its speed in km/h?\n\
+         Answer: Let's think step by step.",
+    ];
+    let mut prompts: Vec<Vec<u32>> = text
+        .iter()
+        .map(|t| tok.encode(t, tok.add_bos_default(), false).expect("encode"))
+        .collect();
+    // And 100 random tokens: a longer context over several pages, with near ties.
+    prompts.push(prompt(100, cpu.model.cfg.vocab_size, 12));
+    for (i, toks) in prompts.iter().enumerate() {
+        let len = toks.len();
+        let want = logits(&mut cpu, toks, len);
+        let got = logits(&mut gpu, toks, len);
         let (nmse, max) = errors(&got, &want);
         println!("SmolLM2 prompt {i} ({len} tokens): NMSE {nmse:.2e}, max abs {max:.2e}");
         assert!(nmse < 1e-3, "NMSE {nmse:.2e}");
-        // Random-token prompts leave near ties (the CPU emulator of the GPU parted from the
-        // CPU on prompt 0 at logits NMSE 1.9e-5): identical tokens but at a tie.
-        greedy_agrees(
+        // Identical for 32 tokens unless the two part at a tie within the rounding (the CPU
+        // emulator of the GPU parted from the CPU on a random-token prompt at NMSE 1.9e-5).
+        let same = greedy_agrees(
             &mut cpu,
             &mut gpu,
-            &toks,
+            toks,
             32,
             max,
             &format!("SmolLM2 prompt {i}"),
         );
+        println!("SmolLM2 prompt {i}: greedy identical for {same} of 32 tokens");
     }
 }
 
