@@ -166,7 +166,7 @@ fn moe_fixtures_match_the_cpu() {
             name,
         );
         assert_eq!(gpu.cache().allocator().num_in_use(), 0, "pages leaked");
-        let refused = gpu.replay_routing(vec![vec![]; gc_layers(&gpu)]);
+        let refused = gpu.replay_routing(vec![vec![]; moe_layers(&gpu)]);
         assert!(
             refused.is_err(),
             "{name}: a GPU engine cannot replay routing"
@@ -175,7 +175,7 @@ fn moe_fixtures_match_the_cpu() {
 }
 
 /// MoE layers of a GPU engine's model.
-fn gc_layers(e: &Engine) -> usize {
+fn moe_layers(e: &Engine) -> usize {
     (0..e.model.cfg.num_layers)
         .filter(|&l| e.model.cfg.is_moe_layer(l))
         .count()
