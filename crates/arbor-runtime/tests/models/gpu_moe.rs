@@ -104,8 +104,11 @@ fn moe_fixtures_match_the_cpu() {
                 } else {
                     run_routed(&mut gpu, toks, chunks, None)
                 };
-                // The GPU routes each token as it did token by token (else a near-tie went
-                // another way with another GEMM shape: compared by counts only).
+                // The GPU routes each token as it did token by token, or else a near-tie went
+                // another way with other kernels (prefill attention, larger GEMMs): the step's
+                // routing is then unknown per token, so the run is compared by counts only,
+                // which may move by 2 per token-layer routed apart, for at most a tenth of
+                // them (a broken prefill router would move most).
                 let spans = spans(toks.len(), chunks);
                 let moved: u64 = steps
                     .iter()
@@ -121,10 +124,14 @@ fn moe_fixtures_match_the_cpu() {
                     })
                     .sum();
                 if moved > 0 {
-                    println!("{name} seq {i} chunks {chunks:?}: {moved} expert counts differ from token-by-token routing; compared by counts only");
+                    println!(
+                        "{name} seq {i} chunks {chunks:?}: {moved} expert counts differ from \
+                         token-by-token routing; compared by counts only"
+                    );
+                    let allowed = 2 * (routes.len() * routes[0].len()).div_ceil(10) as u64;
                     assert!(
-                        moved <= 4,
-                        "{name} seq {i} chunks {chunks:?}: routing moved {moved} counts"
+                        moved <= allowed,
+                        "{name} seq {i} chunks {chunks:?}: routing moved {moved} counts (> {allowed})"
                     );
                     continue;
                 }
@@ -303,7 +310,12 @@ fn moe_expert_counts_match_the_cpu() {
             c.counts,
             g.load()
         );
-        // Equal unless a near-tie was routed differently (each such token moves 2).
-        assert!(d <= 4, "{name}: GPU and CPU expert counts differ by {d}");
+        // Equal unless near-ties were routed differently (each such token-layer moves 2; bf16
+        // routes up to a tenth of them apart on these fixtures, see the module notes).
+        let allowed = 2 * (toks.len() * c.layers.len()).div_ceil(10) as u64;
+        assert!(
+            d <= allowed,
+            "{name}: GPU and CPU expert counts differ by {d} (> {allowed})"
+        );
     }
 }
