@@ -101,6 +101,7 @@ Needs torch, transformers (tested with 5.23), tokenizers, safetensors. CPU only.
 """
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -445,8 +446,14 @@ def bf16_sensitivity(model_dir, input_ids):
     """transformers' bf16 run of a MoE fixture against its f32 run (see BF16 SENSITIVITY)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
-    routers = [l.mlp.gate for l in model.model.layers
-               if hasattr(l.mlp, "gate") and hasattr(l.mlp, "experts")]
+    # A bf16 copy (Module.to converts in place, and converting back would keep the rounding
+    # of f16 weights and of the rotary inv_freq buffer).
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+
+    def routers(m):
+        return [l.mlp.gate for l in m.model.layers
+                if hasattr(l.mlp, "gate") and hasattr(l.mlp, "experts")]
+
     renorm = getattr(model.config, "norm_topk_prob", True)  # Mixtral has no flag: always
     out = {"nmse": [], "tokens_routed_apart": [], "max_regret": []}
     for ids in input_ids:
@@ -457,11 +464,10 @@ def bf16_sensitivity(model_dir, input_ids):
                 f32_logits[i], f32_choice[i] = o[0].float().clone(), o[2].clone()
             return hook
 
-        hooks = [r.register_forward_hook(record(i)) for i, r in enumerate(routers)]
+        hooks = [r.register_forward_hook(record(i)) for i, r in enumerate(routers(model))]
         want = model(input_ids=torch.tensor([ids])).logits[0].float()
         for h in hooks:
             h.remove()
-        bf = model.to(torch.bfloat16)
         apart, regret = [0], [0.0]
 
         def force(i):
@@ -482,11 +488,10 @@ def bf16_sensitivity(model_dir, input_ids):
                 return logits, p.to(o[1].dtype), idx
             return hook
 
-        hooks = [r.register_forward_hook(force(i)) for i, r in enumerate(routers)]
+        hooks = [r.register_forward_hook(force(i)) for i, r in enumerate(routers(bf))]
         got = bf(input_ids=torch.tensor([ids])).logits[0].float()
         for h in hooks:
             h.remove()
-        model = bf.to(torch.float32)
         out["nmse"].append(float(((got - want) ** 2).sum() / (want ** 2).sum()))
         out["tokens_routed_apart"].append(apart[0])
         out["max_regret"].append(regret[0])
