@@ -324,8 +324,11 @@ impl Engine {
     }
 
     /// Routing replay for the next step (see [`Model::replay_routing`]): each MoE layer
-    /// sends the step's tokens to the given experts instead of its router's top k. CPU
-    /// engines only (an error on a GPU, whose router kernels do not take a replay).
+    /// sends the rows the step computes to the given experts instead of its router's top k.
+    /// Those rows are the step's new tokens in batch order, plus any history a preempted
+    /// sequence recomputes, less any prefix taken from the cache (none when the first new
+    /// token's logits are asked for). A failed step drops what was queued. CPU engines only
+    /// (an error on a GPU, whose router kernels do not take a replay).
     pub fn replay_routing(&self, per_layer: Vec<Vec<u32>>) -> Result<(), RuntimeError> {
         if self.backend.device() != Device::Cpu {
             return Err(RuntimeError::Request(
@@ -338,7 +341,8 @@ impl Engine {
     /// Runs one batch: appends each sequence's new tokens, then samples and returns what each
     /// asked for. On error nothing is appended.
     pub fn step(&mut self, batch: &ForwardBatch) -> Result<Vec<SeqOutput>, RuntimeError> {
-        self.validate(batch)?;
+        self.validate(batch)
+            .inspect_err(|_| self.model.drop_routing_replay())?;
         let mut plans = Vec::with_capacity(batch.seqs.len());
         for s in &batch.seqs {
             plans.push(self.plan(s));
@@ -348,6 +352,7 @@ impl Engine {
             for (s, p) in batch.seqs.iter().zip(&plans) {
                 self.cache.truncate(s.seq, p.old_len);
             }
+            self.model.drop_routing_replay();
         }
         result
     }

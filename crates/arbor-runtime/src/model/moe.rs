@@ -46,7 +46,7 @@ pub(crate) struct SharedExpert {
 /// [`Model::replay_routing`]), and how far it strayed from the router's own choice.
 #[derive(Default)]
 struct RoutingReplay {
-    /// `tokens × top_k` expert ids per forward pass, oldest first.
+    /// `rows × top_k` expert ids per forward pass, oldest first.
     queue: Mutex<VecDeque<Vec<u32>>>,
     /// Largest [`ops::routing_regret`] since the last take, as f32 bits (non-negative
     /// floats order as their bits do).
@@ -307,12 +307,13 @@ impl Model {
     /// Routing replay: the next forward pass of each MoE layer sends its tokens to the given
     /// experts instead of its router's top k, weighted by the router's own probabilities of
     /// them (as [`ops::route_given`]). `per_layer[i]` is for the i-th MoE layer in layer
-    /// order: `tokens × top_k` expert ids, the step's tokens in batch order. Each call queues
-    /// one forward pass; the queue is used up one entry per pass. For reproducing routing
-    /// recorded elsewhere, e.g. on a GPU whose rounding broke a near-tie between two experts
-    /// the other way (see [`Model::take_replay_regret`]). Errors, queueing nothing, on a
-    /// dense model, a count of layers other than the model's MoE layers, or an expert id out
-    /// of range; a pass whose token count does not match its entry fails with an error.
+    /// order: `rows × top_k` expert ids for the rows the pass computes, in order. Each call
+    /// queues one forward pass; the queue is used up one entry per pass. For reproducing
+    /// routing recorded elsewhere, e.g. on a GPU whose rounding broke a near-tie between two
+    /// experts the other way (see [`Model::take_replay_regret`]). Errors, queueing nothing,
+    /// on a dense model, a count of layers other than the model's MoE layers, or an expert id
+    /// out of range; a pass whose row count does not match its entry fails with an error,
+    /// leaving the later layers' entries queued ([`Model::drop_routing_replay`]).
     pub fn replay_routing(&self, per_layer: Vec<Vec<u32>>) -> Result<(), RuntimeError> {
         let blocks: Vec<&MoeBlock> = self.layers.iter().filter_map(|l| l.moe()).collect();
         if blocks.is_empty() || blocks.len() != per_layer.len() {
@@ -346,6 +347,18 @@ impl Model {
             q.push_back(ids);
         }
         Ok(())
+    }
+
+    /// Drops every queued routing replay (an engine does after a failed step, whose later
+    /// layers never took theirs).
+    pub fn drop_routing_replay(&self) {
+        for m in self.layers.iter().filter_map(|l| l.moe()) {
+            m.replay
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
     }
 
     /// The largest router-logit regret of the routing replayed since the last call: over the

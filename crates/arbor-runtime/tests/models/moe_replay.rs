@@ -130,7 +130,7 @@ fn replaying_other_experts_moves_the_logits_and_reports_the_regret() {
 
 #[test]
 fn bad_replays_are_errors() {
-    let (mut e, toks, _, routes) = routed("qwen2-moe");
+    let (mut e, toks, want, routes) = routed("qwen2-moe");
     // qwen2-moe has two MoE layers (layer 1 is dense) and routes to the top 4 of 8.
     let err = |r: Result<(), arbor_runtime::RuntimeError>| r.expect_err("an error").to_string();
     let one = err(e.replay_routing(vec![vec![0, 1, 2, 3]]));
@@ -142,8 +142,13 @@ fn bad_replays_are_errors() {
     assert!(odd.contains("multiple of top_k 4"), "{odd}");
     let range = err(e.replay_routing(vec![vec![0, 1, 2, 8], vec![0, 1, 2, 3]]));
     assert!(range.contains("no expert 8"), "{range}");
-    // A replay for one token used by a step of two: that step fails, nothing appended.
-    e.replay_routing(routes[0].clone()).expect("queued");
+    // A replay for one token used by a step of two: that step fails in the first MoE layer,
+    // nothing appended, and the later layer's entry is dropped with it: the experts of the
+    // token whose last-layer choice shares least with token 0's, which a next pass of token 0
+    // would show.
+    let shared = |t: &Vec<Vec<u32>>| t[1].iter().filter(|x| routes[0][1].contains(x)).count();
+    let other = routes.iter().min_by_key(|t| shared(t)).expect("tokens");
+    e.replay_routing(other.clone()).expect("queued");
     let seq = e.new_seq();
     let step = SeqStep {
         seq,
@@ -155,6 +160,11 @@ fn bad_replays_are_errors() {
     let msg = bad.expect_err("a mismatched replay").to_string();
     assert!(msg.contains("expert ids for 2 rows"), "{msg}");
     e.free_seq(seq);
+    let (after, _) = run_routed(&mut e, &toks, &[1], None);
+    let regret = e.model.take_replay_regret();
+    assert_eq!(regret, 0.0, "a failed step's replay was left queued");
+    let (nmse, _) = errors(&after, &want);
+    assert!(nmse < 1e-10, "NMSE {nmse:.2e}");
     // A dense model has nothing to replay.
     let dense = engine_for(Model::load(&fixture("llama")).expect("load fixture"));
     assert!(dense.replay_routing(vec![vec![0]]).is_err());
