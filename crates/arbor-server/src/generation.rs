@@ -61,14 +61,7 @@ impl Run {
             self.slot.ended();
             return Ok(None);
         }
-        let u = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
-            Err(_) => {
-                let secs = self.slot.state().cfg.request_timeout.as_secs_f64();
-                return Err(ApiError::timeout(secs));
-            }
-            Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
-            Ok(Some(u)) => u,
-        };
+        let u = self.slot.recv_until(&mut self.rx, self.deadline).await?;
         let shutting = self
             .slot
             .state()

@@ -106,6 +106,29 @@ impl Slot {
         }
     }
 
+    /// The request's next update, or a timeout error once `deadline` has passed. The clock
+    /// is read first: `timeout_at` polls the receiver before the clock, so a fast engine's
+    /// buffered updates would otherwise carry a request past its deadline.
+    pub async fn recv_until(
+        &self,
+        rx: &mut UnboundedReceiver<Update>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Update, ApiError> {
+        let late = tokio::time::Instant::now() >= deadline;
+        let got = if late {
+            None
+        } else {
+            tokio::time::timeout_at(deadline, rx.recv()).await.ok()
+        };
+        match got {
+            None => Err(ApiError::timeout(
+                self.state.cfg.request_timeout.as_secs_f64(),
+            )),
+            Some(None) => Err(ApiError::internal("the engine worker stopped")),
+            Some(Some(u)) => Ok(u),
+        }
+    }
+
     /// The worker has ended all of this ticket's work.
     pub fn ended(&mut self) {
         self.ended = true;

@@ -89,14 +89,7 @@ enum Next {
 impl Searching {
     async fn next(&mut self) -> Result<Next, ApiError> {
         loop {
-            let u = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
-                Err(_) => {
-                    let secs = self.slot.state().cfg.request_timeout.as_secs_f64();
-                    return Err(ApiError::timeout(secs));
-                }
-                Ok(None) => return Err(ApiError::internal("the engine worker stopped")),
-                Ok(Some(u)) => u,
-            };
+            let u = self.slot.recv_until(&mut self.rx, self.deadline).await?;
             match u {
                 Update::Search(p) => return Ok(Next::Event(self.event(p))),
                 Update::SearchDone(r) => {

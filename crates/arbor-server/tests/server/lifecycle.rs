@@ -118,23 +118,36 @@ async fn a_full_queue_answers_429_and_a_timeout_504() {
     assert_eq!(r.status, 200);
     server.stop().await.expect("clean stop");
 
-    let server = start(4 << 20, |c| c.request_timeout = Duration::from_millis(30)).await;
-    let addr = server.addr;
+    // With a zero timeout the deadline has passed before the worker can answer.
+    let server = start(4 << 20, |c| c.request_timeout = Duration::ZERO).await;
     let r = post(
-        addr,
+        server.addr,
         "/v1/completions",
         &json!({"prompt": "a", "max_tokens": 120, "n": 32}),
     )
     .await;
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"]["code"], "request_timeout");
-    // A timed-out stream ends with an error event and [DONE].
-    let r = post(
-        addr,
-        "/v1/completions",
-        &json!({"prompt": "a", "max_tokens": 120, "n": 32, "stream": true}),
-    )
-    .await;
+    server.stop().await.expect("clean stop");
+
+    // A stream accepted in time that runs past its deadline ends with an error event and
+    // [DONE]. Its timeout is a quarter of what the whole stream takes on this machine (the
+    // faster of two runs), so the test holds on fast and slow machines alike.
+    let body = json!({"prompt": "a", "max_tokens": 120, "n": 32, "stream": true});
+    let server = start(4 << 20, |_| {}).await;
+    let mut full = Duration::MAX;
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let r = post(server.addr, "/v1/completions", &body).await;
+        full = full.min(t0.elapsed());
+        assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+        assert!(!r.events().iter().any(|e| e.contains("error")));
+    }
+    server.stop().await.expect("clean stop");
+    let server = start(4 << 20, |c| c.request_timeout = full / 4).await;
+    let addr = server.addr;
+    let r = post(addr, "/v1/completions", &body).await;
+    assert_eq!(r.status, 200, "accepted before the deadline ({full:?} / 4)");
     let ev = r.events();
     assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
     assert!(ev.iter().any(|e| e.contains("request_timeout")), "{ev:?}");
