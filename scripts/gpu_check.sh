@@ -4,7 +4,9 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR] [PHASE...]     (OUT_DIR default: $OUT, else gpu-out/)
 #
-# Phases (default: all, in this order; each fits one 10-minute device call on an H100):
+# Phases (default: all, in this order). A session's device time is short (15 minutes,
+# machine start included): one call of `BUDGET_S=480 scripts/gpu_check.sh "$OUT" tests
+# headline decode` (timeout_s 540) gets the correctness checks and the headline first.
 #   tests      every op against its CPU reference + the NVRTC compile check; the whole model
 #              on the GPU against the CPU (fixtures, MoE fixtures, tree attention, CUDA graphs;
 #              SmolLM2 when ARBOR_CACHE holds its GGUF)                       [cuda, tree, moe]
@@ -34,11 +36,28 @@ status=0
   cat "$BIN/COMMIT" 2>/dev/null
 } | tee -a "$OUT/machine.txt"
 
+# BUDGET_S (seconds, optional): the whole run's limit. Each command gets what is left and is
+# stopped at the end of it; once under a minute is left, the remaining commands are skipped
+# and listed, so a device call ends with every log written instead of being killed midway.
+# No one command gets more than CMD_S (default 300) of it, so a hang costs only its phase.
+START=$(date +%s)
 run() { # name, command...
   local name=$1; shift
+  local limit=()
+  if [ -n "${BUDGET_S:-}" ]; then
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if [ $left -lt 60 ]; then
+      echo "== $name: skipped, ${left}s of BUDGET_S left" | tee -a "$OUT/commands.txt"
+      status=1
+      return
+    fi
+    [ $left -gt "${CMD_S:-300}" ] && left=${CMD_S:-300}
+    limit=(timeout -k 5 "$left")
+  fi
   echo "== $name: $*" | tee -a "$OUT/commands.txt"
-  "$@" >"$OUT/$name.log" 2>&1
+  ${limit[@]+"${limit[@]}"} "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
+  [ $rc -eq 124 ] && echo "(stopped: BUDGET_S or CMD_S ran out)" >>"$OUT/$name.log"
   tail -n 25 "$OUT/$name.log"
   echo "== $name: exit $rc"
   [ $rc -eq 0 ] || status=1
