@@ -4,7 +4,7 @@ use crate::gguf::GgufFile;
 pub use crate::moe_config::MoeConfig;
 use crate::reward::RewardHead;
 use crate::RuntimeError;
-use arbor_kernels::ops::{RopeLayout, RopeScaling};
+use arbor_kernels::ops::{AttentionParams, RopeLayout, RopeScaling};
 use serde_json::Value;
 
 /// Decoder families arbor runs; they differ only in the options of one DecoderLayer
@@ -84,6 +84,17 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The attention shape every layer shares.
+    pub fn attention_params(&self) -> AttentionParams {
+        AttentionParams {
+            n_heads: self.num_heads,
+            n_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            sliding_window: self.sliding_window,
+        }
+    }
+
     /// Checks the numbers fit together (they come from user files).
     pub fn validate(&self) -> Result<(), RuntimeError> {
         let bad = |m: String| Err(RuntimeError::Config(m));

@@ -109,7 +109,7 @@ impl StepAttention {
                 layout: cfg.rope_layout,
                 eps: cfg.rms_eps,
             },
-            params: attention_params(cfg),
+            params: cfg.attention_params(),
             kernel,
         }
     }
@@ -139,7 +139,7 @@ impl StepAttention {
             Some(plan) => {
                 let plan = in_step_order(plan, batch)?;
                 let sparse =
-                    GpuSparsePlan::upload(gpu, &plan, &attention_params(cfg), &opts.sparse)?;
+                    GpuSparsePlan::upload(gpu, &plan, &cfg.attention_params(), &opts.sparse)?;
                 let plan = GpuCascadePlan::upload_reusing(gpu, &plan, pad_rows, reuse.take())?;
                 Kernel::Cascade(Box::new(plan), sparse.map(|s| Box::new(Mutex::new(s))))
             }
@@ -283,17 +283,6 @@ impl StepAttention {
         }
         gemm.matmul_bt(b.xn, rows, &l.wo, h, qd, b.o)?;
         Ok(())
-    }
-}
-
-/// The model's attention shape.
-fn attention_params(cfg: &ModelConfig) -> AttentionParams {
-    AttentionParams {
-        n_heads: cfg.num_heads,
-        n_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        scale: 1.0 / (cfg.head_dim as f32).sqrt(),
-        sliding_window: cfg.sliding_window,
     }
 }
 

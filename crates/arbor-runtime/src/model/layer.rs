@@ -8,8 +8,8 @@ use super::source::TensorSource;
 use crate::config::ModelConfig;
 use crate::RuntimeError;
 use arbor_kernels::kv::KvCache;
-use arbor_kernels::ops::cascade::{self, CascadeMode, CascadePlan, SparseParams};
-use arbor_kernels::ops::{self, AttentionParams, RopeTable};
+use arbor_kernels::ops::cascade::{self, CascadeMode, CascadePlan, SelectionStart, SparseParams};
+use arbor_kernels::ops::{self, RopeTable};
 use arbor_kernels::weight::WeightData;
 use arbor_kernels::Weight;
 use rayon::prelude::*;
@@ -22,7 +22,18 @@ pub struct LayerCtx<'a> {
     pub precision: Precision,
     /// The batch's cascade plan, and how to run it, when attention goes through it (shared
     /// pages or sparse rows).
-    pub tree: Option<(&'a CascadePlan, CascadeMode, SparseParams)>,
+    pub tree: Option<TreeCtx<'a>>,
+}
+
+/// A forward pass's cascade attention: the plan every layer runs, and for sparse rows what
+/// their page selection starts from (the same in every layer; only the ranking is per layer).
+#[derive(Clone, Copy)]
+pub struct TreeCtx<'a> {
+    pub plan: &'a CascadePlan,
+    pub mode: CascadeMode,
+    pub sparse: SparseParams,
+    /// `Some` when a row has a sparse budget.
+    pub start: Option<&'a SelectionStart>,
 }
 
 /// The feed-forward block.
@@ -197,19 +208,17 @@ impl DecoderLayer {
                 cache.write(layer, s.seq, batch.positions[r], kr, vr);
             }
         }
-        let params = AttentionParams {
-            n_heads: cfg.num_heads,
-            n_kv_heads: cfg.num_kv_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-            sliding_window: cfg.sliding_window,
-        };
+        let params = cfg.attention_params();
         let mut attn = vec![0.0f32; t * qd];
-        if let Some((plan, mode, sparse)) = ctx.tree {
+        if let Some(tc) = ctx.tree {
             // Pages shared by several sequences are read once for all of their rows.
             let pool = &cache.pool;
-            let sel = cascade::select_pages(&q, plan, pool, layer, &params, &sparse);
-            mode.attend(&q, plan, pool, layer, &params, sel.as_ref(), &mut attn);
+            let sel = tc
+                .start
+                .filter(|_| layer >= tc.sparse.dense_layers)
+                .and_then(|st| cascade::select_pages_from(&q, tc.plan, st, pool, layer, &params));
+            tc.mode
+                .attend(&q, tc.plan, pool, layer, &params, sel.as_ref(), &mut attn);
         } else {
             for s in &batch.seqs {
                 let rows = s.rows();

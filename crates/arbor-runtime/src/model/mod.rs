@@ -9,7 +9,7 @@ mod source;
 
 pub use batch::{AttentionOptions, BatchLayout, SeqRows};
 pub use head::Head;
-pub use layer::{stack_rows, DecoderLayer, Ffn, LayerCtx};
+pub use layer::{stack_rows, DecoderLayer, Ffn, LayerCtx, TreeCtx};
 pub use linear::{linear, Precision};
 pub use moe::{ExpertCounts, ExpertLoad, MoeBlock};
 pub use source::{hf_name, hf_names, MemTensor, TensorSource};
@@ -19,7 +19,7 @@ use crate::gguf::GgufFile;
 use crate::safetensors::SafeTensors;
 use crate::RuntimeError;
 use arbor_kernels::kv::KvCache;
-use arbor_kernels::ops::{self, RopeTable};
+use arbor_kernels::ops::{self, cascade, RopeTable};
 use arbor_kernels::Weight;
 use rayon::prelude::*;
 use std::path::Path;
@@ -145,11 +145,21 @@ impl Model {
         // Once per forward: every layer shares the block tables.
         let (mode, tree) = (self.attention.mode(), self.attention.tree.is_some());
         let plan = batch.cascade_plan(cache, tree, &mode.plan_options())?;
+        let sparse = self.attention.sparse;
+        let start = plan
+            .as_ref()
+            .filter(|p| p.has_sparse())
+            .map(|p| cascade::selection_start(p, &self.cfg.attention_params(), &sparse));
         let ctx = LayerCtx {
             cfg: &self.cfg,
             rope: &self.rope,
             precision: self.precision,
-            tree: plan.as_ref().map(|p| (p, mode, self.attention.sparse)),
+            tree: plan.as_ref().map(|plan| TreeCtx {
+                plan,
+                mode,
+                sparse,
+                start: start.as_ref(),
+            }),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(i, &ctx, batch, cache, &mut x)?;

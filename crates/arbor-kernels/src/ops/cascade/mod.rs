@@ -65,6 +65,6 @@ impl CascadeMode {
     }
 }
 pub use sparse::{
-    mark_index, row_candidates, select_pages, selection_start, Candidate, PageSelection,
-    RowCandidates, SelectionStart, SparseParams,
+    mark_index, row_candidates, select_pages, select_pages_from, selection_start, Candidate,
+    PageSelection, RowCandidates, SelectionStart, SparseParams,
 };

@@ -200,7 +200,8 @@ pub fn selection_start(
 
 /// Chooses the pages of `layer` that each group of `plan` reads for the queries `q`
 /// (`rows × n_heads × head_dim`, after RoPE). `None` (read everything) when no row has a
-/// sparse budget or `layer` is one of the dense layers.
+/// sparse budget or `layer` is one of the dense layers. A forward pass makes the
+/// [`SelectionStart`] once and calls [`select_pages_from`] in each layer.
 pub fn select_pages(
     q: &[f32],
     plan: &CascadePlan,
@@ -212,9 +213,23 @@ pub fn select_pages(
     if !plan.has_sparse() || layer < sp.dense_layers {
         return None;
     }
+    select_pages_from(q, plan, &selection_start(plan, p, sp), pool, layer, p)
+}
+
+/// [`select_pages`] of a sparse layer, from the step's `start` (`selection_start` of the same
+/// plan and parameters): only the ranking depends on the layer.
+pub fn select_pages_from(
+    q: &[f32],
+    plan: &CascadePlan,
+    start: &SelectionStart,
+    pool: &KvPool,
+    layer: usize,
+    p: &AttentionParams,
+) -> Option<PageSelection> {
     let nkv = p.n_kv_heads;
-    let SelectionStart { mut marks, ranked } = selection_start(plan, p, sp);
-    let picks: Vec<Vec<usize>> = ranked
+    let mut marks = start.marks.clone();
+    let picks: Vec<Vec<usize>> = start
+        .ranked
         .par_iter()
         .map(|(r, rc)| row_picks(q, plan, pool, layer, p, *r, rc))
         .collect();
