@@ -98,16 +98,22 @@ __device__ __forceinline__ float page_bound(const float* __restrict__ q,
     return s;
 }
 
-// sel: (row, take, first candidate, end candidate) per selection, with 0 < take < count.
-// Candidates: cand[3c .. 3c+3] = (pool page, mark index for KV head 0, pages of its group:
-// the stride between KV heads' marks). keys: scratch of n_kv_heads × total_cands u32.
+// counts: (selections, candidates) of this step, read from device memory so that a CUDA
+// graph launches a block per selection its buffers hold and replays for any step that fits
+// (blocks past the count return). sel: (row, take, first candidate, end candidate) per
+// selection, with 0 < take < count. Candidates: cand[3c .. 3c+3] = (pool page, mark index for
+// KV head 0, pages of its group: the stride between KV heads' marks). keys: scratch of
+// n_kv_heads × total candidates u32.
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 sparse_select(const float* __restrict__ q, int n_heads, int n_kv_heads, int head_dim,
               const bf16_t* __restrict__ summ, int layer, int num_pages,
-              const u32* __restrict__ sel, const u32* __restrict__ cand, u32 total_cands,
-              u32* __restrict__ keys, unsigned char* __restrict__ marks) {
+              const u32* __restrict__ counts, const u32* __restrict__ sel,
+              const u32* __restrict__ cand, u32* __restrict__ keys,
+              unsigned char* __restrict__ marks) {
     __shared__ SelectShared<SELECT_THREADS> sh;
     const u32 s = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    if (s >= counts[0]) return;
+    const u32 total_cands = counts[1];
     const u32 row = sel[4 * s], take = sel[4 * s + 1], c0 = sel[4 * s + 2], c1 = sel[4 * s + 3];
     const u32 n = c1 - c0;
     const int gh = n_heads / n_kv_heads;

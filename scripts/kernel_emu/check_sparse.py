@@ -117,9 +117,11 @@ def check_select(seed, hd, n_heads, kv_heads, n_sel, max_cands, ties):
 
     def go():
         marks = k.buf(pre)
-        k.launch("sparse_select", (n_sel, kv_heads), (SELECT_THREADS,), k.buf(q), i32(n_heads),
-                 i32(kv_heads), i32(hd), k.buf(summ), i32(layer), i32(pages), k.buf(sel_a),
-                 k.buf(cand_a), np.uint32(total),
+        # Three blocks more than selections, as a CUDA graph's capacity launches: they return.
+        counts = np.array([n_sel, total], np.uint32)
+        k.launch("sparse_select", (n_sel + 3, kv_heads), (SELECT_THREADS,), k.buf(q),
+                 i32(n_heads), i32(kv_heads), i32(hd), k.buf(summ), i32(layer), i32(pages),
+                 k.buf(counts), k.buf(sel_a), k.buf(cand_a),
                  k.buf(np.zeros(kv_heads * total, np.uint32)), marks)
         return marks.get()
 

@@ -45,10 +45,10 @@ def main(d):
                  k.buf(pairs), i32(n_pairs), i32(pages), i32(ps), i32(kvh), i32(hd), summ)
         marks = k.buf(init)
         if n_sel:
+            counts = np.array([n_sel, n_cands], np.uint32)
             k.launch("sparse_select", (n_sel, kvh), (SELECT_THREADS,), k.buf(q), i32(n_heads),
-                     i32(kvh), i32(hd), summ, i32(layer), i32(pages), k.buf(sel), k.buf(cand),
-                     np.uint32(n_cands), k.buf(np.zeros(max(kvh * n_cands, 1), np.uint32)),
-                     marks)
+                     i32(kvh), i32(hd), summ, i32(layer), i32(pages), k.buf(counts), k.buf(sel),
+                     k.buf(cand), k.buf(np.zeros(max(kvh * n_cands, 1), np.uint32)), marks)
         return marks.get()
 
     both_orders(k, go).tofile(os.path.join(d, "marks.u8"))

@@ -46,6 +46,14 @@ enum Kernel {
     Cascade(Box<GpuCascadePlan>, Option<Box<Mutex<GpuSparsePlan>>>),
 }
 
+/// A step's device plans, kept for the next step of the same kind to upload its own into
+/// (see [`GpuCascadePlan::upload_reusing`]): buffers that stay put keep CUDA graphs valid.
+#[derive(Default)]
+pub(super) struct PlanBuffers {
+    pub cascade: Option<GpuCascadePlan>,
+    pub sparse: Option<GpuSparsePlan>,
+}
+
 /// One step's attention, shared by every layer.
 pub(super) struct StepAttention {
     hidden: usize,
@@ -116,9 +124,9 @@ impl StepAttention {
 
     /// The attention of a step laid out as `meta` (`pad_rows` rows once padded for a graph):
     /// cascade over the plan of `batch` on `cache`'s block tables (reserved for the step),
-    /// uploaded here into the buffers of the plan in `reuse` (an earlier step's, taken only
-    /// when this step has a plan) where they fit, when `opts` turn tree attention on and the
-    /// step's sequences share pages; else the paged kernel.
+    /// uploaded here into the buffers of the plans in `reuse` (an earlier step's, each taken
+    /// only when this step has such a plan) where they fit, when `opts` turn tree attention on
+    /// and the step's sequences share pages, or rows are sparse; else the paged kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         gpu: &Gpu,
@@ -128,7 +136,7 @@ impl StepAttention {
         cache: &KvCache,
         opts: &AttentionOptions,
         pad_rows: usize,
-        reuse: &mut Option<GpuCascadePlan>,
+        reuse: &mut PlanBuffers,
     ) -> Result<Self, RuntimeError> {
         let plan_opts = CascadeMode::Merge.plan_options();
         let plan = match Self::paged_only(meta, batch, opts) {
@@ -138,9 +146,15 @@ impl StepAttention {
         let kernel = match plan {
             Some(plan) => {
                 let plan = in_step_order(plan, batch)?;
-                let sparse =
-                    GpuSparsePlan::upload(gpu, &plan, &cfg.attention_params(), &opts.sparse)?;
-                let plan = GpuCascadePlan::upload_reusing(gpu, &plan, pad_rows, reuse.take())?;
+                let sparse = match plan.has_sparse() {
+                    true => {
+                        let (p, old) = (cfg.attention_params(), reuse.sparse.take());
+                        GpuSparsePlan::upload_reusing(gpu, &plan, &p, &opts.sparse, old)?
+                    }
+                    false => None,
+                };
+                let old = reuse.cascade.take();
+                let plan = GpuCascadePlan::upload_reusing(gpu, &plan, pad_rows, old)?;
                 Kernel::Cascade(Box::new(plan), sparse.map(|s| Box::new(Mutex::new(s))))
             }
             None => Kernel::Paged {
@@ -152,11 +166,13 @@ impl StepAttention {
         Ok(Self::new(cfg, kernel))
     }
 
-    /// The step's cascade plan, if it had one (for the next step to reuse its buffers).
-    pub fn into_plan(self) -> Option<GpuCascadePlan> {
-        match self.kernel {
-            Kernel::Cascade(plan, _) => Some(*plan),
-            Kernel::Paged { .. } => None,
+    /// Gives the step's plans back into `reuse` (for the next step to reuse their buffers).
+    pub fn return_plans(self, reuse: &mut PlanBuffers) {
+        if let Kernel::Cascade(plan, sparse) = self.kernel {
+            reuse.cascade = Some(*plan);
+            if let Some(sp) = sparse.and_then(|s| s.into_inner().ok()) {
+                reuse.sparse = Some(sp);
+            }
         }
     }
 
@@ -178,11 +194,16 @@ impl StepAttention {
     }
 
     /// What a CUDA graph of this attention is valid for: `None` for the paged kernel (any step
-    /// of a bucket), the plan's epoch for cascade.
-    pub fn graph_epoch(&self) -> Option<u64> {
+    /// of a bucket); for cascade, the plan's epoch and its sparse selection's (0 without).
+    pub fn graph_epoch(&self) -> Option<(u64, u64)> {
         match &self.kernel {
             Kernel::Paged { .. } => None,
-            Kernel::Cascade(plan, _) => Some(plan.epoch()),
+            Kernel::Cascade(plan, sparse) => {
+                let sp = sparse
+                    .as_ref()
+                    .and_then(|s| s.lock().ok().map(|s| s.epoch()));
+                Some((plan.epoch(), sp.unwrap_or(0)))
+            }
         }
     }
 

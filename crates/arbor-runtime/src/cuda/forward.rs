@@ -55,12 +55,7 @@ pub(super) fn run(
     m.copy_pages(&copies)?;
     let meta = StepMeta::build(batch, |s| cache.table(s), ps)?;
     let mode = m.graphs.mode();
-    // A sparse step selects pages per layer with launches shaped by its plan: run eagerly.
-    let sparse = batch.seqs.iter().any(|s| s.sparse_budget.is_some());
-    let bucket = match sparse {
-        true => None,
-        false => graph::graph_bucket(mode, batch, &meta, logit_rows),
-    };
+    let bucket = graph::graph_bucket(mode, &meta, logit_rows);
     let packed = meta.pack(tokens, logit_rows, hidden_rows, bucket)?;
     let lay = packed.layout;
     let n_logits = logit_rows.len();
@@ -94,9 +89,7 @@ pub(super) fn run(
             step
         }
     };
-    if let Some(plan) = step.into_plan() {
-        m.last_plan[slot] = Some(plan);
-    }
+    step.return_plans(&mut m.last_plan[slot]);
     m.logits = (n_logits > 0).then_some(n_logits);
 
     // Hidden states: gathered on the device, normed on the host exactly as the CPU path does.

@@ -4,7 +4,8 @@
 //! replayed, so that small batches are not bound by the ~9 launches per layer a step makes.
 //! Tree-search steps, whose sequences share pages and attend through a cascade plan, are
 //! captured per (bucket, plan epoch): the plan's arrays keep their addresses while its buffer
-//! is reused ([`GpuCascadePlan::epoch`]), and its counts are read from device memory.
+//! is reused ([`GpuCascadePlan::epoch`]), and its counts are read from device memory. Sparse
+//! rows add the plan's page selection, reused and keyed the same way ([`GpuSparsePlan::epoch`]).
 //!
 //! What makes a replay right: every buffer the step touches is a [`Workspace`] buffer or a
 //! weight, fixed until the workspace's generation changes (then the graphs are dropped; so do
@@ -20,6 +21,7 @@
 //! cuBLASLt plans, allocating cascade partials), the second is captured.
 //!
 //! [`GpuCascadePlan::epoch`]: arbor_kernels::cuda::ops::cascade::GpuCascadePlan::epoch
+//! [`GpuSparsePlan::epoch`]: arbor_kernels::cuda::ops::sparse::GpuSparsePlan::epoch
 
 use super::attend::StepAttention;
 use super::forward::{self, HeadRows};
@@ -27,7 +29,6 @@ use super::meta::{PackedLayout, StepMeta};
 use super::workspace::ROW_BUCKETS;
 use super::CudaModel;
 use crate::config::ModelConfig;
-use crate::model::BatchLayout;
 use crate::RuntimeError;
 use arbor_kernels::cuda::cudarc::driver::CudaGraph;
 use arbor_kernels::cuda::Gpu;
@@ -70,6 +71,8 @@ pub struct GraphStats {
     pub replays: u64,
     /// Of those, steps that attend through a cascade plan (tree search with shared pages).
     pub tree_replays: u64,
+    /// Of those, steps with sparse rows (a page selection per layer).
+    pub sparse_replays: u64,
     /// Decode steps padded to a bucket and run eagerly (first steps of a bucket, `Padded`
     /// mode, failed captures).
     pub eager_padded: u64,
@@ -83,6 +86,7 @@ impl GraphStats {
     fn count_replay(&mut self, key: Key) {
         self.replays += 1;
         self.tree_replays += u64::from(key.1.is_some());
+        self.sparse_replays += u64::from(key.1.is_some_and(|(_, sparse)| sparse != 0));
     }
 }
 
@@ -98,8 +102,8 @@ unsafe impl Send for Captured {}
 unsafe impl Sync for Captured {}
 
 /// What a graph is valid for within a workspace generation: the bucket, and the cascade
-/// plan's epoch (`None`: the paged kernel).
-type Key = (usize, Option<u64>);
+/// plan's and its sparse selection's epochs (`None`: the paged kernel).
+type Key = (usize, Option<(u64, u64)>);
 
 /// The graphs of one model, valid for one workspace generation.
 pub(super) struct GraphCache {
@@ -111,8 +115,8 @@ pub(super) struct GraphCache {
     warmed: HashSet<Key>,
     /// Keys whose capture failed in this generation.
     failed: HashSet<Key>,
-    /// The cascade plan epoch the cascade keys above belong to.
-    epoch: Option<u64>,
+    /// The plan epochs the cascade keys above belong to.
+    epoch: Option<(u64, u64)>,
     stats: GraphStats,
 }
 
@@ -158,7 +162,7 @@ impl GraphCache {
 
     /// Drops the cascade graphs of an earlier plan epoch when a step of `epoch` comes (their
     /// plan buffers may be gone); only one epoch is live at a time.
-    fn sync_epoch(&mut self, gpu: &Gpu, epoch: Option<u64>) -> Result<(), RuntimeError> {
+    fn sync_epoch(&mut self, gpu: &Gpu, epoch: Option<(u64, u64)>) -> Result<(), RuntimeError> {
         let Some(e) = epoch else { return Ok(()) };
         if self.epoch != Some(e) {
             let stale = |k: &Key| k.1.is_some();
@@ -183,11 +187,10 @@ pub fn bucket_for(rows: usize) -> Option<usize> {
 }
 
 /// The bucket a step runs in as a graph step, or `None` for an eager step: graphs on, every
-/// sequence one row, no sparse budget, logits for every row in order, and a batch a bucket
-/// holds. Its attention (paged or cascade) is the key's other half.
+/// sequence one row, logits for every row in order, and a batch a bucket holds. Its attention
+/// (paged, or cascade with or without sparse rows) is the key's other half.
 pub(super) fn graph_bucket(
     mode: GraphMode,
-    batch: &BatchLayout,
     meta: &StepMeta,
     logit_rows: &[usize],
 ) -> Option<usize> {
@@ -197,8 +200,7 @@ pub(super) fn graph_bucket(
         && meta.max_rows_per_seq == 1
         && meta.seq_row_indptr.len() == rows + 1
         && logit_rows.len() == rows
-        && logit_rows.iter().enumerate().all(|(i, &r)| i == r)
-        && batch.seqs.iter().all(|s| s.sparse_budget.is_none());
+        && logit_rows.iter().enumerate().all(|(i, &r)| i == r);
     if eligible {
         bucket_for(rows)
     } else {
@@ -278,11 +280,12 @@ fn gpu_err(what: &str, e: arbor_kernels::cuda::cudarc::driver::DriverError) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::BatchLayout;
     use arbor_kernels::kv::BlockTable;
 
     /// `seqs` sequences of `rows` rows each at position 20, on pages of 16; sequences share
     /// their first page when `shared`.
-    fn step(seqs: usize, rows: usize, shared: bool) -> (BatchLayout, StepMeta) {
+    fn step(seqs: usize, rows: usize, shared: bool) -> StepMeta {
         let mut b = BatchLayout::default();
         let tables: Vec<BlockTable> = (0..seqs as u32)
             .map(|s| BlockTable {
@@ -293,35 +296,30 @@ mod tests {
         for s in 0..seqs {
             b.push(s as u64, 20, rows);
         }
-        let meta = StepMeta::build(&b, |s| tables.get(s as usize), 16).expect("layout");
-        (b, meta)
+        StepMeta::build(&b, |s| tables.get(s as usize), 16).expect("layout")
     }
 
     #[test]
     fn only_one_row_decode_steps_take_graphs() {
         // The model does not matter: dense or MoE, paged or cascade attention, all take graphs.
         let all = |n: usize| (0..n).collect::<Vec<usize>>();
-        let (b, m) = step(3, 1, false);
+        let m = step(3, 1, false);
         let on = GraphMode::Replay;
-        assert_eq!(graph_bucket(on, &b, &m, &all(3)), Some(4));
-        assert_eq!(graph_bucket(GraphMode::Padded, &b, &m, &all(3)), Some(4));
-        assert_eq!(graph_bucket(GraphMode::Off, &b, &m, &all(3)), None);
+        assert_eq!(graph_bucket(on, &m, &all(3)), Some(4));
+        assert_eq!(graph_bucket(GraphMode::Padded, &m, &all(3)), Some(4));
+        assert_eq!(graph_bucket(GraphMode::Off, &m, &all(3)), None);
         // A partial or reordered head, several rows per sequence.
-        assert_eq!(graph_bucket(on, &b, &m, &[0, 2]), None);
-        assert_eq!(graph_bucket(on, &b, &m, &[1, 0, 2]), None);
-        let (b2, m2) = step(3, 2, false);
-        assert_eq!(graph_bucket(on, &b2, &m2, &all(6)), None);
+        assert_eq!(graph_bucket(on, &m, &[0, 2]), None);
+        assert_eq!(graph_bucket(on, &m, &[1, 0, 2]), None);
+        let m2 = step(3, 2, false);
+        assert_eq!(graph_bucket(on, &m2, &all(6)), None);
         // Too many sequences for a bucket.
-        let (b3, m3) = step(MAX_GRAPH_BATCH + 1, 1, false);
+        let m3 = step(MAX_GRAPH_BATCH + 1, 1, false);
         let n = MAX_GRAPH_BATCH + 1;
-        assert_eq!(graph_bucket(on, &b3, &m3, &all(n)), None);
+        assert_eq!(graph_bucket(on, &m3, &all(n)), None);
         // Shared pages (tree search: cascade attention) take graphs.
-        let (bs, ms) = step(3, 1, true);
-        assert_eq!(graph_bucket(on, &bs, &ms, &all(3)), Some(4));
-        // Sparse budgets do not.
-        let mut sparse = b.clone();
-        sparse.seqs[1].sparse_budget = Some(4);
-        assert_eq!(graph_bucket(on, &sparse, &m, &all(3)), None);
+        let ms = step(3, 1, true);
+        assert_eq!(graph_bucket(on, &ms, &all(3)), Some(4));
     }
 
     #[test]

@@ -21,7 +21,6 @@ mod workspace;
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
 use arbor_kernels::cuda::gemm::Gemm;
-use arbor_kernels::cuda::ops::cascade::GpuCascadePlan;
 use arbor_kernels::cuda::ops::kv;
 use arbor_kernels::cuda::ops::sample::{sample, SampleRow};
 use arbor_kernels::cuda::{Gpu, GpuError, GpuKvPool};
@@ -51,10 +50,10 @@ pub struct CudaModel {
     moe: moe::MoeState,
     /// Rows of the last step's output in `ws.logits` (`rows × out_dim`), if any.
     logits: Option<usize>,
-    /// The last cascade plan of a graph step, and of an eager step, whose buffers the next
-    /// such step reuses: kept apart, so that a prompt's large plan does not widen the layout
-    /// (and the launches) of the decode steps' graphs.
-    last_plan: [Option<GpuCascadePlan>; 2],
+    /// The last plans of a graph step, and of an eager step, whose buffers the next such step
+    /// reuses: kept apart, so that a prompt's large plan does not widen the layout (and the
+    /// launches) of the decode steps' graphs.
+    last_plan: [attend::PlanBuffers; 2],
     out_dim: usize,
 }
 
@@ -88,7 +87,7 @@ impl CudaModel {
             graphs: GraphCache::new(GraphMode::from_env()),
             moe,
             logits: None,
-            last_plan: [None, None],
+            last_plan: Default::default(),
             out_dim: model.cfg.out_dim(),
         })
     }

@@ -4,7 +4,7 @@
 //! the counters must show the replays. A second model with graphs off (unpadded) runs the same
 //! steps as a reference for the padding rows' harmlessness. Tree-search decode steps (branches
 //! forked from a shared prompt, forking further as they go) run the same way through cascade
-//! graphs. Skipped, with the reason printed, where no GPU can be opened (`ARBOR_REQUIRE_GPU=1`
+//! graphs, and so do decode steps with sparse budgets. Skipped, with the reason printed, where no GPU can be opened (`ARBOR_REQUIRE_GPU=1`
 //! makes that a failure).
 
 use super::errors;
@@ -295,5 +295,96 @@ fn tree_decode_steps_replay_through_cascade_graphs() {
         assert_eq!(st.tree_replays, st.replays - single, "{arch}: {st:?}");
         // Runs of one bucket on a plan that kept its epoch replay without a new capture.
         assert!(st.replays - st.captures >= 10, "{arch}: {st:?}");
+    }
+}
+
+/// Batch sizes of the sparse decode steps (of 8 branches).
+const SPARSE_SIZES: [usize; 16] = [8, 8, 8, 8, 5, 5, 8, 8, 3, 8, 8, 8, 6, 6, 8, 8];
+
+/// Decode steps whose rows have a sparse budget take graphs too: 8 branches of a 90-token
+/// prompt (pages of 16), each reading its sink, its last two pages and the best 2 of the rest
+/// in every layer. Replays must equal the padded eager step bit for bit (the selection's
+/// buffers and counts stay on the device), stay near the unpadded eager step, and differ from
+/// dense attention (the selection ran).
+#[test]
+fn sparse_decode_steps_replay_through_graphs() {
+    let Some(gpu) = gpu() else { return };
+    for arch in ["llama", "qwen2"] {
+        let mut model = Model::load(&fixture(arch)).expect("load model");
+        model.attention.sparse.dense_layers = 0;
+        let vocab = model.cfg.vocab_size as u32;
+        let mut test = Run::with_seqs(&gpu, &model, GraphMode::Replay, 1);
+        let mut reference = Run::with_seqs(&gpu, &model, GraphMode::Off, 1);
+        let mut dense = Run::with_seqs(&gpu, &model, GraphMode::Replay, 1);
+        let prompt: Vec<(SeqId, Vec<u32>)> =
+            vec![(0, (0..90).map(|j| (j * 7 + 3) % vocab).collect())];
+        let tokens = prompt[0].1.clone();
+        let live: Vec<SeqId> = (1..=8).collect();
+        for r in [&mut test, &mut reference, &mut dense] {
+            let b = r.reserve(&prompt);
+            r.forward(&model, &b, &tokens, &[89], &[]);
+            r.commit(&prompt);
+            for &s in &live {
+                r.cache.fork(0, s).expect("fork");
+            }
+        }
+        let sparse = |b: BatchLayout| BatchLayout {
+            seqs: (b.seqs.into_iter())
+                .map(|mut s| {
+                    s.sparse_budget = Some(2);
+                    s
+                })
+                .collect(),
+            ..b
+        };
+        let mut moved = 0.0f64;
+        for (k, &n) in SPARSE_SIZES.iter().enumerate() {
+            let steps: Vec<(SeqId, Vec<u32>)> = (0..n)
+                .map(|j| {
+                    (
+                        live[(k + j) % live.len()],
+                        vec![((k * 31 + j * 5) as u32) % vocab],
+                    )
+                })
+                .collect();
+            let tokens: Vec<u32> = steps.iter().map(|(_, t)| t[0]).collect();
+            let rows: Vec<usize> = (0..n).collect();
+
+            let b = sparse(test.reserve(&steps));
+            test.m.set_graph_mode(GraphMode::Padded);
+            let (eager, _) = test.forward(&model, &b, &tokens, &rows, &[]);
+            test.m.set_graph_mode(GraphMode::Replay);
+            let (replay, _) = test.forward(&model, &b, &tokens, &rows, &[]);
+            test.commit(&steps);
+            assert!(
+                same_bits(&eager, &replay),
+                "{arch} sparse step {k} ({n} rows): replayed logits differ from the eager step's"
+            );
+
+            let b = sparse(reference.reserve(&steps));
+            let (want, _) = reference.forward(&model, &b, &tokens, &rows, &[]);
+            reference.commit(&steps);
+            let (nmse, max) = errors(&replay, &want);
+            assert!(
+                nmse < 1e-4,
+                "{arch} sparse step {k} ({n} rows): NMSE {nmse:.2e} (max {max:.2e}) against \
+                 the unpadded eager step"
+            );
+            let b = dense.reserve(&steps);
+            let (full, _) = dense.forward(&model, &b, &tokens, &rows, &[]);
+            dense.commit(&steps);
+            moved = moved.max(errors(&replay, &full).0);
+        }
+
+        let st = test.m.graph_stats().clone();
+        println!("{arch} sparse: {st:?}; largest NMSE against dense attention {moved:.2e}");
+        assert_eq!(st.failures, 0, "{arch}: {:?}", st.last_failure);
+        assert_eq!(
+            st.sparse_replays,
+            SPARSE_SIZES.len() as u64,
+            "{arch}: {st:?}"
+        );
+        assert!(st.replays - st.captures >= 8, "{arch}: {st:?}");
+        assert!(moved > 1e-6, "{arch}: budget 2 read every page anyway");
     }
 }

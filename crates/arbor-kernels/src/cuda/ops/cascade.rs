@@ -223,8 +223,8 @@ impl GpuCascadePlan {
     }
 }
 
-/// A fresh [`GpuCascadePlan::epoch`].
-fn next_epoch() -> u64 {
+/// A fresh [`GpuCascadePlan::epoch`] (or [`super::sparse::GpuSparsePlan::epoch`]).
+pub(super) fn next_epoch() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }

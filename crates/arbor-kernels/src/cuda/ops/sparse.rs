@@ -175,14 +175,50 @@ impl SparseHostPlan {
     }
 }
 
-/// A step's sparse selection on the device: the [`SparseHostPlan`] uploaded once, and the
-/// marks buffer each layer's [`GpuSparsePlan::select`] fills.
+/// Where a [`GpuSparsePlan`]'s arrays sit: each at a power-of-two capacity that never shrinks
+/// while the buffers are reused, so that the steps of a growing tree launch alike and a CUDA
+/// graph captured with one replays the next (the kernel reads the counts from the device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SparseLayout {
+    /// Selections (4 `u32` each).
+    sel: usize,
+    /// Candidates (3 `u32` each; the keys scratch holds one per candidate and KV head).
+    cand: usize,
+    /// Mark bytes.
+    marks: usize,
+}
+
+impl SparseLayout {
+    fn fit(host: &SparseHostPlan, old: Option<&SparseLayout>) -> SparseLayout {
+        let cap = |n: usize, o: usize| n.max(1).next_power_of_two().max(o);
+        let o = old.copied().unwrap_or(SparseLayout {
+            sel: 0,
+            cand: 0,
+            marks: 0,
+        });
+        SparseLayout {
+            sel: cap(host.selections.len(), o.sel),
+            cand: cap(host.candidates.len(), o.cand),
+            marks: cap(host.init_marks.len(), o.marks),
+        }
+    }
+
+    /// `u32`s of the data buffer: the counts, then the selections, then the candidates.
+    fn data_len(&self) -> usize {
+        2 + 4 * self.sel + 3 * self.cand
+    }
+}
+
+/// A step's sparse selection on the device: the [`SparseHostPlan`] uploaded once (counts,
+/// selections and candidates in one buffer, the initial marks in another), and the marks
+/// buffer each layer's [`GpuSparsePlan::select`] fills. The buffers are reused by the next
+/// step's plan through [`GpuSparsePlan::upload_reusing`]; see [`GpuSparsePlan::epoch`].
 pub struct GpuSparsePlan {
-    n_sel: usize,
-    n_cands: usize,
     dense_layers: usize,
-    sel: CudaSlice<u32>,
-    cand: CudaSlice<u32>,
+    n_kv_heads: usize,
+    layout: SparseLayout,
+    epoch: u64,
+    data: CudaSlice<u32>,
     init: CudaSlice<u8>,
     marks: CudaSlice<u8>,
     keys: CudaSlice<u32>,
@@ -196,27 +232,57 @@ impl GpuSparsePlan {
         p: &AttentionParams,
         sp: &SparseParams,
     ) -> Result<Option<Self>, GpuError> {
+        Self::upload_reusing(gpu, plan, p, sp, None)
+    }
+
+    /// [`GpuSparsePlan::upload`] into the buffers of `old` (an earlier step's) where they are
+    /// big enough, keeping its epoch; otherwise into new ones, of a new epoch.
+    pub fn upload_reusing(
+        gpu: &Gpu,
+        plan: &CascadePlan,
+        p: &AttentionParams,
+        sp: &SparseParams,
+        old: Option<GpuSparsePlan>,
+    ) -> Result<Option<Self>, GpuError> {
         let Some(host) = SparseHostPlan::new(plan, p, sp)? else {
             return Ok(None);
         };
-        let sel: Vec<u32> = host.selections.iter().flatten().copied().collect();
-        let cand: Vec<u32> = host.candidates.iter().flatten().copied().collect();
-        let n_keys = product(
-            "sparse selection",
-            "keys",
-            host.candidates.len(),
-            p.n_kv_heads,
-        )?;
-        Ok(Some(GpuSparsePlan {
-            n_sel: host.selections.len(),
-            n_cands: host.candidates.len(),
-            dense_layers: sp.dense_layers,
-            sel: gpu.upload(&sel, "sparse selections")?,
-            cand: gpu.upload(&cand, "sparse candidates")?,
-            init: gpu.upload(&host.init_marks, "sparse page marks")?,
-            marks: gpu.zeros::<u8>(host.init_marks.len().max(1), "sparse page marks")?,
-            keys: gpu.zeros::<u32>(n_keys.max(1), "sparse page keys")?,
-        }))
+        let old = old.filter(|o| o.n_kv_heads == p.n_kv_heads);
+        let layout = SparseLayout::fit(&host, old.as_ref().map(|o| &o.layout));
+        let mut data = vec![0u32; layout.data_len()];
+        data[0] = host.selections.len() as u32;
+        data[1] = host.candidates.len() as u32;
+        for (i, v) in host.selections.iter().flatten().enumerate() {
+            data[2 + i] = *v;
+        }
+        for (i, v) in host.candidates.iter().flatten().enumerate() {
+            data[2 + 4 * layout.sel + i] = *v;
+        }
+        let n_keys = product("sparse selection", "keys", layout.cand, p.n_kv_heads)?;
+        let mut plan = match old {
+            Some(o) if o.layout == layout => o,
+            _ => GpuSparsePlan {
+                dense_layers: sp.dense_layers,
+                n_kv_heads: p.n_kv_heads,
+                layout,
+                epoch: super::cascade::next_epoch(),
+                data: gpu.zeros::<u32>(layout.data_len(), "sparse selections")?,
+                init: gpu.zeros::<u8>(layout.marks, "sparse page marks")?,
+                marks: gpu.zeros::<u8>(layout.marks, "sparse page marks")?,
+                keys: gpu.zeros::<u32>(n_keys, "sparse page keys")?,
+            },
+        };
+        plan.dense_layers = sp.dense_layers;
+        gpu.upload_into(&data, &mut plan.data, "sparse selections")?;
+        gpu.upload_into(&host.init_marks, &mut plan.init, "sparse page marks")?;
+        Ok(Some(plan))
+    }
+
+    /// Changes whenever the buffers do: two plans of one epoch make [`GpuSparsePlan::select`]
+    /// launch the same copy and kernel with the same arguments (for the same queries, pool
+    /// and layer), so a CUDA graph captured with one replays the other once it is uploaded.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The page marks of `layer` for the queries `q` (`rows × n_heads × head_dim`, after RoPE,
@@ -234,17 +300,21 @@ impl GpuSparsePlan {
         if layer < self.dense_layers {
             return Ok(None);
         }
+        // The whole capacity: a copy whose size does not depend on the step.
         gpu.stream()
             .memcpy_dtod(&self.init, &mut self.marks)
             .map_err(|e| GpuError::driver("resetting the sparse page marks", e))?;
-        if self.n_sel == 0 {
-            return Ok(Some(&self.marks));
-        }
         let l = pool.layout;
         if p.head_dim != l.head_dim || p.n_kv_heads != l.num_kv_heads || p.n_kv_heads == 0 {
             return Err(GpuError::Invalid(format!(
                 "{OP}: {} KV heads of {} dims, the pool has {} of {}",
                 p.n_kv_heads, p.head_dim, l.num_kv_heads, l.head_dim
+            )));
+        }
+        if p.n_kv_heads != self.n_kv_heads {
+            return Err(GpuError::Invalid(format!(
+                "{OP}: {} KV heads, the plan was made for {}",
+                p.n_kv_heads, self.n_kv_heads
             )));
         }
         let ints = [
@@ -256,7 +326,10 @@ impl GpuSparsePlan {
             int_arg(OP, "layer", layer)?,
             int_arg(OP, "pages", pool.num_pages)?,
         );
-        let total = self.n_cands as u32;
+        let lay = self.layout;
+        let counts = self.data.slice(0..2);
+        let sel = self.data.slice(2..2 + 4 * lay.sel);
+        let cand = self.data.slice(2 + 4 * lay.sel..lay.data_len());
         let f = gpu.func("sparse", "sparse_select")?;
         let mut lb = gpu.stream().launch_builder(&f);
         lb.arg(q);
@@ -266,14 +339,15 @@ impl GpuSparsePlan {
         lb.arg(&pool.summaries)
             .arg(&layer_i)
             .arg(&pages_i)
-            .arg(&self.sel)
-            .arg(&self.cand)
-            .arg(&total)
+            .arg(&counts)
+            .arg(&sel)
+            .arg(&cand)
             .arg(&mut self.keys)
             .arg(&mut self.marks);
+        // A block per selection the buffer holds; those past this step's count return.
         let cfg = LaunchConfig {
             grid_dim: (
-                grid_dim(OP, "x", self.n_sel)?,
+                grid_dim(OP, "x", lay.sel)?,
                 grid_dim(OP, "y", p.n_kv_heads)?,
                 1,
             ),
@@ -281,7 +355,8 @@ impl GpuSparsePlan {
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match the kernel. The host plan's rows index `q`'s plan rows, its
-        // mark indices come from `mark_index` over the same plan (the marks buffer's length),
+        // mark indices come from `mark_index` over the same plan (within the marks capacity),
+        // blocks past the uploaded selection count return at once,
         // and the candidates' pages beyond the pool score −∞ without a read.
         unsafe { lb.launch(cfg) }.map_err(launch_error(OP))?;
         Ok(Some(&self.marks))
