@@ -86,6 +86,30 @@ impl Run {
         (self.m.read_logits().expect("logits"), hidden)
     }
 
+    /// Runs the reserved decode step `b` of `steps` padded and eagerly, then replayed from a
+    /// graph, commits it, and returns the replay's logits (of every row) once they equal the
+    /// eager step's bit for bit (`what` names the step in the failure).
+    fn eager_then_replay(
+        &mut self,
+        model: &Model,
+        b: &BatchLayout,
+        steps: &[(SeqId, Vec<u32>)],
+        what: &str,
+    ) -> Vec<f32> {
+        let tokens: Vec<u32> = steps.iter().map(|(_, t)| t[0]).collect();
+        let rows: Vec<usize> = (0..steps.len()).collect();
+        self.m.set_graph_mode(GraphMode::Padded);
+        let (eager, _) = self.forward(model, b, &tokens, &rows, &[]);
+        self.m.set_graph_mode(GraphMode::Replay);
+        let (replay, _) = self.forward(model, b, &tokens, &rows, &[]);
+        self.commit(steps);
+        assert!(
+            same_bits(&eager, &replay),
+            "{what}: replayed logits differ from the eager step's"
+        );
+        replay
+    }
+
     fn commit(&mut self, steps: &[(SeqId, Vec<u32>)]) {
         for (s, toks) in steps {
             self.cache.commit(*s, toks);
@@ -264,15 +288,8 @@ fn tree_decode_steps_replay_through_cascade_graphs() {
             let rows: Vec<usize> = (0..n).collect();
 
             let b = test.reserve(&steps);
-            test.m.set_graph_mode(GraphMode::Padded);
-            let (eager, _) = test.forward(&model, &b, &tokens, &rows, &[]);
-            test.m.set_graph_mode(GraphMode::Replay);
-            let (replay, _) = test.forward(&model, &b, &tokens, &rows, &[]);
-            test.commit(&steps);
-            assert!(
-                same_bits(&eager, &replay),
-                "{arch} tree step {k} ({n} rows): replayed logits differ from the eager step's"
-            );
+            let replay =
+                test.eager_then_replay(&model, &b, &steps, &format!("{arch} tree step {k}"));
 
             let b = reference.reserve(&steps);
             let (want, _) = reference.forward(&model, &b, &tokens, &rows, &[]);
@@ -351,15 +368,8 @@ fn sparse_decode_steps_replay_through_graphs() {
             let rows: Vec<usize> = (0..n).collect();
 
             let b = sparse(test.reserve(&steps));
-            test.m.set_graph_mode(GraphMode::Padded);
-            let (eager, _) = test.forward(&model, &b, &tokens, &rows, &[]);
-            test.m.set_graph_mode(GraphMode::Replay);
-            let (replay, _) = test.forward(&model, &b, &tokens, &rows, &[]);
-            test.commit(&steps);
-            assert!(
-                same_bits(&eager, &replay),
-                "{arch} sparse step {k} ({n} rows): replayed logits differ from the eager step's"
-            );
+            let what = format!("{arch} sparse step {k}");
+            let replay = test.eager_then_replay(&model, &b, &steps, &what);
 
             let b = sparse(reference.reserve(&steps));
             let (want, _) = reference.forward(&model, &b, &tokens, &rows, &[]);
