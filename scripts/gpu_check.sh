@@ -27,6 +27,16 @@ shift || true
 PHASES=${*:-tests decode headline attention moe}
 BIN=${BIN:-gpu-bin}
 mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: every log, JSON line, CSV and plot is
+# written under $LOGS (outside $OUT) and packed into $OUT/gpu-check.tar.gz after each command,
+# so a call stopped midway still brings back what ran; $OUT/summary.txt lists each command's
+# exit status.
+LOGS=$(mktemp -d)/gpu-check
+mkdir -p "$LOGS"
+pack() {
+  tar czf "$OUT/.gpu-check.tar.gz" -C "$(dirname "$LOGS")" gpu-check &&
+    mv "$OUT/.gpu-check.tar.gz" "$OUT/gpu-check.tar.gz"
+}
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64
 export ARBOR_REQUIRE_GPU=1 ARBOR_REQUIRE_NVRTC=1
 status=0
@@ -34,7 +44,7 @@ status=0
   date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   cat "$BIN/COMMIT" 2>/dev/null
-} | tee -a "$OUT/machine.txt"
+} | tee -a "$LOGS/machine.txt" "$OUT/summary.txt"
 
 # BUDGET_S (seconds, optional): the whole run's limit. Each command gets what is left and is
 # stopped at the end of it; once under a minute is left, the remaining commands are skipped
@@ -47,20 +57,22 @@ run() { # name, command...
   if [ -n "${BUDGET_S:-}" ]; then
     local left=$((BUDGET_S - ($(date +%s) - START)))
     if [ $left -lt 60 ]; then
-      echo "== $name: skipped, ${left}s of BUDGET_S left" | tee -a "$OUT/commands.txt"
+      echo "== $name: skipped, ${left}s of BUDGET_S left" | tee -a "$LOGS/commands.txt" "$OUT/summary.txt"
       status=1
       return
     fi
     [ $left -gt "${CMD_S:-300}" ] && left=${CMD_S:-300}
     limit=(timeout -k 5 "$left")
   fi
-  echo "== $name: $*" | tee -a "$OUT/commands.txt"
-  ${limit[@]+"${limit[@]}"} "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name: $*" | tee -a "$LOGS/commands.txt"
+  local t0=$(date +%s)
+  ${limit[@]+"${limit[@]}"} "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
-  [ $rc -eq 124 ] && echo "(stopped: BUDGET_S or CMD_S ran out)" >>"$OUT/$name.log"
-  tail -n 25 "$OUT/$name.log"
-  echo "== $name: exit $rc"
+  [ $rc -eq 124 ] && echo "(stopped: BUDGET_S or CMD_S ran out)" >>"$LOGS/$name.log"
+  tail -n 25 "$LOGS/$name.log"
+  echo "== $name: exit $rc ($(( $(date +%s) - t0 )) s)" | tee -a "$OUT/summary.txt"
   [ $rc -eq 0 ] || status=1
+  pack
 }
 
 peer() { # name, bench_peers.py arguments...
@@ -78,7 +90,7 @@ for phase in $PHASES; do
     for shape in smollm2-135m qwen2.5-0.5b; do
       run "bench-$shape" "$BIN/arbor" bench --device cuda --dummy-weights "$shape" \
         --strategy sampling --width 1,64 --prompt-len 128 --gen-len 128 --sharing on \
-        --kv-cache-gb 8 --json --out "$OUT/bench-$shape"
+        --kv-cache-gb 8 --json --out "$LOGS/bench-$shape"
       peer "hf-$shape" --shape "$shape" --modes greedy,best-of-n --width 64 \
         --prompt-len 128 --gen-len 128
     done
@@ -86,14 +98,14 @@ for phase in $PHASES; do
   headline)
     run bench-headline "$BIN/arbor" bench --device cuda --dummy-weights qwen2.5-0.5b \
       --strategy best-of-n --width 16,64 --prompt-len 512 --gen-len 256 --sharing on,off \
-      --kv-cache-gb 16 --json --out "$OUT/bench-headline"
+      --kv-cache-gb 16 --json --out "$LOGS/bench-headline"
     run bench-headline-beam "$BIN/arbor" bench --device cuda --dummy-weights qwen2.5-0.5b \
       --strategy beam --width 8 --prompt-len 512 --gen-len 256 --sharing on,off \
-      --kv-cache-gb 16 --json --out "$OUT/bench-headline-beam"
+      --kv-cache-gb 16 --json --out "$LOGS/bench-headline-beam"
     # What CUDA graphs of tree steps buy: the best-of-64 and 8-beam cells, graphs off.
     run bench-headline-nographs env ARBOR_CUDA_GRAPHS=0 "$BIN/arbor" bench --device cuda \
       --dummy-weights qwen2.5-0.5b --strategy best-of-n,beam --width 8,64 --prompt-len 512 \
-      --gen-len 256 --sharing on --kv-cache-gb 16 --json --out "$OUT/bench-headline-nographs"
+      --gen-len 256 --sharing on --kv-cache-gb 16 --json --out "$LOGS/bench-headline-nographs"
     peer hf-headline --shape qwen2.5-0.5b --modes best-of-n --width 16,64 \
       --prompt-len 512 --gen-len 256 --no-sdpa
     peer hf-headline-beam --shape qwen2.5-0.5b --modes beam --width 8 \
@@ -113,10 +125,10 @@ for phase in $PHASES; do
   moe)
     run bench-moe "$BIN/arbor" bench --device cuda --dummy-weights qwen3-30b-a3b \
       --strategy sampling --width 1,16,64 --prompt-len 128 --gen-len 64 --sharing on \
-      --kv-cache-gb 8 --json --out "$OUT/bench-moe"
+      --kv-cache-gb 8 --json --out "$LOGS/bench-moe"
     run bench-moe-bon "$BIN/arbor" bench --device cuda --dummy-weights qwen3-30b-a3b \
       --strategy best-of-n --width 16 --prompt-len 512 --gen-len 128 --sharing on \
-      --kv-cache-gb 8 --json --out "$OUT/bench-moe-bon"
+      --kv-cache-gb 8 --json --out "$LOGS/bench-moe-bon"
     peer hf-moe --shape qwen3-30b-a3b --modes greedy,best-of-n --width 16,64 \
       --prompt-len 128 --gen-len 64 --no-sdpa
     ;;
@@ -126,4 +138,6 @@ for phase in $PHASES; do
     ;;
   esac
 done
+pack
+cat "$OUT/summary.txt"
 exit $status
