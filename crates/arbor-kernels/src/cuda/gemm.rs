@@ -1,6 +1,6 @@
 //! bf16 GEMM through cuBLASLt: `out = x · wᵀ` for a Linear layer's weight `w`, bf16 inputs,
 //! f32 accumulation and f32 output (`CUBLAS_COMPUTE_32F`; A/B `CUDA_R_16BF`, C/D
-//! `CUDA_R_32F`). The CPU reference is [`crate::ops::matmul`] on the bf16-rounded inputs.
+//! `CUDA_R_32F`). The CPU reference is [`crate::ops::matmul()`] on the bf16-rounded inputs.
 //!
 //! Row-major to cuBLASLt's column-major: a row-major `m × n` output is a column-major
 //! `n × m` matrix, so cuBLASLt computes `D[n × m] = W · Xᵀ` with A = W (the row-major `n × k`

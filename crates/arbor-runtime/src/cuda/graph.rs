@@ -1,5 +1,5 @@
 //! CUDA graphs for decode steps: a step in which every sequence decodes one token is padded to
-//! a batch-size bucket ([`ROW_BUCKETS`]) and its whole launch sequence, from the embedding to
+//! a batch-size bucket (`ROW_BUCKETS` in the workspace) and its whole launch sequence, from the embedding to
 //! the output head's GEMM, is captured once per (bucket, attention, workspace generation) and
 //! replayed, so that small batches are not bound by the ~9 launches per layer a step makes.
 //! Tree-search steps, whose sequences share pages and attend through a cascade plan, are
@@ -7,7 +7,7 @@
 //! is reused ([`GpuCascadePlan::epoch`]), and its counts are read from device memory. Sparse
 //! rows add the plan's page selection, reused and keyed the same way ([`GpuSparsePlan::epoch`]).
 //!
-//! What makes a replay right: every buffer the step touches is a [`Workspace`] buffer or a
+//! What makes a replay right: every buffer the step touches is a workspace buffer (`super::workspace`) or a
 //! weight, fixed until the workspace's generation changes (then the graphs are dropped; so do
 //! the MoE scratch's, for mixture-of-experts models, whose padding rows the router sends to no
 //! expert, reading the real row count from the metadata); the

@@ -28,7 +28,7 @@ pub fn hf_name(gguf: &str) -> String {
 }
 
 /// Every HF safetensors name a GGUF-named tensor may have, most common first (MoE tensors
-/// are named differently by Mixtral and the Qwen MoE families; see [`moe_hf_names`]).
+/// are named differently by Mixtral and the Qwen MoE families; see `moe_hf_names`).
 pub fn hf_names(gguf: &str) -> Vec<String> {
     if let Some(rest) = gguf.strip_prefix("blk.") {
         let (layer, what) = rest.split_once('.').unwrap_or((rest, ""));

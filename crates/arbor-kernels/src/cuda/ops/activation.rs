@@ -1,4 +1,4 @@
-//! SwiGLU on the GPU (`kernels/activation.cu`); CPU reference [`crate::ops::swiglu`].
+//! SwiGLU on the GPU (`kernels/activation.cu`); CPU reference [`crate::ops::swiglu()`].
 
 use super::super::{Gpu, GpuError, LaunchConfig};
 use super::{int_arg, launch_error, need_len, product};

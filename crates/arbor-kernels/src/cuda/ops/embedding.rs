@@ -1,5 +1,5 @@
 //! Token embedding gather on the GPU (`kernels/embedding.cu`); CPU reference
-//! [`crate::ops::embedding`].
+//! [`crate::ops::embedding()`].
 
 use super::super::{Gpu, GpuError};
 use super::{int_arg, launch_error, need_len, product, row_blocks};

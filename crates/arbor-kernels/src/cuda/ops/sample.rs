@@ -1,5 +1,5 @@
 //! Sampling on the GPU: [`sample`] runs `kernels/sample.cu`, one block per row, with the
-//! semantics of the CPU sampler [`crate::ops::sample`] (same processing order, draw rule,
+//! semantics of the CPU sampler [`crate::ops::sample()`] (same processing order, draw rule,
 //! uniform numbers and reported statistics; see its module documentation). For identical
 //! logits a row draws the same token as the CPU except in the rare case where the draw's
 //! target falls within float rounding of a boundary between two tokens; outputs are
@@ -21,7 +21,7 @@ pub const MAX_TOP_LOGPROBS: usize = 1024;
 /// Threads per block (one block per row); `SAMPLE_THREADS` in sample.cu.
 const THREADS: u32 = 1024;
 
-/// One row of a batched [`sample`] call: what [`crate::ops::sample`] takes for that row.
+/// One row of a batched [`sample`] call: what [`crate::ops::sample()`] takes for that row.
 #[derive(Clone, Copy, Debug)]
 pub struct SampleRow<'a> {
     /// The row's sampling parameters.
@@ -253,7 +253,7 @@ impl SamplePlan {
 }
 
 /// Samples one token per row of `logits` (`rows.len() × vocab`, row-major; a longer buffer
-/// is fine) with row `i` using `rows[i]`; returns what [`crate::ops::sample`] returns for
+/// is fine) with row `i` using `rows[i]`; returns what [`crate::ops::sample()`] returns for
 /// each row. Errors: `logits` too short, or what [`SamplePlan::new`] rejects.
 pub fn sample(
     gpu: &Gpu,
