@@ -16,7 +16,8 @@
 #   ARBOR_BIN    target/release/arbor (if missing, the arbor half is skipped; BUILD=1
 #                runs `cargo build --release` first)
 #   THREADS 2, PROMPT_TOKENS 512, GEN_TOKENS 128, REPS 5 (llama-bench -r), ARBOR_REPS 3
-#   SKIP_LLAMA=1 skips the llama.cpp half.
+#   SKIP_LLAMA=1 skips the llama.cpp half. ARBOR_ARGS: more `arbor run` flags (e.g.
+#   "--kv-dtype f16").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -108,7 +109,7 @@ EOF
 PP_LIST=(); TG_LIST=(); NGEN=""
 for r in $(seq "$ARBOR_REPS"); do
     "$ARBOR_BIN" run --model "$GGUF" --prompt-file "$WORK/prompt.txt" --max-tokens "$GEN_TOKENS" \
-        --temperature 0 --seed 0 --threads "$THREADS" > "$WORK/arbor.out" 2> "$WORK/arbor.err" \
+        --temperature 0 --seed 0 --threads "$THREADS" ${ARBOR_ARGS:-} > "$WORK/arbor.out" 2> "$WORK/arbor.err" \
         || { tail -20 "$WORK/arbor.err" >&2; exit 1; }
     # >>> ARBOR OUTPUT FORMAT: `arbor run` ends with a stderr line like
     #   load: 0.12 s | prompt: 512 tokens, 250.0 tok/s | decode: 95.0 tok/s (128 tokens, Length)

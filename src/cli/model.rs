@@ -1,6 +1,7 @@
 //! Options shared by every command that loads a model, and the loading itself.
 
 use anyhow::{bail, Context};
+use arbor_kernels::kv::KvDtype;
 use arbor_kernels::Device;
 use arbor_runtime::fetch::DEFAULT_MODEL;
 use arbor_runtime::{Engine, EngineOptions, LoadedModel};
@@ -39,6 +40,19 @@ pub struct ModelArgs {
     /// GGUF) instead of 8-bit ones: slower, for validation.
     #[arg(long)]
     pub exact: bool,
+    /// How the CPU's KV cache stores K and V: f32 (the reference) or f16 (half the memory
+    /// per token, so twice the tokens in --kv-cache-gb). A GPU stores bf16 either way.
+    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
+    pub kv_dtype: KvDtype,
+}
+
+/// `f32` or `f16`.
+pub fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    match s {
+        "f32" => Ok(KvDtype::F32),
+        "f16" => Ok(KvDtype::F16),
+        _ => Err(format!("unknown KV dtype '{s}': f32 or f16")),
+    }
 }
 
 impl ModelArgs {
@@ -127,6 +141,7 @@ impl ModelArgs {
         if self.exact {
             model.precision = arbor_runtime::model::Precision::Exact;
         }
+        model.attention.kv_dtype = self.kv_dtype;
         let bf16_weights = model.cfg.param_count() * 2;
         let opts = EngineOptions {
             kv_cache_bytes: self.kv_cache_bytes(bf16_weights)?,

@@ -2,7 +2,7 @@
 
 use crate::model::{BatchLayout, Model};
 use crate::RuntimeError;
-use arbor_kernels::kv::{KvCache, KvLayout};
+use arbor_kernels::kv::{KvCache, KvDtype, KvLayout};
 use arbor_kernels::ops::{SampleOutput, SamplingParams};
 use arbor_kernels::Device;
 
@@ -18,15 +18,20 @@ pub(crate) enum Backend {
 pub(crate) type DeviceSampleRow<'a> = (&'a SamplingParams, &'a [u32], u64);
 
 impl Backend {
-    /// The backend for `device` and a KV cache of `kv_bytes` for `model` (f32 pages on the
-    /// CPU, bf16 pages in device memory on a GPU).
+    /// The backend for `device` and a KV cache of `kv_bytes` for `model` (pages of the model's
+    /// `attention.kv_dtype` on the CPU, bf16 pages in device memory on a GPU).
     pub fn open(
         device: Device,
         model: &Model,
         layout: KvLayout,
         kv_bytes: usize,
     ) -> Result<(Backend, KvCache), RuntimeError> {
-        let elem = if device == Device::Cpu { 4 } else { 2 };
+        let cpu_dtype = model.attention.kv_dtype;
+        let elem = if device == Device::Cpu {
+            cpu_dtype.bytes()
+        } else {
+            2
+        };
         let num_pages = kv_bytes / layout.bytes_per_page(elem);
         if num_pages == 0 {
             return Err(RuntimeError::Request(format!(
@@ -36,7 +41,15 @@ impl Backend {
         }
         let key = model.fingerprint();
         match device {
-            Device::Cpu => Ok((Backend::Cpu, KvCache::for_model(layout, num_pages, key))),
+            Device::Cpu => {
+                // Pages of another element type are not the same K/V: another key.
+                let key = match cpu_dtype {
+                    KvDtype::F32 => key,
+                    KvDtype::F16 => key ^ 0xf16f_16f1_6f16_f16f,
+                };
+                let cache = KvCache::with_dtype(layout, num_pages, key, cpu_dtype);
+                Ok((Backend::Cpu, cache))
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
                 let gpu = arbor_kernels::cuda::Gpu::open(ordinal)?;

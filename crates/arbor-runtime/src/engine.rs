@@ -13,7 +13,8 @@ use std::collections::HashMap;
 /// Engine settings.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// Bytes of KV cache to allocate (f32 on the CPU).
+    /// Bytes of KV cache to allocate (pages of the model's `attention.kv_dtype` on the CPU,
+    /// bf16 on a GPU).
     pub kv_cache_bytes: usize,
     /// Token positions per KV page (8, 16 or 32).
     pub page_size: usize,

@@ -14,7 +14,7 @@
 //! unindexed one goes to the free list.
 
 use super::prefix::{NodeId, PrefixIndex};
-use super::{BlockAllocator, BlockTable, KvLayout, KvPool, KvStats, KvUsage, PageId};
+use super::{BlockAllocator, BlockTable, KvDtype, KvLayout, KvPool, KvStats, KvUsage, PageId};
 use crate::KernelError;
 use std::collections::HashMap;
 
@@ -52,8 +52,13 @@ impl KvCache {
     /// A cache for the model named by `model_key` (a fingerprint of its weights): only that
     /// model's sequences use it, and the prefix index reports the key.
     pub fn for_model(layout: KvLayout, num_pages: usize, model_key: u64) -> Self {
+        Self::with_dtype(layout, num_pages, model_key, KvDtype::F32)
+    }
+
+    /// [`KvCache::for_model`] storing K and V as `dtype`.
+    pub fn with_dtype(layout: KvLayout, num_pages: usize, model_key: u64, dtype: KvDtype) -> Self {
         KvCache {
-            pool: KvPool::new(layout, num_pages),
+            pool: KvPool::with_dtype(layout, num_pages, dtype),
             alloc: BlockAllocator::new(num_pages),
             index: PrefixIndex::new(num_pages, model_key),
             seqs: HashMap::new(),

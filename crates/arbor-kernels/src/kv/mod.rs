@@ -16,7 +16,7 @@ mod table;
 
 pub use allocator::{BlockAllocator, PageId};
 pub use cache::{KvCache, SeqId};
-pub use pool::{KvLayout, KvPool};
+pub use pool::{KvDtype, KvLayout, KvPool, KvRun};
 pub use stats::{KvStats, KvUsage};
 pub use summary::KeySummaries;
 pub use table::BlockTable;

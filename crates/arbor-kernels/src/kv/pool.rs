@@ -1,6 +1,97 @@
 //! Storage of the KV pages.
 
 use super::{KeySummaries, PageId};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use std::borrow::Cow;
+
+/// How a host pool stores K and V: f32 (the reference, default) or f16 (half the bytes per
+/// token, rounded to 11 significant bits; attention converts a page at a time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per stored element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// Part of a page's K or V of one head, as stored: see [`KvRun::to_f32`].
+#[derive(Clone, Copy, Debug)]
+pub enum KvRun<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> KvRun<'a> {
+    /// Elements `r` of the run.
+    pub fn range(self, r: std::ops::Range<usize>) -> Self {
+        match self {
+            KvRun::F32(s) => KvRun::F32(&s[r]),
+            KvRun::F16(s) => KvRun::F16(&s[r]),
+        }
+    }
+
+    /// The run as f32: itself, or converted into the front of `scratch` (at least as long).
+    #[inline]
+    pub fn to_f32<'s>(self, scratch: &'s mut [f32]) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match self {
+            KvRun::F32(s) => s,
+            KvRun::F16(h) => {
+                let out = &mut scratch[..h.len()];
+                f16_to_f32(h, out);
+                out
+            }
+        }
+    }
+}
+
+/// `out[i] = h[i]` as f32 (exact), eight at a time with F16C where the CPU has it.
+#[inline]
+fn f16_to_f32(h: &[f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// # Safety
+        /// The CPU supports AVX and F16C; `h` and `out` have the same length.
+        #[target_feature(enable = "avx,f16c")]
+        unsafe fn wide(h: &[f16], out: &mut [f32]) {
+            use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+            let n8 = h.len() / 8 * 8;
+            for i in (0..n8).step_by(8) {
+                let v = _mm_loadu_si128(h.as_ptr().add(i) as *const _);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(v));
+            }
+            for i in n8..h.len() {
+                out[i] = h[i].to_f32();
+            }
+        }
+        if std::is_x86_feature_detected!("f16c") && std::is_x86_feature_detected!("avx") {
+            // SAFETY: both features were just detected; the lengths match (the caller's
+            // slices are cut to one length).
+            unsafe { wide(h, &mut out[..h.len()]) };
+            return;
+        }
+    }
+    h.convert_to_f32_slice(out);
+}
+
+/// The stored elements.
+#[derive(Debug)]
+enum Store {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
 
 /// Shape of a model's KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,12 +118,12 @@ impl KvLayout {
     }
 }
 
-/// Host memory for `num_pages` pages of every layer, f32.
+/// Host memory for `num_pages` pages of every layer, f32 or f16 ([`KvDtype`]).
 #[derive(Debug)]
 pub struct KvPool {
     pub layout: KvLayout,
     pub num_pages: usize,
-    data: Vec<f32>,
+    data: Store,
     /// Per-page key min/max for sparse attention, kept in step with `data`.
     summaries: KeySummaries,
     /// The pages live on a device (see [`KvPool::detached`]): `data` is empty.
@@ -42,12 +133,21 @@ pub struct KvPool {
 }
 
 impl KvPool {
+    /// An f32 pool.
     pub fn new(layout: KvLayout, num_pages: usize) -> Self {
+        Self::with_dtype(layout, num_pages, KvDtype::F32)
+    }
+
+    /// A pool storing `dtype`.
+    pub fn with_dtype(layout: KvLayout, num_pages: usize, dtype: KvDtype) -> Self {
         let n = layout.num_layers * num_pages * layout.page_elems_per_layer();
         KvPool {
             layout,
             num_pages,
-            data: vec![0.0; n],
+            data: match dtype {
+                KvDtype::F32 => Store::F32(vec![0.0; n]),
+                KvDtype::F16 => Store::F16(vec![f16::ZERO; n]),
+            },
             summaries: KeySummaries::new(&layout, num_pages),
             detached: false,
             copies: Vec::new(),
@@ -60,10 +160,27 @@ impl KvPool {
         KvPool {
             layout,
             num_pages,
-            data: Vec::new(),
+            data: Store::F32(Vec::new()),
             summaries: KeySummaries::new(&layout, 0),
             detached: true,
             copies: Vec::new(),
+        }
+    }
+
+    /// Scratch for [`KvRun::to_f32`] of one page's K or V: empty for an f32 pool, whose runs
+    /// need none.
+    pub fn page_scratch(&self) -> Vec<f32> {
+        match self.data {
+            Store::F32(_) => Vec::new(),
+            Store::F16(_) => vec![0.0; self.layout.page_size * self.layout.head_dim],
+        }
+    }
+
+    /// How K and V are stored.
+    pub fn dtype(&self) -> KvDtype {
+        match self.data {
+            Store::F32(_) => KvDtype::F32,
+            Store::F16(_) => KvDtype::F16,
         }
     }
 
@@ -91,19 +208,38 @@ impl KvPool {
             return;
         }
         let hd = self.layout.head_dim;
-        for h in 0..self.layout.num_kv_heads {
-            let o = self.offset(layer, page, 0, h, slot);
-            self.data[o..o + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-            let o = self.offset(layer, page, 1, h, slot);
-            self.data[o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
-        }
-        let (k0, stride) = (
-            self.offset(layer, page, 0, 0, 0),
-            self.layout.page_size * hd,
-        );
+        let n = self.layout.num_kv_heads * hd;
+        let (k, v) = (&k[..n], &v[..n]);
+        let ko = self.offset(layer, page, 0, 0, slot);
+        let vo = self.offset(layer, page, 1, 0, slot);
+        // Heads of one slot are a page apart.
+        let head_stride = self.layout.page_size * hd;
+        let at = |o: usize, h: usize| o + h * head_stride..o + h * head_stride + hd;
+        // The summaries describe the stored keys: an f16 pool's, rounded.
+        let stored_k: Cow<[f32]> = match &mut self.data {
+            Store::F32(d) => {
+                for (h, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+                    d[at(ko, h)].copy_from_slice(kh);
+                    d[at(vo, h)].copy_from_slice(vh);
+                }
+                Cow::Borrowed(k)
+            }
+            Store::F16(d) => {
+                let mut rounded = vec![0.0f32; n];
+                for (h, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+                    d[at(ko, h)].convert_from_f32_slice(kh);
+                    d[at(vo, h)].convert_from_f32_slice(vh);
+                    f16_to_f32(&d[at(ko, h)], &mut rounded[h * hd..(h + 1) * hd]);
+                }
+                Cow::Owned(rounded)
+            }
+        };
+        let k0 = self.offset(layer, page, 0, 0, 0);
         let data = &self.data;
-        self.summaries
-            .record(layer, page, slot, k, |h| &data[k0 + h * stride..][..stride]);
+        let stride = self.layout.page_size * hd;
+        self.summaries.record(layer, page, slot, &stored_k, |h| {
+            page_keys(data, k0 + h * stride, stride)
+        });
     }
 
     /// Per-page key summaries (min/max per channel) for sparse attention.
@@ -111,16 +247,45 @@ impl KvPool {
         &self.summaries
     }
 
-    /// K vectors of `head` for every slot of `page`: `page_size × head_dim`.
-    pub fn keys(&self, layer: usize, page: PageId, head: usize) -> &[f32] {
-        let o = self.offset(layer, page, 0, head, 0);
-        &self.data[o..o + self.layout.page_size * self.layout.head_dim]
+    /// K vectors of `head` for every slot of `page` (`page_size × head_dim`), as stored.
+    pub fn key_run(&self, layer: usize, page: PageId, head: usize) -> KvRun<'_> {
+        self.run(self.offset(layer, page, 0, head, 0))
     }
 
-    /// V vectors of `head` for every slot of `page`: `page_size × head_dim`.
+    /// V vectors of `head` for every slot of `page` (`page_size × head_dim`), as stored.
+    pub fn value_run(&self, layer: usize, page: PageId, head: usize) -> KvRun<'_> {
+        self.run(self.offset(layer, page, 1, head, 0))
+    }
+
+    fn run(&self, o: usize) -> KvRun<'_> {
+        let n = self.layout.page_size * self.layout.head_dim;
+        match &self.data {
+            Store::F32(d) => KvRun::F32(&d[o..o + n]),
+            Store::F16(d) => KvRun::F16(&d[o..o + n]),
+        }
+    }
+
+    /// K vectors of `head` for every slot of `page`: `page_size × head_dim`. An f32 pool's
+    /// (tests and tools; attention reads [`KvPool::key_run`]).
+    ///
+    /// # Panics
+    /// On an f16 pool.
+    pub fn keys(&self, layer: usize, page: PageId, head: usize) -> &[f32] {
+        match self.key_run(layer, page, head) {
+            KvRun::F32(s) => s,
+            KvRun::F16(_) => panic!("KvPool::keys on an f16 pool: use key_run"),
+        }
+    }
+
+    /// V vectors of `head` for every slot of `page`, as [`KvPool::keys`].
+    ///
+    /// # Panics
+    /// On an f16 pool.
     pub fn values(&self, layer: usize, page: PageId, head: usize) -> &[f32] {
-        let o = self.offset(layer, page, 1, head, 0);
-        &self.data[o..o + self.layout.page_size * self.layout.head_dim]
+        match self.value_run(layer, page, head) {
+            KvRun::F32(s) => s,
+            KvRun::F16(_) => panic!("KvPool::values on an f16 pool: use value_run"),
+        }
     }
 
     /// Copies the first `slots` positions of page `src` into page `dst` in every layer
@@ -136,13 +301,17 @@ impl KvPool {
                 for h in 0..l.num_kv_heads {
                     let s = self.offset(layer, src, kv, h, 0);
                     let d = self.offset(layer, dst, kv, h, 0);
-                    self.data.copy_within(s..s + slots * l.head_dim, d);
+                    match &mut self.data {
+                        Store::F32(x) => x.copy_within(s..s + slots * l.head_dim, d),
+                        Store::F16(x) => x.copy_within(s..s + slots * l.head_dim, d),
+                    }
                 }
             }
             let (k0, stride) = (self.offset(layer, dst, 0, 0, 0), l.page_size * l.head_dim);
             let data = &self.data;
-            self.summaries
-                .recompute(layer, dst, slots, |h| &data[k0 + h * stride..][..stride]);
+            self.summaries.recompute(layer, dst, slots, |h| {
+                page_keys(data, k0 + h * stride, stride)
+            });
         }
     }
 
@@ -152,7 +321,10 @@ impl KvPool {
         if !self.detached {
             let per_page = self.layout.page_elems_per_layer();
             let (layers, old) = (self.layout.num_layers, self.num_pages);
-            self.data = relayout(&self.data, layers, old, num_pages, per_page);
+            self.data = match &self.data {
+                Store::F32(d) => Store::F32(relayout(d, layers, old, num_pages, per_page)),
+                Store::F16(d) => Store::F16(relayout(d, layers, old, num_pages, per_page)),
+            };
             self.summaries.resize(num_pages);
         }
         self.num_pages = num_pages;
@@ -160,12 +332,24 @@ impl KvPool {
 
     /// Bytes of one page across all layers.
     pub fn page_bytes(&self) -> usize {
-        self.layout.bytes_per_page(4)
+        self.layout.bytes_per_page(self.dtype().bytes())
     }
 
     /// Bytes of host memory the pool holds (K/V and their key summaries).
     pub fn nbytes(&self) -> usize {
-        self.data.len() * 4 + self.summaries.nbytes()
+        let kv = match &self.data {
+            Store::F32(d) => d.len() * 4,
+            Store::F16(d) => d.len() * 2,
+        };
+        kv + self.summaries.nbytes()
+    }
+}
+
+/// `len` stored keys from element `at`, as f32 (what the summaries are computed from).
+fn page_keys(data: &Store, at: usize, len: usize) -> Cow<'_, [f32]> {
+    match data {
+        Store::F32(d) => Cow::Borrowed(&d[at..at + len]),
+        Store::F16(d) => Cow::Owned(d[at..at + len].iter().map(|x| x.to_f32()).collect()),
     }
 }
 

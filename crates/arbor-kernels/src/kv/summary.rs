@@ -134,7 +134,7 @@ impl KeySummaries {
         page: PageId,
         slot: usize,
         k: &[f32],
-        page_keys: impl Fn(usize) -> &'a [f32],
+        page_keys: impl Fn(usize) -> std::borrow::Cow<'a, [f32]>,
     ) {
         let f = layer * self.num_pages + page as usize;
         if slot != self.filled[f] as usize {
@@ -166,7 +166,7 @@ impl KeySummaries {
         layer: usize,
         page: PageId,
         slots: usize,
-        page_keys: impl Fn(usize) -> &'a [f32],
+        page_keys: impl Fn(usize) -> std::borrow::Cow<'a, [f32]>,
     ) {
         let hd = self.head_dim;
         for h in 0..self.num_kv_heads {

@@ -135,14 +135,21 @@ fn attend(
     let mut max = vec![f32::NEG_INFINITY; group];
     let mut norm = vec![0.0f32; group];
     let mut scores = vec![0.0f32; ps];
+    // An f16 pool's K/V, converted a page at a time.
+    let (mut kbuf, mut vbuf) = (kv.pool.page_scratch(), kv.pool.page_scratch());
     o.fill(0.0);
 
     for page_idx in start / ps..end.div_ceil(ps) {
         let page = kv.table.pages[page_idx];
         let base = page_idx * ps;
         let (lo, hi) = (start.max(base) - base, end.min(base + ps) - base);
-        let keys = &kv.pool.keys(kv.layer, page, kv.kv_head)[lo * hd..hi * hd];
-        let values = &kv.pool.values(kv.layer, page, kv.kv_head)[lo * hd..hi * hd];
+        let run = lo * hd..hi * hd;
+        let keys = (kv
+            .pool
+            .key_run(kv.layer, page, kv.kv_head)
+            .range(run.clone()))
+        .to_f32(&mut kbuf);
+        let values = (kv.pool.value_run(kv.layer, page, kv.kv_head).range(run)).to_f32(&mut vbuf);
         let sc = &mut scores[..hi - lo];
         for g in 0..group {
             let qg = &qs[g * hd..(g + 1) * hd];

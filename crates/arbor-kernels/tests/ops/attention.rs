@@ -1,7 +1,7 @@
 //! Paged attention against dense f64 attention over contiguous K/V.
 
 use crate::common::Rng;
-use arbor_kernels::kv::{KvCache, KvLayout, SeqId};
+use arbor_kernels::kv::{KvCache, KvDtype, KvLayout, SeqId};
 use arbor_kernels::ops::{paged_attention, AttentionParams};
 
 const SEQ: SeqId = 1;
@@ -30,8 +30,9 @@ fn scrambled_cache(
     seq: SeqId,
     len: usize,
     rng: &mut Rng,
+    dtype: KvDtype,
 ) -> KvCache {
-    let mut cache = KvCache::new(layout, num_pages);
+    let mut cache = KvCache::with_dtype(layout, num_pages, 0, dtype);
     for i in 0..num_pages {
         let filler = 1000 + i as SeqId;
         cache.add_seq(filler);
@@ -89,6 +90,11 @@ fn reference(c: &Case, q: &[f32], k: &[f32], v: &[f32], scale: f64) -> Vec<f64> 
 }
 
 fn check(c: &Case, rng: &mut Rng) {
+    check_stored_as(c, rng, KvDtype::F32);
+}
+
+/// [`check`] on a pool storing `dtype`, against dense attention over the K/V as stored.
+fn check_stored_as(c: &Case, rng: &mut Rng, dtype: KvDtype) {
     let (hd, nkv) = (c.head_dim, c.n_kv_heads);
     let nh = nkv * c.group;
     let layout = KvLayout {
@@ -97,7 +103,8 @@ fn check(c: &Case, rng: &mut Rng) {
         head_dim: hd,
         page_size: c.page_size,
     };
-    let mut cache = scrambled_cache(layout, c.len.div_ceil(c.page_size) + 3, SEQ, c.len, rng);
+    let pages = c.len.div_ceil(c.page_size) + 3;
+    let mut cache = scrambled_cache(layout, pages, SEQ, c.len, rng, dtype);
     let k = rng.normals(c.len * nkv * hd, 1.0);
     let v = rng.normals(c.len * nkv * hd, 1.0);
     for pos in 0..c.len {
@@ -133,7 +140,13 @@ fn check(c: &Case, rng: &mut Rng) {
         &params,
         &mut out,
     );
-    let want = reference(c, &q, &k, &v, scale as f64);
+    let stored = |x: &[f32]| -> Vec<f32> {
+        match dtype {
+            KvDtype::F32 => x.to_vec(),
+            KvDtype::F16 => x.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect(),
+        }
+    };
+    let want = reference(c, &q, &stored(&k), &stored(&v), scale as f64);
     for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
         assert!(
             (g as f64 - w).abs() <= 2e-5 + 1e-4 * w.abs(),
@@ -179,6 +192,36 @@ fn matches_dense_attention_across_page_sizes_gqa_and_windows() {
         }
     }
     assert_eq!(cases, 120);
+}
+
+/// f16 pages (`--kv-dtype f16`): paged attention reads what was stored, rounded, and nothing
+/// else; the other layer's junk (100.0, exact in f16) must not leak in either.
+#[test]
+fn f16_pages_match_dense_attention_over_the_rounded_kv() {
+    let mut rng = Rng::new(12);
+    for (i, &(page_size, group, len, window)) in [
+        (16, 3, 100, None),
+        (8, 1, 37, Some(16)),
+        (32, 8, 75, None),
+        (16, 4, 7, Some(5)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for positions in [vec![len - 1], (len - len.min(6)..len).collect()] {
+            let c = Case {
+                page_size,
+                n_kv_heads: 1 + i % 2,
+                group,
+                head_dim: [64, 32][i % 2],
+                len,
+                positions,
+                window,
+                q_scale: [1.0, 4.0][i % 2],
+            };
+            check_stored_as(&c, &mut rng, KvDtype::F16);
+        }
+    }
 }
 
 #[test]

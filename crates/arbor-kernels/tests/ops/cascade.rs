@@ -6,6 +6,7 @@
 
 #[path = "../shared/tree_rig.rs"]
 mod tree_rig;
+use arbor_kernels::kv::KvDtype::{self, F16, F32};
 use arbor_kernels::kv::{KvCache, KvLayout, SeqId};
 use arbor_kernels::ops::cascade::{
     cascade_attention, chain_attention, CascadePlan, PlanOptions, NO_PARENT,
@@ -88,6 +89,7 @@ fn case(
     chunk: usize,
     trees: usize,
     plain: usize,
+    dtype: KvDtype,
 ) -> f64 {
     let layout = KvLayout {
         num_layers: 2,
@@ -95,7 +97,7 @@ fn case(
         head_dim: hd,
         page_size: ps,
     };
-    let mut rig = Rig::new(layout, 4096, seed);
+    let mut rig = Rig::with_dtype(layout, 4096, seed, dtype);
     let mut members = Vec::new();
     for _ in 0..trees {
         let root_len = 1 + rig.rng.below(6 * ps);
@@ -197,7 +199,7 @@ fn cascade_equals_per_row_attention_on_random_trees() {
             // Keep the widest deep trees in the seconds range.
             let width = if depth >= 4 { width.min(16) } else { width };
             let e = case(
-                seed, ps, nkv, group, hd, depth, width, window, chunk, trees, plain,
+                seed, ps, nkv, group, hd, depth, width, window, chunk, trees, plain, F32,
             );
             worst = worst.max(e);
             n += 1;
@@ -220,10 +222,50 @@ fn wide_and_deep_trees_with_every_gqa_ratio() {
     let mut worst = 0.0f64;
     for (i, &group) in [1, 3, 4, 7, 8].iter().enumerate() {
         // 64 branches of one prompt (best-of-N), then a deep uneven beam-like tree.
-        worst = worst.max(case(100 + i as u64, 16, 2, group, 64, 1, 64, None, 1, 1, 1));
-        worst = worst.max(case(200 + i as u64, 16, 1, group, 128, 6, 8, None, 3, 2, 2));
+        worst = worst.max(case(
+            100 + i as u64,
+            16,
+            2,
+            group,
+            64,
+            1,
+            64,
+            None,
+            1,
+            1,
+            1,
+            F32,
+        ));
+        worst = worst.max(case(
+            200 + i as u64,
+            16,
+            1,
+            group,
+            128,
+            6,
+            8,
+            None,
+            3,
+            2,
+            2,
+            F32,
+        ));
     }
     println!("wide/deep trees: worst NMSE {worst:.3e}");
+}
+
+/// f16 pages (`--kv-dtype f16`): cascade and chain attention read them as paged attention
+/// does (the same conversion of the same stored values): chain bit for bit, cascade within
+/// rounding of the merge.
+#[test]
+fn f16_pages_cascade_equals_per_row_attention() {
+    let mut worst = 0.0f64;
+    for (i, &group) in [1, 3, 8].iter().enumerate() {
+        let s = 300 + i as u64;
+        worst = worst.max(case(s, 16, 2, group, 64, 1, 16, None, 1, 1, 1, F16));
+        worst = worst.max(case(s + 10, 8, 1, group, 128, 4, 4, Some(37), 3, 2, 1, F16));
+    }
+    println!("f16 pages: worst NMSE {worst:.3e}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use crate::common::Rng;
-use arbor_kernels::kv::{KvCache, KvLayout, SeqId};
+use arbor_kernels::kv::{KvCache, KvDtype, KvLayout, SeqId};
 use arbor_kernels::ops::cascade::{CascadePlan, PlanOptions, PlanSeq};
 use std::ops::Range;
 
@@ -20,9 +20,14 @@ pub struct Rig {
 
 impl Rig {
     pub fn new(layout: KvLayout, num_pages: usize, seed: u64) -> Self {
+        Self::with_dtype(layout, num_pages, seed, KvDtype::F32)
+    }
+
+    /// A rig whose pool stores K and V as `dtype`.
+    pub fn with_dtype(layout: KvLayout, num_pages: usize, seed: u64, dtype: KvDtype) -> Self {
         Rig {
             width: layout.num_kv_heads * layout.head_dim,
-            cache: KvCache::new(layout, num_pages),
+            cache: KvCache::with_dtype(layout, num_pages, 0, dtype),
             rng: Rng::new(seed),
             next: 1,
             bf16: false,

@@ -1,7 +1,7 @@
 //! How a step's rows are laid out: each sequence's new tokens are a contiguous run of rows.
 
 use crate::RuntimeError;
-use arbor_kernels::kv::{KvCache, SeqId};
+use arbor_kernels::kv::{KvCache, KvDtype, SeqId};
 use arbor_kernels::ops::cascade::{CascadeMode, CascadePlan, PlanOptions, PlanSeq, SparseParams};
 use std::ops::Range;
 
@@ -15,6 +15,9 @@ pub struct AttentionOptions {
     /// Sink and local pages, and dense layers, of sequences with a sparse budget (they go
     /// through cascade attention even when `tree` is `None`).
     pub sparse: SparseParams,
+    /// How the CPU's KV pages store K and V (read when an engine allocates its cache): f32,
+    /// the reference, or f16 (half the bytes). A GPU stores bf16 either way.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for AttentionOptions {
@@ -22,6 +25,7 @@ impl Default for AttentionOptions {
         AttentionOptions {
             tree: Some(CascadeMode::Chain),
             sparse: SparseParams::default(),
+            kv_dtype: KvDtype::F32,
         }
     }
 }

@@ -137,3 +137,30 @@ fn wrong_rope_layout_is_detected() {
         );
     }
 }
+
+/// `--kv-dtype f16`: K and V rounded to f16 in the pages move the logits a little (measured
+/// and printed), and the same bytes of cache hold twice the pages.
+#[test]
+fn f16_kv_pages_stay_near_transformers() {
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let load = |dtype| {
+            let mut m = Model::load(&fixture(arch)).expect("load fixture");
+            m.attention.kv_dtype = dtype;
+            engine_for(m)
+        };
+        let f32_pages = load(arbor_kernels::kv::KvDtype::F32).cache().pool.num_pages;
+        let mut engine = load(arbor_kernels::kv::KvDtype::F16);
+        let pages = engine.cache().pool.num_pages;
+        assert!(
+            pages >= 2 * f32_pages,
+            "{arch}: {pages} f16 pages, {f32_pages} f32"
+        );
+        for (i, (toks, want)) in reference(arch).1.iter().enumerate() {
+            let got = run_chunked(&mut engine, toks, &[5, 17, 3]);
+            let (nmse, max) = errors(&got, want);
+            println!("{arch} seq {i}, f16 KV: NMSE {nmse:.3e}, max abs {max:.3e}");
+            assert!(nmse <= 1e-4, "{arch} seq {i}: NMSE {nmse:.3e}");
+        }
+        assert_eq!(engine.cache().allocator().num_in_use(), 0, "pages leaked");
+    }
+}

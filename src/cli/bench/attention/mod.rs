@@ -29,7 +29,7 @@
 
 use super::grid::numbers;
 use anyhow::{bail, Context};
-use arbor_kernels::kv::{BlockTable, KvLayout, KvPool, PageId};
+use arbor_kernels::kv::{BlockTable, KvDtype, KvLayout, KvPool, PageId};
 use arbor_kernels::ops::cascade::{self, CascadePlan, PlanOptions, PlanSeq, SparseParams};
 use arbor_kernels::ops::{paged_attention, AttentionParams};
 use arbor_kernels::Device;
@@ -87,6 +87,9 @@ pub struct AttentionArgs {
     /// cascade: the page selection plus cascade over the chosen pages.
     #[arg(long, default_value_t = 0)]
     pub sparse_budget: usize,
+    /// K/V element type of the CPU pool: f32 or f16 (the GPU's is bf16).
+    #[arg(long, default_value = "f32", value_parser = crate::cli::model::parse_kv_dtype)]
+    pub kv_dtype: KvDtype,
 }
 
 impl AttentionArgs {
@@ -320,7 +323,7 @@ pub fn bench(a: AttentionArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut dev = Backend::open(a.device, a.copy_mib, a.reps)?;
+    let mut dev = Backend::open(a.device, a.copy_mib, a.reps, a.kv_dtype)?;
     eprintln!(
         "{}: copy bandwidth {:.1} GB/s (read + write, {} MiB); {} cells",
         dev.describe(),
@@ -419,16 +422,24 @@ fn record(
 enum Backend {
     Cpu {
         copy_bw: f64,
+        /// Bytes per K/V element of the pool.
+        elem: usize,
     },
     #[cfg(feature = "cuda")]
     Cuda(gpu::GpuBench),
 }
 
 impl Backend {
-    fn open(device: Device, copy_mib: usize, reps: usize) -> anyhow::Result<Backend> {
+    fn open(
+        device: Device,
+        copy_mib: usize,
+        reps: usize,
+        kv_dtype: KvDtype,
+    ) -> anyhow::Result<Backend> {
         match device {
             Device::Cpu => Ok(Backend::Cpu {
                 copy_bw: cpu_copy_bw(copy_mib, reps),
+                elem: kv_dtype.bytes(),
             }),
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => Ok(Backend::Cuda(gpu::GpuBench::open(i, copy_mib, reps)?)),
@@ -445,10 +456,10 @@ impl Backend {
         }
     }
 
-    /// Bytes per K/V element (f32 on the CPU, bf16 on a GPU).
+    /// Bytes per K/V element (--kv-dtype on the CPU, bf16 on a GPU).
     fn elem_bytes(&self) -> usize {
         match self {
-            Backend::Cpu { .. } => 4,
+            Backend::Cpu { elem, .. } => *elem,
             #[cfg(feature = "cuda")]
             Backend::Cuda(_) => 2,
         }
@@ -456,7 +467,7 @@ impl Backend {
 
     fn copy_bw_gbs(&self) -> f64 {
         match self {
-            Backend::Cpu { copy_bw } => *copy_bw,
+            Backend::Cpu { copy_bw, .. } => *copy_bw,
             #[cfg(feature = "cuda")]
             Backend::Cuda(g) => g.copy_bw,
         }
@@ -512,7 +523,7 @@ fn run_cpu(
     seed: u64,
 ) -> anyhow::Result<Timing> {
     let layout = a.kv_layout();
-    let bytes = layout.bytes_per_page(4) * tree.pages;
+    let bytes = layout.bytes_per_page(a.kv_dtype.bytes()) * tree.pages;
     if bytes > CPU_MAX_KV_BYTES {
         bail!(
             "{:.1} GiB of KV is too much for the CPU path: use smaller --branches/--prefix/--suffix, or --device cuda",
@@ -520,7 +531,7 @@ fn run_cpu(
         );
     }
     let mut rng = Rng::new(seed);
-    let mut pool = KvPool::new(layout, tree.pages);
+    let mut pool = KvPool::with_dtype(layout, tree.pages, a.kv_dtype);
     let kvd = a.kv_heads * a.head_dim;
     for page in 0..tree.pages as PageId {
         for slot in 0..a.page_size {

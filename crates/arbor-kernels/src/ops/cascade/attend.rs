@@ -161,13 +161,15 @@ fn run_task(
     let mut max = vec![f32::NEG_INFINITY; rows.len() * gh];
     let mut norm = vec![0.0f32; rows.len() * gh];
     let mut scores = vec![0.0f32; ps];
+    // An f16 pool's page, converted once for all of the task's rows.
+    let (mut kbuf, mut vbuf) = (pool.page_scratch(), pool.page_scratch());
     o.fill(0.0);
     if !span.is_empty() {
         let g_lo = plan.group_first_page[t.group] as usize * ps;
         for j in page_list(selected, &span) {
             let base = g_lo + j * ps;
-            let keys = pool.keys(layer, pages[j], t.kv_head);
-            let values = pool.values(layer, pages[j], t.kv_head);
+            let keys = pool.key_run(layer, pages[j], t.kv_head).to_f32(&mut kbuf);
+            let values = pool.value_run(layer, pages[j], t.kv_head).to_f32(&mut vbuf);
             for (i, (&r, &(rlo, rhi))) in rows.iter().zip(&lim).enumerate() {
                 let (a, b) = (rlo.max(base), rhi.min(base + ps));
                 if a >= b {
