@@ -349,7 +349,11 @@ impl KvPool {
 fn page_keys(data: &Store, at: usize, len: usize) -> Cow<'_, [f32]> {
     match data {
         Store::F32(d) => Cow::Borrowed(&d[at..at + len]),
-        Store::F16(d) => Cow::Owned(d[at..at + len].iter().map(|x| x.to_f32()).collect()),
+        Store::F16(d) => {
+            let mut out = vec![0.0f32; len];
+            f16_to_f32(&d[at..at + len], &mut out);
+            Cow::Owned(out)
+        }
     }
 }
 
