@@ -337,11 +337,11 @@ impl KvPool {
 
     /// Bytes of host memory the pool holds (K/V and their key summaries).
     pub fn nbytes(&self) -> usize {
-        let kv = match &self.data {
-            Store::F32(d) => d.len() * 4,
-            Store::F16(d) => d.len() * 2,
+        let elems = match &self.data {
+            Store::F32(d) => d.len(),
+            Store::F16(d) => d.len(),
         };
-        kv + self.summaries.nbytes()
+        elems * self.dtype().bytes() + self.summaries.nbytes()
     }
 }
 

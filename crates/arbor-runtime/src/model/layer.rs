@@ -213,10 +213,9 @@ impl DecoderLayer {
         if let Some(tc) = ctx.tree {
             // Pages shared by several sequences are read once for all of their rows.
             let pool = &cache.pool;
-            let sel = tc
-                .start
-                .filter(|_| layer >= tc.sparse.dense_layers)
-                .and_then(|st| cascade::select_pages_from(&q, tc.plan, st, pool, layer, &params));
+            let sel = (tc.start).and_then(|st| {
+                cascade::select_pages_from(&q, tc.plan, st, pool, layer, &params, &tc.sparse)
+            });
             tc.mode
                 .attend(&q, tc.plan, pool, layer, &params, sel.as_ref(), &mut attn);
         } else {

@@ -583,12 +583,14 @@ fn run_cpu(
             // Once per step in the engine, like the GPU's upload: outside the layer's time.
             let start = cascade::selection_start(sp_plan, p, &sp);
             let ms = time(&mut || {
-                let sel = cascade::select_pages_from(&q, sp_plan, &start, &pool, 0, p);
+                let sel = cascade::select_pages_from(&q, sp_plan, &start, &pool, 0, p, &sp);
                 marked = sel.as_ref().map_or(0, |s| s.pages_read());
                 cascade::cascade_attention(&q, sp_plan, &pool, 0, p, sel.as_ref(), &mut out_s);
             });
             let select_ms = time(&mut || {
-                std::hint::black_box(cascade::select_pages_from(&q, sp_plan, &start, &pool, 0, p));
+                std::hint::black_box(cascade::select_pages_from(
+                    &q, sp_plan, &start, &pool, 0, p, &sp,
+                ));
             });
             Some(SparseTiming {
                 ms,

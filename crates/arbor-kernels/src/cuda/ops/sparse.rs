@@ -178,7 +178,7 @@ impl SparseHostPlan {
 /// Where a [`GpuSparsePlan`]'s arrays sit: each at a power-of-two capacity that never shrinks
 /// while the buffers are reused, so that the steps of a growing tree launch alike and a CUDA
 /// graph captured with one replays the next (the kernel reads the counts from the device).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct SparseLayout {
     /// Selections (4 `u32` each).
     sel: usize,
@@ -191,11 +191,7 @@ struct SparseLayout {
 impl SparseLayout {
     fn fit(host: &SparseHostPlan, old: Option<&SparseLayout>) -> SparseLayout {
         let cap = |n: usize, o: usize| n.max(1).next_power_of_two().max(o);
-        let o = old.copied().unwrap_or(SparseLayout {
-            sel: 0,
-            cand: 0,
-            marks: 0,
-        });
+        let o = old.copied().unwrap_or_default();
         SparseLayout {
             sel: cap(host.selections.len(), o.sel),
             cand: cap(host.candidates.len(), o.cand),

@@ -213,11 +213,11 @@ pub fn select_pages(
     if !plan.has_sparse() || layer < sp.dense_layers {
         return None;
     }
-    select_pages_from(q, plan, &selection_start(plan, p, sp), pool, layer, p)
+    select_pages_from(q, plan, &selection_start(plan, p, sp), pool, layer, p, sp)
 }
 
-/// [`select_pages`] of a sparse layer, from the step's `start` (`selection_start` of the same
-/// plan and parameters): only the ranking depends on the layer.
+/// [`select_pages`] from the step's `start` (`selection_start` of the same plan and
+/// parameters): only the ranking depends on the layer. `None` for the dense layers.
 pub fn select_pages_from(
     q: &[f32],
     plan: &CascadePlan,
@@ -225,7 +225,11 @@ pub fn select_pages_from(
     pool: &KvPool,
     layer: usize,
     p: &AttentionParams,
+    sp: &SparseParams,
 ) -> Option<PageSelection> {
+    if layer < sp.dense_layers {
+        return None;
+    }
     let nkv = p.n_kv_heads;
     let mut marks = start.marks.clone();
     let picks: Vec<Vec<usize>> = start
