@@ -84,7 +84,8 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 typedef unsigned long long u64;
 
 // Element offset of (layer, page, k|v, kv_head, slot) in the KV pool laid out
-// [layer][page][k|v][kv_head][slot][head_dim] — the formula of kv.rs and the host pool, in
+// [layer][page][k|v][kv_head][slot][head_dim] — the formula of cuda/kv.rs (the host pool is
+// head-major instead, for CPU streaming), in
 // 64 bits (a pool may hold more than 2^31 elements).
 __device__ __forceinline__ u64 kv_offset(int layer, u32 page, int kv, int head, int slot,
                                          int num_pages, int num_kv_heads, int page_size,

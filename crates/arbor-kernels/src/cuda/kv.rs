@@ -1,5 +1,6 @@
-//! The KV pool in GPU memory: bf16, laid out as the host pool
-//! (`[layer][page][k|v][kv_head][slot][head_dim]`), so the page bookkeeping of
+//! The KV pool in GPU memory: bf16, laid out `[layer][page][k|v][kv_head][slot][head_dim]`
+//! (a page's heads together; the host pool is head-major), with the same page ids, so the
+//! page bookkeeping of
 //! [`crate::kv::KvCache`] (allocator, block tables, prefix index) drives it unchanged.
 //! Beside it, the per-page key summaries of sparse attention (as [`crate::kv::KeySummaries`]:
 //! per (layer, page, KV head) the per-channel min and max of the page's keys, here bf16,

@@ -2,8 +2,10 @@
 //! allocator, a radix prefix index that keeps finished pages for reuse, and per-sequence block
 //! tables.
 //!
-//! Layout of the pool: `[layer][page][k|v][kv_head][slot][head_dim]`. A page holds
-//! `page_size` consecutive token positions of one sequence (or of a prefix several
+//! Layout of the host pool: `[layer][kv_head][page][k|v][slot][head_dim]`, one head's pages
+//! side by side so that attention, which walks a sequence's pages head by head, streams them
+//! (the GPU pool keeps a page's heads together instead: `[layer][page][k|v][kv_head]…`). A
+//! page holds `page_size` consecutive token positions of one sequence (or of a prefix several
 //! sequences share: pages are reference counted so that forks share them).
 
 mod allocator;

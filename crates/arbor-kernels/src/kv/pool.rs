@@ -194,9 +194,14 @@ impl KvPool {
         std::mem::take(&mut self.copies)
     }
 
+    /// Element offset of (layer, page, k|v, head, slot) in the host layout
+    /// `[layer][kv_head][page][k|v][slot][head_dim]`: one head's pages lie side by side, so a
+    /// kernel walking a sequence's pages head by head streams memory instead of striding over
+    /// the other heads (on a 2-core EPYC, 4 KiB runs 24 KiB apart read at 9 GB/s on one
+    /// thread, contiguous memory at 23).
     fn offset(&self, layer: usize, page: PageId, kv: usize, head: usize, slot: usize) -> usize {
         let l = &self.layout;
-        ((((layer * self.num_pages + page as usize) * 2 + kv) * l.num_kv_heads + head)
+        ((((layer * l.num_kv_heads + head) * self.num_pages + page as usize) * 2 + kv)
             * l.page_size
             + slot)
             * l.head_dim
@@ -210,10 +215,13 @@ impl KvPool {
         let hd = self.layout.head_dim;
         let n = self.layout.num_kv_heads * hd;
         let (k, v) = (&k[..n], &v[..n]);
-        let ko = self.offset(layer, page, 0, 0, slot);
-        let vo = self.offset(layer, page, 1, 0, slot);
-        // Heads of one slot are a page apart.
-        let head_stride = self.layout.page_size * hd;
+        let (ko, vo) = (
+            self.offset(layer, page, 0, 0, slot),
+            self.offset(layer, page, 1, 0, slot),
+        );
+        // Heads of one slot are a layer's pages of one head apart.
+        let head_stride =
+            self.num_pages * self.layout.page_elems_per_layer() / self.layout.num_kv_heads;
         let at = |o: usize, h: usize| o + h * head_stride..o + h * head_stride + hd;
         // The summaries describe the stored keys: an f16 pool's, rounded.
         let stored_k: Cow<[f32]> = match &mut self.data {
@@ -234,11 +242,11 @@ impl KvPool {
                 Cow::Owned(rounded)
             }
         };
+        let len = self.layout.page_size * hd;
         let k0 = self.offset(layer, page, 0, 0, 0);
         let data = &self.data;
-        let stride = self.layout.page_size * hd;
         self.summaries.record(layer, page, slot, &stored_k, |h| {
-            page_keys(data, k0 + h * stride, stride)
+            page_keys(data, k0 + h * head_stride, len)
         });
     }
 
@@ -307,23 +315,26 @@ impl KvPool {
                     }
                 }
             }
-            let (k0, stride) = (self.offset(layer, dst, 0, 0, 0), l.page_size * l.head_dim);
+            let k0: Vec<usize> = (0..l.num_kv_heads)
+                .map(|h| self.offset(layer, dst, 0, h, 0))
+                .collect();
             let data = &self.data;
             self.summaries.recompute(layer, dst, slots, |h| {
-                page_keys(data, k0 + h * stride, stride)
+                page_keys(data, k0[h], l.page_size * l.head_dim)
             });
         }
     }
 
     /// Grows or shrinks the pool to `num_pages` pages, keeping the K/V of the pages both
-    /// sizes have (a layer-major copy: a page's place depends on the page count).
+    /// sizes have (a copy per (layer, head): a page's place depends on the page count).
     pub fn resize(&mut self, num_pages: usize) {
         if !self.detached {
-            let per_page = self.layout.page_elems_per_layer();
-            let (layers, old) = (self.layout.num_layers, self.num_pages);
+            let l = &self.layout;
+            let (blocks, per_page) = (l.num_layers * l.num_kv_heads, 2 * l.page_size * l.head_dim);
+            let old = self.num_pages;
             self.data = match &self.data {
-                Store::F32(d) => Store::F32(relayout(d, layers, old, num_pages, per_page)),
-                Store::F16(d) => Store::F16(relayout(d, layers, old, num_pages, per_page)),
+                Store::F32(d) => Store::F32(relayout(d, blocks, old, num_pages, per_page)),
+                Store::F16(d) => Store::F16(relayout(d, blocks, old, num_pages, per_page)),
             };
             self.summaries.resize(num_pages);
         }
@@ -357,19 +368,19 @@ fn page_keys(data: &Store, at: usize, len: usize) -> Cow<'_, [f32]> {
     }
 }
 
-/// `data` laid out `[layer][page][per_page]` over `old` pages, re-laid over `new` pages: the
-/// first `min(old, new)` pages of every layer kept, new ones zero.
+/// `data` laid out `[block][page][per_page]` over `old` pages, re-laid over `new` pages: the
+/// first `min(old, new)` pages of every block (a layer, or a layer's head) kept, new ones zero.
 pub(crate) fn relayout<T: Copy + Default>(
     data: &[T],
-    layers: usize,
+    blocks: usize,
     old: usize,
     new: usize,
     per_page: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::default(); layers * new * per_page];
+    let mut out = vec![T::default(); blocks * new * per_page];
     let keep = old.min(new) * per_page;
-    for l in 0..layers {
-        out[l * new * per_page..][..keep].copy_from_slice(&data[l * old * per_page..][..keep]);
+    for b in 0..blocks {
+        out[b * new * per_page..][..keep].copy_from_slice(&data[b * old * per_page..][..keep]);
     }
     out
 }
