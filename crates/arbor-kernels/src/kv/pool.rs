@@ -40,6 +40,19 @@ impl<'a> KvRun<'a> {
         }
     }
 
+    /// Elements in the run.
+    pub fn len(&self) -> usize {
+        match self {
+            KvRun::F32(s) => s.len(),
+            KvRun::F16(s) => s.len(),
+        }
+    }
+
+    /// Whether the run is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The run as f32: itself, or converted into the front of `scratch` (at least as long).
     #[inline]
     pub fn to_f32<'s>(self, scratch: &'s mut [f32]) -> &'s [f32]

@@ -2,14 +2,15 @@
 //!
 //! One task per (query row, KV head): the task holds the query vectors of every query head
 //! that shares the KV head, walks the sequence's pages in position order, and for each page
-//! scores all of its contiguous keys (`[slot][head_dim]` in the pool layout
-//! `[layer][page][k|v][kv_head][slot][head_dim]`) against each query head before moving on, so
+//! scores all of its contiguous keys (`[slot][head_dim]` in the host pool layout
+//! `[layer][kv_head][page][k|v][slot][head_dim]`) against each query head before moving on, so
 //! a page's K and V are read once per task while they sit in L1. When there are too few such
 //! tasks for the threads (decoding one sequence), a task is one (row, query head) instead. The softmax is online
 //! (running max and normaliser, accumulator rescaled when the max grows), so nothing grows
 //! with the context length; the accumulator is the output slice itself.
 
-use super::softmax::{exp_nonpos, lane_max, with_wide_vectors};
+use super::online::{for_kernels, update, Running};
+use super::softmax::with_wide_vectors;
 use crate::kv::{BlockTable, KvPool};
 use rayon::prelude::*;
 
@@ -135,7 +136,7 @@ fn attend(
     let mut max = vec![f32::NEG_INFINITY; group];
     let mut norm = vec![0.0f32; group];
     let mut scores = vec![0.0f32; ps];
-    // An f16 pool's K/V, converted a page at a time.
+    // Scratch for an f16 page where the CPU cannot widen f16 in registers.
     let (mut kbuf, mut vbuf) = (kv.pool.page_scratch(), kv.pool.page_scratch());
     o.fill(0.0);
 
@@ -144,66 +145,23 @@ fn attend(
         let base = page_idx * ps;
         let (lo, hi) = (start.max(base) - base, end.min(base + ps) - base);
         let run = lo * hd..hi * hd;
-        let keys = (kv
+        let keys = kv
             .pool
             .key_run(kv.layer, page, kv.kv_head)
-            .range(run.clone()))
-        .to_f32(&mut kbuf);
-        let values = (kv.pool.value_run(kv.layer, page, kv.kv_head).range(run)).to_f32(&mut vbuf);
-        let sc = &mut scores[..hi - lo];
-        for g in 0..group {
-            let qg = &qs[g * hd..(g + 1) * hd];
-            let acc = &mut o[g * hd..(g + 1) * hd];
-            for (s, k) in sc.iter_mut().zip(keys.chunks_exact(hd)) {
-                *s = dot(qg, k) * scale;
-            }
-            let new_max = max[g].max(lane_max(sc));
-            if new_max > max[g] {
-                // exp(−∞) = 0 on the first page: nothing to rescale yet.
-                let c = exp_nonpos(max[g] - new_max);
-                norm[g] *= c;
-                acc.iter_mut().for_each(|a| *a *= c);
-                max[g] = new_max;
-            }
-            // Weights in their own loop, which vectorises; then the weighted sum of values.
-            sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
-            norm[g] += sc.iter().sum::<f32>();
-            for (&w, v) in sc.iter().zip(values.chunks_exact(hd)) {
-                axpy(w, v, acc);
-            }
+            .range(run.clone());
+        let values = kv.pool.value_run(kv.layer, page, kv.kv_head).range(run);
+        let (keys, values) = (for_kernels(keys, &mut kbuf), for_kernels(values, &mut vbuf));
+        for (g, (qg, acc)) in qs.chunks_exact(hd).zip(o.chunks_exact_mut(hd)).enumerate() {
+            let st = Running {
+                max: &mut max[g],
+                norm: &mut norm[g],
+                acc,
+            };
+            update(qg, keys, values, scale, st, &mut scores);
         }
     }
     for (acc, &n) in o.chunks_exact_mut(hd).zip(&norm) {
         let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
         acc.iter_mut().for_each(|a| *a *= inv);
-    }
-}
-
-/// a · b with eight independent accumulators, so that it vectorises.
-#[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        let (x, y) = (&x[..8], &y[..8]);
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// y += a · x.
-#[inline(always)]
-pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
     }
 }

@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+mod online;
 pub mod rope;
 pub mod sample;
 pub mod softmax;

@@ -13,8 +13,8 @@ use super::plan::CascadePlan;
 use super::sparse::PageSelection;
 use super::{merge::merge_states, AttentionParams};
 use crate::kv::KvPool;
-use crate::ops::attention::{axpy, dot};
-use crate::ops::softmax::{exp_nonpos, lane_max, with_wide_vectors};
+use crate::ops::online::{for_kernels, update, Running};
+use crate::ops::softmax::with_wide_vectors;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -161,34 +161,37 @@ fn run_task(
     let mut max = vec![f32::NEG_INFINITY; rows.len() * gh];
     let mut norm = vec![0.0f32; rows.len() * gh];
     let mut scores = vec![0.0f32; ps];
-    // An f16 pool's page, converted once for all of the task's rows.
+    // Scratch for an f16 page where the CPU cannot widen f16 in registers.
     let (mut kbuf, mut vbuf) = (pool.page_scratch(), pool.page_scratch());
     o.fill(0.0);
     if !span.is_empty() {
         let g_lo = plan.group_first_page[t.group] as usize * ps;
         for j in page_list(selected, &span) {
             let base = g_lo + j * ps;
-            let keys = pool.key_run(layer, pages[j], t.kv_head).to_f32(&mut kbuf);
-            let values = pool.value_run(layer, pages[j], t.kv_head).to_f32(&mut vbuf);
+            let keys = for_kernels(pool.key_run(layer, pages[j], t.kv_head), &mut kbuf);
+            let values = for_kernels(pool.value_run(layer, pages[j], t.kv_head), &mut vbuf);
             for (i, (&r, &(rlo, rhi))) in rows.iter().zip(&lim).enumerate() {
                 let (a, b) = (rlo.max(base), rhi.min(base + ps));
                 if a >= b {
                     continue;
                 }
-                let (a, b) = (a - base, b - base);
-                let (k, v) = (&keys[a * hd..b * hd], &values[a * hd..b * hd]);
+                let run = (a - base) * hd..(b - base) * hd;
+                let (k, v) = (keys.range(run.clone()), values.range(run));
                 let q0 = (r as usize * p.n_heads + t.kv_head * gh) * hd;
                 for g in 0..gh {
                     let s = i * gh + g;
+                    let st = Running {
+                        max: &mut max[s],
+                        norm: &mut norm[s],
+                        acc: &mut o[s * hd..(s + 1) * hd],
+                    };
                     update(
                         &q[q0 + g * hd..q0 + (g + 1) * hd],
                         k,
                         v,
                         p.scale,
-                        &mut max[s],
-                        &mut norm[s],
-                        &mut o[s * hd..(s + 1) * hd],
-                        &mut scores[..b - a],
+                        st,
+                        &mut scores,
                     );
                 }
             }
@@ -252,38 +255,4 @@ pub(super) fn page_list<'a>(
         .flatten()
         .filter(move |j| span.contains(j))
         .chain(all.into_iter().flatten())
-}
-
-/// One online-softmax step of query `qg` over the keys `k` and values `v` of part of a page:
-/// rescales the accumulator `acc` when the running `max` grows, adds the page's weights to
-/// `norm` and their weighted values to `acc`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(super) fn update(
-    qg: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: f32,
-    max: &mut f32,
-    norm: &mut f32,
-    acc: &mut [f32],
-    sc: &mut [f32],
-) {
-    let hd = qg.len();
-    for (s, kk) in sc.iter_mut().zip(k.chunks_exact(hd)) {
-        *s = dot(qg, kk) * scale;
-    }
-    let new_max = max.max(lane_max(sc));
-    if new_max > *max {
-        // exp(−∞) = 0 on the first page: nothing to rescale yet.
-        let c = exp_nonpos(*max - new_max);
-        *norm *= c;
-        acc.iter_mut().for_each(|a| *a *= c);
-        *max = new_max;
-    }
-    sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
-    *norm += sc.iter().sum::<f32>();
-    for (&w, vv) in sc.iter().zip(v.chunks_exact(hd)) {
-        axpy(w, vv, acc);
-    }
 }

@@ -11,11 +11,12 @@
 //! chunks of rows. State lives in `[query head][entry][…]`, so every task owns contiguous
 //! slices of it.
 
-use super::attend::{page_list, row_limits, update, ROWS_PER_TASK};
+use super::attend::{page_list, row_limits, ROWS_PER_TASK};
 use super::plan::CascadePlan;
 use super::sparse::PageSelection;
 use super::AttentionParams;
 use crate::kv::KvPool;
+use crate::ops::online::{for_kernels, update, Running};
 use crate::ops::softmax::with_wide_vectors;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -205,31 +206,27 @@ fn run(
     let pages = plan.pages(t.group);
     let g_lo = plan.group_first_page[t.group] as usize * ps;
     let mut scores = vec![0.0f32; ps];
-    // An f16 pool's page, converted once for all of the task's rows.
+    // Scratch for an f16 page where the CPU cannot widen f16 in registers.
     let (mut kbuf, mut vbuf) = (pool.page_scratch(), pool.page_scratch());
     for j in page_list(selected, &span) {
         let base = g_lo + j * ps;
-        let keys = pool.key_run(layer, pages[j], t.kv_head).to_f32(&mut kbuf);
-        let values = pool.value_run(layer, pages[j], t.kv_head).to_f32(&mut vbuf);
+        let keys = for_kernels(pool.key_run(layer, pages[j], t.kv_head), &mut kbuf);
+        let values = for_kernels(pool.value_run(layer, pages[j], t.kv_head), &mut vbuf);
         for (i, (&r, &(rlo, rhi))) in rows.iter().zip(&lim).enumerate() {
             let (a, b) = (rlo.max(base), rhi.min(base + ps));
             if a >= b {
                 continue;
             }
-            let (a, b) = (a - base, b - base);
-            let (k, v) = (&keys[a * hd..b * hd], &values[a * hd..b * hd]);
+            let run = (a - base) * hd..(b - base) * hd;
+            let (k, v) = (keys.range(run.clone()), values.range(run));
             for (h, st) in states.iter_mut().enumerate() {
                 let q0 = (r as usize * p.n_heads + t.h0 + h) * hd;
-                update(
-                    &q[q0..q0 + hd],
-                    k,
-                    v,
-                    p.scale,
-                    &mut st.max[i],
-                    &mut st.norm[i],
-                    &mut st.acc[i * hd..(i + 1) * hd],
-                    &mut scores[..b - a],
-                );
+                let st = Running {
+                    max: &mut st.max[i],
+                    norm: &mut st.norm[i],
+                    acc: &mut st.acc[i * hd..(i + 1) * hd],
+                };
+                update(&q[q0..q0 + hd], k, v, p.scale, st, &mut scores);
             }
         }
     }
