@@ -1,10 +1,11 @@
 //! One online-softmax step of one query head over part of a KV page: the inner loop that every
 //! CPU attention kernel (paged, cascade, chain) shares, so that their results agree bit for bit.
 //!
-//! Keys and values come as stored ([`KvRun`]): f32, or f16 read and widened in registers
-//! (x86 F16C) so that an f16 pool moves half the bytes through memory with no conversion pass.
-//! Where the CPU cannot widen f16 in registers, [`for_kernels`] converts a page into scratch
-//! once and the f32 loop runs.
+//! Keys and values come as stored ([`KvRun`]): f32, or f16. On x86-64 with AVX2, FMA and F16C
+//! the step is written with explicit vectors: f16 widened in registers as it is loaded (an f16
+//! pool moves half the bytes, with no conversion pass), q·k for eight keys at a time, and the
+//! value accumulator kept in registers across a page's keys. Other CPUs run a portable f32
+//! step, an f16 page converted into scratch once ([`for_kernels`]).
 
 use super::softmax::{exp_nonpos, lane_max};
 use crate::kv::KvRun;
@@ -21,14 +22,15 @@ pub(crate) struct Running<'a> {
 #[inline(always)]
 pub(crate) fn for_kernels<'s, 'a: 's>(run: KvRun<'a>, scratch: &'s mut [f32]) -> KvRun<'s> {
     match run {
-        KvRun::F16(h) if f16_in_registers() => KvRun::F16(h),
+        KvRun::F16(h) if simd_step() => KvRun::F16(h),
         other => KvRun::F32(other.to_f32(scratch)),
     }
 }
 
-/// Whether this CPU widens f16 in registers (x86-64 with AVX2, FMA and F16C).
+/// Whether this CPU runs the SIMD step (x86-64 with AVX2, FMA and F16C), which also widens f16
+/// in registers.
 #[inline(always)]
-pub(crate) fn f16_in_registers() -> bool {
+pub(crate) fn simd_step() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2")
@@ -48,12 +50,17 @@ pub(crate) fn f16_in_registers() -> bool {
 #[inline(always)]
 pub(crate) fn update(qg: &[f32], k: KvRun, v: KvRun, scale: f32, st: Running, sc: &mut [f32]) {
     match (k, v) {
-        (KvRun::F32(k), KvRun::F32(v)) => update_f32(qg, k, v, scale, st, sc),
         #[cfg(target_arch = "x86_64")]
-        (KvRun::F16(k), KvRun::F16(v)) if f16_in_registers() => {
+        (KvRun::F32(k), KvRun::F32(v)) if simd_step() => {
             // SAFETY: AVX2, FMA and F16C were just detected.
-            unsafe { f16c::update(qg, k, v, scale, st, sc) }
+            unsafe { simd::update(qg, k, v, scale, st, sc) }
         }
+        #[cfg(target_arch = "x86_64")]
+        (KvRun::F16(k), KvRun::F16(v)) if simd_step() => {
+            // SAFETY: as above.
+            unsafe { simd::update(qg, k, v, scale, st, sc) }
+        }
+        (KvRun::F32(k), KvRun::F32(v)) => update_f32(qg, k, v, scale, st, sc),
         (k, v) => {
             // Not through `for_kernels`: convert here (correct, if slower).
             let (mut kb, mut vb) = (vec![0.0; k.len()], vec![0.0; v.len()]);
@@ -62,6 +69,7 @@ pub(crate) fn update(qg: &[f32], k: KvRun, v: KvRun, scale: f32, st: Running, sc
     }
 }
 
+/// The portable step, over f32 runs.
 #[inline(always)]
 fn update_f32(qg: &[f32], k: &[f32], v: &[f32], scale: f32, st: Running, sc: &mut [f32]) {
     let hd = qg.len();
@@ -122,18 +130,45 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// The f16 step with F16C: keys and values widened eight at a time as they are loaded.
+/// The step with explicit AVX2/FMA/F16C vectors, for f32 and f16 runs alike: keys and values
+/// are widened eight at a time as they are loaded (f16), products fused (both).
 #[cfg(target_arch = "x86_64")]
-mod f16c {
+mod simd {
     use super::{rescale, Running};
     use crate::ops::softmax::{exp_nonpos, lane_max};
     use half::f16;
     use std::arch::x86_64::*;
 
-    /// Eight f16 at `p` as f32.
-    #[inline(always)]
-    unsafe fn load8(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    /// An element type of K/V pages, loaded eight at a time as f32.
+    pub(super) trait Elem: Copy {
+        /// Eight elements at `p` as f32.
+        ///
+        /// # Safety
+        /// AVX2 and F16C are available and `p..p + 8` is readable.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn to_f32(self) -> f32;
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    impl Elem for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            f16::to_f32(self)
+        }
     }
 
     /// Sum of the eight lanes.
@@ -144,28 +179,20 @@ mod f16c {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// q · k for an f16 key.
+    /// q · k.
     #[inline(always)]
-    unsafe fn dot(q: &[f32], k: &[f16]) -> f32 {
+    unsafe fn dot<T: Elem>(q: &[f32], k: &[T]) -> f32 {
         let n8 = q.len() / 8 * 8;
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i + 16 <= n8 {
-            a0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(q.as_ptr().add(i)),
-                load8(k.as_ptr().add(i)),
-                a0,
-            );
-            let (qp, kp) = (q.as_ptr().add(i + 8), k.as_ptr().add(i + 8));
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp), load8(kp), a1);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), T::load8(kp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i + 8)), T::load8(kp.add(i + 8)), a1);
             i += 16;
         }
         if i < n8 {
-            a0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(q.as_ptr().add(i)),
-                load8(k.as_ptr().add(i)),
-                a0,
-            );
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), T::load8(kp.add(i)), a0);
         }
         let mut s = hsum(_mm256_add_ps(a0, a1));
         for j in n8..q.len() {
@@ -174,47 +201,107 @@ mod f16c {
         s
     }
 
-    /// acc += w · v for an f16 value row.
+    /// Scores of the eight keys `k[0..8 × hd]` (`hd` a multiple of 8) against `q`, lane j
+    /// for key j: each of `q`'s vectors is loaded once for all eight, and the eight sums are
+    /// reduced together (two rounds of pairwise adds) instead of one horizontal sum per key.
     #[inline(always)]
-    unsafe fn axpy(w: f32, v: &[f16], acc: &mut [f32]) {
-        let n8 = acc.len() / 8 * 8;
-        let wv = _mm256_set1_ps(w);
-        for i in (0..n8).step_by(8) {
-            let a = acc.as_mut_ptr().add(i);
-            _mm256_storeu_ps(
-                a,
-                _mm256_fmadd_ps(wv, load8(v.as_ptr().add(i)), _mm256_loadu_ps(a)),
-            );
+    unsafe fn dot8<T: Elem>(q: &[f32], k: &[T], hd: usize) -> __m256 {
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for d in (0..hd).step_by(8) {
+            let qv = _mm256_loadu_ps(qp.add(d));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(qv, T::load8(kp.add(j * hd + d)), *a);
+            }
         }
-        for j in n8..acc.len() {
-            acc[j] += w * v[j].to_f32();
+        // Lanes 0-3 of each 128-bit half: keys 0-3 (u0) and 4-7 (u1), low and high halves
+        // of their sums; adding the halves gives the eight dot products in key order.
+        let u0 = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[0], acc[1]),
+            _mm256_hadd_ps(acc[2], acc[3]),
+        );
+        let u1 = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[4], acc[5]),
+            _mm256_hadd_ps(acc[6], acc[7]),
+        );
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+
+    /// Dimensions of the value accumulator held in registers at once (eight vectors).
+    const BLOCK: usize = 64;
+
+    /// acc += Σ_j w[j] · v[j] over the rows of `v` (`w.len() × acc.len()`), the accumulator
+    /// held in registers for all rows, 64 dimensions at a time.
+    #[inline(always)]
+    unsafe fn weighted_sum<T: Elem>(w: &[f32], v: &[T], acc: &mut [f32]) {
+        let (hd, vp) = (acc.len(), v.as_ptr());
+        let mut d = 0;
+        while d + BLOCK <= hd {
+            let ap = acc.as_mut_ptr().add(d);
+            let mut a: [__m256; BLOCK / 8] =
+                std::array::from_fn(|c| _mm256_loadu_ps(ap.add(c * 8)));
+            for (j, &wj) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(wj);
+                for (c, ac) in a.iter_mut().enumerate() {
+                    *ac = _mm256_fmadd_ps(wv, T::load8(vp.add(j * hd + d + c * 8)), *ac);
+                }
+            }
+            for (c, ac) in a.iter().enumerate() {
+                _mm256_storeu_ps(ap.add(c * 8), *ac);
+            }
+            d += BLOCK;
+        }
+        while d + 8 <= hd {
+            let ap = acc.as_mut_ptr().add(d);
+            let mut a = _mm256_loadu_ps(ap);
+            for (j, &wj) in w.iter().enumerate() {
+                a = _mm256_fmadd_ps(_mm256_set1_ps(wj), T::load8(vp.add(j * hd + d)), a);
+            }
+            _mm256_storeu_ps(ap, a);
+            d += 8;
+        }
+        for (i, a) in acc.iter_mut().enumerate().skip(d) {
+            for (j, &wj) in w.iter().enumerate() {
+                *a += wj * v[j * hd + i].to_f32();
+            }
         }
     }
 
-    /// [`super::update`] over f16 keys and values.
+    /// [`super::update`] over runs of `T`.
     ///
     /// # Safety
     /// The CPU supports AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn update(
+    pub(super) unsafe fn update<T: Elem>(
         qg: &[f32],
-        k: &[f16],
-        v: &[f16],
+        k: &[T],
+        v: &[T],
         scale: f32,
         st: Running,
         sc: &mut [f32],
     ) {
         let hd = qg.len();
-        let sc = &mut sc[..k.len() / hd];
-        for (s, kk) in sc.iter_mut().zip(k.chunks_exact(hd)) {
+        let n = k.len() / hd;
+        let sc = &mut sc[..n];
+        // Keys eight at a time where the head size allows, the rest one by one.
+        let mut j = 0;
+        if hd.is_multiple_of(8) {
+            while j + 8 <= n {
+                let s = _mm256_mul_ps(dot8(qg, &k[j * hd..], hd), _mm256_set1_ps(scale));
+                _mm256_storeu_ps(sc.as_mut_ptr().add(j), s);
+                j += 8;
+            }
+        }
+        for (s, kk) in sc[j..].iter_mut().zip(k[j * hd..].chunks_exact(hd)) {
             *s = dot(qg, kk) * scale;
         }
         let new_max = rescale(st.max, st.norm, st.acc, lane_max(sc));
         sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
         *st.norm += sc.iter().sum::<f32>();
-        for (&w, vv) in sc.iter().zip(v.chunks_exact(hd)) {
-            axpy(w, vv, st.acc);
-        }
+        weighted_sum(sc, v, st.acc);
     }
 }
 
@@ -223,62 +310,107 @@ mod tests {
     use super::*;
     use half::f16;
 
-    /// A page of `rows` keys and values with a spread of magnitudes.
-    fn page(rows: usize, hd: usize, seed: u32) -> (Vec<f32>, Vec<f32>) {
-        let f = |i: usize, s: u32| (i as f32 * 0.37 + s as f32).sin() * 2.0;
-        let k = (0..rows * hd).map(|i| f(i, seed)).collect();
-        let v = (0..rows * hd).map(|i| f(i, seed + 7) * 0.5).collect();
-        (k, v)
+    /// `rows × hd` values with a spread of magnitudes.
+    fn values(rows: usize, hd: usize, seed: u32) -> Vec<f32> {
+        (0..rows * hd)
+            .map(|i| (i as f32 * 0.37 + seed as f32).sin() * 2.0)
+            .collect()
     }
 
-    /// Runs `update` over `pages` pages of (k, v) as `dtype` and returns (max, norm, acc).
-    fn run(q: &[f32], pages: &[(Vec<f32>, Vec<f32>)], f16: bool) -> (f32, f32, Vec<f32>) {
+    /// Softmax attention of `q` over all rows of `pages` in f64: the normalised output.
+    fn reference(q: &[f32], pages: &[(Vec<f32>, Vec<f32>)], scale: f64) -> Vec<f64> {
         let hd = q.len();
-        let (mut max, mut norm, mut acc) = (f32::NEG_INFINITY, 0.0, vec![0.0; hd]);
+        let rows = || {
+            pages
+                .iter()
+                .flat_map(|(k, v)| k.chunks(hd).zip(v.chunks(hd)))
+        };
+        let s: Vec<f64> = rows()
+            .map(|(k, _)| {
+                scale
+                    * q.iter()
+                        .zip(k)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = w.iter().sum();
+        let mut o = vec![0.0; hd];
+        for (wi, (_, v)) in w.iter().zip(rows()) {
+            o.iter_mut()
+                .zip(v)
+                .for_each(|(a, b)| *a += wi / z * *b as f64);
+        }
+        o
+    }
+
+    /// How `run` feeds the pages.
+    #[derive(Clone, Copy, Debug)]
+    enum Path {
+        /// `update` on f32 runs (the SIMD step where the CPU has it).
+        F32,
+        /// `update` on f16 runs.
+        F16,
+        /// The portable f32 step every other CPU runs.
+        Portable,
+    }
+
+    /// The pages through `path`, normalised.
+    fn run(q: &[f32], pages: &[(Vec<f32>, Vec<f32>)], path: Path, scale: f32) -> Vec<f32> {
+        let (mut max, mut norm, mut acc) = (f32::NEG_INFINITY, 0.0, vec![0.0; q.len()]);
         let mut sc = vec![0.0; 32];
         for (k, v) in pages {
-            let (kh, vh): (Vec<f16>, Vec<f16>) = (
-                k.iter().map(|&x| f16::from_f32(x)).collect(),
-                v.iter().map(|&x| f16::from_f32(x)).collect(),
-            );
+            let h = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+            let (kh, vh) = (h(k), h(v));
             let st = Running {
                 max: &mut max,
                 norm: &mut norm,
                 acc: &mut acc,
             };
-            if f16 {
-                update(q, KvRun::F16(&kh), KvRun::F16(&vh), 0.125, st, &mut sc);
-            } else {
-                // The same rounded values as f32: only the arithmetic path differs.
-                let kr: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
-                let vr: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
-                update(q, KvRun::F32(&kr), KvRun::F32(&vr), 0.125, st, &mut sc);
+            match path {
+                Path::F32 => update(q, KvRun::F32(k), KvRun::F32(v), scale, st, &mut sc),
+                Path::F16 => update(q, KvRun::F16(&kh), KvRun::F16(&vh), scale, st, &mut sc),
+                Path::Portable => update_f32(q, k, v, scale, st, &mut sc),
             }
         }
-        (max, norm, acc)
+        acc.iter().map(|a| a / norm).collect()
     }
 
     #[test]
-    fn f16_runs_match_their_f32_widening() {
-        // Head dims with and without an 8- or 16-wide tail, pages of 16 and a partial page.
-        for hd in [8, 24, 64, 72, 128] {
-            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.11).cos()).collect();
-            let pages = [page(16, hd, 1), page(16, hd, 2), page(5, hd, 3)];
-            let (m32, n32, a32) = run(&q, &pages, false);
-            let (m16, n16, a16) = run(&q, &pages, true);
-            assert!(
-                (m32 - m16).abs() <= 1e-5 * m32.abs().max(1.0),
-                "hd {hd}: max {m32} vs {m16}"
-            );
-            assert!(
-                (n32 - n16).abs() <= 1e-5 * n32,
-                "hd {hd}: norm {n32} vs {n16}"
-            );
-            for (x, y) in a32.iter().zip(&a16) {
-                assert!(
-                    (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
-                    "hd {hd}: acc {x} vs {y}"
-                );
+    fn update_matches_softmax_attention_in_f64() {
+        // Head sizes with and without 8- and 64-wide tails; runs of 16 (two blocks of eight
+        // keys), 13 and 5 (a block and a tail), 1; every path (f16 against the f16 values).
+        for hd in [4, 8, 24, 64, 72, 128, 192] {
+            let q = values(1, hd, 9);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let lens = [16, 13, 5, 1, 16];
+            let pages: Vec<_> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (values(n, hd, 2 * i as u32), values(n, hd, 2 * i as u32 + 1)))
+                .collect();
+            let rounded: Vec<_> = pages
+                .iter()
+                .map(|(k, v)| {
+                    let r = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+                    (r(k), r(v))
+                })
+                .collect();
+            let exact = reference(&q, &pages, scale as f64);
+            for (path, want) in [
+                (Path::F32, &exact),
+                (Path::Portable, &exact),
+                (Path::F16, &reference(&q, &rounded, scale as f64)),
+            ] {
+                let got = run(&q, &pages, path, scale);
+                for (g, w) in got.iter().zip(want) {
+                    assert!(
+                        (*g as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                        "hd {hd}, {path:?}: {g} vs {w}"
+                    );
+                }
             }
         }
     }
