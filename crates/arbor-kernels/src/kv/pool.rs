@@ -220,6 +220,12 @@ impl KvPool {
             * l.head_dim
     }
 
+    /// Elements from one KV head's data to the next head's (same layer, page, slot): all of
+    /// a head's pages.
+    fn head_stride(&self) -> usize {
+        self.num_pages * 2 * self.layout.page_size * self.layout.head_dim
+    }
+
     /// Stores one token's K and V (`num_kv_heads × head_dim` each) at `slot` of `page`.
     pub fn write(&mut self, layer: usize, page: PageId, slot: usize, k: &[f32], v: &[f32]) {
         if self.detached {
@@ -232,9 +238,7 @@ impl KvPool {
             self.offset(layer, page, 0, 0, slot),
             self.offset(layer, page, 1, 0, slot),
         );
-        // Heads of one slot are a layer's pages of one head apart.
-        let head_stride =
-            self.num_pages * self.layout.page_elems_per_layer() / self.layout.num_kv_heads;
+        let head_stride = self.head_stride();
         let at = |o: usize, h: usize| o + h * head_stride..o + h * head_stride + hd;
         // The summaries describe the stored keys: an f16 pool's, rounded.
         let stored_k: Cow<[f32]> = match &mut self.data {
@@ -328,12 +332,10 @@ impl KvPool {
                     }
                 }
             }
-            let k0: Vec<usize> = (0..l.num_kv_heads)
-                .map(|h| self.offset(layer, dst, 0, h, 0))
-                .collect();
+            let (k0, head_stride) = (self.offset(layer, dst, 0, 0, 0), self.head_stride());
             let data = &self.data;
             self.summaries.recompute(layer, dst, slots, |h| {
-                page_keys(data, k0[h], l.page_size * l.head_dim)
+                page_keys(data, k0 + h * head_stride, l.page_size * l.head_dim)
             });
         }
     }
