@@ -71,34 +71,35 @@ pub(crate) fn update(qg: &[f32], k: KvRun, v: KvRun, scale: f32, st: Running, sc
 
 /// The portable step, over f32 runs.
 #[inline(always)]
-fn update_f32(qg: &[f32], k: &[f32], v: &[f32], scale: f32, st: Running, sc: &mut [f32]) {
+fn update_f32(qg: &[f32], k: &[f32], v: &[f32], scale: f32, mut st: Running, sc: &mut [f32]) {
     let hd = qg.len();
     let sc = &mut sc[..k.len() / hd];
     for (s, kk) in sc.iter_mut().zip(k.chunks_exact(hd)) {
         *s = dot(qg, kk) * scale;
     }
-    let new_max = rescale(st.max, st.norm, st.acc, lane_max(sc));
-    // Weights in their own loop, which vectorises; then the weighted sum of values.
-    sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
-    *st.norm += sc.iter().sum::<f32>();
+    weights(sc, &mut st);
     for (&w, vv) in sc.iter().zip(v.chunks_exact(hd)) {
         axpy(w, vv, st.acc);
     }
 }
 
-/// Raises the running `max` to include `page_max`, scaling `norm` and `acc` down to it;
-/// returns the new max.
+/// Turns the page's scores `sc` into softmax weights against the running state: raises the
+/// running max to include them (scaling the normaliser and accumulator down to it), replaces
+/// each score by its weight and adds the weights to the normaliser. The caller then adds the
+/// weighted values to the accumulator.
 #[inline(always)]
-fn rescale(max: &mut f32, norm: &mut f32, acc: &mut [f32], page_max: f32) -> f32 {
-    let new_max = max.max(page_max);
-    if new_max > *max {
+fn weights(sc: &mut [f32], st: &mut Running) {
+    let new_max = st.max.max(lane_max(sc));
+    if new_max > *st.max {
         // exp(−∞) = 0 on the first page: nothing to rescale yet.
-        let c = exp_nonpos(*max - new_max);
-        *norm *= c;
-        acc.iter_mut().for_each(|a| *a *= c);
-        *max = new_max;
+        let c = exp_nonpos(*st.max - new_max);
+        *st.norm *= c;
+        st.acc.iter_mut().for_each(|a| *a *= c);
+        *st.max = new_max;
     }
-    new_max
+    // Weights in their own loop, which vectorises.
+    sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
+    *st.norm += sc.iter().sum::<f32>();
 }
 
 /// a · b with sixteen independent accumulators (two AVX vectors), summed in order at the end.
@@ -134,8 +135,7 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// are widened eight at a time as they are loaded (f16), products fused (both).
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{rescale, Running};
-    use crate::ops::softmax::{exp_nonpos, lane_max};
+    use super::{weights, Running};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -280,7 +280,7 @@ mod simd {
         k: &[T],
         v: &[T],
         scale: f32,
-        st: Running,
+        mut st: Running,
         sc: &mut [f32],
     ) {
         let hd = qg.len();
@@ -298,9 +298,7 @@ mod simd {
         for (s, kk) in sc[j..].iter_mut().zip(k[j * hd..].chunks_exact(hd)) {
             *s = dot(qg, kk) * scale;
         }
-        let new_max = rescale(st.max, st.norm, st.acc, lane_max(sc));
-        sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
-        *st.norm += sc.iter().sum::<f32>();
+        weights(sc, &mut st);
         weighted_sum(sc, v, st.acc);
     }
 }
