@@ -1,15 +1,16 @@
 //! Causal GQA attention of a sequence's query rows over its paged KV cache.
 //!
-//! One task per (query row, KV head): the task holds the query vectors of every query head
-//! that shares the KV head, walks the sequence's pages in position order, and for each page
-//! scores all of its contiguous keys (`[slot][head_dim]` in the host pool layout
-//! `[layer][kv_head][page][k|v][slot][head_dim]`) against each query head before moving on, so
-//! a page's K and V are read once per task while they sit in L1. When there are too few such
-//! tasks for the threads (decoding one sequence), a task is one (row, query head) instead. The softmax is online
-//! (running max and normaliser, accumulator rescaled when the max grows), so nothing grows
-//! with the context length; the accumulator is the output slice itself.
+//! A task is a block of query rows × query heads; for each KV head it covers, it walks the
+//! sequence's pages in position order and steps all of its query heads of that KV head over
+//! each page together (rows that read the same positions of the page in one register-tiled
+//! [`update`]), so a page's K and V are read once per task while they sit in L1 and each loaded
+//! key or value vector serves several query heads. Blocks: several rows × all heads for a long
+//! prompt, one row × one KV head's query heads for a few rows, one row × one query head when
+//! even that leaves too few tasks for the threads (decoding one sequence). The softmax is
+//! online (running max and normaliser, accumulator rescaled when the max grows), so nothing
+//! grows with the context length. A head's result does not depend on the block it is in.
 
-use super::online::{for_kernels, update, Running};
+use super::online::{for_kernels, update, RowLimits, States};
 use super::softmax::with_wide_vectors;
 use crate::kv::{BlockTable, KvPool};
 use rayon::prelude::*;
@@ -82,32 +83,70 @@ pub fn paged_attention(
 
     let group = p.n_heads / p.n_kv_heads;
     let window = p.sliding_window.map(|w| w.max(1));
-    // Query heads per task: the whole group shares each page read, but when that leaves too
-    // few tasks to keep the threads busy (decode of one sequence), one head per task.
-    let heads_per_task = if positions.len() * p.n_kv_heads >= 2 * rayon::current_num_threads() {
-        group
+    let rows = positions.len();
+    let threads = rayon::current_num_threads();
+    // Rows × heads per task: many rows together where there are rows enough to keep every
+    // thread busy, else one row and the query heads of a KV head (which share each page read),
+    // else (decode of one sequence) one row and one head.
+    let (rows_per_task, heads_per_task) = if rows >= 4 * ROW_BLOCK * threads {
+        (ROW_BLOCK, p.n_heads)
+    } else if rows * p.n_kv_heads >= 2 * threads {
+        (1, group)
     } else {
-        1
+        (1, 1)
     };
-    out.par_chunks_mut(heads_per_task * hd)
+    let limits: Vec<(usize, usize)> = positions
+        .iter()
+        .map(|&pos| (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1))
+        .collect();
+    out.par_chunks_mut(rows_per_task * heads_per_task * hd)
         .enumerate()
         .for_each(|(task, o)| {
-            let first_head = task * heads_per_task;
-            let (row, head) = (first_head / p.n_heads, first_head % p.n_heads);
-            let pos = positions[row];
-            let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let qs = &q[first_head * hd..(first_head + heads_per_task) * hd];
-            let kv = PagedHead {
-                pool,
-                layer,
-                table,
-                kv_head: head / group,
+            let (r0, h0) = if rows_per_task > 1 {
+                (task * rows_per_task, 0)
+            } else {
+                let first = task * heads_per_task;
+                (first / p.n_heads, first % p.n_heads)
+            };
+            let r1 = (r0 + rows_per_task).min(rows);
+            let block = Block {
+                q,
+                row_len,
+                rows: r0..r1,
+                heads: h0..h0 + heads_per_task,
+                group,
+                hd,
             };
             with_wide_vectors(
                 #[inline(always)]
-                || attend(qs, &kv, start, pos + 1, p.scale, hd, o),
+                || {
+                    for kv_head in h0 / group..(h0 + heads_per_task).div_ceil(group) {
+                        let kv = PagedHead {
+                            pool,
+                            layer,
+                            table,
+                            kv_head,
+                        };
+                        attend(&block, &limits[r0..r1], &kv, p.scale, o);
+                    }
+                },
             );
         });
+}
+
+/// Prompt rows per task when there are enough of them: a page read serves this many rows ×
+/// all of a KV head's query heads.
+const ROW_BLOCK: usize = 8;
+
+/// One task's query rows × query heads (its output is `rows × heads × head_dim`, contiguous in
+/// `out`: either one row, or all heads).
+struct Block<'a> {
+    q: &'a [f32],
+    row_len: usize,
+    rows: std::ops::Range<usize>,
+    heads: std::ops::Range<usize>,
+    group: usize,
+    hd: usize,
 }
 
 /// One KV head of one sequence in one layer.
@@ -118,50 +157,69 @@ struct PagedHead<'a> {
     kv_head: usize,
 }
 
-/// Online-softmax attention of the query heads in `qs` (`group × hd`) over positions
-/// `start..end` of `kv`, written to `o` (`group × hd`).
+/// Online-softmax attention of the block's query heads of `kv.kv_head` (row `i` reading
+/// positions `lim[i]`) over `kv`, normalised into their places in `o` (the block's output).
 #[inline(always)]
-fn attend(
-    qs: &[f32],
-    kv: &PagedHead,
-    start: usize,
-    end: usize,
-    scale: f32,
-    hd: usize,
-    o: &mut [f32],
-) {
-    let group = qs.len() / hd;
+fn attend(b: &Block, lim: &[(usize, usize)], kv: &PagedHead, scale: f32, o: &mut [f32]) {
+    let hd = b.hd;
     let ps = kv.pool.layout.page_size;
-    // Running max and normaliser per query head; `o` accumulates the unnormalised output.
-    let mut max = vec![f32::NEG_INFINITY; group];
-    let mut norm = vec![0.0f32; group];
-    let mut scores = vec![0.0f32; ps];
-    // Scratch for an f16 page where the CPU cannot widen f16 in registers.
+    // This KV head's query heads within the block, and their states (`[row][head]`).
+    let lo = b.heads.start.max(kv.kv_head * b.group);
+    let hi = b.heads.end.min((kv.kv_head + 1) * b.group);
+    let (nr, nh) = (b.rows.len(), hi - lo);
+    let n = nr * nh;
+    let mut qs = Vec::with_capacity(n * hd);
+    for r in b.rows.clone() {
+        qs.extend_from_slice(&b.q[r * b.row_len + lo * hd..r * b.row_len + hi * hd]);
+    }
+    let mut max = vec![f32::NEG_INFINITY; n];
+    let mut norm = vec![0.0f32; n];
+    let mut acc = vec![0.0f32; n * hd];
+    let mut scores = vec![0.0f32; n * ps];
+    // Scratch for an f16 page converted once for many heads (see `for_kernels`).
     let (mut kbuf, mut vbuf) = (kv.pool.page_scratch(), kv.pool.page_scratch());
-    o.fill(0.0);
 
+    let start = lim.iter().map(|l| l.0).min().unwrap_or(0);
+    let end = lim.iter().map(|l| l.1).max().unwrap_or(0);
+    let limits = RowLimits::new(lim);
     for page_idx in start / ps..end.div_ceil(ps) {
         let page = kv.table.pages[page_idx];
         let base = page_idx * ps;
-        let (lo, hi) = (start.max(base) - base, end.min(base + ps) - base);
-        let run = lo * hd..hi * hd;
-        let keys = kv
-            .pool
-            .key_run(kv.layer, page, kv.kv_head)
-            .range(run.clone());
-        let values = kv.pool.value_run(kv.layer, page, kv.kv_head).range(run);
-        let (keys, values) = (for_kernels(keys, &mut kbuf), for_kernels(values, &mut vbuf));
-        for (g, (qg, acc)) in qs.chunks_exact(hd).zip(o.chunks_exact_mut(hd)).enumerate() {
-            let st = Running {
-                max: &mut max[g],
-                norm: &mut norm[g],
-                acc,
+        let keys = for_kernels(kv.pool.key_run(kv.layer, page, kv.kv_head), &mut kbuf, n);
+        let values = for_kernels(kv.pool.value_run(kv.layer, page, kv.kv_head), &mut vbuf, n);
+        if limits.whole(base, ps) {
+            let st = States {
+                hd,
+                max: &mut max,
+                norm: &mut norm,
+                acc: &mut acc,
             };
-            update(qg, keys, values, scale, st, &mut scores);
+            update(&qs, keys, values, scale, st, &mut scores);
+            continue;
+        }
+        for (rows, run) in limits.on_page(base, ps) {
+            let heads = rows.start * nh..rows.end * nh;
+            let st = States {
+                hd,
+                max: &mut max[heads.clone()],
+                norm: &mut norm[heads.clone()],
+                acc: &mut acc[heads.start * hd..heads.end * hd],
+            };
+            let (k, v) = (
+                keys.range(run.start * hd..run.end * hd),
+                values.range(run.start * hd..run.end * hd),
+            );
+            let q = &qs[heads.start * hd..heads.end * hd];
+            update(q, k, v, scale, st, &mut scores);
         }
     }
-    for (acc, &n) in o.chunks_exact_mut(hd).zip(&norm) {
-        let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
-        acc.iter_mut().for_each(|a| *a *= inv);
+    let width = b.heads.len();
+    for (s, (a, &z)) in acc.chunks_exact(hd).zip(&norm).enumerate() {
+        let (i, h) = (s / nh, lo + s % nh);
+        let at = (i * width + h - b.heads.start) * hd;
+        let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
+        for (dst, &x) in o[at..at + hd].iter_mut().zip(a) {
+            *dst = x * inv;
+        }
     }
 }

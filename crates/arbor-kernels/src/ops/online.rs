@@ -1,28 +1,67 @@
-//! One online-softmax step of one query head over part of a KV page: the inner loop that every
-//! CPU attention kernel (paged, cascade, chain) shares, so that their results agree bit for bit.
+//! One online-softmax step of a block of query heads over part of a KV page: the inner loop
+//! that every CPU attention kernel (paged, cascade, chain) shares, so that their results agree
+//! bit for bit.
 //!
 //! Keys and values come as stored ([`KvRun`]): f32, or f16. On x86-64 with AVX2, FMA and F16C
 //! the step is written with explicit vectors: f16 widened in registers as it is loaded (an f16
-//! pool moves half the bytes, with no conversion pass), q·k for eight keys at a time, and the
-//! value accumulator kept in registers across a page's keys. Other CPUs run a portable f32
-//! step, an f16 page converted into scratch once ([`for_kernels`]).
+//! pool moves half the bytes, with no conversion pass), and the work cut into register tiles:
+//! q·k for up to three query heads × four keys at once (or one head × eight keys), the value
+//! accumulators of up to three heads held in registers across the page's keys. A key or value
+//! vector loaded once thus serves every query head of the tile (GQA heads, sibling branches,
+//! consecutive prompt rows). Tiles change which loads are shared, never a head's arithmetic:
+//! each head's result is the same, bit for bit, whatever block it is stepped in. Other CPUs run
+//! a portable f32 step, an f16 page converted into scratch once ([`for_kernels`]).
 
 use super::softmax::{exp_nonpos, lane_max};
 use crate::kv::KvRun;
+use std::ops::Range;
 
-/// A query head's running softmax state: max, normaliser and unnormalised output.
-pub(crate) struct Running<'a> {
-    pub max: &'a mut f32,
-    pub norm: &'a mut f32,
+/// Running softmax states of a block of `n` query heads of `hd` dimensions: max and normaliser
+/// per head, unnormalised outputs `n × hd`.
+pub(crate) struct States<'a> {
+    pub hd: usize,
+    pub max: &'a mut [f32],
+    pub norm: &'a mut [f32],
     pub acc: &'a mut [f32],
 }
 
-/// `run` as the kernels read it: f16 stays f16 where [`update`] widens it in registers,
-/// otherwise it is converted into the front of `scratch` (one page: `page_size × head_dim`).
+/// One query head's running state (max, normaliser and unnormalised output).
+struct Running<'a> {
+    max: &'a mut f32,
+    norm: &'a mut f32,
+    acc: &'a mut [f32],
+}
+
+impl States<'_> {
+    /// Head `i`'s state.
+    #[inline(always)]
+    fn head(&mut self, i: usize) -> Running<'_> {
+        let hd = self.hd;
+        Running {
+            max: &mut self.max[i],
+            norm: &mut self.norm[i],
+            acc: &mut self.acc[i * hd..(i + 1) * hd],
+        }
+    }
+}
+
+/// Most query heads for which an f16 page is widened in registers as it is read: one tile of
+/// heads, which widens each element once anyway. More heads would widen it once per tile.
+const WIDEN_MAX: usize = 3;
+
+/// `run` as the kernels read it when `queries` query heads will step over it: f16 stays f16
+/// where [`update`] widens it in registers and at most [`WIDEN_MAX`] heads read it (decode:
+/// the step is bound by memory, and widening costs no pass), otherwise it is converted into
+/// the front of `scratch` (one page: `page_size × head_dim`) once for all of them. The result
+/// is the same either way: widening f16 is exact.
 #[inline(always)]
-pub(crate) fn for_kernels<'s, 'a: 's>(run: KvRun<'a>, scratch: &'s mut [f32]) -> KvRun<'s> {
+pub(crate) fn for_kernels<'s, 'a: 's>(
+    run: KvRun<'a>,
+    scratch: &'s mut [f32],
+    queries: usize,
+) -> KvRun<'s> {
     match run {
-        KvRun::F16(h) if simd_step() => KvRun::F16(h),
+        KvRun::F16(h) if queries <= WIDEN_MAX && simd_step() => KvRun::F16(h),
         other => KvRun::F32(other.to_f32(scratch)),
     }
 }
@@ -43,33 +82,108 @@ pub(crate) fn simd_step() -> bool {
     }
 }
 
-/// One online-softmax step of query `qg` over the keys `k` and values `v` (the same rows of one
-/// page, `rows × head_dim`): rescales the accumulator when the running max grows, adds the
-/// rows' weights to the normaliser and their weighted values to the accumulator. `sc` is
-/// scratch of at least `rows` scores.
+/// One online-softmax step of the query heads `q` (`n × head_dim`, `n = st.max.len()`) over
+/// the keys `k` and values `v` (the same rows of one page, `rows × head_dim`): for each head,
+/// rescales its accumulator when its running max grows, adds the rows' weights to its
+/// normaliser and their weighted values to its accumulator. `sc` is scratch of at least
+/// `n × rows` scores.
 #[inline(always)]
-pub(crate) fn update(qg: &[f32], k: KvRun, v: KvRun, scale: f32, st: Running, sc: &mut [f32]) {
+pub(crate) fn update(q: &[f32], k: KvRun, v: KvRun, scale: f32, st: States, sc: &mut [f32]) {
+    if st.max.is_empty() {
+        return;
+    }
     match (k, v) {
         #[cfg(target_arch = "x86_64")]
         (KvRun::F32(k), KvRun::F32(v)) if simd_step() => {
             // SAFETY: AVX2, FMA and F16C were just detected.
-            unsafe { simd::update(qg, k, v, scale, st, sc) }
+            unsafe { simd::update(q, k, v, scale, st, sc) }
         }
         #[cfg(target_arch = "x86_64")]
         (KvRun::F16(k), KvRun::F16(v)) if simd_step() => {
             // SAFETY: as above.
-            unsafe { simd::update(qg, k, v, scale, st, sc) }
+            unsafe { simd::update(q, k, v, scale, st, sc) }
         }
-        (KvRun::F32(k), KvRun::F32(v)) => update_f32(qg, k, v, scale, st, sc),
+        (KvRun::F32(k), KvRun::F32(v)) => update_portable(q, k, v, scale, st, sc),
         (k, v) => {
             // Not through `for_kernels`: convert here (correct, if slower).
             let (mut kb, mut vb) = (vec![0.0; k.len()], vec![0.0; v.len()]);
-            update_f32(qg, k.to_f32(&mut kb), v.to_f32(&mut vb), scale, st, sc)
+            let (k, v) = (k.to_f32(&mut kb), v.to_f32(&mut vb));
+            update_portable(q, k, v, scale, st, sc)
         }
     }
 }
 
-/// The portable step, over f32 runs.
+/// The portable step, head by head.
+#[inline(never)]
+fn update_portable(q: &[f32], k: &[f32], v: &[f32], scale: f32, mut st: States, sc: &mut [f32]) {
+    for (i, qi) in q.chunks_exact(st.hd).enumerate() {
+        update_f32(qi, k, v, scale, st.head(i), sc);
+    }
+}
+
+/// The positions each of a block's rows reads, `[lo, hi)` per row, cut page by page into
+/// stretches of rows that one [`update`] call can step together.
+pub(crate) struct RowLimits<'a> {
+    lim: &'a [(usize, usize)],
+    /// The positions every row reads (empty when none are common).
+    common: Range<usize>,
+}
+
+impl<'a> RowLimits<'a> {
+    pub(crate) fn new(lim: &'a [(usize, usize)]) -> Self {
+        let lo = lim.iter().map(|l| l.0).max().unwrap_or(0);
+        let hi = lim.iter().map(|l| l.1).min().unwrap_or(0);
+        RowLimits {
+            lim,
+            common: lo..hi.max(lo),
+        }
+    }
+
+    /// Whether every row reads the whole page whose first position is `base`.
+    #[inline(always)]
+    pub(crate) fn whole(&self, base: usize, ps: usize) -> bool {
+        self.common.start <= base && base + ps <= self.common.end
+    }
+
+    /// For the page whose first position is `base` (`ps` positions): each maximal stretch of
+    /// consecutive rows that read the same positions of it, as (rows, positions within the
+    /// page). Rows that read nothing of it are skipped; a page every row reads whole is one
+    /// stretch, found without looking at the rows (most pages of a long context).
+    pub(crate) fn on_page(
+        &self,
+        base: usize,
+        ps: usize,
+    ) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + 'a {
+        let lim = self.lim;
+        let whole = self.whole(base, ps);
+        let run = move |i: usize| {
+            let (lo, hi) = lim[i];
+            let (a, b) = (lo.max(base), hi.min(base + ps));
+            (a < b).then(|| a - base..b - base)
+        };
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            if whole {
+                let all = (i == 0).then_some((0..lim.len(), 0..ps));
+                i = lim.len();
+                return all;
+            }
+            while i < lim.len() {
+                let start = i;
+                i += 1;
+                if let Some(r) = run(start) {
+                    while i < lim.len() && run(i).as_ref() == Some(&r) {
+                        i += 1;
+                    }
+                    return Some((start..i, r));
+                }
+            }
+            None
+        })
+    }
+}
+
+/// The portable step of one query head, over f32 runs.
 #[inline(always)]
 fn update_f32(qg: &[f32], k: &[f32], v: &[f32], scale: f32, mut st: Running, sc: &mut [f32]) {
     let hd = qg.len();
@@ -131,11 +245,15 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// The step with explicit AVX2/FMA/F16C vectors, for f32 and f16 runs alike: keys and values
-/// are widened eight at a time as they are loaded (f16), products fused (both).
+/// The step with explicit AVX2/FMA/F16C vectors and register tiles, for f32 and f16 runs
+/// alike: keys and values are widened eight at a time as they are loaded (f16), products fused
+/// (both).
 #[cfg(target_arch = "x86_64")]
+// Register tiles are indexed by their constant loop counters, which LLVM unrolls into named
+// registers; iterator chains over two tiles at once read worse and were not always unrolled.
+#[allow(clippy::needless_range_loop)]
 mod simd {
-    use super::{weights, Running};
+    use super::{weights, States};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -171,47 +289,177 @@ mod simd {
         }
     }
 
-    /// Sum of the eight lanes.
+    /// The four dot products whose eight-lane partial sums are `a` (key order): every key's
+    /// lanes reduced by the same tree, ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    unsafe fn reduce4(a: &[__m256]) -> __m128 {
+        let u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps::<1>(u))
     }
 
-    /// q · k.
+    /// Scores of `Q` query heads (`q`, rows `hd` apart) against `4·G` keys at `k`, `stride`
+    /// apart, unscaled, four keys to a vector: each query vector and each key vector loaded
+    /// once for the whole tile.
     #[inline(always)]
-    unsafe fn dot<T: Elem>(q: &[f32], k: &[T]) -> f32 {
-        let n8 = q.len() / 8 * 8;
-        let (qp, kp) = (q.as_ptr(), k.as_ptr());
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n8 {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), T::load8(kp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i + 8)), T::load8(kp.add(i + 8)), a1);
-            i += 16;
+    unsafe fn qk_tile<T: Elem, const Q: usize, const G: usize>(
+        q: *const f32,
+        hd: usize,
+        k: *const T,
+        stride: usize,
+    ) -> [[__m128; G]; Q] {
+        let n8 = hd / 8 * 8;
+        let mut acc = [[[_mm256_setzero_ps(); 4]; G]; Q];
+        let mut d = 0;
+        while d < n8 {
+            let mut qv = [_mm256_setzero_ps(); Q];
+            for (i, v) in qv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(q.add(i * hd + d));
+            }
+            for g in 0..G {
+                for t in 0..4 {
+                    let kv = T::load8(k.add((4 * g + t) * stride + d));
+                    for i in 0..Q {
+                        acc[i][g][t] = _mm256_fmadd_ps(qv[i], kv, acc[i][g][t]);
+                    }
+                }
+            }
+            d += 8;
         }
-        if i < n8 {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), T::load8(kp.add(i)), a0);
+        let mut out = [[_mm_setzero_ps(); G]; Q];
+        for (i, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+            for (g, (o4, a4)) in o.iter_mut().zip(a).enumerate() {
+                *o4 = reduce4(a4);
+                if n8 < hd {
+                    // Head sizes that are not a multiple of eight: the last dimensions one by
+                    // one, summed apart and added to the vector sums.
+                    let tail: [f32; 4] = std::array::from_fn(|t| {
+                        let kp = k.add((4 * g + t) * stride);
+                        (n8..hd).fold(0.0, |s, e| s + *q.add(i * hd + e) * (*kp.add(e)).to_f32())
+                    });
+                    *o4 = _mm_add_ps(*o4, _mm_loadu_ps(tail.as_ptr()));
+                }
+            }
         }
-        let mut s = hsum(_mm256_add_ps(a0, a1));
-        for j in n8..q.len() {
-            s += q[j] * k[j].to_f32();
-        }
-        s
+        out
     }
 
-    /// Scores of the eight keys `k[0..8 × hd]` (`hd` a multiple of 8) against `q`, lane j
+    /// Scaled scores of `Q` query heads against all keys of `k` into `sc` (`Q × rows`, row `i`
+    /// for head `i`): `4·G` keys per tile, then four, then each last key alone (as a tile of
+    /// four copies of it), so that every score goes through the same operations.
+    #[inline(always)]
+    unsafe fn score_rows<T: Elem, const Q: usize, const G: usize>(
+        q: *const f32,
+        k: &[T],
+        hd: usize,
+        scale: f32,
+        sc: &mut [f32],
+    ) {
+        let rows = sc.len() / Q;
+        let (kp, sp, sv) = (k.as_ptr(), sc.as_mut_ptr(), _mm_set1_ps(scale));
+        let mut j = 0;
+        while j + 4 * G <= rows {
+            let s = qk_tile::<T, Q, G>(q, hd, kp.add(j * hd), hd);
+            for (i, si) in s.iter().enumerate() {
+                for (g, x) in si.iter().enumerate() {
+                    _mm_storeu_ps(sp.add(i * rows + j + 4 * g), _mm_mul_ps(*x, sv));
+                }
+            }
+            j += 4 * G;
+        }
+        while j + 4 <= rows {
+            let s = qk_tile::<T, Q, 1>(q, hd, kp.add(j * hd), hd);
+            for (i, si) in s.iter().enumerate() {
+                _mm_storeu_ps(sp.add(i * rows + j), _mm_mul_ps(si[0], sv));
+            }
+            j += 4;
+        }
+        while j < rows {
+            let s = qk_tile::<T, Q, 1>(q, hd, kp.add(j * hd), 0);
+            for (i, si) in s.iter().enumerate() {
+                *sp.add(i * rows + j) = _mm_cvtss_f32(si[0]) * scale;
+            }
+            j += 1;
+        }
+    }
+
+    /// acc_i += Σ_j w_i[j] · v[j] for `Q` query heads (weights `rows` apart in `w`,
+    /// accumulators `hd` apart in `acc`) over dimensions `d0..d0 + 8·D`: the `Q × D`
+    /// accumulator vectors stay in registers for all rows, each value vector is loaded once
+    /// for all `Q` heads.
+    #[inline(always)]
+    unsafe fn pv_tile<T: Elem, const Q: usize, const D: usize>(
+        w: &[f32],
+        v: &[T],
+        hd: usize,
+        acc: *mut f32,
+        d0: usize,
+    ) {
+        let rows = w.len() / Q;
+        let mut a = [[_mm256_setzero_ps(); D]; Q];
+        for (i, ai) in a.iter_mut().enumerate() {
+            for (c, x) in ai.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(acc.add(i * hd + d0 + c * 8));
+            }
+        }
+        let vp = v.as_ptr();
+        for j in 0..rows {
+            let mut wv = [_mm256_setzero_ps(); Q];
+            for (i, x) in wv.iter_mut().enumerate() {
+                *x = _mm256_set1_ps(*w.get_unchecked(i * rows + j));
+            }
+            for c in 0..D {
+                let vv = T::load8(vp.add(j * hd + d0 + c * 8));
+                for i in 0..Q {
+                    a[i][c] = _mm256_fmadd_ps(wv[i], vv, a[i][c]);
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            for (c, x) in ai.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(i * hd + d0 + c * 8), *x);
+            }
+        }
+    }
+
+    /// [`pv_tile`] over all of the head's dimensions: `D` vectors at a time, then one, then
+    /// the last dimensions one by one.
+    #[inline(always)]
+    unsafe fn pv_rows<T: Elem, const Q: usize, const D: usize>(
+        w: &[f32],
+        v: &[T],
+        hd: usize,
+        acc: &mut [f32],
+    ) {
+        let rows = w.len() / Q;
+        let mut d = 0;
+        while d + 8 * D <= hd {
+            pv_tile::<T, Q, D>(w, v, hd, acc.as_mut_ptr(), d);
+            d += 8 * D;
+        }
+        while d + 8 <= hd {
+            pv_tile::<T, Q, 1>(w, v, hd, acc.as_mut_ptr(), d);
+            d += 8;
+        }
+        for (i, a) in acc.chunks_exact_mut(hd).enumerate() {
+            for (e, a) in a.iter_mut().enumerate().skip(d) {
+                for j in 0..rows {
+                    *a += w[i * rows + j] * v[j * hd + e].to_f32();
+                }
+            }
+        }
+    }
+
+    /// Scores of the eight keys at `k` (`hd` apart, `hd` a multiple of 8) against `q`, lane j
     /// for key j: each of `q`'s vectors is loaded once for all eight, and the eight sums are
-    /// reduced together (two rounds of pairwise adds) instead of one horizontal sum per key.
+    /// reduced together, each by [`reduce4`]'s tree.
     #[inline(always)]
-    unsafe fn dot8<T: Elem>(q: &[f32], k: &[T], hd: usize) -> __m256 {
-        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    unsafe fn dot8<T: Elem>(q: &[f32], k: *const T, hd: usize) -> __m256 {
+        let qp = q.as_ptr();
         let mut acc = [_mm256_setzero_ps(); 8];
         for d in (0..hd).step_by(8) {
             let qv = _mm256_loadu_ps(qp.add(d));
             for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qv, T::load8(kp.add(j * hd + d)), *a);
+                *a = _mm256_fmadd_ps(qv, T::load8(k.add(j * hd + d)), *a);
             }
         }
         // Lanes 0-3 of each 128-bit half: keys 0-3 (u0) and 4-7 (u1), low and high halves
@@ -230,76 +478,97 @@ mod simd {
         )
     }
 
-    /// Dimensions of the value accumulator held in registers at once (eight vectors).
-    const BLOCK: usize = 64;
-
-    /// acc += Σ_j w[j] · v[j] over the rows of `v` (`w.len() × acc.len()`), the accumulator
-    /// held in registers for all rows, 64 dimensions at a time.
-    #[inline(always)]
-    unsafe fn weighted_sum<T: Elem>(w: &[f32], v: &[T], acc: &mut [f32]) {
-        let (hd, vp) = (acc.len(), v.as_ptr());
-        let mut d = 0;
-        while d + BLOCK <= hd {
-            let ap = acc.as_mut_ptr().add(d);
-            let mut a: [__m256; BLOCK / 8] =
-                std::array::from_fn(|c| _mm256_loadu_ps(ap.add(c * 8)));
-            for (j, &wj) in w.iter().enumerate() {
-                let wv = _mm256_set1_ps(wj);
-                for (c, ac) in a.iter_mut().enumerate() {
-                    *ac = _mm256_fmadd_ps(wv, T::load8(vp.add(j * hd + d + c * 8)), *ac);
-                }
-            }
-            for (c, ac) in a.iter().enumerate() {
-                _mm256_storeu_ps(ap.add(c * 8), *ac);
-            }
-            d += BLOCK;
-        }
-        while d + 8 <= hd {
-            let ap = acc.as_mut_ptr().add(d);
-            let mut a = _mm256_loadu_ps(ap);
-            for (j, &wj) in w.iter().enumerate() {
-                a = _mm256_fmadd_ps(_mm256_set1_ps(wj), T::load8(vp.add(j * hd + d)), a);
-            }
-            _mm256_storeu_ps(ap, a);
-            d += 8;
-        }
-        for (i, a) in acc.iter_mut().enumerate().skip(d) {
-            for (j, &wj) in w.iter().enumerate() {
-                *a += wj * v[j * hd + i].to_f32();
+    /// [`update`] of a single head (decode), apart so that it stays small.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn update_one<T: Elem>(
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        scale: f32,
+        mut st: States,
+        sc: &mut [f32],
+    ) {
+        let hd = st.hd;
+        let rows = k.len() / hd;
+        let sc = &mut sc[..rows];
+        // Eight keys at a time, reduced together in 256-bit registers (each key's lanes by
+        // the same tree as in `reduce4`); the rest as `score_rows` does them.
+        let mut j = 0;
+        if hd.is_multiple_of(8) {
+            let sv = _mm256_set1_ps(scale);
+            while j + 8 <= rows {
+                let s = _mm256_mul_ps(dot8(q, k.as_ptr().add(j * hd), hd), sv);
+                _mm256_storeu_ps(sc.as_mut_ptr().add(j), s);
+                j += 8;
             }
         }
+        score_rows::<T, 1, 2>(q.as_ptr(), &k[j * hd..], hd, scale, &mut sc[j..]);
+        weights(sc, &mut st.head(0));
+        pv_rows::<T, 1, 8>(sc, v, hd, st.acc);
     }
 
-    /// [`super::update`] over runs of `T`.
+    /// [`super::update`] over runs of `T`: query heads three at a time (then two, or one),
+    /// each tile through q·k, the softmax weights of each head, and weights × values.
     ///
     /// # Safety
     /// The CPU supports AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn update<T: Elem>(
-        qg: &[f32],
+        q: &[f32],
         k: &[T],
         v: &[T],
         scale: f32,
-        mut st: Running,
+        mut st: States,
         sc: &mut [f32],
     ) {
-        let hd = qg.len();
-        let n = k.len() / hd;
-        let sc = &mut sc[..n];
-        // Keys eight at a time where the head size allows, the rest one by one.
-        let mut j = 0;
-        if hd.is_multiple_of(8) {
-            while j + 8 <= n {
-                let s = _mm256_mul_ps(dot8(qg, &k[j * hd..], hd), _mm256_set1_ps(scale));
-                _mm256_storeu_ps(sc.as_mut_ptr().add(j), s);
-                j += 8;
-            }
+        let (n, hd) = (st.max.len(), st.hd);
+        let rows = k.len() / hd;
+        let sc = &mut sc[..n * rows];
+        if n == 1 {
+            return update_one(q, k, v, scale, st, sc);
         }
-        for (s, kk) in sc[j..].iter_mut().zip(k[j * hd..].chunks_exact(hd)) {
-            *s = dot(qg, kk) * scale;
+        let mut i = 0;
+        while i < n {
+            let (qp, s) = (q.as_ptr().add(i * hd), &mut sc[i * rows..]);
+            i += match n - i {
+                1 => {
+                    score_rows::<T, 1, 2>(qp, k, hd, scale, &mut s[..rows]);
+                    1
+                }
+                2 => {
+                    score_rows::<T, 2, 1>(qp, k, hd, scale, &mut s[..2 * rows]);
+                    2
+                }
+                _ => {
+                    score_rows::<T, 3, 1>(qp, k, hd, scale, &mut s[..3 * rows]);
+                    3
+                }
+            };
         }
-        weights(sc, &mut st);
-        weighted_sum(sc, v, st.acc);
+        for (h, w) in sc.chunks_exact_mut(rows.max(1)).enumerate().take(n) {
+            weights(&mut w[..rows], &mut st.head(h));
+        }
+        let mut i = 0;
+        while i < n {
+            let (w, acc) = (&sc[i * rows..], &mut st.acc[i * hd..]);
+            i += match n - i {
+                1 => {
+                    pv_rows::<T, 1, 8>(&w[..rows], v, hd, &mut acc[..hd]);
+                    1
+                }
+                2 => {
+                    pv_rows::<T, 2, 4>(&w[..2 * rows], v, hd, &mut acc[..2 * hd]);
+                    2
+                }
+                _ => {
+                    pv_rows::<T, 3, 4>(&w[..3 * rows], v, hd, &mut acc[..3 * hd]);
+                    3
+                }
+            };
+        }
     }
 }
 
@@ -355,14 +624,24 @@ mod tests {
         Portable,
     }
 
-    /// The pages through `path`, normalised.
-    fn run(q: &[f32], pages: &[(Vec<f32>, Vec<f32>)], path: Path, scale: f32) -> Vec<f32> {
-        let (mut max, mut norm, mut acc) = (f32::NEG_INFINITY, 0.0, vec![0.0; q.len()]);
-        let mut sc = vec![0.0; 32];
+    /// The pages through `path` for the query heads `q` (`n × hd`) stepped as one block,
+    /// unnormalised: (max, norm, acc) of every head.
+    fn run_block(
+        q: &[f32],
+        n: usize,
+        pages: &[(Vec<f32>, Vec<f32>)],
+        path: Path,
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut max, mut norm, mut acc) =
+            (vec![f32::NEG_INFINITY; n], vec![0.0; n], vec![0.0; q.len()]);
+        let hd = q.len() / n;
+        let mut sc = vec![0.0; 32 * n];
+        let h = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
         for (k, v) in pages {
-            let h = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
             let (kh, vh) = (h(k), h(v));
-            let st = Running {
+            let st = States {
+                hd,
                 max: &mut max,
                 norm: &mut norm,
                 acc: &mut acc,
@@ -370,10 +649,87 @@ mod tests {
             match path {
                 Path::F32 => update(q, KvRun::F32(k), KvRun::F32(v), scale, st, &mut sc),
                 Path::F16 => update(q, KvRun::F16(&kh), KvRun::F16(&vh), scale, st, &mut sc),
-                Path::Portable => update_f32(q, k, v, scale, st, &mut sc),
+                Path::Portable => {
+                    let mut st = st;
+                    for (i, qi) in q.chunks_exact(hd).enumerate() {
+                        update_f32(qi, k, v, scale, st.head(i), &mut sc);
+                    }
+                }
             }
         }
-        acc.iter().map(|a| a / norm).collect()
+        (max, norm, acc)
+    }
+
+    /// The pages through `path` for one query head, normalised.
+    fn run(q: &[f32], pages: &[(Vec<f32>, Vec<f32>)], path: Path, scale: f32) -> Vec<f32> {
+        let (_, norm, acc) = run_block(q, 1, pages, path, scale);
+        acc.iter().map(|a| a / norm[0]).collect()
+    }
+
+    /// Pages of the given lengths (`hd` wide) with a spread of values.
+    fn pages_of(lens: &[usize], hd: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| (values(n, hd, 2 * i as u32), values(n, hd, 2 * i as u32 + 1)))
+            .collect()
+    }
+
+    #[test]
+    fn a_block_steps_each_head_as_it_would_alone() {
+        // 1-7 heads cover every tile shape (3, then 2 or 1 left) and their mixes; the runs
+        // cover whole key tiles, a tail that repeats the last key, and single keys.
+        for hd in [4, 8, 24, 64, 72] {
+            let pages = pages_of(&[16, 13, 5, 1, 3], hd);
+            let scale = 1.0 / (hd as f32).sqrt();
+            for n in 1..=7 {
+                let q = values(n, hd, 40 + n as u32);
+                for path in [Path::F32, Path::F16, Path::Portable] {
+                    let (max, norm, acc) = run_block(&q, n, &pages, path, scale);
+                    for i in 0..n {
+                        let one = run_block(&q[i * hd..(i + 1) * hd], 1, &pages, path, scale);
+                        let what = format!("hd {hd}, {n} heads, head {i}, {path:?}");
+                        assert_eq!(max[i].to_bits(), one.0[0].to_bits(), "{what}: max");
+                        assert_eq!(norm[i].to_bits(), one.1[0].to_bits(), "{what}: norm");
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&acc[i * hd..(i + 1) * hd]),
+                            bits(&one.2),
+                            "{what}: acc"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stretches_group_rows_that_read_the_same_positions() {
+        // Page 16..32; rows: two whole, one ending inside, one not reaching it, two whole again
+        // (not merged across the gap), two windows starting inside.
+        let lim = [
+            (0, 40),
+            (0, 40),
+            (0, 20),
+            (0, 10),
+            (0, 33),
+            (5, 32),
+            (18, 50),
+            (18, 50),
+        ];
+        let rl = RowLimits::new(&lim);
+        let got: Vec<_> = rl.on_page(16, 16).collect();
+        assert_eq!(
+            got,
+            vec![(0..2, 0..16), (2..3, 0..4), (4..6, 0..16), (6..8, 2..16)]
+        );
+        assert_eq!(rl.on_page(64, 16).count(), 0);
+        // Pages every row reads whole: one stretch, the same as found row by row.
+        let lim = [(0, 40), (3, 40), (0, 64)];
+        let rl = RowLimits::new(&lim);
+        assert_eq!(rl.on_page(16, 16).collect::<Vec<_>>(), vec![(0..3, 0..16)]);
+        let got: Vec<_> = rl.on_page(0, 16).collect();
+        assert_eq!(got, vec![(0..1, 0..16), (1..2, 3..16), (2..3, 0..16)]);
+        assert_eq!(RowLimits::new(&[]).on_page(0, 16).count(), 0);
     }
 
     #[test]
@@ -383,12 +739,7 @@ mod tests {
         for hd in [4, 8, 24, 64, 72, 128, 192] {
             let q = values(1, hd, 9);
             let scale = 1.0 / (hd as f32).sqrt();
-            let lens = [16, 13, 5, 1, 16];
-            let pages: Vec<_> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| (values(n, hd, 2 * i as u32), values(n, hd, 2 * i as u32 + 1)))
-                .collect();
+            let pages = pages_of(&[16, 13, 5, 1, 16], hd);
             let rounded: Vec<_> = pages
                 .iter()
                 .map(|(k, v)| {

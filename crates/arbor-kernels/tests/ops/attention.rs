@@ -8,6 +8,7 @@ const SEQ: SeqId = 1;
 const LAYER: usize = 1;
 
 /// One attention problem: a cached sequence of `len` positions and query rows at `positions`.
+#[derive(Debug)]
 struct Case {
     page_size: usize,
     n_kv_heads: usize,
@@ -140,6 +141,20 @@ fn check_stored_as(c: &Case, rng: &mut Rng, dtype: KvDtype) {
         &params,
         &mut out,
     );
+    // Each row alone (one head or one KV head's heads per task) gives, bit for bit, what it
+    // gave inside the batch (whatever block of rows and heads it was stepped in).
+    let row_len = nh * hd;
+    for (r, &pos) in c.positions.iter().enumerate() {
+        let mut alone = vec![f32::NAN; row_len];
+        let qr = &q[r * row_len..(r + 1) * row_len];
+        paged_attention(qr, &[pos], &cache.pool, LAYER, table, &params, &mut alone);
+        let bits = |x: &[f32]| x.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&alone),
+            bits(&out[r * row_len..(r + 1) * row_len]),
+            "row {r} (position {pos}) alone differs from the batch: {c:?}"
+        );
+    }
     let stored = |x: &[f32]| -> Vec<f32> {
         match dtype {
             KvDtype::F32 => x.to_vec(),
@@ -240,6 +255,36 @@ fn prompt_chunk_from_the_start_is_causal() {
             q_scale: 2.0,
         };
         check(&c, &mut rng);
+    }
+}
+
+#[test]
+fn long_prompt_in_blocks_of_rows() {
+    // Enough rows that tasks take several rows × all heads (on one thread from 32 rows, on
+    // two from 64): a whole prompt, a chunk starting mid-page, windows, f16 pages.
+    let mut rng = Rng::new(15);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool");
+        for (len, start, window, dtype) in [
+            (150, 0, None, KvDtype::F32),
+            (230, 37, Some(50), KvDtype::F32),
+            (200, 5, None, KvDtype::F16),
+        ] {
+            let c = Case {
+                page_size: 16,
+                n_kv_heads: 2,
+                group: 3,
+                head_dim: 64,
+                len,
+                positions: (start..len).collect(),
+                window,
+                q_scale: 2.0,
+            };
+            pool.install(|| check_stored_as(&c, &mut rng, dtype));
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! `cargo test -p arbor-kernels --test ops timing -- --ignored --nocapture`.
 
 use crate::common::Rng;
-use arbor_kernels::kv::{KvCache, KvLayout};
+use arbor_kernels::kv::{KvCache, KvDtype, KvLayout};
 use arbor_kernels::ops::{
     log_softmax, paged_attention, sample, sample_batch, softmax_inplace, AttentionParams,
     SamplingParams,
@@ -127,38 +127,50 @@ fn timing_softmax() {
 #[test]
 #[ignore = "timing; run with --ignored --nocapture"]
 fn timing_attention() {
-    // SmolLM2-135M's shape: 9 query heads sharing 3 KV heads of 64 dims; one layer.
-    let (nh, nkv, hd, ctx) = (9, 3, 64, 512);
-    let mut rng = Rng::new(3);
-    let layout = KvLayout {
-        num_layers: 1,
-        num_kv_heads: nkv,
-        head_dim: hd,
-        page_size: 16,
-    };
-    let mut cache = KvCache::new(layout, ctx / 16 + 1);
-    cache.add_seq(1);
-    cache.reserve(1, ctx).expect("pages");
-    for pos in 0..ctx {
-        let k = rng.normals(nkv * hd, 1.0);
-        let v = rng.normals(nkv * hd, 1.0);
-        cache.write(0, 1, pos, &k, &v);
-    }
-    let table = cache.table(1).expect("live");
-    let p = AttentionParams {
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
-        scale: 0.125,
-        sliding_window: None,
-    };
-    for rows in [1, 8, 512] {
-        let positions: Vec<usize> = (ctx - rows..ctx).collect();
-        let q = rng.normals(rows * nh * hd, 1.0);
-        let mut out = vec![0.0; q.len()];
-        let us = min_us(if rows > 8 { 20 } else { 500 }, || {
-            paged_attention(&q, &positions, &cache.pool, 0, table, &p, &mut out);
-        });
-        println!("paged_attention {nh}x{hd} (kv {nkv}), context {ctx}, {rows} rows ending there: {us:.1} µs");
+    // SmolLM2-135M's shape: 9 query heads sharing 3 KV heads of 64 dims; one layer. Decode
+    // (one row), a few rows, a prompt chunk; f32 and f16 pages; two context lengths.
+    let (nh, nkv, hd) = (9, 3, 64);
+    for (ctx, dtype) in [
+        (512, KvDtype::F32),
+        (4096, KvDtype::F32),
+        (4096, KvDtype::F16),
+    ] {
+        let mut rng = Rng::new(3);
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            page_size: 16,
+        };
+        let mut cache = KvCache::with_dtype(layout, ctx / 16 + 1, 0, dtype);
+        cache.add_seq(1);
+        cache.reserve(1, ctx).expect("pages");
+        for pos in 0..ctx {
+            let k = rng.normals(nkv * hd, 1.0);
+            let v = rng.normals(nkv * hd, 1.0);
+            cache.write(0, 1, pos, &k, &v);
+        }
+        let table = cache.table(1).expect("live");
+        let p = AttentionParams {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: 0.125,
+            sliding_window: None,
+        };
+        // ROWS=n times only that row count.
+        let only: Option<usize> = std::env::var("ROWS").ok().and_then(|r| r.parse().ok());
+        for rows in [1, 8, 512]
+            .into_iter()
+            .filter(|r| only.is_none_or(|o| o == *r))
+        {
+            let positions: Vec<usize> = (ctx - rows..ctx).collect();
+            let q = rng.normals(rows * nh * hd, 1.0);
+            let mut out = vec![0.0; q.len()];
+            let us = min_us(if rows > 8 { 20 } else { 300 }, || {
+                paged_attention(&q, &positions, &cache.pool, 0, table, &p, &mut out);
+            });
+            println!("paged_attention {nh}x{hd} (kv {nkv}), {dtype:?} pages, context {ctx}, {rows} rows ending there: {us:.1} µs");
+        }
     }
 }

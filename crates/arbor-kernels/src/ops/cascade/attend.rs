@@ -13,7 +13,7 @@ use super::plan::CascadePlan;
 use super::sparse::PageSelection;
 use super::{merge::merge_states, AttentionParams};
 use crate::kv::KvPool;
-use crate::ops::online::{for_kernels, update, Running};
+use crate::ops::online::{for_kernels, update, RowLimits, States};
 use crate::ops::softmax::with_wide_vectors;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -158,42 +158,53 @@ fn run_task(
     let pages = plan.pages(t.group);
     let rows = &plan.group_rows[t.entries.clone()];
     let (lim, span) = row_limits(plan, t.group, rows, p.sliding_window);
+    let limits = RowLimits::new(&lim);
     let mut max = vec![f32::NEG_INFINITY; rows.len() * gh];
     let mut norm = vec![0.0f32; rows.len() * gh];
-    let mut scores = vec![0.0f32; ps];
-    // Scratch for an f16 page where the CPU cannot widen f16 in registers.
+    let mut scores = vec![0.0f32; rows.len() * gh * ps];
+    // The rows' query heads of this KV head, in the order of their states (`[row][head]`).
+    let mut qs = Vec::with_capacity(rows.len() * gh * hd);
+    for &r in rows {
+        let q0 = (r as usize * p.n_heads + t.kv_head * gh) * hd;
+        qs.extend_from_slice(&q[q0..q0 + gh * hd]);
+    }
+    // Scratch for an f16 page converted once for many heads (see `for_kernels`).
     let (mut kbuf, mut vbuf) = (pool.page_scratch(), pool.page_scratch());
     o.fill(0.0);
     if !span.is_empty() {
         let g_lo = plan.group_first_page[t.group] as usize * ps;
         for j in page_list(selected, &span) {
             let base = g_lo + j * ps;
-            let keys = for_kernels(pool.key_run(layer, pages[j], t.kv_head), &mut kbuf);
-            let values = for_kernels(pool.value_run(layer, pages[j], t.kv_head), &mut vbuf);
-            for (i, (&r, &(rlo, rhi))) in rows.iter().zip(&lim).enumerate() {
-                let (a, b) = (rlo.max(base), rhi.min(base + ps));
-                if a >= b {
-                    continue;
-                }
-                let run = (a - base) * hd..(b - base) * hd;
-                let (k, v) = (keys.range(run.clone()), values.range(run));
-                let q0 = (r as usize * p.n_heads + t.kv_head * gh) * hd;
-                for g in 0..gh {
-                    let s = i * gh + g;
-                    let st = Running {
-                        max: &mut max[s],
-                        norm: &mut norm[s],
-                        acc: &mut o[s * hd..(s + 1) * hd],
-                    };
-                    update(
-                        &q[q0 + g * hd..q0 + (g + 1) * hd],
-                        k,
-                        v,
-                        p.scale,
-                        st,
-                        &mut scores,
-                    );
-                }
+            let keys = for_kernels(
+                pool.key_run(layer, pages[j], t.kv_head),
+                &mut kbuf,
+                rows.len() * gh,
+            );
+            let values = for_kernels(
+                pool.value_run(layer, pages[j], t.kv_head),
+                &mut vbuf,
+                rows.len() * gh,
+            );
+            for (rs, run) in limits.on_page(base, ps) {
+                let s = rs.start * gh..rs.end * gh;
+                let st = States {
+                    hd,
+                    max: &mut max[s.clone()],
+                    norm: &mut norm[s.clone()],
+                    acc: &mut o[s.start * hd..s.end * hd],
+                };
+                let (k, v) = (
+                    keys.range(run.start * hd..run.end * hd),
+                    values.range(run.start * hd..run.end * hd),
+                );
+                update(
+                    &qs[s.start * hd..s.end * hd],
+                    k,
+                    v,
+                    p.scale,
+                    st,
+                    &mut scores,
+                );
             }
         }
     }

@@ -16,7 +16,7 @@ use super::plan::CascadePlan;
 use super::sparse::PageSelection;
 use super::AttentionParams;
 use crate::kv::KvPool;
-use crate::ops::online::{for_kernels, update, Running};
+use crate::ops::online::{for_kernels, update, RowLimits, States};
 use crate::ops::softmax::with_wide_vectors;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -203,30 +203,56 @@ fn run(
         }
     }
     let (lim, span) = row_limits(plan, t.group, rows, p.sliding_window);
+    let limits = RowLimits::new(&lim);
     let pages = plan.pages(t.group);
     let g_lo = plan.group_first_page[t.group] as usize * ps;
-    let mut scores = vec![0.0f32; ps];
-    // Scratch for an f16 page where the CPU cannot widen f16 in registers.
+    let mut scores = vec![0.0f32; rows.len() * ps];
+    // Each query head's rows, in the order of its states.
+    let qs: Vec<Vec<f32>> = (0..states.len())
+        .map(|h| {
+            rows.iter()
+                .flat_map(|&r| {
+                    let q0 = (r as usize * p.n_heads + t.h0 + h) * hd;
+                    &q[q0..q0 + hd]
+                })
+                .copied()
+                .collect()
+        })
+        .collect();
+    // Scratch for an f16 page converted once for many heads (see `for_kernels`).
     let (mut kbuf, mut vbuf) = (pool.page_scratch(), pool.page_scratch());
     for j in page_list(selected, &span) {
         let base = g_lo + j * ps;
-        let keys = for_kernels(pool.key_run(layer, pages[j], t.kv_head), &mut kbuf);
-        let values = for_kernels(pool.value_run(layer, pages[j], t.kv_head), &mut vbuf);
-        for (i, (&r, &(rlo, rhi))) in rows.iter().zip(&lim).enumerate() {
-            let (a, b) = (rlo.max(base), rhi.min(base + ps));
-            if a >= b {
-                continue;
-            }
-            let run = (a - base) * hd..(b - base) * hd;
-            let (k, v) = (keys.range(run.clone()), values.range(run));
-            for (h, st) in states.iter_mut().enumerate() {
-                let q0 = (r as usize * p.n_heads + t.h0 + h) * hd;
-                let st = Running {
-                    max: &mut st.max[i],
-                    norm: &mut st.norm[i],
-                    acc: &mut st.acc[i * hd..(i + 1) * hd],
+        let keys = for_kernels(
+            pool.key_run(layer, pages[j], t.kv_head),
+            &mut kbuf,
+            rows.len() * qs.len(),
+        );
+        let values = for_kernels(
+            pool.value_run(layer, pages[j], t.kv_head),
+            &mut vbuf,
+            rows.len() * qs.len(),
+        );
+        for (rs, run) in limits.on_page(base, ps) {
+            let (k, v) = (
+                keys.range(run.start * hd..run.end * hd),
+                values.range(run.start * hd..run.end * hd),
+            );
+            for (st, qh) in states.iter_mut().zip(&qs) {
+                let st = States {
+                    hd,
+                    max: &mut st.max[rs.clone()],
+                    norm: &mut st.norm[rs.clone()],
+                    acc: &mut st.acc[rs.start * hd..rs.end * hd],
                 };
-                update(&q[q0..q0 + hd], k, v, p.scale, st, &mut scores);
+                update(
+                    &qh[rs.start * hd..rs.end * hd],
+                    k,
+                    v,
+                    p.scale,
+                    st,
+                    &mut scores,
+                );
             }
         }
     }
