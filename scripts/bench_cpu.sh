@@ -17,7 +17,7 @@
 #                runs `cargo build --release` first)
 #   THREADS 2, PROMPT_TOKENS 512, GEN_TOKENS 128, REPS 5 (llama-bench -r), ARBOR_REPS 3
 #   SKIP_LLAMA=1 skips the llama.cpp half. ARBOR_ARGS: more `arbor run` flags (e.g.
-#   "--kv-dtype f16").
+#   "--kv-dtype f32" for the f32 reference pages; f16 is the default).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

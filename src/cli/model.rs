@@ -40,10 +40,11 @@ pub struct ModelArgs {
     /// GGUF) instead of 8-bit ones: slower, for validation.
     #[arg(long)]
     pub exact: bool,
-    /// How the CPU's KV cache stores K and V: f32 (the reference) or f16 (half the memory
-    /// per token, so twice the tokens in --kv-cache-gb). A GPU stores bf16 either way.
-    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
-    pub kv_dtype: KvDtype,
+    /// How the CPU's KV cache stores K and V: f16 (the default: half the memory per token of
+    /// f32, so twice the tokens in --kv-cache-gb, and faster to read) or f32 (the reference,
+    /// and the default with --exact). A GPU stores bf16 either way.
+    #[arg(long, value_parser = parse_kv_dtype)]
+    pub kv_dtype: Option<KvDtype>,
 }
 
 /// `f32` or `f16`.
@@ -56,6 +57,16 @@ pub fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
 }
 
 impl ModelArgs {
+    /// The CPU's KV element type: --kv-dtype, else f32 for --exact (validation) and f16
+    /// otherwise.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype.unwrap_or(if self.exact {
+            KvDtype::F32
+        } else {
+            KvDtype::F16
+        })
+    }
+
     /// The model path: `--model`, or the default model (fetched if not cached).
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
         if let Some(d) = &self.dummy_weights {
@@ -141,7 +152,7 @@ impl ModelArgs {
         if self.exact {
             model.precision = arbor_runtime::model::Precision::Exact;
         }
-        model.attention.kv_dtype = self.kv_dtype;
+        model.attention.kv_dtype = self.kv_dtype();
         let bf16_weights = model.cfg.param_count() * 2;
         let opts = EngineOptions {
             kv_cache_bytes: self.kv_cache_bytes(bf16_weights)?,
