@@ -85,7 +85,7 @@ fn random_weight(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Weigh
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Avx2]
+    [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
         .into_iter()
         .filter(|i| i.is_available())
         .collect()
@@ -183,6 +183,28 @@ fn dequantized_matmul_matches_reference_without_activation_rounding() {
             matmul_dequantized(&x, m, &w, &mut out).unwrap();
             // ty F32 → no activation term in the bound, only f32 rounding.
             check_against_reference(GgmlType::F32, &w, &x, m, &out, 1e-5, "dequantized");
+        }
+    }
+}
+
+#[test]
+fn vnni_kernels_equal_the_avx2_kernels_bit_for_bit() {
+    if !Isa::Avx2Vnni.is_available() {
+        eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+        return;
+    }
+    let mut rng = Rng(43);
+    for ty in QUANT_TYPES {
+        let cols = 3 * ty.block_size().max(QK8) * if ty.block_size() == QK_K { 1 } else { 4 };
+        let w = random_weight(ty, 37, cols, &mut rng);
+        // 1 (decode: two weight rows per pass), 2-4 and more (tiles of activation rows).
+        for m in [1, 2, 3, 4, 5, 17] {
+            let x = rng.vec(m * cols, 3.0);
+            let (mut v, mut a) = (vec![0.0f32; m * 37], vec![0.0f32; m * 37]);
+            matmul_with(Isa::Avx2Vnni, &x, m, &w, &mut v).unwrap();
+            matmul_with(Isa::Avx2, &x, m, &w, &mut a).unwrap();
+            let bits = |o: &[f32]| o.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&v), bits(&a), "{ty}, m = {m}");
         }
     }
 }

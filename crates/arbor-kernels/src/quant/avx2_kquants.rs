@@ -8,8 +8,11 @@
 //! (× scale) per 32 elements, and the minimum/offset correction as one `vpmaddwd` of a
 //! per-16 vector with the activation's 16 block sums. Q8_K weights take the portable path.
 //!
+//! Where the CPU also has AVX-512 VNNI (with VL), [`tile_vnni`] fuses each scale `vpmaddwd`
+//! with its accumulation into one `vpdpwssd`: the same integers, so bitwise the same results.
+//!
 //! Only reached through [`super::tile::dot_tile`], which checks every length first and calls
-//! these only when the CPU has AVX2, FMA and F16C.
+//! these only when the CPU has AVX2, FMA and F16C (and VNNI for [`tile_vnni`]).
 
 use std::arch::x86_64::*;
 
@@ -216,6 +219,31 @@ impl SuperBlock for Q6K {
     }
 }
 
+/// `acc + Σ pairs of p·sc` per i32 lane (16-bit products of the quant sums with their scales).
+trait ScaleAcc {
+    unsafe fn acc(acc: __m256i, p: __m256i, sc: __m256i) -> __m256i;
+}
+
+/// `vpmaddwd` then `vpaddd` (AVX2).
+struct MaddAdd;
+
+/// `vpdpwssd` (AVX-512 VNNI on 256-bit registers).
+struct Dpwssd;
+
+impl ScaleAcc for MaddAdd {
+    #[inline(always)]
+    unsafe fn acc(acc: __m256i, p: __m256i, sc: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc))
+    }
+}
+
+impl ScaleAcc for Dpwssd {
+    #[inline(always)]
+    unsafe fn acc(acc: __m256i, p: __m256i, sc: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, p, sc)
+    }
+}
+
 /// `out[i·ld + r] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
 ///
 /// # Safety
@@ -232,18 +260,49 @@ pub(crate) unsafe fn tile(
     out: &mut [f32],
     ld: usize,
 ) {
+    tile_for::<MaddAdd>(ty, w, row_bytes, x, m, out, ld)
+}
+
+/// [`tile`] with `vpdpwssd`: the same results.
+///
+/// # Safety
+/// As [`tile`], and the CPU must support AVX-512 VNNI and VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(crate) unsafe fn tile_vnni(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8K],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    tile_for::<Dpwssd>(ty, w, row_bytes, x, m, out, ld)
+}
+
+/// The kernels, inlined into the entry point whose target features they compile for.
+#[inline(always)]
+unsafe fn tile_for<S: ScaleAcc>(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8K],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     match ty {
-        GgmlType::Q2K => tile_t::<Q2K>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q3K => tile_t::<Q3K>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q4K => tile_t::<Q4K>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q5K => tile_t::<Q5K>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q6K => tile_t::<Q6K>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q2K => tile_t::<Q2K, S>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q3K => tile_t::<Q3K, S>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q4K => tile_t::<Q4K, S>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5K => tile_t::<Q5K, S>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q6K => tile_t::<Q6K, S>(w, row_bytes, x, m, out, ld),
         _ => unreachable!("avx2_kquants::tile called with {ty}"),
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_t<K: SuperBlock>(
+#[inline(always)]
+unsafe fn tile_t<K: SuperBlock, S: ScaleAcc>(
     w: &[u8],
     row_bytes: usize,
     x: &[BlockQ8K],
@@ -260,17 +319,17 @@ unsafe fn tile_t<K: SuperBlock>(
         let o = out.as_mut_ptr().add(i0 * ld);
         let rc = (m - i0).min(4);
         match rc {
-            4 => rows::<K, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
-            3 => rows::<K, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
-            2 => rows::<K, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
-            _ => rows::<K, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            4 => rows::<K, S, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            3 => rows::<K, S, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            2 => rows::<K, S, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            _ => rows::<K, S, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
         }
         i0 += rc;
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows<K: SuperBlock, const R: usize>(
+#[inline(always)]
+unsafe fn rows<K: SuperBlock, S: ScaleAcc, const R: usize>(
     w: *const u8,
     row_bytes: usize,
     nrows: usize,
@@ -290,7 +349,7 @@ unsafe fn rows<K: SuperBlock, const R: usize>(
                 let mut isum = _mm256_setzero_si256();
                 for g in 0..8 {
                     let p = _mm256_maddubs_epi16(u.q[g], load(ys.add(32 * g) as *const u8));
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, u.sc[g]));
+                    isum = S::acc(isum, p, u.sc[g]);
                 }
                 let bsums = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
                 let corr = _mm256_madd_epi16(u.cm, bsums);

@@ -7,8 +7,13 @@
 //! unsigned (0..=31) and carry a minimum (`m·s_x` added in scalar); Q8_0/Q8_1 are signed and use
 //! the sign trick (`|w|` times `x` with `w`'s sign).
 //!
+//! Where the CPU also has AVX-512 VNNI (with VL), [`tile_vnni`] runs the same kernels with one
+//! `vpdpbusd` per 32 products instead of the pair: the sums are the same integers (the pair
+//! never saturates here: |u| ≤ 128 and |y| ≤ 127 give at most 2·128·127 < 2^15 per 16-bit
+//! lane), so the results are bitwise those of [`tile`].
+//!
 //! Only reached through [`super::tile::dot_tile`], which checks every length first and calls
-//! these only when the CPU has AVX2, FMA and F16C.
+//! these only when the CPU has AVX2, FMA and F16C (and VNNI for [`tile_vnni`]).
 
 use std::arch::x86_64::*;
 
@@ -153,6 +158,31 @@ pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// Eight i32 sums of four products each, of 32 unsigned bytes `u` with 32 signed bytes `y`.
+trait Dot4 {
+    unsafe fn dot(u: __m256i, y: __m256i) -> __m256i;
+}
+
+/// `vpmaddubsw` then `vpmaddwd` by ones (AVX2).
+struct Maddubs;
+
+/// `vpdpbusd` (AVX-512 VNNI on 256-bit registers).
+struct Dpbusd;
+
+impl Dot4 for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, y: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
+    }
+}
+
+impl Dot4 for Dpbusd {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, y)
+    }
+}
+
 /// `out[i·ld + r] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
 ///
 /// # Safety
@@ -170,19 +200,50 @@ pub(crate) unsafe fn tile(
     out: &mut [f32],
     ld: usize,
 ) {
+    tile_for::<Maddubs>(ty, w, row_bytes, x, m, out, ld)
+}
+
+/// [`tile`] with `vpdpbusd`: the same results.
+///
+/// # Safety
+/// As [`tile`], and the CPU must support AVX-512 VNNI and VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(crate) unsafe fn tile_vnni(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    tile_for::<Dpbusd>(ty, w, row_bytes, x, m, out, ld)
+}
+
+/// The kernels, inlined into the entry point whose target features they compile for.
+#[inline(always)]
+unsafe fn tile_for<D: Dot4>(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     match ty {
-        GgmlType::Q4_0 => tile_t::<Q4_0>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q4_1 => tile_t::<Q4_1>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q5_0 => tile_t::<Q5_0>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q5_1 => tile_t::<Q5_1>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q8_0 => tile_t::<Q8_0>(w, row_bytes, x, m, out, ld),
-        GgmlType::Q8_1 => tile_t::<Q8_1>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q4_0 => tile_t::<Q4_0, D>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q4_1 => tile_t::<Q4_1, D>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5_0 => tile_t::<Q5_0, D>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q5_1 => tile_t::<Q5_1, D>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q8_0 => tile_t::<Q8_0, D>(w, row_bytes, x, m, out, ld),
+        GgmlType::Q8_1 => tile_t::<Q8_1, D>(w, row_bytes, x, m, out, ld),
         _ => unreachable!("avx2_legacy::tile called with {ty}"),
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_t<B: Block>(
+#[inline(always)]
+unsafe fn tile_t<B: Block, D: Dot4>(
     w: &[u8],
     row_bytes: usize,
     x: &[BlockQ8],
@@ -199,19 +260,19 @@ unsafe fn tile_t<B: Block>(
         let o = out.as_mut_ptr().add(i0 * ld);
         let rc = (m - i0).min(4);
         match rc {
-            4 => rows::<B, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
-            3 => rows::<B, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
-            2 => rows::<B, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
-            _ if B::SIGNED => rows::<B, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            4 => rows::<B, D, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            3 => rows::<B, D, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            2 => rows::<B, D, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            _ if B::SIGNED => rows::<B, D, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             _ => {
                 // One activation row (decode) with 4/5-bit weights: two weight rows per pass,
                 // so the activation blocks are loaded once for both and the two FMA chains
                 // overlap (~10% less CPU per block; measured slower for Q8_0, which streams
                 // twice the bytes and is bound by memory, so that keeps one row per pass).
                 let pairs = nrows / 2;
-                row_pairs::<B>(w.as_ptr(), row_bytes, pairs, nb, xs, o);
+                row_pairs::<B, D>(w.as_ptr(), row_bytes, pairs, nb, xs, o);
                 let wt = w.as_ptr().add(2 * pairs * row_bytes);
-                rows::<B, 1>(wt, row_bytes, nrows % 2, nb, xs, o.add(2 * pairs), ld);
+                rows::<B, D, 1>(wt, row_bytes, nrows % 2, nb, xs, o.add(2 * pairs), ld);
             }
         }
         i0 += rc;
@@ -219,8 +280,8 @@ unsafe fn tile_t<B: Block>(
 }
 
 /// One activation row against `2·pairs` weight rows; results go to `out[r]`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_pairs<B: Block>(
+#[inline(always)]
+unsafe fn row_pairs<B: Block, D: Dot4>(
     w: *const u8,
     row_bytes: usize,
     pairs: usize,
@@ -228,7 +289,6 @@ unsafe fn row_pairs<B: Block>(
     x: *const BlockQ8,
     out: *mut f32,
 ) {
-    let ones = _mm256_set1_epi16(1);
     for pr in 0..pairs {
         let w0 = w.add(2 * pr * row_bytes);
         let w1 = w0.add(row_bytes);
@@ -249,8 +309,7 @@ unsafe fn row_pairs<B: Block>(
             } else {
                 (q1, y)
             };
-            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, y0), ones);
-            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, y1), ones);
+            let (p0, p1) = (D::dot(u0, y0), D::dot(u1, y1));
             acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xb.d), _mm256_cvtepi32_ps(p0), acc0);
             acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xb.d), _mm256_cvtepi32_ps(p1), acc1);
             if !B::SIGNED {
@@ -265,8 +324,8 @@ unsafe fn row_pairs<B: Block>(
 
 /// `R` activation rows (starting at `x`, `nb` blocks each) against every weight row; results
 /// go to `out[j·ld + r]`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows<B: Block, const R: usize>(
+#[inline(always)]
+unsafe fn rows<B: Block, D: Dot4, const R: usize>(
     w: *const u8,
     row_bytes: usize,
     nrows: usize,
@@ -275,7 +334,6 @@ unsafe fn rows<B: Block, const R: usize>(
     out: *mut f32,
     ld: usize,
 ) {
-    let ones = _mm256_set1_epi16(1);
     for r in 0..nrows {
         let wr = w.add(r * row_bytes);
         let mut acc = [_mm256_setzero_ps(); R];
@@ -287,7 +345,7 @@ unsafe fn rows<B: Block, const R: usize>(
                 let xb = &*x.add(j * nb + b);
                 let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
                 let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, y), ones);
+                let p = D::dot(uq, y);
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc[j]);
                 if !B::SIGNED {
                     mins[j] += mn * xb.s;

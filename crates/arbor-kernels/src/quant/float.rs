@@ -52,7 +52,7 @@ pub(crate) fn dot_half_row(ty: super::GgmlType, isa: super::Isa, w: &[u8], x: &[
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
     #[cfg(target_arch = "x86_64")]
-    if isa == super::Isa::Avx2 && isa.is_available() {
+    if isa.has_avx2() && isa.is_available() {
         // SAFETY: the CPU has AVX2/FMA/F16C and w holds 2 bytes per element of x.
         (sum, done) = unsafe {
             if bf {
@@ -83,7 +83,7 @@ pub(crate) fn dot_f32_row(isa: super::Isa, a: &[f32], b: &[f32]) -> f32 {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
     #[cfg(target_arch = "x86_64")]
-    if isa == super::Isa::Avx2 && isa.is_available() {
+    if isa.has_avx2() && isa.is_available() {
         // SAFETY: the CPU has AVX2/FMA and the lengths are equal.
         (sum, done) = unsafe { super::avx2_float::dot_f32(a, b) };
     }
