@@ -5,6 +5,8 @@
 //! These are arbor's own in-memory formats, never stored in files: scales are kept as f32
 //! (not f16 as in ggml's Q8_0/Q8_1), which only makes them more precise.
 
+use crate::ops::softmax::with_wide_vectors;
+
 /// Elements per [`BlockQ8`].
 pub const QK8: usize = 32;
 /// Elements per [`BlockQ8K`].
@@ -62,10 +64,21 @@ fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (qi, &xi) in q.iter_mut().zip(x) {
-        // `as` saturates (and maps NaN to 0), so out-of-range inputs cannot wrap.
-        *qi = (xi * id).round() as i8;
+        *qi = round_to_i8(xi * id);
     }
     d
+}
+
+/// `y.round() as i8` (half away from zero, saturating, NaN to 0), without the `roundf` call
+/// that `f32::round` compiles to: clamped into i8's range first (which changes no result),
+/// truncated, and moved one step out where the dropped fraction is at least a half (exact:
+/// `y − trunc(y)` is representable). A loop of these vectorises.
+#[inline(always)]
+fn round_to_i8(y: f32) -> i8 {
+    let c = y.clamp(-128.0, 127.0);
+    let t = c as i32;
+    let f = c - t as f32;
+    (t + (f >= 0.5) as i32 - (f <= -0.5) as i32) as i8
 }
 
 /// Quantises one activation row: `x.len()` must be `32 * out.len()`.
@@ -74,11 +87,16 @@ fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
 /// If the lengths disagree (a caller bug: [`matmul()`](crate::ops::matmul::matmul) checks shapes first).
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     assert_eq!(x.len(), out.len() * QK8, "quantize_row_q8: length mismatch");
-    for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK8)) {
-        b.d = quantize_symmetric(xb, &mut b.qs);
-        let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
-        b.s = b.d * sum as f32;
-    }
+    with_wide_vectors(
+        #[inline(always)]
+        || {
+            for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK8)) {
+                b.d = quantize_symmetric(xb, &mut b.qs);
+                let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+                b.s = b.d * sum as f32;
+            }
+        },
+    )
 }
 
 /// Quantises one activation row into 256-blocks: `x.len()` must be `256 * out.len()`.
@@ -91,17 +109,58 @@ pub fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
         out.len() * QK_K,
         "quantize_row_q8k: length mismatch"
     );
-    for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
-        b.d = quantize_symmetric(xb, &mut b.qs);
-        for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
-            *s = q.iter().map(|&v| v as i16).sum();
-        }
-    }
+    with_wide_vectors(
+        #[inline(always)]
+        || {
+            for (b, xb) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+                b.d = quantize_symmetric(xb, &mut b.qs);
+                for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+                    *s = q.iter().map(|&v| v as i16).sum();
+                }
+            }
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_to_i8_is_round_then_saturate() {
+        let mut ys = vec![
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            126.5,
+            -127.5,
+            127.49,
+            127.5,
+            128.0,
+            -128.5,
+            -129.0,
+            0.0,
+            -0.0,
+            1e-30,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            0.49999997,
+        ];
+        // Every tie and its neighbours up to ±130, and a dense sweep.
+        for i in -260..=260 {
+            let h = i as f32 * 0.5;
+            ys.extend([h, h.next_up(), h.next_down()]);
+        }
+        ys.extend((0..100_000).map(|i| (i as f32 - 50_000.0) * 0.002_7));
+        for y in ys {
+            assert_eq!(round_to_i8(y), y.round() as i8, "{y:e}");
+        }
+    }
 
     #[test]
     fn q8_round_trip_is_within_half_a_step() {
