@@ -188,6 +188,34 @@ fn dequantized_matmul_matches_reference_without_activation_rounding() {
 }
 
 #[test]
+fn each_row_is_the_same_whatever_the_batch() {
+    // A row's result must not depend on how many rows share the call (tiles of four, the
+    // rest one by one, decode's two weight rows per pass): bit for bit, every type and ISA.
+    let mut rng = Rng(44);
+    for ty in QUANT_TYPES {
+        let cols = 2 * ty.block_size().max(QK8) * if ty.block_size() == QK_K { 1 } else { 4 };
+        let rows = 13;
+        let w = random_weight(ty, rows, cols, &mut rng);
+        let m = 9;
+        let x = rng.vec(m * cols, 3.0);
+        for isa in isas() {
+            let mut all = vec![0.0f32; m * rows];
+            matmul_with(isa, &x, m, &w, &mut all).unwrap();
+            for i in 0..m {
+                let mut one = vec![0.0f32; rows];
+                matmul_with(isa, &x[i * cols..(i + 1) * cols], 1, &w, &mut one).unwrap();
+                let bits = |o: &[f32]| o.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&one),
+                    bits(&all[i * rows..(i + 1) * rows]),
+                    "{ty} {isa:?}, row {i} of {m}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn vnni_kernels_equal_the_avx2_kernels_bit_for_bit() {
     if !Isa::Avx2Vnni.is_available() {
         eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");

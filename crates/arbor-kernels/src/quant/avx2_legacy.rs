@@ -260,7 +260,7 @@ unsafe fn tile_t<B: Block, D: Dot4>(
         let o = out.as_mut_ptr().add(i0 * ld);
         let rc = (m - i0).min(4);
         match rc {
-            4 => rows::<B, D, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            4 => rows4::<B, D>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             3 => rows::<B, D, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             2 => rows::<B, D, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             _ if B::SIGNED => rows::<B, D, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
@@ -319,6 +319,61 @@ unsafe fn row_pairs<B: Block, D: Dot4>(
         }
         *out.add(2 * pr) = hsum(acc0) + min0;
         *out.add(2 * pr + 1) = hsum(acc1) + min1;
+    }
+}
+
+/// Four activation rows (starting at `x`, `nb` blocks each) against every weight row; results
+/// go to `out[j·ld + r]`. As [`rows`], with the four rows' scales and sums gathered per block
+/// first, so that a weight block's four scale products are one 4-lane multiply and its
+/// minimum terms one multiply and one add, instead of four scalar ones each (the same
+/// operations on each value, so the same results as [`rows`] and [`row_pairs`]).
+#[inline(always)]
+unsafe fn rows4<B: Block, D: Dot4>(
+    w: *const u8,
+    row_bytes: usize,
+    nrows: usize,
+    nb: usize,
+    x: *const BlockQ8,
+    out: *mut f32,
+    ld: usize,
+) {
+    let gather = |f: fn(&BlockQ8) -> f32| -> Vec<[f32; 4]> {
+        (0..nb)
+            .map(|b| std::array::from_fn(|j| f(&*x.add(j * nb + b))))
+            .collect()
+    };
+    let (ds, ss) = (gather(|xb| xb.d), gather(|xb| xb.s));
+    let lane: [__m256i; 4] = std::array::from_fn(|j| _mm256_set1_epi32(j as i32));
+    for r in 0..nrows {
+        let wr = w.add(r * row_bytes);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = _mm_setzero_ps();
+        for b in 0..nb {
+            let (q, d, mn) = B::load(wr.add(b * B::SIZE));
+            let uq = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+            // d·d_x of the four rows, lane j for row j.
+            let scale = _mm256_castps128_ps256(_mm_mul_ps(
+                _mm_set1_ps(d),
+                _mm_loadu_ps(ds.get_unchecked(b).as_ptr()),
+            ));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let xb = &*x.add(j * nb + b);
+                let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
+                let p = D::dot(uq, y);
+                let sj = _mm256_permutevar8x32_ps(scale, lane[j]);
+                *a = _mm256_fmadd_ps(sj, _mm256_cvtepi32_ps(p), *a);
+            }
+            if !B::SIGNED {
+                let m = _mm_mul_ps(_mm_set1_ps(mn), _mm_loadu_ps(ss.get_unchecked(b).as_ptr()));
+                mins = _mm_add_ps(mins, m);
+            }
+        }
+        let mut m4 = [0.0f32; 4];
+        _mm_storeu_ps(m4.as_mut_ptr(), mins);
+        for (j, a) in acc.iter().enumerate() {
+            *out.add(j * ld + r) = hsum(*a) + m4[j];
+        }
     }
 }
 
