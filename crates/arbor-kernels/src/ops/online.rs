@@ -45,8 +45,10 @@ impl States<'_> {
     }
 }
 
-/// Most query heads for which an f16 page is widened in registers as it is read: one tile of
-/// heads, which widens each element once anyway. More heads would widen it once per tile.
+/// Most query heads for which an f16 page is widened in registers as it is read (once per
+/// tile of heads); more heads convert it once into scratch. Measured on SmolLM2's shape (a
+/// KV head's three query heads in one task): widening in registers beat converting first by
+/// 25% at three heads.
 const WIDEN_MAX: usize = 3;
 
 /// `run` as the kernels read it when `queries` query heads will step over it: f16 stays f16
@@ -265,9 +267,14 @@ mod simd {
         /// AVX2 and F16C are available and `p..p + 8` is readable.
         unsafe fn load8(p: *const Self) -> __m256;
         fn to_f32(self) -> f32;
+        /// Most query heads per register tile: three for f32, whose loads fold into the
+        /// FMAs; two for f16, whose widened vectors need registers of their own (a tile of
+        /// three then spills).
+        const TILE_HEADS: usize;
     }
 
     impl Elem for f32 {
+        const TILE_HEADS: usize = 3;
         #[inline(always)]
         unsafe fn load8(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
@@ -279,6 +286,7 @@ mod simd {
     }
 
     impl Elem for f16 {
+        const TILE_HEADS: usize = 2;
         #[inline(always)]
         unsafe fn load8(p: *const f16) -> __m256 {
             _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
@@ -510,8 +518,8 @@ mod simd {
         pv_rows::<T, 1, 8>(sc, v, hd, st.acc);
     }
 
-    /// [`super::update`] over runs of `T`: query heads three at a time (then two, or one),
-    /// each tile through q·k, the softmax weights of each head, and weights × values.
+    /// [`super::update`] over runs of `T`: query heads [`Elem::TILE_HEADS`] at a time (then
+    /// fewer), each tile through q·k, the softmax weights of each head, and weights × values.
     ///
     /// # Safety
     /// The CPU supports AVX2, FMA and F16C.
@@ -533,7 +541,7 @@ mod simd {
         let mut i = 0;
         while i < n {
             let (qp, s) = (q.as_ptr().add(i * hd), &mut sc[i * rows..]);
-            i += match n - i {
+            i += match (n - i).min(T::TILE_HEADS) {
                 1 => {
                     score_rows::<T, 1, 2>(qp, k, hd, scale, &mut s[..rows]);
                     1
@@ -554,7 +562,7 @@ mod simd {
         let mut i = 0;
         while i < n {
             let (w, acc) = (&sc[i * rows..], &mut st.acc[i * hd..]);
-            i += match n - i {
+            i += match (n - i).min(T::TILE_HEADS) {
                 1 => {
                     pv_rows::<T, 1, 8>(&w[..rows], v, hd, &mut acc[..hd]);
                     1
