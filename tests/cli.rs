@@ -112,6 +112,9 @@ fn info_json_describes_the_model() {
     assert_eq!(v["head_dim"], 32);
     // 3 layers × 2 KV heads × 32 dims × (K + V) × 4 bytes.
     assert_eq!(v["kv_bytes_per_token_f32"], 3 * 2 * 32 * 2 * 4);
+    // f16 pages on the CPU unless --kv-dtype f32 (or --exact).
+    assert_eq!(v["kv_dtype_cpu"], "f16");
+    assert_eq!(v["kv_bytes_per_token_cpu"], 3 * 2 * 32 * 2 * 2);
 }
 
 #[test]

@@ -19,6 +19,9 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
     let layout = engine.cache().layout();
     let kv_f32 = layout.bytes_per_token(4);
     let kv_bf16 = layout.bytes_per_token(2);
+    let cpu_dtype = args.model.kv_dtype();
+    let kv_cpu = layout.bytes_per_token(cpu_dtype.bytes());
+    let cpu_name = format!("{cpu_dtype:?}").to_lowercase();
     let v = serde_json::json!({
         "model": path.display().to_string(),
         "architecture": c.arch.name(),
@@ -35,6 +38,8 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
         "context_length": c.max_context,
         "rope_layout": format!("{:?}", c.rope_layout),
         "sliding_window": c.sliding_window,
+        "kv_dtype_cpu": cpu_name,
+        "kv_bytes_per_token_cpu": kv_cpu,
         "kv_bytes_per_token_f32": kv_f32,
         "kv_bytes_per_token_bf16": kv_bf16,
         "kv_pages": engine.cache().allocator().num_total(),
@@ -73,8 +78,7 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
     );
     println!("context        {} tokens", c.max_context);
     println!(
-        "KV per token   {} bytes f32 (CPU), {} bytes bf16 (GPU)",
-        kv_f32, kv_bf16
+        "KV per token   {kv_cpu} bytes {cpu_name} (CPU; {kv_f32} as f32), {kv_bf16} bytes bf16 (GPU)"
     );
     println!(
         "KV cache       {} pages × {} tokens",

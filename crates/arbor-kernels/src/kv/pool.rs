@@ -5,8 +5,9 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use std::borrow::Cow;
 
-/// How a host pool stores K and V: f32 (the reference, default) or f16 (half the bytes per
-/// token, rounded to 11 significant bits; attention converts a page at a time).
+/// How a host pool stores K and V: f32 (the reference, and the library default) or f16 (half
+/// the bytes per token, rounded to 11 significant bits; the CLI's default). Attention widens
+/// f16 exactly, in registers or a page at a time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvDtype {
     #[default]
