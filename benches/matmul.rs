@@ -122,6 +122,7 @@ fn main() {
         (GgmlType::Q4K, 1536, 768, 1, "a Q4_K weight"),
         (GgmlType::Q6K, 1536, 768, 1, "a Q6_K weight"),
         (GgmlType::Q4_1, 1536, 576, 4, "4 branches"),
+        (GgmlType::Q4_1, 1536, 576, 16, "16 branches"),
         (GgmlType::Q4_1, 1536, 576, 64, "prompt chunk"),
         (GgmlType::Q4_1, 1536, 576, 512, "prompt chunk"),
     ];
