@@ -19,6 +19,7 @@ use std::arch::x86_64::*;
 use super::activation::BlockQ8K;
 use super::avx2_legacy::hsum;
 use super::kquants::{k3_scales, k4_scales_mins};
+use super::tile::TileArgs;
 use super::GgmlType;
 
 /// A super-block unpacked for the dot product: element value = `d·sc·q`, plus the correction
@@ -247,20 +248,12 @@ impl ScaleAcc for Dpwssd {
 /// `out[i·ld + r] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `ty` must be Q2_K..Q6_K; `w` must hold whole rows
-/// of `row_bytes` (a multiple of the block size), `x` at least `m · row_bytes / SIZE` blocks
-/// and `out` at least `(m − 1)·ld + rows` values, `ld ≥ rows`.
+/// The CPU must support AVX2, FMA and F16C; `ty` must be Q2_K..Q6_K; `a.w` must hold whole
+/// rows of `a.row_bytes` (a multiple of the block size), `a.x` at least `m · row_bytes / SIZE`
+/// blocks and `a.out` at least `(m − 1)·ld + rows` values, `ld ≥ rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile(
-    ty: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ8K],
-    m: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
-    tile_for::<MaddAdd>(ty, w, row_bytes, x, m, out, ld)
+pub(crate) unsafe fn tile(ty: GgmlType, a: TileArgs<BlockQ8K>) {
+    tile_for::<MaddAdd>(ty, a)
 }
 
 /// [`tile`] with `vpdpwssd`: the same results.
@@ -268,29 +261,21 @@ pub(crate) unsafe fn tile(
 /// # Safety
 /// As [`tile`], and the CPU must support AVX-512 VNNI and VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub(crate) unsafe fn tile_vnni(
-    ty: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ8K],
-    m: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
-    tile_for::<Dpwssd>(ty, w, row_bytes, x, m, out, ld)
+pub(crate) unsafe fn tile_vnni(ty: GgmlType, a: TileArgs<BlockQ8K>) {
+    tile_for::<Dpwssd>(ty, a)
 }
 
 /// The kernels, inlined into the entry point whose target features they compile for.
 #[inline(always)]
-unsafe fn tile_for<S: ScaleAcc>(
-    ty: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ8K],
-    m: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
+unsafe fn tile_for<S: ScaleAcc>(ty: GgmlType, a: TileArgs<BlockQ8K>) {
+    let TileArgs {
+        w,
+        row_bytes,
+        x,
+        m,
+        out,
+        ld,
+    } = a;
     match ty {
         GgmlType::Q2K => tile_t::<Q2K, S>(w, row_bytes, x, m, out, ld),
         GgmlType::Q3K => tile_t::<Q3K, S>(w, row_bytes, x, m, out, ld),

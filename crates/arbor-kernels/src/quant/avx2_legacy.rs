@@ -18,6 +18,7 @@
 use std::arch::x86_64::*;
 
 use super::activation::BlockQ8;
+use super::tile::TileArgs;
 use super::GgmlType;
 
 /// f16 → f32 with F16C.
@@ -186,21 +187,12 @@ impl Dot4 for Dpbusd {
 /// `out[i·ld + r] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `ty` must be a legacy type; `w` must hold whole
-/// rows of `row_bytes` (a multiple of the block size), `x` at least `m · row_bytes / SIZE`
-/// blocks and `out` at least
-/// `(m − 1)·ld + rows` values, `ld ≥ rows`.
+/// The CPU must support AVX2, FMA and F16C; `ty` must be a legacy type; `a.w` must hold whole
+/// rows of `a.row_bytes` (a multiple of the block size), `a.x` at least
+/// `a.m · row_bytes / SIZE` blocks and `a.out` at least `(m − 1)·ld + rows` values, `ld ≥ rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile(
-    ty: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ8],
-    m: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
-    tile_for::<Maddubs>(ty, w, row_bytes, x, m, out, ld)
+pub(crate) unsafe fn tile(ty: GgmlType, a: TileArgs<BlockQ8>) {
+    tile_for::<Maddubs>(ty, a)
 }
 
 /// [`tile`] with `vpdpbusd`: the same results.
@@ -208,29 +200,21 @@ pub(crate) unsafe fn tile(
 /// # Safety
 /// As [`tile`], and the CPU must support AVX-512 VNNI and VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub(crate) unsafe fn tile_vnni(
-    ty: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ8],
-    m: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
-    tile_for::<Dpbusd>(ty, w, row_bytes, x, m, out, ld)
+pub(crate) unsafe fn tile_vnni(ty: GgmlType, a: TileArgs<BlockQ8>) {
+    tile_for::<Dpbusd>(ty, a)
 }
 
 /// The kernels, inlined into the entry point whose target features they compile for.
 #[inline(always)]
-unsafe fn tile_for<D: Dot4>(
-    ty: GgmlType,
-    w: &[u8],
-    row_bytes: usize,
-    x: &[BlockQ8],
-    m: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
+unsafe fn tile_for<D: Dot4>(ty: GgmlType, a: TileArgs<BlockQ8>) {
+    let TileArgs {
+        w,
+        row_bytes,
+        x,
+        m,
+        out,
+        ld,
+    } = a;
     match ty {
         GgmlType::Q4_0 => tile_t::<Q4_0, D>(w, row_bytes, x, m, out, ld),
         GgmlType::Q4_1 => tile_t::<Q4_1, D>(w, row_bytes, x, m, out, ld),
@@ -260,7 +244,7 @@ unsafe fn tile_t<B: Block, D: Dot4>(
         let o = out.as_mut_ptr().add(i0 * ld);
         let rc = (m - i0).min(4);
         match rc {
-            4 => rows4::<B, D>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
+            4 => rows::<B, D, 4>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             3 => rows::<B, D, 3>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             2 => rows::<B, D, 2>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
             _ if B::SIGNED => rows::<B, D, 1>(w.as_ptr(), row_bytes, nrows, nb, xs, o, ld),
@@ -322,13 +306,13 @@ unsafe fn row_pairs<B: Block, D: Dot4>(
     }
 }
 
-/// Four activation rows (starting at `x`, `nb` blocks each) against every weight row; results
-/// go to `out[j·ld + r]`. As [`rows`], with the four rows' scales and sums gathered per block
-/// first, so that a weight block's four scale products are one 4-lane multiply and its
-/// minimum terms one multiply and one add, instead of four scalar ones each (the same
-/// operations on each value, so the same results as [`rows`] and [`row_pairs`]).
+/// `R ≤ 4` activation rows (starting at `x`, `nb` blocks each) against every weight row;
+/// results go to `out[j·ld + r]`. The rows' scales and sums are gathered per block first, so
+/// that a weight block's `R` scale products are one 4-lane multiply and its minimum terms one
+/// multiply and one add, instead of `R` scalar ones each (the same operations on each value as
+/// [`row_pairs`], so the same results).
 #[inline(always)]
-unsafe fn rows4<B: Block, D: Dot4>(
+unsafe fn rows<B: Block, D: Dot4, const R: usize>(
     w: *const u8,
     row_bytes: usize,
     nrows: usize,
@@ -337,21 +321,22 @@ unsafe fn rows4<B: Block, D: Dot4>(
     out: *mut f32,
     ld: usize,
 ) {
+    // Lanes past R stay 0.
     let gather = |f: fn(&BlockQ8) -> f32| -> Vec<[f32; 4]> {
         (0..nb)
-            .map(|b| std::array::from_fn(|j| f(&*x.add(j * nb + b))))
+            .map(|b| std::array::from_fn(|j| if j < R { f(&*x.add(j * nb + b)) } else { 0.0 }))
             .collect()
     };
     let (ds, ss) = (gather(|xb| xb.d), gather(|xb| xb.s));
     let lane: [__m256i; 4] = std::array::from_fn(|j| _mm256_set1_epi32(j as i32));
     for r in 0..nrows {
         let wr = w.add(r * row_bytes);
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = [_mm256_setzero_ps(); R];
         let mut mins = _mm_setzero_ps();
         for b in 0..nb {
             let (q, d, mn) = B::load(wr.add(b * B::SIZE));
             let uq = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
-            // d·d_x of the four rows, lane j for row j.
+            // d·d_x of the rows, lane j for row j.
             let scale = _mm256_castps128_ps256(_mm_mul_ps(
                 _mm_set1_ps(d),
                 _mm_loadu_ps(ds.get_unchecked(b).as_ptr()),
@@ -373,42 +358,6 @@ unsafe fn rows4<B: Block, D: Dot4>(
         _mm_storeu_ps(m4.as_mut_ptr(), mins);
         for (j, a) in acc.iter().enumerate() {
             *out.add(j * ld + r) = hsum(*a) + m4[j];
-        }
-    }
-}
-
-/// `R` activation rows (starting at `x`, `nb` blocks each) against every weight row; results
-/// go to `out[j·ld + r]`.
-#[inline(always)]
-unsafe fn rows<B: Block, D: Dot4, const R: usize>(
-    w: *const u8,
-    row_bytes: usize,
-    nrows: usize,
-    nb: usize,
-    x: *const BlockQ8,
-    out: *mut f32,
-    ld: usize,
-) {
-    for r in 0..nrows {
-        let wr = w.add(r * row_bytes);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [0.0f32; R];
-        for b in 0..nb {
-            let (q, d, mn) = B::load(wr.add(b * B::SIZE));
-            let uq = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
-            for j in 0..R {
-                let xb = &*x.add(j * nb + b);
-                let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
-                let p = D::dot(uq, y);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc[j]);
-                if !B::SIGNED {
-                    mins[j] += mn * xb.s;
-                }
-            }
-        }
-        for j in 0..R {
-            *out.add(j * ld + r) = hsum(acc[j]) + mins[j];
         }
     }
 }

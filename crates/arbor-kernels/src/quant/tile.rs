@@ -195,41 +195,63 @@ pub fn dot_tile(
             ),
         });
     }
+    // SAFETY (every call below): the CPU has the instruction set's features (checked above);
+    // `w` is whole rows, `x` has m rows of row_bytes / type_size blocks and `out` (m−1)·ld +
+    // nrows values.
     match &acts.blocks {
         ActBlocks::Q8(x) => {
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2Vnni {
-                // SAFETY: the CPU has AVX2/FMA/F16C and VNNI/VL (checked above); `w` is whole
-                // rows, `x` has m rows of row_bytes / type_size blocks and `out` (m−1)·ld +
-                // nrows values.
-                unsafe { super::avx2_legacy::tile_vnni(ty, w, row_bytes, x, m, out, ld) };
-                return Ok(());
-            }
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 {
-                // SAFETY: the CPU has AVX2/FMA/F16C (checked above); lengths as above.
-                unsafe { super::avx2_legacy::tile(ty, w, row_bytes, x, m, out, ld) };
+            if isa.has_avx2() {
+                let a = TileArgs {
+                    w,
+                    row_bytes,
+                    x,
+                    m,
+                    out,
+                    ld,
+                };
+                match isa {
+                    Isa::Avx2Vnni => unsafe { super::avx2_legacy::tile_vnni(ty, a) },
+                    _ => unsafe { super::avx2_legacy::tile(ty, a) },
+                }
                 return Ok(());
             }
             legacy_scalar(ty, w, row_bytes, x, m, out, ld);
         }
         ActBlocks::Q8K(x) => {
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2Vnni && ty != GgmlType::Q8K {
-                // SAFETY: as above.
-                unsafe { super::avx2_kquants::tile_vnni(ty, w, row_bytes, x, m, out, ld) };
-                return Ok(());
-            }
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 && ty != GgmlType::Q8K {
-                // SAFETY: as above.
-                unsafe { super::avx2_kquants::tile(ty, w, row_bytes, x, m, out, ld) };
+            if isa.has_avx2() && ty != GgmlType::Q8K {
+                let a = TileArgs {
+                    w,
+                    row_bytes,
+                    x,
+                    m,
+                    out,
+                    ld,
+                };
+                match isa {
+                    Isa::Avx2Vnni => unsafe { super::avx2_kquants::tile_vnni(ty, a) },
+                    _ => unsafe { super::avx2_kquants::tile(ty, a) },
+                }
                 return Ok(());
             }
             kquants::tile_scalar(ty, w, row_bytes, x, m, out, ld);
         }
     }
     Ok(())
+}
+
+/// The operands of one SIMD kernel call (see [`dot_tile`]): whole weight rows `w` of
+/// `row_bytes`, `m` activation rows of blocks `x`, and the `m × rows` output block `out` with
+/// row stride `ld`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct TileArgs<'a, X> {
+    pub w: &'a [u8],
+    pub row_bytes: usize,
+    pub x: &'a [X],
+    pub m: usize,
+    pub out: &'a mut [f32],
+    pub ld: usize,
 }
 
 fn legacy_scalar(
