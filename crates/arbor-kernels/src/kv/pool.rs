@@ -41,6 +41,11 @@ impl<'a> KvRun<'a> {
         }
     }
 
+    /// Rows `r` of the run, taken as rows of `width` elements (positions of a page).
+    pub fn rows(self, r: std::ops::Range<usize>, width: usize) -> Self {
+        self.range(r.start * width..r.end * width)
+    }
+
     /// Elements in the run.
     pub fn len(&self) -> usize {
         match self {

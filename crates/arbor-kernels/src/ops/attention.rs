@@ -173,9 +173,14 @@ fn attend(b: &Block, lim: &[(usize, usize)], kv: &PagedHead, scale: f32, o: &mut
     for r in b.rows.clone() {
         qs.extend_from_slice(&b.q[r * b.row_len + lo * hd..r * b.row_len + hi * hd]);
     }
-    let mut max = vec![f32::NEG_INFINITY; n];
-    let mut norm = vec![0.0f32; n];
-    let mut acc = vec![0.0f32; n * hd];
+    let (mut max, mut norm, mut acc) =
+        (vec![f32::NEG_INFINITY; n], vec![0.0; n], vec![0.0; n * hd]);
+    let mut st = States {
+        hd,
+        max: &mut max,
+        norm: &mut norm,
+        acc: &mut acc,
+    };
     let mut scores = vec![0.0f32; n * ps];
     // Scratch for an f16 page converted once for many heads (see `for_kernels`).
     let (mut kbuf, mut vbuf) = (kv.pool.page_scratch(), kv.pool.page_scratch());
@@ -188,30 +193,11 @@ fn attend(b: &Block, lim: &[(usize, usize)], kv: &PagedHead, scale: f32, o: &mut
         let base = page_idx * ps;
         let keys = for_kernels(kv.pool.key_run(kv.layer, page, kv.kv_head), &mut kbuf, n);
         let values = for_kernels(kv.pool.value_run(kv.layer, page, kv.kv_head), &mut vbuf, n);
-        if limits.whole(base, ps) {
-            let st = States {
-                hd,
-                max: &mut max,
-                norm: &mut norm,
-                acc: &mut acc,
-            };
-            update(&qs, keys, values, scale, st, &mut scores);
-            continue;
-        }
         for (rows, run) in limits.on_page(base, ps) {
             let heads = rows.start * nh..rows.end * nh;
-            let st = States {
-                hd,
-                max: &mut max[heads.clone()],
-                norm: &mut norm[heads.clone()],
-                acc: &mut acc[heads.start * hd..heads.end * hd],
-            };
-            let (k, v) = (
-                keys.range(run.start * hd..run.end * hd),
-                values.range(run.start * hd..run.end * hd),
-            );
+            let (k, v) = (keys.rows(run.clone(), hd), values.rows(run, hd));
             let q = &qs[heads.start * hd..heads.end * hd];
-            update(q, k, v, scale, st, &mut scores);
+            update(q, k, v, scale, st.heads(heads), &mut scores);
         }
     }
     let width = b.heads.len();

@@ -33,6 +33,18 @@ struct Running<'a> {
 }
 
 impl States<'_> {
+    /// Heads `r` of the block, as a block of their own.
+    #[inline(always)]
+    pub(crate) fn heads(&mut self, r: Range<usize>) -> States<'_> {
+        let hd = self.hd;
+        States {
+            hd,
+            max: &mut self.max[r.clone()],
+            norm: &mut self.norm[r.clone()],
+            acc: &mut self.acc[r.start * hd..r.end * hd],
+        }
+    }
+
     /// Head `i`'s state.
     #[inline(always)]
     fn head(&mut self, i: usize) -> Running<'_> {
@@ -143,7 +155,7 @@ impl<'a> RowLimits<'a> {
 
     /// Whether every row reads the whole page whose first position is `base`.
     #[inline(always)]
-    pub(crate) fn whole(&self, base: usize, ps: usize) -> bool {
+    fn whole(&self, base: usize, ps: usize) -> bool {
         self.common.start <= base && base + ps <= self.common.end
     }
 

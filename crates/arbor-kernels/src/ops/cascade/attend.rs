@@ -171,6 +171,12 @@ fn run_task(
     // Scratch for an f16 page converted once for many heads (see `for_kernels`).
     let (mut kbuf, mut vbuf) = (pool.page_scratch(), pool.page_scratch());
     o.fill(0.0);
+    let mut st = States {
+        hd,
+        max: &mut max,
+        norm: &mut norm,
+        acc: &mut *o,
+    };
     if !span.is_empty() {
         let g_lo = plan.group_first_page[t.group] as usize * ps;
         for j in page_list(selected, &span) {
@@ -187,24 +193,9 @@ fn run_task(
             );
             for (rs, run) in limits.on_page(base, ps) {
                 let s = rs.start * gh..rs.end * gh;
-                let st = States {
-                    hd,
-                    max: &mut max[s.clone()],
-                    norm: &mut norm[s.clone()],
-                    acc: &mut o[s.start * hd..s.end * hd],
-                };
-                let (k, v) = (
-                    keys.range(run.start * hd..run.end * hd),
-                    values.range(run.start * hd..run.end * hd),
-                );
-                update(
-                    &qs[s.start * hd..s.end * hd],
-                    k,
-                    v,
-                    p.scale,
-                    st,
-                    &mut scores,
-                );
+                let (k, v) = (keys.rows(run.clone(), hd), values.rows(run, hd));
+                let q = &qs[s.start * hd..s.end * hd];
+                update(q, k, v, p.scale, st.heads(s), &mut scores);
             }
         }
     }

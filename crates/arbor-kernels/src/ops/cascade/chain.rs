@@ -21,13 +21,6 @@ use crate::ops::softmax::with_wide_vectors;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// One query head's running state over a run of entries.
-struct HeadState<'a> {
-    acc: &'a mut [f32],
-    max: &'a mut [f32],
-    norm: &'a mut [f32],
-}
-
 /// One query head's finished states of earlier levels.
 #[derive(Clone, Copy)]
 struct Prev<'a> {
@@ -82,7 +75,7 @@ pub fn chain_attention(
         };
         // Per query head: earlier levels read-only, this level cut into the chunks.
         let mut prev = Vec::with_capacity(nh);
-        let mut cur: Vec<Vec<Option<HeadState>>> = Vec::with_capacity(nh);
+        let mut cur: Vec<Vec<Option<States>>> = Vec::with_capacity(nh);
         let iter = acc
             .chunks_exact_mut(ne * hd)
             .zip(max.chunks_exact_mut(ne))
@@ -107,7 +100,8 @@ pub fn chain_attention(
                 let (mh, mt) = std::mem::take(&mut m).split_at_mut(c.len());
                 let (nh_, nt) = std::mem::take(&mut n).split_at_mut(c.len());
                 (a, m, n) = (at, mt, nt);
-                pieces.push(Some(HeadState {
+                pieces.push(Some(States {
+                    hd,
                     acc: ah,
                     max: mh,
                     norm: nh_,
@@ -118,7 +112,7 @@ pub fn chain_attention(
         let mut tasks = Vec::with_capacity(chunks.len() * nh / hpt);
         for (i, (g, c)) in chunks.iter().enumerate() {
             for h0 in (0..nh).step_by(hpt) {
-                let states: Vec<HeadState> = (h0..h0 + hpt)
+                let states: Vec<States> = (h0..h0 + hpt)
                     .map(|h| cur[h][i].take().expect("each piece taken once"))
                     .collect();
                 tasks.push((*g, c.clone(), h0, states));
@@ -183,7 +177,7 @@ fn run(
     t: &Task,
     selected: Option<&[u32]>,
     prev: &[Prev],
-    states: &mut [HeadState],
+    states: &mut [States],
 ) {
     let (hd, ps) = (p.head_dim, plan.page_size);
     let rows = &plan.group_rows[t.entries.clone()];
@@ -234,25 +228,10 @@ fn run(
             rows.len() * qs.len(),
         );
         for (rs, run) in limits.on_page(base, ps) {
-            let (k, v) = (
-                keys.range(run.start * hd..run.end * hd),
-                values.range(run.start * hd..run.end * hd),
-            );
+            let (k, v) = (keys.rows(run.clone(), hd), values.rows(run, hd));
             for (st, qh) in states.iter_mut().zip(&qs) {
-                let st = States {
-                    hd,
-                    max: &mut st.max[rs.clone()],
-                    norm: &mut st.norm[rs.clone()],
-                    acc: &mut st.acc[rs.start * hd..rs.end * hd],
-                };
-                update(
-                    &qh[rs.start * hd..rs.end * hd],
-                    k,
-                    v,
-                    p.scale,
-                    st,
-                    &mut scores,
-                );
+                let q = &qh[rs.start * hd..rs.end * hd];
+                update(q, k, v, p.scale, st.heads(rs.clone()), &mut scores);
             }
         }
     }
