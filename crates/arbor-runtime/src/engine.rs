@@ -8,6 +8,7 @@ use arbor_kernels::kv::{BlockTable, KvCache, KvLayout, KvStats, KvUsage, SeqId};
 use arbor_kernels::ops::cascade::CascadeMode;
 use arbor_kernels::ops::{self, SampleOutput, SamplingParams};
 use arbor_kernels::Device;
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// Engine settings.
@@ -514,55 +515,71 @@ impl Engine {
 
         let vocab = self.model.cfg.out_dim();
         let h = self.model.cfg.hidden_size;
-        let mut hidden_rows = hidden.chunks_exact(h);
-        let mut outputs = Vec::with_capacity(batch.seqs.len());
+        // Bookkeeping first (it needs `&mut self`), then each sequence's sampling, scores and
+        // logits in parallel: a sampled row costs ~0.1 ms over a 49K vocabulary, too much to
+        // leave the pool idle for while one thread walks a wide batch.
+        let mut bases = Vec::with_capacity(batch.seqs.len());
         let mut base = 0;
         for (s, p) in batch.seqs.iter().zip(plans) {
             self.cache.commit(s.seq, &p.run);
             self.reused_tokens += p.reused as u64;
             let hist = self.tokens.get_mut(&s.seq).expect("validated");
             hist.extend_from_slice(&s.tokens);
-            // Logits after new token `i` of the step.
-            let row_logits = |i: usize| {
-                let r = (p.new_at + i as isize) as usize;
-                let k = base + p.rows.binary_search(&r).expect("row was requested");
-                &logits[k * vocab..(k + 1) * vocab]
-            };
-            let sample = match device_sampling {
-                true => None, // filled in below
-                false => s.sample.as_ref().map(|sp| {
-                    ops::sample(row_logits(s.tokens.len() - 1), sp, hist, hist.len() as u64)
-                }),
-            };
-            let scores = s
-                .score
-                .iter()
-                .map(|&(i, t)| {
-                    let mut lp = vec![0.0; vocab];
-                    ops::log_softmax(row_logits(i), &mut lp);
-                    lp[t as usize]
-                })
-                .collect();
-            let out_logits = match s.logits {
-                LogitsMode::None => vec![],
-                LogitsMode::Last => row_logits(s.tokens.len() - 1).to_vec(),
-                LogitsMode::All => (0..s.tokens.len())
-                    .flat_map(|i| row_logits(i).to_vec())
-                    .collect(),
-            };
-            outputs.push(SeqOutput {
-                seq: s.seq,
-                sample,
-                logits: out_logits,
-                scores,
-                computed_tokens: p.run.len(),
-                reused_tokens: p.reused,
-                hidden: match s.hidden {
-                    true => hidden_rows.next().expect("one row per request").to_vec(),
-                    false => Vec::new(),
-                },
-            });
+            bases.push(base);
             base += p.rows.len();
+        }
+        let tokens = &self.tokens;
+        let mut outputs: Vec<SeqOutput> = batch
+            .seqs
+            .par_iter()
+            .zip(plans)
+            .zip(bases)
+            .map(|((s, p), base)| {
+                let hist = &tokens[&s.seq];
+                // Logits after new token `i` of the step.
+                let row_logits = |i: usize| {
+                    let r = (p.new_at + i as isize) as usize;
+                    let k = base + p.rows.binary_search(&r).expect("row was requested");
+                    &logits[k * vocab..(k + 1) * vocab]
+                };
+                let sample = match device_sampling {
+                    true => None, // filled in below
+                    false => s.sample.as_ref().map(|sp| {
+                        ops::sample(row_logits(s.tokens.len() - 1), sp, hist, hist.len() as u64)
+                    }),
+                };
+                let scores = s
+                    .score
+                    .iter()
+                    .map(|&(i, t)| {
+                        let mut lp = vec![0.0; vocab];
+                        ops::log_softmax(row_logits(i), &mut lp);
+                        lp[t as usize]
+                    })
+                    .collect();
+                let out_logits = match s.logits {
+                    LogitsMode::None => vec![],
+                    LogitsMode::Last => row_logits(s.tokens.len() - 1).to_vec(),
+                    LogitsMode::All => (0..s.tokens.len())
+                        .flat_map(|i| row_logits(i).to_vec())
+                        .collect(),
+                };
+                SeqOutput {
+                    seq: s.seq,
+                    sample,
+                    logits: out_logits,
+                    scores,
+                    computed_tokens: p.run.len(),
+                    reused_tokens: p.reused,
+                    hidden: Vec::new(),
+                }
+            })
+            .collect();
+        let mut hidden_rows = hidden.chunks_exact(h);
+        for (o, s) in outputs.iter_mut().zip(&batch.seqs) {
+            if s.hidden {
+                o.hidden = hidden_rows.next().expect("one row per request").to_vec();
+            }
         }
         if device_sampling {
             if let Err(e) = self.sample_on_device(batch, &mut outputs) {
