@@ -11,7 +11,7 @@
 
 use arbor_kernels::ops::matmul::{matmul_with, Isa};
 use arbor_kernels::quant::GgmlType;
-use arbor_kernels::Weight;
+use arbor_kernels::{Weight, WeightData};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -127,18 +127,25 @@ fn main() {
         (GgmlType::Q4_1, 1536, 576, 512, "prompt chunk"),
     ];
     for (ty, rows, cols, m, what) in cases {
-        let w = random_weight(ty, rows, cols, &mut rng);
+        let raw = random_weight(ty, rows, cols, &mut rng);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.uniform()).collect();
         let mut out = vec![0.0f32; m * rows];
-        let s = time(1.0, || {
-            matmul_with(isa, &x, m, &w, &mut out).expect("matmul")
-        });
-        println!(
-            "{ty:5} {rows:5}x{cols:<4} m={m:<3} {:9.1} µs  {:6.2} GB/s weights  {:7.1} GMAC/s  ({what})",
-            s * 1e6,
-            w.nbytes() as f64 / s / 1e9,
-            (rows * cols * m) as f64 / s / 1e9
-        );
+        // Row-major ggml blocks, then the CPU's interleaved layout where the type has one.
+        let layouts = [(raw.clone(), "rows"), (raw.interleaved(), "interleaved")];
+        for (w, layout) in layouts {
+            if layout == "interleaved" && !matches!(w.data, WeightData::Interleaved { .. }) {
+                continue;
+            }
+            let s = time(1.0, || {
+                matmul_with(isa, &x, m, &w, &mut out).expect("matmul")
+            });
+            println!(
+                "{ty:5} {rows:5}x{cols:<4} m={m:<3} {:9.1} µs  {:6.2} GB/s weights  {:7.1} GMAC/s  ({what}; {layout})",
+                s * 1e6,
+                w.nbytes() as f64 / s / 1e9,
+                (rows * cols * m) as f64 / s / 1e9
+            );
+        }
     }
 
     // Every matmul of one SmolLM2-135M decode step, in model order, with weights of the real
@@ -156,19 +163,24 @@ fn main() {
     let mut out = vec![0.0f32; 49152];
     // Weights still in cache from the cases above would flatter the first step.
     let _ = black_box(read_sum(&vec![1u64; (64usize << 20) / 8]));
-    let s = time(3.0, || {
-        for w in &weights {
-            let (xr, o) = (&x[..w.cols], &mut out[..w.rows]);
-            matmul_with(isa, xr, 1, w, o).expect("matmul");
+    for layout in ["rows", "interleaved"] {
+        if layout == "interleaved" {
+            weights = weights.into_iter().map(Weight::interleaved).collect();
         }
-    });
-    println!(
-        "SmolLM2-135M decode step, all {} matmuls: {:.2} ms, {:.2} GB/s of weights ({:.1} MB) \
-         -> at most {:.0} tok/s from matmuls",
-        weights.len(),
-        s * 1e3,
-        bytes as f64 / s / 1e9,
-        bytes as f64 / 1e6,
-        1.0 / s
-    );
+        let s = time(3.0, || {
+            for w in &weights {
+                let (xr, o) = (&x[..w.cols], &mut out[..w.rows]);
+                matmul_with(isa, xr, 1, w, o).expect("matmul");
+            }
+        });
+        println!(
+            "SmolLM2-135M decode step ({layout}), all {} matmuls: {:.2} ms, {:.2} GB/s of weights \
+             ({:.1} MB) -> at most {:.0} tok/s from matmuls",
+            weights.len(),
+            s * 1e3,
+            bytes as f64 / s / 1e9,
+            bytes as f64 / 1e6,
+            1.0 / s
+        );
+    }
 }

@@ -22,4 +22,4 @@ pub mod weight;
 pub use device::{DType, Device};
 pub use error::KernelError;
 pub use tensor::Tensor;
-pub use weight::Weight;
+pub use weight::{Weight, WeightData};

@@ -22,6 +22,9 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// Raw rows of a GGML type other than F32 (F16, BF16 or a block quant).
     Raw { ty: GgmlType, bytes: Vec<u8> },
+    /// Q4_0, Q4_1 or Q8_0 rows interleaved in groups of eight, block by block: the CPU
+    /// matmul's fastest layout (see [`crate::quant::interleave`]); same byte count as `Raw`.
+    Interleaved { ty: GgmlType, bytes: Vec<u8> },
 }
 
 impl Weight {
@@ -79,7 +82,7 @@ impl Weight {
     pub fn ty(&self) -> GgmlType {
         match &self.data {
             WeightData::F32(_) => GgmlType::F32,
-            WeightData::Raw { ty, .. } => *ty,
+            WeightData::Raw { ty, .. } | WeightData::Interleaved { ty, .. } => *ty,
         }
     }
 
@@ -87,8 +90,30 @@ impl Weight {
     pub fn nbytes(&self) -> usize {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
-            WeightData::Raw { bytes, .. } => bytes.len(),
+            WeightData::Raw { bytes, .. } | WeightData::Interleaved { bytes, .. } => bytes.len(),
         }
+    }
+
+    /// This weight in the CPU matmul's interleaved layout where it has one (Q4_0, Q4_1 or
+    /// Q8_0 rows, a multiple of eight of them, whole and consistent); otherwise unchanged.
+    /// Values, `row_to_f32` and every matmul's shape rules stay the same; only the kernel and
+    /// the rounding order of its sums change.
+    pub fn interleaved(self) -> Weight {
+        let Weight { rows, cols, data } = self;
+        let data = match data {
+            WeightData::Raw { ty, bytes }
+                if crate::quant::interleave::supports(ty)
+                    && rows % crate::quant::interleave::GROUP == 0
+                    && ty.bytes_for(cols).ok().and_then(|rb| rb.checked_mul(rows))
+                        == Some(bytes.len()) =>
+            {
+                let row_bytes = bytes.len() / rows.max(1);
+                let bytes = crate::quant::interleave::interleave(ty, &bytes, row_bytes);
+                WeightData::Interleaved { ty, bytes }
+            }
+            other => other,
+        };
+        Weight { rows, cols, data }
     }
 
     /// Writes row `i` as f32 into `out` (`out.len() == cols`). Used by embedding lookups.
@@ -121,7 +146,45 @@ impl Weight {
                 let row = bytes.get(i * rb..(i + 1) * rb).ok_or_else(shape_err)?;
                 crate::quant::dequantize(*ty, row, out)
             }
+            WeightData::Interleaved { ty, .. } => {
+                let mut raw = vec![0u8; ty.bytes_for(self.cols)?];
+                self.raw_rows(i, 1, &mut raw)?;
+                crate::quant::dequantize(*ty, &raw, out)
+            }
         }
+    }
+
+    /// Rows `r0..r0 + n` of a quantised weight in ggml's row-major block layout (`out` holds
+    /// exactly those rows), whichever layout the weight is kept in.
+    pub fn raw_rows(&self, r0: usize, n: usize, out: &mut [u8]) -> Result<(), KernelError> {
+        let (ty, bytes) = match &self.data {
+            WeightData::Raw { ty, bytes } | WeightData::Interleaved { ty, bytes } => (*ty, bytes),
+            WeightData::F32(_) => {
+                return Err(KernelError::Invalid("an f32 weight has no raw rows".into()))
+            }
+        };
+        let rb = ty.bytes_for(self.cols)?;
+        let end = r0.checked_add(n).filter(|&e| e <= self.rows);
+        if end.is_none() || out.len() != n * rb || bytes.len() != self.rows * rb {
+            return Err(KernelError::Shape {
+                op: "Weight::raw_rows",
+                detail: format!(
+                    "rows {r0}..+{n} of {}x{} {ty} into {} bytes",
+                    self.rows,
+                    self.cols,
+                    out.len()
+                ),
+            });
+        }
+        match &self.data {
+            WeightData::Interleaved { .. } => {
+                for (k, o) in out.chunks_exact_mut(rb.max(1)).enumerate() {
+                    crate::quant::interleave::raw_row(ty, bytes, rb, r0 + k, o);
+                }
+            }
+            _ => out.copy_from_slice(&bytes[r0 * rb..(r0 + n) * rb]),
+        }
+        Ok(())
     }
 
     /// The whole matrix as f32 (tests and conversions; not the inference path).

@@ -144,6 +144,10 @@ impl Engine {
                 opts.page_size
             )));
         }
+        let mut model = model;
+        if device == Device::Cpu && model.precision == crate::model::Precision::Fast {
+            model.interleave_weights();
+        }
         let c = &model.cfg;
         let layout = KvLayout {
             num_layers: c.num_layers,

@@ -110,6 +110,27 @@ pub fn matmul_with(
                 )
             })
         }
+        WeightData::Interleaved { ty, bytes } => {
+            let (ty, row_bytes) = (*ty, ty.bytes_for(cols)?);
+            let acts = QuantizedActs::new(ty, x, m, cols)?;
+            let max_rows = if m > 1 {
+                TILE_WEIGHT_BYTES / row_bytes
+            } else {
+                usize::MAX
+            };
+            // Chunks of whole groups of rows.
+            let group = crate::quant::interleave::GROUP;
+            let chunk = chunk_rows(rows, m, cols, max_rows).next_multiple_of(group);
+            run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
+                crate::quant::dot_tile_interleaved(
+                    isa,
+                    &bytes[r0 * row_bytes..(r0 + nr) * row_bytes],
+                    &acts,
+                    o,
+                    ld,
+                )
+            })
+        }
     }
 }
 
@@ -153,8 +174,8 @@ pub fn matmul_dequantized(
     w: &Weight,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let (ty, bytes) = match &w.data {
-        WeightData::Raw { ty, bytes } if ty.is_quantized() => (*ty, bytes),
+    let ty = match &w.data {
+        WeightData::Raw { ty, .. } | WeightData::Interleaved { ty, .. } if ty.is_quantized() => *ty,
         _ => return matmul(x, m, w, out),
     };
     check_shapes(x, m, w, out)?;
@@ -166,8 +187,10 @@ pub fn matmul_dequantized(
     let (isa, row_bytes) = (Isa::detect(), ty.bytes_for(cols)?);
     let chunk = chunk_rows(rows, m, cols, usize::MAX);
     run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
+        let mut raw = vec![0u8; nr * row_bytes];
+        w.raw_rows(r0, nr, &mut raw)?;
         let mut wf = vec![0.0f32; nr * cols];
-        crate::quant::dequantize(ty, &bytes[r0 * row_bytes..(r0 + nr) * row_bytes], &mut wf)?;
+        crate::quant::dequantize(ty, &raw, &mut wf)?;
         f32_block(isa, x, m, cols, &wf, o, ld);
         Ok(())
     })
@@ -192,6 +215,12 @@ fn check_storage(w: &Weight) -> Result<(), KernelError> {
     let (got, expected) = match &w.data {
         WeightData::F32(v) => (v.len(), rows.checked_mul(cols)),
         WeightData::Raw { ty, bytes } => (bytes.len(), ty.bytes_for(cols)?.checked_mul(rows)),
+        WeightData::Interleaved { ty, bytes } => {
+            let whole_groups = rows % crate::quant::interleave::GROUP == 0;
+            let expected = ty.bytes_for(cols)?.checked_mul(rows);
+            let ok = crate::quant::interleave::supports(*ty) && whole_groups;
+            (bytes.len(), expected.filter(|_| ok))
+        }
     };
     match expected {
         Some(e) if e == got => Ok(()),
@@ -297,4 +326,8 @@ fn f32_block(isa: Isa, x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f
 
 #[cfg(test)]
 #[path = "matmul_tests.rs"]
-mod tests;
+mod matmul_tests;
+
+#[cfg(test)]
+#[path = "matmul_interleave_tests.rs"]
+mod matmul_interleave_tests;

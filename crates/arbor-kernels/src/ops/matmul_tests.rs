@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use std::time::Instant;
 
 /// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
+pub(super) struct Rng(pub u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
@@ -19,7 +19,7 @@ impl Rng {
     fn uniform(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+    pub(super) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform() * scale).collect()
     }
 }
@@ -53,7 +53,7 @@ fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
 
 /// A `rows × cols` weight of `ty`: random quant bits with small random scales (every bit
 /// pattern occurs), or random values for the float types.
-fn random_weight(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Weight {
+pub(super) fn random_weight(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Weight {
     match ty {
         GgmlType::F32 => Weight::from_f32(rows, cols, rng.vec(rows * cols, 1.0)).unwrap(),
         GgmlType::F16 | GgmlType::BF16 => {
@@ -84,7 +84,7 @@ fn random_weight(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Weigh
     }
 }
 
-fn isas() -> Vec<Isa> {
+pub(super) fn isas() -> Vec<Isa> {
     [Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni]
         .into_iter()
         .filter(|i| i.is_available())
@@ -94,7 +94,7 @@ fn isas() -> Vec<Isa> {
 /// Checks `got` against the f64-accumulated reference: each element may differ by the
 /// activation rounding (`Σ_k |w_rk| · amax(x block of k) / 254` for quantised weights, 0
 /// otherwise) plus `rel · Σ_k |w_rk · x_ik|` for f32 rounding.
-fn check_against_reference(
+pub(super) fn check_against_reference(
     ty: GgmlType,
     w: &Weight,
     x: &[f32],

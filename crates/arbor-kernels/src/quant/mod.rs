@@ -4,16 +4,21 @@
 //! One file per format family: `legacy.rs` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1),
 //! `kquants.rs` (Q2_K..Q6_K, Q8_K), `float.rs` (F32, F16, BF16). `activation.rs` holds the
 //! 8-bit activation blocks, `tile.rs` the quantised matmul kernels (portable, and AVX2 in
-//! `avx2_legacy.rs` / `avx2_kquants.rs`) that [`matmul()`](crate::ops::matmul::matmul) drives.
+//! `avx2_legacy.rs` / `avx2_kquants.rs`) that [`matmul()`](crate::ops::matmul::matmul) drives;
+//! `interleave.rs` the CPU's own layout of Q4_0/Q4_1/Q8_0 weights, eight rows interleaved
+//! block by block, with its kernels (`avx2_interleave.rs`).
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
 mod avx2_float;
 #[cfg(target_arch = "x86_64")]
+mod avx2_interleave;
+#[cfg(target_arch = "x86_64")]
 mod avx2_kquants;
 #[cfg(target_arch = "x86_64")]
 mod avx2_legacy;
 pub(crate) mod float;
+pub mod interleave;
 mod kquants;
 mod legacy;
 pub mod tile;
@@ -22,7 +27,7 @@ pub mod tile;
 mod fixture_tests;
 
 pub use activation::{quantize_row_q8, quantize_row_q8k, BlockQ8, BlockQ8K};
-pub use tile::{dot_tile, ActBlocks, Isa, QuantizedActs};
+pub use tile::{dot_tile, dot_tile_interleaved, ActBlocks, Isa, QuantizedActs};
 
 use crate::KernelError;
 use std::fmt;

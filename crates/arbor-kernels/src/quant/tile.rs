@@ -241,6 +241,71 @@ pub fn dot_tile(
     Ok(())
 }
 
+/// [`dot_tile`] for weights interleaved in groups of eight rows (see [`super::interleave`]):
+/// `w` holds whole groups of `acts.ty()` (Q4_0, Q4_1 or Q8_0). Errors (no panic) on any size
+/// mismatch, another type, or an `isa` this CPU lacks.
+pub fn dot_tile_interleaved(
+    isa: Isa,
+    w: &[u8],
+    acts: &QuantizedActs,
+    out: &mut [f32],
+    ld: usize,
+) -> Result<(), KernelError> {
+    let (ty, m) = (acts.ty, acts.m);
+    if !isa.is_available() {
+        return Err(KernelError::Invalid(format!(
+            "{isa:?} kernels are not supported by this CPU"
+        )));
+    }
+    let ActBlocks::Q8(x) = &acts.blocks else {
+        return Err(KernelError::Invalid(format!(
+            "{ty} has no interleaved form"
+        )));
+    };
+    if !super::interleave::supports(ty) {
+        return Err(KernelError::Invalid(format!(
+            "{ty} has no interleaved form"
+        )));
+    }
+    let row_bytes = ty.bytes_for(acts.cols)?;
+    let group_bytes = super::interleave::GROUP * row_bytes;
+    let nrows = w.len().checked_div(row_bytes).unwrap_or(0);
+    let out_ok = m == 0
+        || (ld >= nrows
+            && (m - 1).checked_mul(ld).and_then(|v| v.checked_add(nrows)) <= Some(out.len()));
+    if row_bytes == 0 || !w.len().is_multiple_of(group_bytes) || !out_ok {
+        return Err(KernelError::Shape {
+            op: "dot_tile_interleaved",
+            detail: format!(
+                "{} bytes of interleaved {ty} weights in groups of {group_bytes}, m = {m}, out {} with stride {ld}",
+                w.len(),
+                out.len()
+            ),
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        let a = TileArgs {
+            w,
+            row_bytes,
+            x,
+            m,
+            out,
+            ld,
+        };
+        // SAFETY: the CPU has the instruction set's features, `w` is whole groups, `x` has m
+        // rows of row_bytes / type_size blocks and `out` (m−1)·ld + nrows values (all
+        // checked above; `QuantizedActs::new` made `x` for `ty` and `acts.cols`).
+        match isa {
+            Isa::Avx2Vnni => unsafe { super::avx2_interleave::tile_vnni(ty, a) },
+            _ => unsafe { super::avx2_interleave::tile(ty, a) },
+        }
+        return Ok(());
+    }
+    super::interleave::tile_scalar(ty, w, row_bytes, x, m, out, ld);
+    Ok(())
+}
+
 /// The operands of one SIMD kernel call (see [`dot_tile`]): whole weight rows `w` of
 /// `row_bytes`, `m` activation rows of blocks `x`, and the `m × rows` output block `out` with
 /// row stride `ld`.

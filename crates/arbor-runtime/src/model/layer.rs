@@ -146,6 +146,38 @@ impl DecoderLayer {
         self.qkv.nbytes() + self.wo.nbytes() + self.ffn.nbytes()
     }
 
+    /// The layer's matrices: projections, FFN or experts (shared expert included) and router.
+    pub(crate) fn weights(&self) -> impl Iterator<Item = &Weight> {
+        let ffn: Vec<&Weight> = match &self.ffn {
+            Ffn::Dense { gate_up, down } => vec![gate_up, down],
+            Ffn::Moe(m) => {
+                let experts = m.experts.iter().chain(m.shared.as_ref().map(|s| &s.ffn));
+                std::iter::once(&m.router)
+                    .chain(experts.flat_map(|e| [&e.gate_up, &e.down]))
+                    .collect()
+            }
+        };
+        [&self.qkv, &self.wo].into_iter().chain(ffn)
+    }
+
+    /// [`DecoderLayer::weights`], mutably.
+    pub(crate) fn weights_mut(&mut self) -> impl Iterator<Item = &mut Weight> {
+        let ffn: Vec<&mut Weight> = match &mut self.ffn {
+            Ffn::Dense { gate_up, down } => vec![gate_up, down],
+            Ffn::Moe(m) => {
+                let m = &mut **m;
+                let experts = m
+                    .experts
+                    .iter_mut()
+                    .chain(m.shared.as_mut().map(|s| &mut s.ffn));
+                std::iter::once(&mut m.router)
+                    .chain(experts.flat_map(|e| [&mut e.gate_up, &mut e.down]))
+                    .collect()
+            }
+        };
+        [&mut self.qkv, &mut self.wo].into_iter().chain(ffn)
+    }
+
     /// The layer's MoE block, if its FFN is one.
     pub fn moe(&self) -> Option<&MoeBlock> {
         match &self.ffn {
