@@ -175,26 +175,7 @@ pub fn dot_tile(
     ld: usize,
 ) -> Result<(), KernelError> {
     let (ty, m) = (acts.ty, acts.m);
-    if !isa.is_available() {
-        return Err(KernelError::Invalid(format!(
-            "{isa:?} kernels are not supported by this CPU"
-        )));
-    }
-    let row_bytes = ty.bytes_for(acts.cols)?;
-    let nrows = w.len().checked_div(row_bytes).unwrap_or(0);
-    let out_ok = m == 0
-        || (ld >= nrows
-            && (m - 1).checked_mul(ld).and_then(|v| v.checked_add(nrows)) <= Some(out.len()));
-    if row_bytes == 0 || nrows * row_bytes != w.len() || !out_ok {
-        return Err(KernelError::Shape {
-            op: "dot_tile",
-            detail: format!(
-                "{} bytes of {ty} weights in rows of {row_bytes}, m = {m}, out {} with stride {ld}",
-                w.len(),
-                out.len()
-            ),
-        });
-    }
+    let row_bytes = check_tile("dot_tile", isa, w.len(), 1, acts, out.len(), ld)?;
     // SAFETY (every call below): the CPU has the instruction set's features (checked above);
     // `w` is whole rows, `x` has m rows of row_bytes / type_size blocks and `out` (m−1)·ld +
     // nrows values.
@@ -210,10 +191,16 @@ pub fn dot_tile(
                     out,
                     ld,
                 };
-                match isa {
-                    Isa::Avx2Vnni => unsafe { super::avx2_legacy::tile_vnni(ty, a) },
-                    _ => unsafe { super::avx2_legacy::tile(ty, a) },
-                }
+                // SAFETY: as above.
+                unsafe {
+                    run_simd(
+                        isa,
+                        ty,
+                        a,
+                        super::avx2_legacy::tile,
+                        super::avx2_legacy::tile_vnni,
+                    )
+                };
                 return Ok(());
             }
             legacy_scalar(ty, w, row_bytes, x, m, out, ld);
@@ -229,10 +216,16 @@ pub fn dot_tile(
                     out,
                     ld,
                 };
-                match isa {
-                    Isa::Avx2Vnni => unsafe { super::avx2_kquants::tile_vnni(ty, a) },
-                    _ => unsafe { super::avx2_kquants::tile(ty, a) },
-                }
+                // SAFETY: as above.
+                unsafe {
+                    run_simd(
+                        isa,
+                        ty,
+                        a,
+                        super::avx2_kquants::tile,
+                        super::avx2_kquants::tile_vnni,
+                    )
+                };
                 return Ok(());
             }
             kquants::tile_scalar(ty, w, row_bytes, x, m, out, ld);
@@ -252,11 +245,6 @@ pub fn dot_tile_interleaved(
     ld: usize,
 ) -> Result<(), KernelError> {
     let (ty, m) = (acts.ty, acts.m);
-    if !isa.is_available() {
-        return Err(KernelError::Invalid(format!(
-            "{isa:?} kernels are not supported by this CPU"
-        )));
-    }
     let ActBlocks::Q8(x) = &acts.blocks else {
         return Err(KernelError::Invalid(format!(
             "{ty} has no interleaved form"
@@ -267,22 +255,16 @@ pub fn dot_tile_interleaved(
             "{ty} has no interleaved form"
         )));
     }
-    let row_bytes = ty.bytes_for(acts.cols)?;
-    let group_bytes = super::interleave::GROUP * row_bytes;
-    let nrows = w.len().checked_div(row_bytes).unwrap_or(0);
-    let out_ok = m == 0
-        || (ld >= nrows
-            && (m - 1).checked_mul(ld).and_then(|v| v.checked_add(nrows)) <= Some(out.len()));
-    if row_bytes == 0 || !w.len().is_multiple_of(group_bytes) || !out_ok {
-        return Err(KernelError::Shape {
-            op: "dot_tile_interleaved",
-            detail: format!(
-                "{} bytes of interleaved {ty} weights in groups of {group_bytes}, m = {m}, out {} with stride {ld}",
-                w.len(),
-                out.len()
-            ),
-        });
-    }
+    let group = super::interleave::GROUP;
+    let row_bytes = check_tile(
+        "dot_tile_interleaved",
+        isa,
+        w.len(),
+        group,
+        acts,
+        out.len(),
+        ld,
+    )?;
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         let a = TileArgs {
@@ -296,14 +278,70 @@ pub fn dot_tile_interleaved(
         // SAFETY: the CPU has the instruction set's features, `w` is whole groups, `x` has m
         // rows of row_bytes / type_size blocks and `out` (m−1)·ld + nrows values (all
         // checked above; `QuantizedActs::new` made `x` for `ty` and `acts.cols`).
-        match isa {
-            Isa::Avx2Vnni => unsafe { super::avx2_interleave::tile_vnni(ty, a) },
-            _ => unsafe { super::avx2_interleave::tile(ty, a) },
-        }
+        let (avx2, vnni) = (
+            super::avx2_interleave::tile,
+            super::avx2_interleave::tile_vnni,
+        );
+        unsafe { run_simd(isa, ty, a, avx2, vnni) };
         return Ok(());
     }
     super::interleave::tile_scalar(ty, w, row_bytes, x, m, out, ld);
     Ok(())
+}
+
+/// Calls the VNNI entry point `vnni` on a VNNI CPU, else the AVX2 one `avx2`.
+///
+/// # Safety
+/// The CPU must have `isa`'s features (AVX2 at least) and `a` must satisfy the entry points'
+/// conditions (see [`check_tile`]).
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_simd<X>(
+    isa: Isa,
+    ty: GgmlType,
+    a: TileArgs<X>,
+    avx2: unsafe fn(GgmlType, TileArgs<X>),
+    vnni: unsafe fn(GgmlType, TileArgs<X>),
+) {
+    match isa {
+        Isa::Avx2Vnni => vnni(ty, a),
+        _ => avx2(ty, a),
+    }
+}
+
+/// Checks a tile call: `isa` available, `w_len` bytes of whole units of `rows_per_unit` rows
+/// of `acts`' type and width, and an `m × rows` output with row stride `ld` inside `out_len`
+/// values. Returns the bytes per row.
+fn check_tile(
+    op: &'static str,
+    isa: Isa,
+    w_len: usize,
+    rows_per_unit: usize,
+    acts: &QuantizedActs,
+    out_len: usize,
+    ld: usize,
+) -> Result<usize, KernelError> {
+    let (ty, m) = (acts.ty, acts.m);
+    if !isa.is_available() {
+        return Err(KernelError::Invalid(format!(
+            "{isa:?} kernels are not supported by this CPU"
+        )));
+    }
+    let row_bytes = ty.bytes_for(acts.cols)?;
+    let unit = row_bytes * rows_per_unit;
+    let nrows = w_len.checked_div(row_bytes).unwrap_or(0);
+    let out_ok = m == 0
+        || (ld >= nrows
+            && (m - 1).checked_mul(ld).and_then(|v| v.checked_add(nrows)) <= Some(out_len));
+    if unit == 0 || !w_len.is_multiple_of(unit) || !out_ok {
+        return Err(KernelError::Shape {
+            op,
+            detail: format!(
+                "{w_len} bytes of {ty} weights in units of {rows_per_unit} rows of {row_bytes} bytes, \
+                 m = {m}, out {out_len} with stride {ld}"
+            ),
+        });
+    }
+    Ok(row_bytes)
 }
 
 /// The operands of one SIMD kernel call (see [`dot_tile`]): whole weight rows `w` of
