@@ -15,7 +15,7 @@ pub struct ModelArgs {
     /// Default: SmolLM2-135M-Instruct, fetched on first use into the cache (ARBOR_CACHE).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
-    /// Instead of a model file: random weights of a published shape, `SHAPE[:q4_0|q8_0]`
+    /// Instead of a model file: random weights of a published shape, `SHAPE[:q4_0|q8_0|q4_k]`
     /// (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama-3.2-1b, llama-3-8b), with
     /// a synthetic byte-level tokenizer; for benchmarks of models not at hand.
     #[arg(long, value_name = "SHAPE", conflicts_with = "model")]

@@ -22,8 +22,9 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// Raw rows of a GGML type other than F32 (F16, BF16 or a block quant).
     Raw { ty: GgmlType, bytes: Vec<u8> },
-    /// Q4_0, Q4_1 or Q8_0 rows interleaved in groups of eight, block by block: the CPU
-    /// matmul's fastest layout (see [`crate::quant::interleave`]); same byte count as `Raw`.
+    /// Q4_0, Q4_1, Q8_0 or Q4_K rows interleaved in groups of eight, block by block: the CPU
+    /// matmul's fastest layout (see [`crate::quant::interleave`]; `interleave::row_bytes`
+    /// per row, ggml's except for Q4_K).
     Interleaved { ty: GgmlType, bytes: Vec<u8> },
 }
 
@@ -94,8 +95,8 @@ impl Weight {
         }
     }
 
-    /// This weight in the CPU matmul's interleaved layout where it has one (Q4_0, Q4_1 or
-    /// Q8_0 rows, a multiple of eight of them, whole and consistent); otherwise unchanged.
+    /// This weight in the CPU matmul's interleaved layout where it has one (Q4_0, Q4_1, Q8_0
+    /// or Q4_K rows, a multiple of eight of them, whole and consistent); otherwise unchanged.
     /// Values, `row_to_f32` and every matmul's shape rules stay the same; only the kernel and
     /// the rounding order of its sums change.
     pub fn interleaved(self) -> Weight {
@@ -164,8 +165,13 @@ impl Weight {
             }
         };
         let rb = ty.bytes_for(self.cols)?;
+        let stored = match &self.data {
+            WeightData::Interleaved { .. } => crate::quant::interleave::row_bytes(ty, self.cols)?,
+            _ => rb,
+        };
         let end = r0.checked_add(n).filter(|&e| e <= self.rows);
-        if end.is_none() || out.len() != n * rb || bytes.len() != self.rows * rb {
+        let whole = bytes.len() == self.rows * stored;
+        if end.is_none() || out.len() != n * rb || !whole {
             return Err(KernelError::Shape {
                 op: "Weight::raw_rows",
                 detail: format!(

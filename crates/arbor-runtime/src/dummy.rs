@@ -3,7 +3,7 @@
 //!
 //! Weights are deterministic (seeded per tensor and row) uniform block-quantised values with
 //! a standard deviation of 0.02 (the usual initialiser range), norms are 1 and biases 0, so
-//! activations stay finite at any depth. They are stored as Q4_0 (default) or Q8_0 blocks,
+//! activations stay finite at any depth. They are stored as Q4_0 (default), Q8_0 or Q4_K blocks,
 //! the formats the CPU matmul reads directly; generation runs in parallel (rayon).
 //!
 //! The tokenizer is synthetic: byte-level BPE without merges (one token per UTF-8 byte),
@@ -115,7 +115,11 @@ pub const SHAPES: &[Shape] = &[
 ];
 
 /// Weight storage of a dummy model.
-pub const TYPES: &[(&str, GgmlType)] = &[("q4_0", GgmlType::Q4_0), ("q8_0", GgmlType::Q8_0)];
+pub const TYPES: &[(&str, GgmlType)] = &[
+    ("q4_0", GgmlType::Q4_0),
+    ("q8_0", GgmlType::Q8_0),
+    ("q4_k", GgmlType::Q4K),
+];
 
 /// Standard deviation of every weight matrix.
 const SIGMA: f32 = 0.02;
@@ -183,7 +187,7 @@ impl Shape {
     }
 }
 
-/// Parses `SHAPE` or `SHAPE:TYPE` (TYPE: q4_0 or q8_0).
+/// Parses `SHAPE` or `SHAPE:TYPE` (TYPE: q4_0, q8_0 or q4_k).
 pub fn parse_spec(spec: &str) -> Result<(&'static Shape, GgmlType), RuntimeError> {
     let (name, ty) = spec.split_once(':').unwrap_or((spec, "q4_0"));
     let ty = TYPES
@@ -192,7 +196,7 @@ pub fn parse_spec(spec: &str) -> Result<(&'static Shape, GgmlType), RuntimeError
         .map(|(_, t)| *t)
         .ok_or_else(|| {
             RuntimeError::Config(format!(
-                "unknown dummy weight type '{ty}': use q4_0 or q8_0"
+                "unknown dummy weight type '{ty}': use q4_0, q8_0 or q4_k"
             ))
         })?;
     Ok((Shape::find(name)?, ty))
@@ -212,14 +216,28 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 
 /// A `rows × cols` matrix of `ty` blocks with values of mean 0 and deviation [`SIGMA`].
 fn random_matrix(rows: usize, cols: usize, ty: GgmlType, seed: u64) -> MemTensor {
+    // Rows that are not whole Q4_K super-blocks fall back to Q4_0, as llama.cpp's Q4_K files
+    // store such tensors in a 32-element type.
+    let ty = match cols % ty.block_size() {
+        0 => ty,
+        _ => GgmlType::Q4_0,
+    };
     let row_bytes = ty.type_size() * cols / ty.block_size();
     let mut bytes = vec![0u8; rows * row_bytes];
-    // Q4_0: nibbles 1..=15 → −7..7 (sd 4.32); Q8_0: −127..127 (sd 73.6).
-    let (scale, block) = match ty {
-        GgmlType::Q8_0 => (SIGMA / 73.6, 34),
-        _ => (SIGMA / 4.32, 18),
+    // Q4_0: nibbles 1..=15 → −7..7 (sd 4.32); Q8_0: −127..127 (sd 73.6); Q4_K: the same
+    // nibbles with every sub-block scale and min 1 and dmin = 8·d, so again d·q − 8d.
+    let scale = match ty {
+        GgmlType::Q8_0 => SIGMA / 73.6,
+        _ => SIGMA / 4.32,
     };
     let d = half::f16::from_f32(scale).to_le_bytes();
+    let mut header = d.to_vec();
+    if ty == GgmlType::Q4K {
+        header.extend(half::f16::from_f32(8.0 * scale).to_le_bytes());
+        // Six-bit scales and mins all 1, packed as ggml packs them.
+        header.extend([1, 1, 1, 1, 1, 1, 1, 1, 0x11, 0x11, 0x11, 0x11]);
+    }
+    let block = ty.type_size();
     bytes
         .par_chunks_mut(row_bytes.max(1))
         .enumerate()
@@ -230,8 +248,8 @@ fn random_matrix(rows: usize, cols: usize, ty: GgmlType, seed: u64) -> MemTensor
                 state
             };
             for b in row.chunks_exact_mut(block) {
-                b[..2].copy_from_slice(&d);
-                for q in b[2..].chunks_mut(8) {
+                b[..header.len()].copy_from_slice(&header);
+                for q in b[header.len()..].chunks_mut(8) {
                     let v = next().to_le_bytes();
                     for (o, x) in q.iter_mut().zip(v) {
                         *o = if ty == GgmlType::Q8_0 {

@@ -37,7 +37,7 @@ fn weights_are_seeded_and_centred() {
     let a = random_matrix(4, 64, GgmlType::Q4_0, 7);
     let b = random_matrix(4, 64, GgmlType::Q4_0, 7);
     assert_eq!(a.bytes, b.bytes);
-    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4K] {
         let t = random_matrix(64, 256, ty, 1);
         let w = arbor_kernels::Weight::from_raw(64, 256, ty, t.bytes).expect("weight");
         let v = w.to_f32().expect("f32");
@@ -77,6 +77,48 @@ fn smollm2_shape_forward_gives_finite_logits() {
     assert!(logits.iter().all(|x| x.is_finite()));
     let sd = (logits.iter().map(|x| x * x).sum::<f32>() / logits.len() as f32).sqrt();
     assert!(sd > 0.05 && sd < 5.0, "logit sd {sd}");
+}
+
+/// Last-position logits of a 12-token prompt on a fresh engine for `m`.
+fn last_logits(m: Model) -> Vec<f32> {
+    let mut e = Engine::new(m, &EngineOptions::default()).expect("engine");
+    let seq = e.new_seq();
+    let out = e
+        .step(&ForwardBatch {
+            seqs: vec![SeqStep {
+                seq,
+                tokens: (300..312).collect(),
+                logits: LogitsMode::Last,
+                ..Default::default()
+            }],
+        })
+        .expect("step");
+    out[0].logits.clone()
+}
+
+/// Every dummy weight type runs on the CPU engine's fast path (its interleaved matmuls for
+/// Q4_0, Q8_0 and Q4_K) and lands near the exact path (dequantised rows, f32 activations).
+#[test]
+fn every_dummy_type_runs_fast_near_exact() {
+    for (name, _) in TYPES {
+        let spec = format!("smollm2-135m:{name}");
+        let fast = last_logits(model(&spec, 3).expect("model"));
+        let mut m = model(&spec, 3).expect("model");
+        m.precision = crate::model::Precision::Exact;
+        let exact = last_logits(m);
+        let err: f64 = fast
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let norm: f64 = exact.iter().map(|b| (*b as f64).powi(2)).sum();
+        let nmse = err / norm;
+        println!("{name}: fast vs exact NMSE {nmse:.3e}");
+        assert!(
+            fast.iter().all(|x| x.is_finite()) && nmse < 1e-3,
+            "{name}: NMSE {nmse:.3e}"
+        );
+    }
 }
 
 /// The engine's baseline without prefix sharing, on the tiny qwen2 fixture.

@@ -111,7 +111,7 @@ pub fn matmul_with(
             })
         }
         WeightData::Interleaved { ty, bytes } => {
-            let (ty, row_bytes) = (*ty, ty.bytes_for(cols)?);
+            let (ty, row_bytes) = (*ty, crate::quant::interleave::row_bytes(*ty, cols)?);
             let acts = QuantizedActs::new(ty, x, m, cols)?;
             let max_rows = if m > 1 {
                 TILE_WEIGHT_BYTES / row_bytes
@@ -217,7 +217,7 @@ fn check_storage(w: &Weight) -> Result<(), KernelError> {
         WeightData::Raw { ty, bytes } => (bytes.len(), ty.bytes_for(cols)?.checked_mul(rows)),
         WeightData::Interleaved { ty, bytes } => {
             let whole_groups = rows % crate::quant::interleave::GROUP == 0;
-            let expected = ty.bytes_for(cols)?.checked_mul(rows);
+            let expected = crate::quant::interleave::row_bytes(*ty, cols)?.checked_mul(rows);
             let ok = crate::quant::interleave::supports(*ty) && whole_groups;
             (bytes.len(), expected.filter(|_| ok))
         }

@@ -6,7 +6,12 @@ use super::matmul_tests::{check_against_reference, isas, random_weight, Rng};
 use super::*;
 use crate::quant::GgmlType;
 
-const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+const TYPES: [GgmlType; 4] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+];
 
 fn bits(o: &[f32]) -> Vec<u32> {
     o.iter().map(|x| x.to_bits()).collect()
@@ -16,11 +21,13 @@ fn bits(o: &[f32]) -> Vec<u32> {
 fn interleaving_keeps_every_value_and_raw_row() {
     let mut rng = Rng(101);
     for ty in TYPES {
-        for (rows, cols) in [(8, 32), (24, 96), (136, 320)] {
+        for (rows, nblocks) in [(8, 1), (24, 3), (136, 10)] {
+            let cols = nblocks * ty.block_size();
             let w = random_weight(ty, rows, cols, &mut rng);
             let wi = w.clone().interleaved();
             assert!(matches!(wi.data, WeightData::Interleaved { .. }), "{ty}");
-            assert_eq!(wi.nbytes(), w.nbytes());
+            let stored = crate::quant::interleave::row_bytes(ty, cols).unwrap();
+            assert_eq!(wi.nbytes(), rows * stored, "{ty}");
             assert_eq!(
                 bits(&wi.to_f32().unwrap()),
                 bits(&w.to_f32().unwrap()),
@@ -42,7 +49,7 @@ fn interleaving_keeps_every_value_and_raw_row() {
     // No interleaved form: other types, and row counts that are not whole groups.
     for (ty, rows) in [
         (GgmlType::Q5_0, 8),
-        (GgmlType::Q4K, 8),
+        (GgmlType::Q6K, 8),
         (GgmlType::Q4_1, 12),
     ] {
         let w = random_weight(ty, rows, 256, &mut rng).interleaved();
@@ -56,7 +63,7 @@ fn interleaved_matmul_matches_reference_on_every_isa() {
     for ty in TYPES {
         // 1000 rows make several tasks even for m = 1; 8 rows are one group.
         for (rows, nblocks) in [(8, 1), (48, 3), (1000, 10)] {
-            let cols = nblocks * 32;
+            let cols = nblocks * ty.block_size();
             let w = random_weight(ty, rows, cols, &mut rng).interleaved();
             for m in [1, 3, 4, 6, 17] {
                 let x = rng.vec(m * cols, 2.0);
@@ -76,7 +83,7 @@ fn interleaved_matmul_matches_reference_on_every_isa() {
 fn interleaved_kernels_agree_bit_for_bit_across_isas_and_batches() {
     let mut rng = Rng(107);
     for ty in TYPES {
-        let (rows, cols) = (136, 384);
+        let (rows, cols) = (136, 3 * 256);
         let w = random_weight(ty, rows, cols, &mut rng).interleaved();
         let m = 17;
         let x = rng.vec(m * cols, 3.0);
@@ -106,11 +113,13 @@ fn interleaved_kernels_agree_bit_for_bit_across_isas_and_batches() {
 fn dequantized_matmul_reads_interleaved_weights() {
     let mut rng = Rng(109);
     for ty in TYPES {
-        let w = random_weight(ty, 40, 64, &mut rng);
+        let cols = 2 * ty.block_size();
+        let w = random_weight(ty, 40, cols, &mut rng);
         let wi = w.clone().interleaved();
-        let x = rng.vec(5 * 64, 2.0);
+        let x = rng.vec(5 * cols, 2.0);
         let (mut a, mut b) = (vec![0.0f32; 5 * 40], vec![0.0f32; 5 * 40]);
         matmul_dequantized(&x, 5, &w, &mut a).unwrap();
+        assert!(matches!(wi.data, WeightData::Interleaved { .. }), "{ty}");
         matmul_dequantized(&x, 5, &wi, &mut b).unwrap();
         assert_eq!(bits(&a), bits(&b), "{ty}");
     }
@@ -162,10 +171,10 @@ fn inconsistent_interleaved_weights_are_errors() {
         dt(isa, &bytes[..8 * 40], &acts, &mut out[..15], 8).is_err(),
         "short out"
     );
-    let k = QuantizedActs::new(GgmlType::Q4K, &vec![0.0; 256], 1, 256).unwrap();
+    let k = QuantizedActs::new(GgmlType::Q6K, &vec![0.0; 256], 1, 256).unwrap();
     assert!(
         dt(isa, &bytes[..8 * 40], &k, &mut out[..8], 8).is_err(),
-        "K-quant acts"
+        "a type without an interleaved form"
     );
 }
 
@@ -176,18 +185,21 @@ fn inconsistent_interleaved_weights_are_errors() {
 fn interleaved_sums_round_less_than_row_major() {
     let mut rng = Rng(127);
     for ty in TYPES {
-        let (rows, cols, m) = (512, 576, 8);
+        let (rows, cols, m) = (512, 768, 8);
         let w = random_weight(ty, rows, cols, &mut rng);
         let wi = w.clone().interleaved();
         let x = rng.vec(m * cols, 1.0);
         let acts = QuantizedActs::new(ty, &x, m, cols).unwrap();
-        let crate::quant::ActBlocks::Q8(blocks) = acts.blocks() else {
-            unreachable!()
+        let xq: Vec<f64> = match acts.blocks() {
+            crate::quant::ActBlocks::Q8(blocks) => blocks
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d as f64 * q as f64))
+                .collect(),
+            crate::quant::ActBlocks::Q8K(blocks) => blocks
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d as f64 * q as f64))
+                .collect(),
         };
-        let xq: Vec<f64> = blocks
-            .iter()
-            .flat_map(|b| b.qs.map(|q| b.d as f64 * q as f64))
-            .collect();
         let wf = w.to_f32().unwrap();
         let exact: Vec<f64> = (0..m * rows)
             .map(|k| {

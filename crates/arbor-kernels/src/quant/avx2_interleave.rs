@@ -10,8 +10,8 @@
 
 use std::arch::x86_64::*;
 
-use super::activation::BlockQ8;
-use super::interleave::GROUP;
+use super::activation::{BlockQ8, BlockQ8K};
+use super::interleave::{GROUP, Q4K_GROUP_BLOCK, Q4K_MN, Q4K_QS, Q4K_SC};
 use super::tile::TileArgs;
 use super::GgmlType;
 
@@ -23,6 +23,11 @@ unsafe fn bcast(y: *const i8, g: usize) -> __m256i {
 
 /// How the eight-lane dot products of one block are formed.
 trait Dot {
+    /// A running sum of 4-bit chunk products: `acc(a, w, y)` adds `w · y` per lane (in 16-bit
+    /// pairs without VNNI: at most eight chunks of 4-bit quants), [`Dot::finish`] gives the
+    /// 32-bit sums.
+    unsafe fn acc(a: __m256i, w: __m256i, y: __m256i) -> __m256i;
+    unsafe fn finish(a: __m256i) -> __m256i;
     /// Σ over `g` of `w[g] · y[4g..4g+4]` per lane, for unsigned 4-bit `w`.
     unsafe fn nibbles(w: &[__m256i; 8], y: *const i8) -> __m256i;
     /// Signed 8-bit quants as [`Dot::signed`] takes them (once per block, for every row).
@@ -38,6 +43,16 @@ struct Maddubs;
 struct Dpbusd;
 
 impl Dot for Maddubs {
+    #[inline(always)]
+    unsafe fn acc(a: __m256i, w: __m256i, y: __m256i) -> __m256i {
+        _mm256_add_epi16(a, _mm256_maddubs_epi16(w, y))
+    }
+
+    #[inline(always)]
+    unsafe fn finish(a: __m256i) -> __m256i {
+        _mm256_madd_epi16(a, _mm256_set1_epi16(1))
+    }
+
     #[inline(always)]
     unsafe fn nibbles(w: &[__m256i; 8], y: *const i8) -> __m256i {
         // 16-bit pair sums are at most 2·15·127; eight of them stay below 2^15.
@@ -70,6 +85,16 @@ impl Dot for Maddubs {
 }
 
 impl Dot for Dpbusd {
+    #[inline(always)]
+    unsafe fn acc(a: __m256i, w: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(a, w, y)
+    }
+
+    #[inline(always)]
+    unsafe fn finish(a: __m256i) -> __m256i {
+        a
+    }
+
     #[inline(always)]
     unsafe fn nibbles(w: &[__m256i; 8], y: *const i8) -> __m256i {
         // Two chains, so that the eight dependent instructions overlap.
@@ -282,5 +307,152 @@ unsafe fn groups_rows<F: Format, D: Dot, const R: usize>(
         for j in 0..R {
             _mm256_storeu_ps(out.add(j * ld + g * GROUP), _mm256_add_ps(acc[j], mins[j]));
         }
+    }
+}
+
+/// The Q4_K kernels (activations in Q8_K blocks): as [`tile`], with Q4_K's group blocks.
+///
+/// # Safety
+/// As [`tile`], with `a.x` Q8_K blocks and `a.w` whole groups of interleaved Q4_K rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_q4k(_ty: GgmlType, a: TileArgs<BlockQ8K>) {
+    q4k_for::<Maddubs>(a)
+}
+
+/// [`tile_q4k`] with `vpdpbusd`: the same results.
+///
+/// # Safety
+/// As [`tile_q4k`], and the CPU must support AVX-512 VNNI and VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(crate) unsafe fn tile_q4k_vnni(_ty: GgmlType, a: TileArgs<BlockQ8K>) {
+    q4k_for::<Dpbusd>(a)
+}
+
+#[inline(always)]
+unsafe fn q4k_for<D: Dot>(a: TileArgs<BlockQ8K>) {
+    let TileArgs {
+        w,
+        row_bytes,
+        x,
+        m,
+        out,
+        ld,
+    } = a;
+    let group_bytes = GROUP * row_bytes;
+    let nb = group_bytes / Q4K_GROUP_BLOCK;
+    let groups = w.len() / group_bytes;
+    debug_assert!(x.len() >= m * nb && (m == 0 || out.len() >= (m - 1) * ld + GROUP * groups));
+    let mut i0 = 0;
+    while i0 < m {
+        let rc = (m - i0).min(4);
+        let o = out.as_mut_ptr().add(i0 * ld);
+        let xs = x.as_ptr().add(i0 * nb);
+        let args = (w.as_ptr(), group_bytes, groups, nb, xs, o, ld);
+        match rc {
+            4 => q4k_rows::<D, 4>(args),
+            3 => q4k_rows::<D, 3>(args),
+            2 => q4k_rows::<D, 2>(args),
+            _ => q4k_rows::<D, 1>(args),
+        }
+        i0 += rc;
+    }
+}
+
+/// `R` activation rows against every Q4_K group: (weights, group bytes, groups, blocks per
+/// row, activation rows, output, output stride). Per super-block: each segment's 8 chunks
+/// give two sub-blocks' sums per row, weighted by their scales (`vpmulld`); the mins by the
+/// activation sums of the sub-blocks, with `vpmaddwd` over pairs of sub-blocks.
+#[inline(always)]
+unsafe fn q4k_rows<D: Dot, const R: usize>(
+    (w, group_bytes, groups, nb, x, out, ld): (
+        *const u8,
+        usize,
+        usize,
+        usize,
+        *const BlockQ8K,
+        *mut f32,
+        usize,
+    ),
+) {
+    let mask = _mm256_set1_epi8(0x0F);
+    for g in 0..groups {
+        let gw = w.add(g * group_bytes);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let p = gw.add(b * Q4K_GROUP_BLOCK);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+            let y: [*const i8; R] = std::array::from_fn(|j| (*x.add(j * nb + b)).qs.as_ptr());
+            let mut isc = [_mm256_setzero_si256(); R];
+            for s in 0..4 {
+                // With one or two activation rows, even and odd chunks go to separate sums so
+                // that enough independent chains overlap the instructions' latency.
+                let zero = [_mm256_setzero_si256(); R];
+                let (mut lo, mut hi) = ([zero; 2], [zero; 2]);
+                for c in 0..8 {
+                    let raw =
+                        _mm256_loadu_si256(p.add(Q4K_QS + 32 * (8 * s + c)) as *const __m256i);
+                    let wl = _mm256_and_si256(raw, mask);
+                    let wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    let h = if R <= 2 { c % 2 } else { 0 };
+                    for j in 0..R {
+                        lo[h][j] = D::acc(lo[h][j], wl, bcast(y[j], 16 * s + c));
+                        hi[h][j] = D::acc(hi[h][j], wh, bcast(y[j], 16 * s + 8 + c));
+                    }
+                }
+                let sum = |a: [[__m256i; R]; 2], j: usize| match R <= 2 {
+                    true => _mm256_add_epi32(D::finish(a[0][j]), D::finish(a[1][j])),
+                    false => D::finish(a[0][j]),
+                };
+                let sc = |k: usize| {
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(Q4K_SC + 8 * k) as *const __m128i))
+                };
+                let (sl, sh) = (sc(2 * s), sc(2 * s + 1));
+                for (j, acc) in isc.iter_mut().enumerate() {
+                    let t = _mm256_add_epi32(
+                        _mm256_mullo_epi32(sum(lo, j), sl),
+                        _mm256_mullo_epi32(sum(hi, j), sh),
+                    );
+                    *acc = _mm256_add_epi32(*acc, t);
+                }
+            }
+            // Lane r of pair register q: (mn[2q][r], mn[2q + 1][r]) as two i16.
+            let mn: [__m256i; 4] = std::array::from_fn(|q| {
+                let a = _mm_loadl_epi64(p.add(Q4K_MN + 16 * q) as *const __m128i);
+                let b2 = _mm_loadl_epi64(p.add(Q4K_MN + 16 * q + 8) as *const __m128i);
+                _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b2))
+            });
+            for j in 0..R {
+                let xb = &*x.add(j * nb + b);
+                let bs = xb.bsums.as_ptr() as *const __m128i;
+                // Sub-block sums: i16 lane k = bsums[2k] + bsums[2k + 1]; 32-bit lane q is the
+                // pair (k = 2q, 2q + 1).
+                let ys = _mm_hadd_epi16(_mm_loadu_si128(bs), _mm_loadu_si128(bs.add(1)));
+                let mut imn = _mm256_setzero_si256();
+                for (q, mq) in mn.iter().enumerate() {
+                    let pair = _mm256_set1_epi32(ys_lane(ys, q));
+                    imn = _mm256_add_epi32(imn, _mm256_madd_epi16(*mq, pair));
+                }
+                let xd = _mm256_set1_ps(xb.d);
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isc[j]), _mm256_mul_ps(d, xd), acc[j]);
+                mins[j] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(imn), _mm256_mul_ps(dmin, xd), mins[j]);
+            }
+        }
+        for j in 0..R {
+            _mm256_storeu_ps(out.add(j * ld + g * GROUP), _mm256_sub_ps(acc[j], mins[j]));
+        }
+    }
+}
+
+/// 32-bit lane `q` (0..4) of `v`.
+#[inline(always)]
+unsafe fn ys_lane(v: __m128i, q: usize) -> i32 {
+    match q {
+        0 => _mm_extract_epi32::<0>(v),
+        1 => _mm_extract_epi32::<1>(v),
+        2 => _mm_extract_epi32::<2>(v),
+        _ => _mm_extract_epi32::<3>(v),
     }
 }

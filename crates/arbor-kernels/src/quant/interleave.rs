@@ -1,5 +1,5 @@
-//! Weight rows interleaved in groups of eight, the CPU matmul's own layout for Q4_0, Q4_1 and
-//! Q8_0 (made once at load; files keep ggml's row-major blocks).
+//! Weight rows interleaved in groups of eight, the CPU matmul's own layout for Q4_0, Q4_1, Q8_0
+//! and Q4_K (made once at load; files keep ggml's row-major blocks).
 //!
 //! Row-major blocks make a kernel reduce the eight 32-bit lanes of each block's dot product
 //! to one number per weight row. Here block `b` of rows `8g..8g+8` is stored together, its
@@ -8,26 +8,30 @@
 //! dot products of all eight rows at once, and a block ends with the eight rows' sums in one
 //! register, ready to scale by the rows' eight `d` loaded as one vector. No horizontal sums.
 //!
-//! Layout of one group block (`8 · SIZE` bytes, so a group of rows keeps its byte count):
+//! Layout of one group block (`8 · SIZE` bytes for the 32-element types, so a group of rows
+//! keeps its byte count; Q4_K's six-bit scales are stored unpacked, 1184 bytes for 1152):
 //!
 //! | type | bytes | fields                                                              |
 //! |------|-------|---------------------------------------------------------------------|
 //! | Q4_0 | 144   | f16 d[8], then 4 chunks of 32 bytes                                 |
 //! | Q4_1 | 160   | f16 d[8], f16 m[8], then 4 chunks of 32 bytes                       |
 //! | Q8_0 | 272   | f16 d[8], then 8 chunks of 32 bytes                                 |
+//! | Q4_K | 1184  | f16 d[8], f16 dmin[8], u8 sc[8][8], u8 mn[8][8], 32 chunks of 32 bytes |
 //!
 //! Chunk `c`, lane `r` (bytes `4r..4r+4`) holds bytes `4c..4c+4` of row `r`'s `qs`: for the
 //! 4-bit types, elements `4c..4c+4` in the low nibbles and `16+4c..16+4c+4` in the high ones;
-//! for Q8_0, elements `4c..4c+4`.
+//! for Q8_0, elements `4c..4c+4`. Q4_K's chunk `8s + c` holds bytes `32s + 4c..` of each
+//! row's `qs`: sub-block `2s` elements `4c..` in the low nibbles, sub-block `2s + 1` in the high.
 //!
 //! Every kernel computes each row's result the same way, whatever the instruction set or the
 //! number of activation rows: per block, the exact integer dot product, times `d·d_x` in f32,
 //! accumulated by an FMA (`acc = isum·(d·d_x) + acc`); the minimum term likewise
-//! (`mins = m·s_x + mins`); the result is `acc + mins`. So the portable, AVX2 and VNNI
+//! (`mins = m·s_x + mins`); the result is `acc + mins` (Q4_K: [`tile_scalar_q4k`]). So the portable, AVX2 and VNNI
 //! kernels agree bit for bit, and a row's result does not depend on its batch.
 
-use super::activation::BlockQ8;
+use super::activation::{BlockQ8, BlockQ8K};
 use super::float::f16_le;
+use super::kquants::k4_scales_mins;
 use super::GgmlType;
 
 /// Rows per group.
@@ -35,10 +39,36 @@ pub const GROUP: usize = 8;
 
 /// The types with an interleaved form.
 pub fn supports(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K
+    )
 }
 
-/// Bytes of `qs` per row block, and where they start in a ggml block.
+/// Bytes of one group block (block `b` of eight rows).
+fn group_block_bytes(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4K => Q4K_GROUP_BLOCK,
+        _ => GROUP * ty.type_size(),
+    }
+}
+
+/// A Q4_K group block: f16 d[8], f16 dmin[8], u8 sc[8 sub-blocks][8 rows], u8 mn[8][8], then
+/// 4 segments × 8 chunks of 32 bytes (1152 bytes as rows: the six-bit scales are unpacked).
+pub(crate) const Q4K_GROUP_BLOCK: usize = 32 + 128 + 1024;
+/// Offsets in a Q4_K group block.
+pub(crate) const Q4K_SC: usize = 32;
+pub(crate) const Q4K_MN: usize = 96;
+pub(crate) const Q4K_QS: usize = 160;
+
+/// Bytes per row of a `cols`-wide matrix of `ty` in the interleaved layout (a group of eight
+/// rows takes eight times this): ggml's row bytes, except Q4_K (148 per 256 elements, not 144).
+pub fn row_bytes(ty: GgmlType, cols: usize) -> Result<usize, crate::KernelError> {
+    let blocks = ty.bytes_for(cols)? / ty.type_size();
+    Ok(blocks * group_block_bytes(ty) / GROUP)
+}
+
+/// Bytes of `qs` per row block, and where they start in a ggml block (legacy types).
 fn qs_span(ty: GgmlType) -> (usize, usize) {
     match ty {
         GgmlType::Q4_0 => (16, 2),
@@ -47,7 +77,7 @@ fn qs_span(ty: GgmlType) -> (usize, usize) {
     }
 }
 
-/// Bytes of scales (`d`, and `m` for Q4_1) at the head of a group block.
+/// Bytes of scales (`d`, and `m` for Q4_1) at the head of a legacy group block.
 fn head_bytes(ty: GgmlType) -> usize {
     match ty {
         GgmlType::Q4_1 => 4 * GROUP,
@@ -55,55 +85,97 @@ fn head_bytes(ty: GgmlType) -> usize {
     }
 }
 
-/// Interleaves `rows` (a multiple of [`GROUP`]) row-major rows of `row_bytes` of a type that
-/// [`supports`]; the result has the same length.
-pub fn interleave(ty: GgmlType, raw: &[u8], row_bytes: usize) -> Vec<u8> {
-    debug_assert!(supports(ty) && raw.len().is_multiple_of(GROUP * row_bytes));
-    let size = ty.type_size();
-    let (qn, qoff) = qs_span(ty);
-    let head = head_bytes(ty);
-    let mut out = vec![0u8; raw.len()];
-    for (src, dst) in raw
-        .chunks_exact(GROUP * row_bytes)
-        .zip(out.chunks_exact_mut(GROUP * row_bytes))
-    {
-        for (b, gb) in dst.chunks_exact_mut(GROUP * size).enumerate() {
-            for r in 0..GROUP {
-                let blk = &src[r * row_bytes + b * size..][..size];
-                gb[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-                if ty == GgmlType::Q4_1 {
-                    gb[2 * GROUP + 2 * r..][..2].copy_from_slice(&blk[2..4]);
-                }
-                for c in 0..qn / 4 {
-                    let at = head + c * 4 * GROUP + 4 * r;
-                    gb[at..at + 4].copy_from_slice(&blk[qoff + 4 * c..][..4]);
-                }
-            }
+/// Stores row `r`'s ggml block `blk` into the group block `gb`.
+fn put(ty: GgmlType, blk: &[u8], r: usize, gb: &mut [u8]) {
+    gb[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+    if ty == GgmlType::Q4K {
+        gb[16 + 2 * r..][..2].copy_from_slice(&blk[2..4]);
+        let (sc, mn) = k4_scales_mins(&blk[4..16]);
+        for k in 0..8 {
+            gb[Q4K_SC + 8 * k + r] = sc[k];
+            gb[Q4K_MN + 8 * k + r] = mn[k];
+        }
+        for (i, q) in blk[16..144].chunks_exact(4).enumerate() {
+            gb[Q4K_QS + 32 * i + 4 * r..][..4].copy_from_slice(q);
+        }
+        return;
+    }
+    if ty == GgmlType::Q4_1 {
+        gb[2 * GROUP + 2 * r..][..2].copy_from_slice(&blk[2..4]);
+    }
+    let ((qn, qoff), head) = (qs_span(ty), head_bytes(ty));
+    for c in 0..qn / 4 {
+        let at = head + c * 4 * GROUP + 4 * r;
+        gb[at..at + 4].copy_from_slice(&blk[qoff + 4 * c..][..4]);
+    }
+}
+
+/// Reads row `r`'s ggml block back out of the group block `gb` into `blk` (the inverse of
+/// [`put`]).
+fn get(ty: GgmlType, gb: &[u8], r: usize, blk: &mut [u8]) {
+    blk[..2].copy_from_slice(&gb[2 * r..2 * r + 2]);
+    if ty == GgmlType::Q4K {
+        blk[2..4].copy_from_slice(&gb[16 + 2 * r..][..2]);
+        let sc: [u8; 8] = std::array::from_fn(|k| gb[Q4K_SC + 8 * k + r]);
+        let mn: [u8; 8] = std::array::from_fn(|k| gb[Q4K_MN + 8 * k + r]);
+        blk[4..16].copy_from_slice(&k4_pack(&sc, &mn));
+        for (i, q) in blk[16..144].chunks_exact_mut(4).enumerate() {
+            q.copy_from_slice(&gb[Q4K_QS + 32 * i + 4 * r..][..4]);
+        }
+        return;
+    }
+    if ty == GgmlType::Q4_1 {
+        blk[2..4].copy_from_slice(&gb[2 * GROUP + 2 * r..][..2]);
+    }
+    let ((qn, qoff), head) = (qs_span(ty), head_bytes(ty));
+    for c in 0..qn / 4 {
+        let at = head + c * 4 * GROUP + 4 * r;
+        blk[qoff + 4 * c..][..4].copy_from_slice(&gb[at..at + 4]);
+    }
+}
+
+/// The inverse of [`k4_scales_mins`] (six-bit values; every bit of the 12 bytes is used, so
+/// a block's bytes come back exactly).
+fn k4_pack(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        s[j + 4] = mn[j] | ((mn[j + 4] >> 4) << 6);
+        s[j + 8] = (sc[j + 4] & 0x0F) | ((mn[j + 4] & 0x0F) << 4);
+    }
+    s
+}
+
+/// Interleaves whole groups of row-major rows of `raw_row_bytes` of a type that [`supports`]
+/// (`rows × row_bytes(ty, cols)` bytes out).
+pub fn interleave(ty: GgmlType, raw: &[u8], raw_row_bytes: usize) -> Vec<u8> {
+    debug_assert!(supports(ty) && raw.len().is_multiple_of(GROUP * raw_row_bytes));
+    let (size, gbb) = (ty.type_size(), group_block_bytes(ty));
+    let nb = raw_row_bytes / size;
+    let groups = raw.len() / (GROUP * raw_row_bytes);
+    let mut out = vec![0u8; groups * nb * gbb];
+    for (k, gb) in out.chunks_exact_mut(gbb).enumerate() {
+        let (g, b) = (k / nb, k % nb);
+        for r in 0..GROUP {
+            put(
+                ty,
+                &raw[(GROUP * g + r) * raw_row_bytes + b * size..][..size],
+                r,
+                gb,
+            );
         }
     }
     out
 }
 
 /// Row `r` of interleaved weights, back in ggml's row-major block layout (`out` is one row of
-/// `row_bytes`).
-pub fn raw_row(ty: GgmlType, data: &[u8], row_bytes: usize, r: usize, out: &mut [u8]) {
-    let size = ty.type_size();
-    let (qn, qoff) = qs_span(ty);
-    let head = head_bytes(ty);
-    let (g, lane) = (r / GROUP, r % GROUP);
-    let group = &data[g * GROUP * row_bytes..][..GROUP * row_bytes];
-    for (gb, blk) in group
-        .chunks_exact(GROUP * size)
-        .zip(out.chunks_exact_mut(size))
-    {
-        blk[..2].copy_from_slice(&gb[2 * lane..2 * lane + 2]);
-        if ty == GgmlType::Q4_1 {
-            blk[2..4].copy_from_slice(&gb[2 * GROUP + 2 * lane..][..2]);
-        }
-        for c in 0..qn / 4 {
-            let at = head + c * 4 * GROUP + 4 * lane;
-            blk[qoff + 4 * c..][..4].copy_from_slice(&gb[at..at + 4]);
-        }
+/// `raw_row_bytes`).
+pub fn raw_row(ty: GgmlType, data: &[u8], raw_row_bytes: usize, r: usize, out: &mut [u8]) {
+    let (size, gbb) = (ty.type_size(), group_block_bytes(ty));
+    let nb = raw_row_bytes / size;
+    let group = &data[(r / GROUP) * nb * gbb..][..nb * gbb];
+    for (gb, blk) in group.chunks_exact(gbb).zip(out.chunks_exact_mut(size)) {
+        get(ty, gb, r % GROUP, blk);
     }
 }
 
@@ -160,6 +232,54 @@ pub(crate) fn tile_scalar(
             }
             for r in 0..GROUP {
                 out[i * ld + g * GROUP + r] = acc[r] + mins[r];
+            }
+        }
+    }
+}
+
+/// The portable Q4_K kernel (see [`tile_scalar`]): per super-block and row, the sub-blocks'
+/// exact sums weighted by their scales (`Σ sc·isum`) and the mins by the activation sums
+/// (`Σ mn·ysum`), each once in f32: `acc = Σsc·isum·(d·d_x) + acc`,
+/// `mins = Σmn·ysum·(dmin·d_x) + mins`, result `acc − mins`.
+pub(crate) fn tile_scalar_q4k(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8K],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let nb = GROUP * row_bytes / Q4K_GROUP_BLOCK;
+    for (g, group) in w.chunks_exact(GROUP * row_bytes).enumerate() {
+        for i in 0..m {
+            let mut acc = [0.0f32; GROUP];
+            let mut mins = [0.0f32; GROUP];
+            for (b, gb) in group.chunks_exact(Q4K_GROUP_BLOCK).enumerate() {
+                let xb = &x[i * nb + b];
+                let ysum: [i32; 8] =
+                    std::array::from_fn(|k| xb.bsums[2 * k] as i32 + xb.bsums[2 * k + 1] as i32);
+                for r in 0..GROUP {
+                    let (mut isc, mut imn) = (0i32, 0i32);
+                    for k in 0..8 {
+                        let (s, half) = (k / 2, k % 2);
+                        let mut isum = 0i32;
+                        for c in 0..8 {
+                            for e in 0..4 {
+                                let byte = gb[Q4K_QS + 32 * (8 * s + c) + 4 * r + e];
+                                let q = if half == 0 { byte & 0x0F } else { byte >> 4 };
+                                isum += q as i32 * xb.qs[64 * s + 32 * half + 4 * c + e] as i32;
+                            }
+                        }
+                        isc += gb[Q4K_SC + 8 * k + r] as i32 * isum;
+                        imn += gb[Q4K_MN + 8 * k + r] as i32 * ysum[k];
+                    }
+                    let (d, dmin) = (f16_le(&gb[2 * r..]), f16_le(&gb[16 + 2 * r..]));
+                    acc[r] = (isc as f32).mul_add(d * xb.d, acc[r]);
+                    mins[r] = (imn as f32).mul_add(dmin * xb.d, mins[r]);
+                }
+            }
+            for r in 0..GROUP {
+                out[i * ld + g * GROUP + r] = acc[r] - mins[r];
             }
         }
     }

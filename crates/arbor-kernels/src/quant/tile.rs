@@ -175,7 +175,8 @@ pub fn dot_tile(
     ld: usize,
 ) -> Result<(), KernelError> {
     let (ty, m) = (acts.ty, acts.m);
-    let row_bytes = check_tile("dot_tile", isa, w.len(), 1, acts, out.len(), ld)?;
+    let row_bytes = ty.bytes_for(acts.cols)?;
+    check_tile("dot_tile", isa, row_bytes, w.len(), 1, acts, out.len(), ld)?;
     // SAFETY (every call below): the CPU has the instruction set's features (checked above);
     // `w` is whole rows, `x` has m rows of row_bytes / type_size blocks and `out` (m−1)·ld +
     // nrows values.
@@ -245,47 +246,58 @@ pub fn dot_tile_interleaved(
     ld: usize,
 ) -> Result<(), KernelError> {
     let (ty, m) = (acts.ty, acts.m);
-    let ActBlocks::Q8(x) = &acts.blocks else {
-        return Err(KernelError::Invalid(format!(
-            "{ty} has no interleaved form"
-        )));
-    };
     if !super::interleave::supports(ty) {
         return Err(KernelError::Invalid(format!(
             "{ty} has no interleaved form"
         )));
     }
     let group = super::interleave::GROUP;
-    let row_bytes = check_tile(
-        "dot_tile_interleaved",
-        isa,
-        w.len(),
-        group,
-        acts,
-        out.len(),
-        ld,
-    )?;
-    #[cfg(target_arch = "x86_64")]
-    if isa.has_avx2() {
-        let a = TileArgs {
-            w,
-            row_bytes,
-            x,
-            m,
-            out,
-            ld,
-        };
-        // SAFETY: the CPU has the instruction set's features, `w` is whole groups, `x` has m
-        // rows of row_bytes / type_size blocks and `out` (m−1)·ld + nrows values (all
-        // checked above; `QuantizedActs::new` made `x` for `ty` and `acts.cols`).
-        let (avx2, vnni) = (
-            super::avx2_interleave::tile,
-            super::avx2_interleave::tile_vnni,
-        );
-        unsafe { run_simd(isa, ty, a, avx2, vnni) };
-        return Ok(());
+    let row_bytes = super::interleave::row_bytes(ty, acts.cols)?;
+    let op = "dot_tile_interleaved";
+    check_tile(op, isa, row_bytes, w.len(), group, acts, out.len(), ld)?;
+    // SAFETY (every call below): the CPU has the instruction set's features, `w` is whole
+    // groups, `x` has m rows of the type's blocks (`QuantizedActs::new` made them for `ty`
+    // and `acts.cols`) and `out` (m−1)·ld + rows values (all checked above).
+    match &acts.blocks {
+        ActBlocks::Q8(x) => {
+            #[cfg(target_arch = "x86_64")]
+            if isa.has_avx2() {
+                let a = TileArgs {
+                    w,
+                    row_bytes,
+                    x,
+                    m,
+                    out,
+                    ld,
+                };
+                let (avx2, vnni) = (
+                    super::avx2_interleave::tile,
+                    super::avx2_interleave::tile_vnni,
+                );
+                unsafe { run_simd(isa, ty, a, avx2, vnni) };
+                return Ok(());
+            }
+            super::interleave::tile_scalar(ty, w, row_bytes, x, m, out, ld);
+        }
+        ActBlocks::Q8K(x) => {
+            #[cfg(target_arch = "x86_64")]
+            if isa.has_avx2() {
+                let a = TileArgs {
+                    w,
+                    row_bytes,
+                    x,
+                    m,
+                    out,
+                    ld,
+                };
+                let avx2 = super::avx2_interleave::tile_q4k;
+                let vnni = super::avx2_interleave::tile_q4k_vnni;
+                unsafe { run_simd(isa, ty, a, avx2, vnni) };
+                return Ok(());
+            }
+            super::interleave::tile_scalar_q4k(w, row_bytes, x, m, out, ld);
+        }
     }
-    super::interleave::tile_scalar(ty, w, row_bytes, x, m, out, ld);
     Ok(())
 }
 
@@ -309,24 +321,24 @@ unsafe fn run_simd<X>(
 }
 
 /// Checks a tile call: `isa` available, `w_len` bytes of whole units of `rows_per_unit` rows
-/// of `acts`' type and width, and an `m × rows` output with row stride `ld` inside `out_len`
-/// values. Returns the bytes per row.
+/// of `row_bytes`, and an `m × rows` output with row stride `ld` inside `out_len` values.
+#[allow(clippy::too_many_arguments)]
 fn check_tile(
     op: &'static str,
     isa: Isa,
+    row_bytes: usize,
     w_len: usize,
     rows_per_unit: usize,
     acts: &QuantizedActs,
     out_len: usize,
     ld: usize,
-) -> Result<usize, KernelError> {
+) -> Result<(), KernelError> {
     let (ty, m) = (acts.ty, acts.m);
     if !isa.is_available() {
         return Err(KernelError::Invalid(format!(
             "{isa:?} kernels are not supported by this CPU"
         )));
     }
-    let row_bytes = ty.bytes_for(acts.cols)?;
     let unit = row_bytes * rows_per_unit;
     let nrows = w_len.checked_div(row_bytes).unwrap_or(0);
     let out_ok = m == 0
@@ -341,7 +353,7 @@ fn check_tile(
             ),
         });
     }
-    Ok(row_bytes)
+    Ok(())
 }
 
 /// The operands of one SIMD kernel call (see [`dot_tile`]): whole weight rows `w` of

@@ -121,7 +121,7 @@ impl Model {
             .chain(self.layers.iter().flat_map(DecoderLayer::weights))
     }
 
-    /// Puts every Q4_0, Q4_1 and Q8_0 matrix into the CPU matmul's interleaved layout (see
+    /// Puts every Q4_0, Q4_1, Q8_0 and Q4_K matrix into the CPU matmul's interleaved layout (see
     /// `arbor_kernels::quant::interleave`): about twice the matmul speed, the same values; the
     /// sums round in another order, so logits change at the level of f32 rounding. For the
     /// CPU backend with [`Precision::Fast`] (the GPU uploads dequantised weights, and exact
