@@ -123,6 +123,8 @@ fn main() {
         (GgmlType::Q4K, 1536, 768, 16, "a Q4_K weight, 16 branches"),
         (GgmlType::Q4K, 1536, 768, 64, "a Q4_K weight, prompt chunk"),
         (GgmlType::Q6K, 1536, 768, 1, "a Q6_K weight"),
+        (GgmlType::Q6K, 1536, 768, 16, "a Q6_K weight, 16 branches"),
+        (GgmlType::Q6K, 1536, 768, 64, "a Q6_K weight, prompt chunk"),
         (GgmlType::Q4_1, 1536, 576, 4, "4 branches"),
         (GgmlType::Q4_1, 1536, 576, 16, "16 branches"),
         (GgmlType::Q4_1, 1536, 576, 64, "prompt chunk"),

@@ -6,11 +6,12 @@ use super::matmul_tests::{check_against_reference, isas, random_weight, Rng};
 use super::*;
 use crate::quant::GgmlType;
 
-const TYPES: [GgmlType; 4] = [
+const TYPES: [GgmlType; 5] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q8_0,
     GgmlType::Q4K,
+    GgmlType::Q6K,
 ];
 
 fn bits(o: &[f32]) -> Vec<u32> {
@@ -49,7 +50,7 @@ fn interleaving_keeps_every_value_and_raw_row() {
     // No interleaved form: other types, and row counts that are not whole groups.
     for (ty, rows) in [
         (GgmlType::Q5_0, 8),
-        (GgmlType::Q6K, 8),
+        (GgmlType::Q5K, 8),
         (GgmlType::Q4_1, 12),
     ] {
         let w = random_weight(ty, rows, 256, &mut rng).interleaved();
@@ -171,7 +172,7 @@ fn inconsistent_interleaved_weights_are_errors() {
         dt(isa, &bytes[..8 * 40], &acts, &mut out[..15], 8).is_err(),
         "short out"
     );
-    let k = QuantizedActs::new(GgmlType::Q6K, &vec![0.0; 256], 1, 256).unwrap();
+    let k = QuantizedActs::new(GgmlType::Q5K, &vec![0.0; 256], 1, 256).unwrap();
     assert!(
         dt(isa, &bytes[..8 * 40], &k, &mut out[..8], 8).is_err(),
         "a type without an interleaved form"

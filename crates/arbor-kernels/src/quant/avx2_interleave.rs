@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::activation::{BlockQ8, BlockQ8K};
-use super::interleave::{GROUP, Q4K_GROUP_BLOCK, Q4K_MN, Q4K_QS, Q4K_SC};
+use super::interleave::{GROUP, Q4K_GROUP_BLOCK, Q4K_MN, Q4K_QS, Q4K_SC, Q6K_QH, Q6K_QL, Q6K_SC};
 use super::tile::TileArgs;
 use super::GgmlType;
 
@@ -28,6 +28,8 @@ trait Dot {
     /// 32-bit sums.
     unsafe fn acc(a: __m256i, w: __m256i, y: __m256i) -> __m256i;
     unsafe fn finish(a: __m256i) -> __m256i;
+    /// `a + w · y` per 32-bit lane, for `w ≤ 63` (each chunk widened to 32 bits at once).
+    unsafe fn acc32(a: __m256i, w: __m256i, y: __m256i) -> __m256i;
     /// Σ over `g` of `w[g] · y[4g..4g+4]` per lane, for unsigned 4-bit `w`.
     unsafe fn nibbles(w: &[__m256i; 8], y: *const i8) -> __m256i;
     /// Signed 8-bit quants as [`Dot::signed`] takes them (once per block, for every row).
@@ -51,6 +53,11 @@ impl Dot for Maddubs {
     #[inline(always)]
     unsafe fn finish(a: __m256i) -> __m256i {
         _mm256_madd_epi16(a, _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn acc32(a: __m256i, w: __m256i, y: __m256i) -> __m256i {
+        _mm256_add_epi32(a, Self::finish(_mm256_maddubs_epi16(w, y)))
     }
 
     #[inline(always)]
@@ -93,6 +100,11 @@ impl Dot for Dpbusd {
     #[inline(always)]
     unsafe fn finish(a: __m256i) -> __m256i {
         a
+    }
+
+    #[inline(always)]
+    unsafe fn acc32(a: __m256i, w: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(a, w, y)
     }
 
     #[inline(always)]
@@ -310,26 +322,72 @@ unsafe fn groups_rows<F: Format, D: Dot, const R: usize>(
     }
 }
 
-/// The Q4_K kernels (activations in Q8_K blocks): as [`tile`], with Q4_K's group blocks.
+/// The K-quant kernels (Q4_K, Q6_K; activations in Q8_K blocks): as [`tile`], with those
+/// types' group blocks.
 ///
 /// # Safety
-/// As [`tile`], with `a.x` Q8_K blocks and `a.w` whole groups of interleaved Q4_K rows.
+/// As [`tile`], with `ty` Q4_K or Q6_K, `a.x` Q8_K blocks and `a.w` whole groups of
+/// interleaved rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile_q4k(_ty: GgmlType, a: TileArgs<BlockQ8K>) {
-    q4k_for::<Maddubs>(a)
+pub(crate) unsafe fn tile_kquant(ty: GgmlType, a: TileArgs<BlockQ8K>) {
+    match ty {
+        GgmlType::Q4K => kquant_for::<Q4kRows, Maddubs>(a),
+        _ => kquant_for::<Q6kRows, Maddubs>(a),
+    }
 }
 
-/// [`tile_q4k`] with `vpdpbusd`: the same results.
+/// [`tile_kquant`] with `vpdpbusd`: the same results.
 ///
 /// # Safety
-/// As [`tile_q4k`], and the CPU must support AVX-512 VNNI and VL.
+/// As [`tile_kquant`], and the CPU must support AVX-512 VNNI and VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub(crate) unsafe fn tile_q4k_vnni(_ty: GgmlType, a: TileArgs<BlockQ8K>) {
-    q4k_for::<Dpbusd>(a)
+pub(crate) unsafe fn tile_kquant_vnni(ty: GgmlType, a: TileArgs<BlockQ8K>) {
+    match ty {
+        GgmlType::Q4K => kquant_for::<Q4kRows, Dpbusd>(a),
+        _ => kquant_for::<Q6kRows, Dpbusd>(a),
+    }
+}
+
+/// The operands of one K-quant row tile: (weights, group bytes, groups, blocks per row,
+/// activation rows, output, output stride).
+type KArgs = (
+    *const u8,
+    usize,
+    usize,
+    usize,
+    *const BlockQ8K,
+    *mut f32,
+    usize,
+);
+
+/// `R` activation rows against every group of one K-quant type.
+trait KRows {
+    /// Bytes of one group block.
+    const BLOCK: usize;
+    unsafe fn rows<D: Dot, const R: usize>(a: KArgs);
+}
+
+struct Q4kRows;
+struct Q6kRows;
+
+impl KRows for Q4kRows {
+    const BLOCK: usize = Q4K_GROUP_BLOCK;
+    #[inline(always)]
+    unsafe fn rows<D: Dot, const R: usize>(a: KArgs) {
+        q4k_rows::<D, R>(a)
+    }
+}
+
+impl KRows for Q6kRows {
+    const BLOCK: usize = 8 * 210;
+    #[inline(always)]
+    unsafe fn rows<D: Dot, const R: usize>(a: KArgs) {
+        q6k_rows::<D, R>(a)
+    }
 }
 
 #[inline(always)]
-unsafe fn q4k_for<D: Dot>(a: TileArgs<BlockQ8K>) {
+unsafe fn kquant_for<K: KRows, D: Dot>(a: TileArgs<BlockQ8K>) {
     let TileArgs {
         w,
         row_bytes,
@@ -339,7 +397,7 @@ unsafe fn q4k_for<D: Dot>(a: TileArgs<BlockQ8K>) {
         ld,
     } = a;
     let group_bytes = GROUP * row_bytes;
-    let nb = group_bytes / Q4K_GROUP_BLOCK;
+    let nb = group_bytes / K::BLOCK;
     let groups = w.len() / group_bytes;
     debug_assert!(x.len() >= m * nb && (m == 0 || out.len() >= (m - 1) * ld + GROUP * groups));
     let mut i0 = 0;
@@ -349,10 +407,10 @@ unsafe fn q4k_for<D: Dot>(a: TileArgs<BlockQ8K>) {
         let xs = x.as_ptr().add(i0 * nb);
         let args = (w.as_ptr(), group_bytes, groups, nb, xs, o, ld);
         match rc {
-            4 => q4k_rows::<D, 4>(args),
-            3 => q4k_rows::<D, 3>(args),
-            2 => q4k_rows::<D, 2>(args),
-            _ => q4k_rows::<D, 1>(args),
+            4 => K::rows::<D, 4>(args),
+            3 => K::rows::<D, 3>(args),
+            2 => K::rows::<D, 2>(args),
+            _ => K::rows::<D, 1>(args),
         }
         i0 += rc;
     }
@@ -363,17 +421,7 @@ unsafe fn q4k_for<D: Dot>(a: TileArgs<BlockQ8K>) {
 /// give two sub-blocks' sums per row, weighted by their scales (`vpmulld`); the mins by the
 /// activation sums of the sub-blocks, with `vpmaddwd` over pairs of sub-blocks.
 #[inline(always)]
-unsafe fn q4k_rows<D: Dot, const R: usize>(
-    (w, group_bytes, groups, nb, x, out, ld): (
-        *const u8,
-        usize,
-        usize,
-        usize,
-        *const BlockQ8K,
-        *mut f32,
-        usize,
-    ),
-) {
+unsafe fn q4k_rows<D: Dot, const R: usize>((w, group_bytes, groups, nb, x, out, ld): KArgs) {
     let mask = _mm256_set1_epi8(0x0F);
     for g in 0..groups {
         let gw = w.add(g * group_bytes);
@@ -454,5 +502,83 @@ unsafe fn ys_lane(v: __m128i, q: usize) -> i32 {
         1 => _mm_extract_epi32::<1>(v),
         2 => _mm_extract_epi32::<2>(v),
         _ => _mm_extract_epi32::<3>(v),
+    }
+}
+
+/// `R` activation rows against every Q6_K group (see [`KArgs`]). Per half of a super-block
+/// and run of four chunk columns, the four kinds of quants (low/high nibble of the two `ql`
+/// runs, each with two bits of `qh`) are rebuilt as bytes `0..=63` and give four sub-blocks'
+/// exact sums for all eight rows; each is offset by `32·Σy` and weighted by its scale.
+#[inline(always)]
+unsafe fn q6k_rows<D: Dot, const R: usize>((w, group_bytes, groups, nb, x, out, ld): KArgs) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let m30 = _mm256_set1_epi8(0x30);
+    let chunk = |p: *const u8, off: usize, i: usize| {
+        _mm256_loadu_si256(p.add(off + 32 * i) as *const __m256i)
+    };
+    for g in 0..groups {
+        let gw = w.add(g * group_bytes);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let p = gw.add(b * Q6kRows::BLOCK);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let xbs: [&BlockQ8K; R] = std::array::from_fn(|j| &*x.add(j * nb + b));
+            let mut isc = [_mm256_setzero_si256(); R];
+            for h in 0..2 {
+                for t in 0..2 {
+                    // Sums of sub-blocks 8h + 2k + t for the four kinds k.
+                    let mut s = [[_mm256_setzero_si256(); R]; 4];
+                    for c in 4 * t..4 * t + 4 {
+                        let a = chunk(p, Q6K_QL, 16 * h + c);
+                        let bq = chunk(p, Q6K_QL, 16 * h + 8 + c);
+                        let hb = chunk(p, Q6K_QH, 8 * h + c);
+                        let h2 = _mm256_srli_epi16(hb, 2);
+                        let q = [
+                            _mm256_or_si256(
+                                _mm256_and_si256(a, m4),
+                                _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(bq, m4),
+                                _mm256_slli_epi16(_mm256_and_si256(h2, m3), 4),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(a, 4), m4),
+                                _mm256_and_si256(hb, m30),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(bq, 4), m4),
+                                _mm256_and_si256(h2, m30),
+                            ),
+                        ];
+                        for (k, qk) in q.iter().enumerate() {
+                            for j in 0..R {
+                                let y = xbs[j].qs.as_ptr();
+                                s[k][j] = D::acc32(s[k][j], *qk, bcast(y, 32 * h + 8 * k + c));
+                            }
+                        }
+                    }
+                    for (k, sk) in s.iter().enumerate() {
+                        let sub = 8 * h + 2 * k + t;
+                        let sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            p.add(Q6K_SC + 8 * sub) as *const __m128i
+                        ));
+                        for j in 0..R {
+                            let off = _mm256_set1_epi32(32 * xbs[j].bsums[sub] as i32);
+                            let v = _mm256_mullo_epi32(_mm256_sub_epi32(sk[j], off), sc);
+                            isc[j] = _mm256_add_epi32(isc[j], v);
+                        }
+                    }
+                }
+            }
+            for j in 0..R {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(xbs[j].d));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isc[j]), scale, acc[j]);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(j * ld + g * GROUP), *a);
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! Weight rows interleaved in groups of eight, the CPU matmul's own layout for Q4_0, Q4_1, Q8_0
-//! and Q4_K (made once at load; files keep ggml's row-major blocks).
+//! Weight rows interleaved in groups of eight, the CPU matmul's own layout for Q4_0, Q4_1, Q8_0,
+//! Q4_K and Q6_K (made once at load; files keep ggml's row-major blocks).
 //!
 //! Row-major blocks make a kernel reduce the eight 32-bit lanes of each block's dot product
 //! to one number per weight row. Here block `b` of rows `8g..8g+8` is stored together, its
@@ -17,6 +17,7 @@
 //! | Q4_1 | 160   | f16 d[8], f16 m[8], then 4 chunks of 32 bytes                       |
 //! | Q8_0 | 272   | f16 d[8], then 8 chunks of 32 bytes                                 |
 //! | Q4_K | 1184  | f16 d[8], f16 dmin[8], u8 sc[8][8], u8 mn[8][8], 32 chunks of 32 bytes |
+//! | Q6_K | 1680  | f16 d[8], i8 sc[16][8], `ql` in 32 chunks, `qh` in 16 chunks          |
 //!
 //! Chunk `c`, lane `r` (bytes `4r..4r+4`) holds bytes `4c..4c+4` of row `r`'s `qs`: for the
 //! 4-bit types, elements `4c..4c+4` in the low nibbles and `16+4c..16+4c+4` in the high ones;
@@ -26,12 +27,13 @@
 //! Every kernel computes each row's result the same way, whatever the instruction set or the
 //! number of activation rows: per block, the exact integer dot product, times `d·d_x` in f32,
 //! accumulated by an FMA (`acc = isum·(d·d_x) + acc`); the minimum term likewise
-//! (`mins = m·s_x + mins`); the result is `acc + mins` (Q4_K: [`tile_scalar_q4k`]). So the portable, AVX2 and VNNI
-//! kernels agree bit for bit, and a row's result does not depend on its batch.
+//! (`mins = m·s_x + mins`); the result is `acc + mins` (the K-quants: [`tile_scalar_q4k`],
+//! [`tile_scalar_q6k`]). So the portable, AVX2 and VNNI kernels agree bit for bit, and a
+//! row's result does not depend on its batch.
 
 use super::activation::{BlockQ8, BlockQ8K};
 use super::float::f16_le;
-use super::kquants::k4_scales_mins;
+use super::kquants::{k4_scales_mins, six_bit};
 use super::GgmlType;
 
 /// Rows per group.
@@ -41,7 +43,7 @@ pub const GROUP: usize = 8;
 pub fn supports(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
     )
 }
 
@@ -60,6 +62,12 @@ pub(crate) const Q4K_GROUP_BLOCK: usize = 32 + 128 + 1024;
 pub(crate) const Q4K_SC: usize = 32;
 pub(crate) const Q4K_MN: usize = 96;
 pub(crate) const Q4K_QS: usize = 160;
+
+/// Offsets in a Q6_K group block (1680 bytes, eight rows' 210): f16 d[8], i8 sc[16 sub-blocks]
+/// [8 rows], then `ql` as 32 chunks of 32 bytes and `qh` as 16 chunks.
+pub(crate) const Q6K_SC: usize = 16;
+pub(crate) const Q6K_QL: usize = 144;
+pub(crate) const Q6K_QH: usize = 144 + 1024;
 
 /// Bytes per row of a `cols`-wide matrix of `ty` in the interleaved layout (a group of eight
 /// rows takes eight times this): ggml's row bytes, except Q4_K (148 per 256 elements, not 144).
@@ -87,6 +95,19 @@ fn head_bytes(ty: GgmlType) -> usize {
 
 /// Stores row `r`'s ggml block `blk` into the group block `gb`.
 fn put(ty: GgmlType, blk: &[u8], r: usize, gb: &mut [u8]) {
+    if ty == GgmlType::Q6K {
+        gb[2 * r..2 * r + 2].copy_from_slice(&blk[208..210]);
+        for k in 0..16 {
+            gb[Q6K_SC + 8 * k + r] = blk[192 + k];
+        }
+        for (i, q) in blk[..128].chunks_exact(4).enumerate() {
+            gb[Q6K_QL + 32 * i + 4 * r..][..4].copy_from_slice(q);
+        }
+        for (i, q) in blk[128..192].chunks_exact(4).enumerate() {
+            gb[Q6K_QH + 32 * i + 4 * r..][..4].copy_from_slice(q);
+        }
+        return;
+    }
     gb[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
     if ty == GgmlType::Q4K {
         gb[16 + 2 * r..][..2].copy_from_slice(&blk[2..4]);
@@ -113,6 +134,19 @@ fn put(ty: GgmlType, blk: &[u8], r: usize, gb: &mut [u8]) {
 /// Reads row `r`'s ggml block back out of the group block `gb` into `blk` (the inverse of
 /// [`put`]).
 fn get(ty: GgmlType, gb: &[u8], r: usize, blk: &mut [u8]) {
+    if ty == GgmlType::Q6K {
+        blk[208..210].copy_from_slice(&gb[2 * r..2 * r + 2]);
+        for k in 0..16 {
+            blk[192 + k] = gb[Q6K_SC + 8 * k + r];
+        }
+        for (i, q) in blk[..128].chunks_exact_mut(4).enumerate() {
+            q.copy_from_slice(&gb[Q6K_QL + 32 * i + 4 * r..][..4]);
+        }
+        for (i, q) in blk[128..192].chunks_exact_mut(4).enumerate() {
+            q.copy_from_slice(&gb[Q6K_QH + 32 * i + 4 * r..][..4]);
+        }
+        return;
+    }
     blk[..2].copy_from_slice(&gb[2 * r..2 * r + 2]);
     if ty == GgmlType::Q4K {
         blk[2..4].copy_from_slice(&gb[16 + 2 * r..][..2]);
@@ -280,6 +314,50 @@ pub(crate) fn tile_scalar_q4k(
             }
             for r in 0..GROUP {
                 out[i * ld + g * GROUP + r] = acc[r] - mins[r];
+            }
+        }
+    }
+}
+
+/// The portable Q6_K kernel (see [`tile_scalar`]): per super-block and row,
+/// `isc = Σ over sub-blocks of sc·(Σ q·y − 32·Σ y)` exactly, then `acc = isc·(d·d_x) + acc`.
+pub(crate) fn tile_scalar_q6k(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[BlockQ8K],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let gbb = group_block_bytes(GgmlType::Q6K);
+    let nb = GROUP * row_bytes / gbb;
+    let mut blk = [0u8; 210];
+    for (g, group) in w.chunks_exact(GROUP * row_bytes).enumerate() {
+        for i in 0..m {
+            let mut acc = [0.0f32; GROUP];
+            for (b, gb) in group.chunks_exact(gbb).enumerate() {
+                let xb = &x[i * nb + b];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    get(GgmlType::Q6K, gb, r, &mut blk);
+                    let (ql, qh) = (&blk[..128], &blk[128..192]);
+                    let mut sums = [0i32; 16];
+                    for h in 0..2 {
+                        for l in 0..32 {
+                            for k in 0..4 {
+                                let e = 128 * h + 32 * k + l;
+                                let q = six_bit(ql, qh, h, l, k) as i32;
+                                sums[e / 16] += q * xb.qs[e] as i32;
+                            }
+                        }
+                    }
+                    let isc: i32 = (0..16)
+                        .map(|k| blk[192 + k] as i8 as i32 * (sums[k] - 32 * xb.bsums[k] as i32))
+                        .sum();
+                    *a = (isc as f32).mul_add(f16_le(&blk[208..]) * xb.d, *a);
+                }
+            }
+            for r in 0..GROUP {
+                out[i * ld + g * GROUP + r] = acc[r];
             }
         }
     }

@@ -159,7 +159,7 @@ fn dequant_q6k(b: &[u8], y: &mut [f32]) {
 
 /// Q6_K's unsigned quant (`0..=63`) of element `128h + 32k + l`.
 #[inline(always)]
-fn six_bit(ql: &[u8], qh: &[u8], h: usize, l: usize, k: usize) -> u8 {
+pub(crate) fn six_bit(ql: &[u8], qh: &[u8], h: usize, l: usize, k: usize) -> u8 {
     let byte = ql[64 * h + 32 * (k & 1) + l];
     let low = if k < 2 { byte & 0x0F } else { byte >> 4 };
     low | (((qh[32 * h + l] >> (2 * k)) & 3) << 4)

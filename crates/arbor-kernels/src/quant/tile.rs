@@ -290,12 +290,15 @@ pub fn dot_tile_interleaved(
                     out,
                     ld,
                 };
-                let avx2 = super::avx2_interleave::tile_q4k;
-                let vnni = super::avx2_interleave::tile_q4k_vnni;
+                let avx2 = super::avx2_interleave::tile_kquant;
+                let vnni = super::avx2_interleave::tile_kquant_vnni;
                 unsafe { run_simd(isa, ty, a, avx2, vnni) };
                 return Ok(());
             }
-            super::interleave::tile_scalar_q4k(w, row_bytes, x, m, out, ld);
+            match ty {
+                GgmlType::Q4K => super::interleave::tile_scalar_q4k(w, row_bytes, x, m, out, ld),
+                _ => super::interleave::tile_scalar_q6k(w, row_bytes, x, m, out, ld),
+            }
         }
     }
     Ok(())
