@@ -219,7 +219,7 @@ fn sample_with(
     s.logits.clear();
     s.logits.extend(logits.iter().map(|&v| clean(v)));
 
-    let raw = RawStats::of(&s.logits);
+    let raw = RawStats::of(&s.logits, &mut s.weights);
     if raw.max == f32::NEG_INFINITY {
         return SampleOutput {
             token: 0,
@@ -233,18 +233,28 @@ fn sample_with(
         .map(|(v, i)| (i, raw.logprob(v)))
         .collect();
 
-    let zmax = if apply_penalties(&mut s.logits, &mut s.counts, params, history) {
+    let penalised = apply_penalties(&mut s.logits, &mut s.counts, params, history);
+    let zmax = if penalised {
         lane_max(&s.logits)
     } else {
         raw.max
     };
+    // `s.weights` holds exp(logit − max) of the unpenalised logits: the draw's weights
+    // themselves when nothing changed the logits and the temperature is 1.
+    let weights_ready = !penalised && params.temperature == 1.0;
     let token = if zmax == f32::NEG_INFINITY {
         // Penalties pushed every token to −∞: fall back to the raw argmax.
         raw.argmax
     } else if is_greedy(params) {
         argmax(&s.logits, zmax)
     } else {
-        draw(s, params, zmax, sample_uniform(params.seed, step))
+        draw(
+            s,
+            params,
+            zmax,
+            sample_uniform(params.seed, step),
+            weights_ready,
+        )
     };
     SampleOutput {
         token: token as u32,
@@ -264,7 +274,10 @@ struct RawStats {
 }
 
 impl RawStats {
-    fn of(x: &[f32]) -> Self {
+    /// The statistics of `x`; leaves `e_i = exp(x_i − max)` in `e` (empty if `x` has no
+    /// finite maximum).
+    fn of(x: &[f32], e: &mut Vec<f32>) -> Self {
+        e.clear();
         let max = lane_max(x);
         if max == f32::NEG_INFINITY {
             return RawStats {
@@ -276,15 +289,15 @@ impl RawStats {
         }
         // With e_i = exp(x_i − max), s = Σ e_i and t = Σ e_i (x_i − max):
         // ln Z = max + ln s and H = −Σ p_i ln p_i = ln s − t / s.
+        e.resize(x.len(), 0.0);
         let (s, t) = with_wide_vectors(
             #[inline(always)]
             || {
-                lane_sum2(x, |v| {
-                    let d = v - max;
-                    let e = exp_nonpos(d);
-                    // e = 0 below −87; the clamp keeps 0 · (−∞) from making NaN.
-                    (e, e * d.max(-88.0))
-                })
+                for (ei, &v) in e.iter_mut().zip(x) {
+                    *ei = exp_nonpos(v - max);
+                }
+                // e = 0 below −87; the clamp keeps 0 · (−∞) from making NaN.
+                lane_sum2(e, x, |ei, v| (ei, ei * (v - max).max(-88.0)))
             },
         );
         let ln_s = s.ln();
@@ -333,8 +346,11 @@ const WALK_BLOCK: usize = 1024;
 
 /// Draws a token from those `keep_cut` keeps, in proportion to their tempered probability.
 /// `s.logits` holds the penalised logits, with maximum `zmax > −∞`.
-fn draw(s: &mut Scratch, p: &SamplingParams, zmax: f32, u: f64) -> usize {
-    fill_weights(&mut s.weights, &s.logits, zmax, 1.0 / p.temperature);
+/// `weights_ready`: `s.weights` already holds `exp((logit − zmax) / temperature)`.
+fn draw(s: &mut Scratch, p: &SamplingParams, zmax: f32, u: f64, weights_ready: bool) -> usize {
+    if !weights_ready {
+        fill_weights(&mut s.weights, &s.logits, zmax, 1.0 / p.temperature);
+    }
     let cut = keep_cut(&s.logits, &s.weights, &mut s.truncate, p, zmax);
     s.block_sums.clear();
     with_wide_vectors(

@@ -96,17 +96,18 @@ pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     total
 }
 
-/// (Σ f(x_i).0, Σ f(x_i).1) in f64, computed like [`lane_sum`]: two reductions in one pass.
+/// (Σ f(a_i, b_i).0, Σ f(a_i, b_i).1) over two slices of equal length, in f64, computed like
+/// [`lane_sum`]: two reductions in one pass.
 #[inline(always)]
-pub(crate) fn lane_sum2(x: &[f32], f: impl Fn(f32) -> (f32, f32)) -> (f64, f64) {
+pub(crate) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
     let mut tmp_a = [0.0f32; BLOCK];
     let mut tmp_b = [0.0f32; BLOCK];
     let (mut total_a, mut total_b) = (0.0f64, 0.0f64);
-    for block in x.chunks(BLOCK) {
-        let ta = &mut tmp_a[..block.len()];
-        let tb = &mut tmp_b[..block.len()];
-        for ((a, b), &v) in ta.iter_mut().zip(tb.iter_mut()).zip(block) {
-            (*a, *b) = f(v);
+    for (ab, bb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let ta = &mut tmp_a[..ab.len()];
+        let tb = &mut tmp_b[..ab.len()];
+        for (((oa, ob), &x), &y) in ta.iter_mut().zip(tb.iter_mut()).zip(ab).zip(bb) {
+            (*oa, *ob) = f(x, y);
         }
         total_a += block_sum(ta);
         total_b += block_sum(tb);

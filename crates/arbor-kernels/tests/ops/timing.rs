@@ -46,6 +46,13 @@ fn timing_sample() {
         ),
         ("temperature only", base.clone()),
         (
+            "temperature 1 (the draw reuses the statistics' exponentials)",
+            SamplingParams {
+                temperature: 1.0,
+                ..base.clone()
+            },
+        ),
+        (
             "top_k 50",
             SamplingParams {
                 top_k: 50,
