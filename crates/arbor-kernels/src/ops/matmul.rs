@@ -74,7 +74,9 @@ pub fn matmul_with(
             let chunk = chunk_rows(rows, m, cols, usize::MAX);
             run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
                 let wb = &bytes[r0 * row_bytes..(r0 + nr) * row_bytes];
-                if m >= 4 {
+                if float_tile(isa, ty, wb, nr, cols, x, m, o, ld) {
+                    // Done by the batch-invariant AVX2 tiles.
+                } else if m >= 4 {
                     // Convert the chunk once, then sgemm.
                     let mut wf = vec![0.0f32; nr * cols];
                     crate::quant::dequantize(ty, wb, &mut wf)?;
@@ -291,6 +293,23 @@ where
 /// `out[i·ld + r] = x_i · w_r` for f32 weight rows `w` (`nr × cols`).
 fn f32_block(isa: Isa, x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f32], ld: usize) {
     let nr = w.len() / cols;
+    // SAFETY: the bytes of a live &[f32] (u8 has alignment 1 and every f32 byte is
+    // initialised); the tiles read them back as f32.
+    let wb =
+        unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), std::mem::size_of_val(w)) };
+    if float_tile(
+        isa,
+        crate::quant::GgmlType::F32,
+        wb,
+        nr,
+        cols,
+        x,
+        m,
+        out,
+        ld,
+    ) {
+        return;
+    }
     if m >= 4 {
         // SAFETY: A = x is m × cols (row stride cols), B = wᵀ is cols × nr (element (k, r) at
         // w[r·cols + k]), C is m × nr with row stride ld ≥ nr inside `out`, which holds
@@ -322,6 +341,48 @@ fn f32_block(isa: Isa, x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f
                 crate::quant::float::dot_f32_row(isa, &x[i * cols..(i + 1) * cols], wr);
         }
     }
+}
+
+/// Whether float weights (F32, F16, BF16) go through the AVX2 tiles, whose per-row
+/// arithmetic does not depend on the batch (elsewhere: sgemm from 4 rows, dot products below).
+fn float_tiles_available(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && isa.has_avx2() && isa.is_available()
+}
+
+/// `out[i·ld + r] = x_i · w_r` through the AVX2 float tiles, for `nr` rows of `cols` elements
+/// of `ty` (F32, F16 or BF16) in `w`; false (nothing done) where this CPU lacks them.
+#[allow(clippy::too_many_arguments)]
+fn float_tile(
+    isa: Isa,
+    ty: crate::quant::GgmlType,
+    w: &[u8],
+    nr: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) -> bool {
+    if !float_tiles_available(isa) {
+        return false;
+    }
+    let esize = if ty == crate::quant::GgmlType::F32 {
+        4
+    } else {
+        2
+    };
+    assert!(
+        w.len() == nr * cols * esize
+            && x.len() >= m * cols
+            && (m == 0 || (ld >= nr && out.len() >= (m - 1) * ld + nr)),
+        "float_tile: operand sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2/FMA/F16C are available (checked above); the sizes were just checked.
+    unsafe {
+        crate::quant::avx2_float::tile_float(ty, w.as_ptr(), nr, cols, x, m, out, ld)
+    };
+    true
 }
 
 #[cfg(test)]

@@ -270,6 +270,40 @@ fn quantised_results_do_not_depend_on_batch_size() {
     }
 }
 
+/// The same for float weights on AVX2 CPUs (the tiles; elsewhere sgemm takes over from four
+/// rows): odd row and column counts exercise the tile and element tails.
+#[test]
+fn float_results_do_not_depend_on_batch_size() {
+    if !Isa::Avx2.is_available() {
+        eprintln!("no AVX2 on this CPU: float weights are not batch-invariant there");
+        return;
+    }
+    let mut rng = Rng(8);
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        let (rows, cols, m) = (131, 517, 11);
+        let w = random_weight(ty, rows, cols, &mut rng);
+        let x = rng.vec(m * cols, 1.0);
+        for isa in [Isa::Avx2, Isa::Avx2Vnni]
+            .into_iter()
+            .filter(|i| i.is_available())
+        {
+            let mut all = vec![0.0f32; m * rows];
+            matmul_with(isa, &x, m, &w, &mut all).unwrap();
+            check_against_reference(ty, &w, &x, m, &all, 1e-5, &format!("{isa:?}"));
+            for i in 0..m {
+                let mut one = vec![0.0f32; rows];
+                matmul_with(isa, &x[i * cols..(i + 1) * cols], 1, &w, &mut one).unwrap();
+                let bits = |o: &[f32]| o.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&one),
+                    bits(&all[i * rows..(i + 1) * rows]),
+                    "{ty} {isa:?} row {i}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn chunks_cover_every_row_and_are_assembled_in_place() {
     for (rows, m, chunk) in [(10, 1, 3), (10, 2, 3), (10, 5, 4), (7, 3, 7), (7, 3, 100)] {

@@ -10,7 +10,7 @@
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
-mod avx2_float;
+pub(crate) mod avx2_float;
 #[cfg(target_arch = "x86_64")]
 mod avx2_interleave;
 #[cfg(target_arch = "x86_64")]
