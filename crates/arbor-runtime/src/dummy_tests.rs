@@ -60,34 +60,22 @@ fn smollm2_shape_forward_gives_finite_logits() {
     assert_eq!(ids.len(), "Hello, world".len());
     assert_eq!(tok.decode(&ids, true), "Hello, world");
     assert!(tok.is_eog(256));
-    let mut e = Engine::new(m, &EngineOptions::default()).expect("engine");
-    let seq = e.new_seq();
-    let out = e
-        .step(&ForwardBatch {
-            seqs: vec![SeqStep {
-                seq,
-                tokens: ids,
-                logits: LogitsMode::Last,
-                ..Default::default()
-            }],
-        })
-        .expect("step");
-    let logits = &out[0].logits;
+    let logits = last_logits(m, ids);
     assert_eq!(logits.len(), 49152);
     assert!(logits.iter().all(|x| x.is_finite()));
     let sd = (logits.iter().map(|x| x * x).sum::<f32>() / logits.len() as f32).sqrt();
     assert!(sd > 0.05 && sd < 5.0, "logit sd {sd}");
 }
 
-/// Last-position logits of a 12-token prompt on a fresh engine for `m`.
-fn last_logits(m: Model) -> Vec<f32> {
+/// Last-position logits of `tokens` on a fresh engine for `m`.
+fn last_logits(m: Model, tokens: Vec<u32>) -> Vec<f32> {
     let mut e = Engine::new(m, &EngineOptions::default()).expect("engine");
     let seq = e.new_seq();
     let out = e
         .step(&ForwardBatch {
             seqs: vec![SeqStep {
                 seq,
-                tokens: (300..312).collect(),
+                tokens,
                 logits: LogitsMode::Last,
                 ..Default::default()
             }],
@@ -102,10 +90,10 @@ fn last_logits(m: Model) -> Vec<f32> {
 fn every_dummy_type_runs_fast_near_exact() {
     for (name, _) in TYPES {
         let spec = format!("smollm2-135m:{name}");
-        let fast = last_logits(model(&spec, 3).expect("model"));
+        let fast = last_logits(model(&spec, 3).expect("model"), (300..312).collect());
         let mut m = model(&spec, 3).expect("model");
         m.precision = crate::model::Precision::Exact;
-        let exact = last_logits(m);
+        let exact = last_logits(m, (300..312).collect());
         let err: f64 = fast
             .iter()
             .zip(&exact)

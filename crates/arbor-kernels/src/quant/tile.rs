@@ -184,14 +184,7 @@ pub fn dot_tile(
         ActBlocks::Q8(x) => {
             #[cfg(target_arch = "x86_64")]
             if isa.has_avx2() {
-                let a = TileArgs {
-                    w,
-                    row_bytes,
-                    x,
-                    m,
-                    out,
-                    ld,
-                };
+                let a = TileArgs::new(w, row_bytes, x, m, out, ld);
                 // SAFETY: as above.
                 unsafe {
                     run_simd(
@@ -209,14 +202,7 @@ pub fn dot_tile(
         ActBlocks::Q8K(x) => {
             #[cfg(target_arch = "x86_64")]
             if isa.has_avx2() && ty != GgmlType::Q8K {
-                let a = TileArgs {
-                    w,
-                    row_bytes,
-                    x,
-                    m,
-                    out,
-                    ld,
-                };
+                let a = TileArgs::new(w, row_bytes, x, m, out, ld);
                 // SAFETY: as above.
                 unsafe {
                     run_simd(
@@ -262,14 +248,7 @@ pub fn dot_tile_interleaved(
         ActBlocks::Q8(x) => {
             #[cfg(target_arch = "x86_64")]
             if isa.has_avx2() {
-                let a = TileArgs {
-                    w,
-                    row_bytes,
-                    x,
-                    m,
-                    out,
-                    ld,
-                };
+                let a = TileArgs::new(w, row_bytes, x, m, out, ld);
                 let (avx2, vnni) = (
                     super::avx2_interleave::tile,
                     super::avx2_interleave::tile_vnni,
@@ -282,14 +261,7 @@ pub fn dot_tile_interleaved(
         ActBlocks::Q8K(x) => {
             #[cfg(target_arch = "x86_64")]
             if isa.has_avx2() {
-                let a = TileArgs {
-                    w,
-                    row_bytes,
-                    x,
-                    m,
-                    out,
-                    ld,
-                };
+                let a = TileArgs::new(w, row_bytes, x, m, out, ld);
                 let avx2 = super::avx2_interleave::tile_kquant;
                 let vnni = super::avx2_interleave::tile_kquant_vnni;
                 unsafe { run_simd(isa, ty, a, avx2, vnni) };
@@ -370,6 +342,27 @@ pub(crate) struct TileArgs<'a, X> {
     pub m: usize,
     pub out: &'a mut [f32],
     pub ld: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a, X> TileArgs<'a, X> {
+    pub(crate) fn new(
+        w: &'a [u8],
+        row_bytes: usize,
+        x: &'a [X],
+        m: usize,
+        out: &'a mut [f32],
+        ld: usize,
+    ) -> Self {
+        TileArgs {
+            w,
+            row_bytes,
+            x,
+            m,
+            out,
+            ld,
+        }
+    }
 }
 
 fn legacy_scalar(
