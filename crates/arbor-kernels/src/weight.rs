@@ -22,7 +22,7 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// Raw rows of a GGML type other than F32 (F16, BF16 or a block quant).
     Raw { ty: GgmlType, bytes: Vec<u8> },
-    /// Q4_0, Q4_1, Q8_0, Q4_K or Q6_K rows interleaved in groups of eight, block by block:
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K rows interleaved in groups of eight:
     /// the CPU matmul's fastest layout (see [`crate::quant::interleave`];
     /// `interleave::row_bytes` per row, ggml's except for Q4_K).
     Interleaved { ty: GgmlType, bytes: Vec<u8> },
@@ -95,8 +95,9 @@ impl Weight {
         }
     }
 
-    /// This weight in the CPU matmul's interleaved layout where it has one (Q4_0, Q4_1, Q8_0,
-    /// Q4_K or Q6_K rows, a multiple of eight of them, whole and consistent); otherwise unchanged.
+    /// This weight in the CPU matmul's interleaved layout where its type has one (see
+    /// `quant::interleave::supports`) and its rows are a multiple of eight, whole and
+    /// consistent; otherwise unchanged.
     /// Values, `row_to_f32` and every matmul's shape rules stay the same; only the kernel and
     /// the rounding order of its sums change.
     pub fn interleaved(self) -> Weight {

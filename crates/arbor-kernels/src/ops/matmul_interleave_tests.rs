@@ -6,9 +6,11 @@ use super::matmul_tests::{check_against_reference, isas, random_weight, Rng};
 use super::*;
 use crate::quant::GgmlType;
 
-const TYPES: [GgmlType; 5] = [
+const TYPES: [GgmlType; 7] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4K,
     GgmlType::Q6K,
@@ -49,7 +51,7 @@ fn interleaving_keeps_every_value_and_raw_row() {
     }
     // No interleaved form: other types, and row counts that are not whole groups.
     for (ty, rows) in [
-        (GgmlType::Q5_0, 8),
+        (GgmlType::Q8_1, 8),
         (GgmlType::Q5K, 8),
         (GgmlType::Q4_1, 12),
     ] {
@@ -145,7 +147,7 @@ fn inconsistent_interleaved_weights_are_errors() {
         ),
         (
             16,
-            GgmlType::Q5_1,
+            GgmlType::Q8_1,
             bytes.clone(),
             "type without an interleaved form",
         ),

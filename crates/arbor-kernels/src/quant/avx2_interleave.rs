@@ -34,6 +34,15 @@ trait Dot {
     unsafe fn nibbles(w: &[__m256i; 8], y: *const i8) -> __m256i;
     /// Signed 8-bit quants as [`Dot::signed`] takes them (once per block, for every row).
     unsafe fn prep_signed(w: [__m256i; 8]) -> [__m256i; 8];
+    /// The same as [`Dot::nibbles`] for unsigned 5-bit `w` (too large for 16-bit pair sums of
+    /// eight chunks).
+    unsafe fn wide(w: &[__m256i; 8], y: *const i8) -> __m256i {
+        let mut s = Self::acc32(_mm256_setzero_si256(), w[0], bcast(y, 0));
+        for (g, wg) in w.iter().enumerate().skip(1) {
+            s = Self::acc32(s, *wg, bcast(y, g));
+        }
+        s
+    }
     /// The same as [`Dot::nibbles`] for signed 8-bit `w` (after [`Dot::prep_signed`]);
     /// `ysum = Σ y` (used by the VNNI form).
     unsafe fn signed(w: &[__m256i; 8], y: *const i8, ysum: i32) -> __m256i;
@@ -138,8 +147,10 @@ trait Format {
     const SIZE: usize;
     /// Bytes of scales before the quants.
     const HEAD: usize;
-    /// Signed 8-bit quants (Q8_0), else unsigned 4-bit ones with a minimum term `m·s_x`.
+    /// Signed 8-bit quants (Q8_0), else unsigned 4- or 5-bit ones with a minimum term `m·s_x`.
     const SIGNED: bool;
+    /// 5-bit quants (Q5_0, Q5_1).
+    const FIVE: bool = false;
     /// The rows' minimums, given their scales `d`.
     unsafe fn mins(p: *const u8, d: __m256) -> __m256;
     /// The eight registers of the quants at `q`: lane `r` of register `g` holds row `r`'s
@@ -149,7 +160,31 @@ trait Format {
 
 struct Q4_0;
 struct Q4_1;
+struct Q5_0;
+struct Q5_1;
 struct Q8_0;
+
+/// 5-bit quants: [`nibble_regs`] plus each element's fifth bit from the rows' `qh` (lane `r`
+/// holds row `r`'s 32 bits; bit `j` is element `j`'s): four bits at a time are spread to the
+/// four bytes of a lane by one multiply (bit `k` lands on bit `8k`, the shifted copies never
+/// overlap), then moved to value 16.
+#[inline(always)]
+unsafe fn five_regs(qh: *const u8, q: *const u8) -> [__m256i; 8] {
+    let bits = _mm256_loadu_si256(qh as *const __m256i);
+    let (nib, spread) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(0x0020_4081));
+    let ones = _mm256_set1_epi32(0x0101_0101);
+    let fifth = |j: i32| {
+        let four = _mm256_and_si256(_mm256_srl_epi32(bits, _mm_cvtsi32_si128(j)), nib);
+        let at = _mm256_and_si256(_mm256_mullo_epi32(four, spread), ones);
+        _mm256_slli_epi32(at, 4)
+    };
+    let mut w = nibble_regs(q);
+    for c in 0..4 {
+        w[c] = _mm256_or_si256(w[c], fifth(4 * c as i32));
+        w[4 + c] = _mm256_or_si256(w[4 + c], fifth(16 + 4 * c as i32));
+    }
+    w
+}
 
 /// 4-bit quants: the low nibbles of chunk `c` are elements `4c..`, the high ones `16 + 4c..`.
 #[inline(always)]
@@ -192,6 +227,36 @@ impl Format for Q4_1 {
     }
 }
 
+impl Format for Q5_0 {
+    const SIZE: usize = 22;
+    const HEAD: usize = 48;
+    const SIGNED: bool = false;
+    const FIVE: bool = true;
+    #[inline(always)]
+    unsafe fn mins(_p: *const u8, d: __m256) -> __m256 {
+        _mm256_mul_ps(d, _mm256_set1_ps(-16.0))
+    }
+    #[inline(always)]
+    unsafe fn regs(q: *const u8) -> [__m256i; 8] {
+        five_regs(q.sub(32), q)
+    }
+}
+
+impl Format for Q5_1 {
+    const SIZE: usize = 24;
+    const HEAD: usize = 64;
+    const SIGNED: bool = false;
+    const FIVE: bool = true;
+    #[inline(always)]
+    unsafe fn mins(p: *const u8, _d: __m256) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i))
+    }
+    #[inline(always)]
+    unsafe fn regs(q: *const u8) -> [__m256i; 8] {
+        five_regs(q.sub(32), q)
+    }
+}
+
 impl Format for Q8_0 {
     const SIZE: usize = 34;
     const HEAD: usize = 16;
@@ -209,7 +274,7 @@ impl Format for Q8_0 {
 /// `out[i·ld + r] = dot(weight row r, activation row i)`; see `tile::dot_tile`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `ty` must be Q4_0, Q4_1 or Q8_0; `a.w` must hold
+/// The CPU must support AVX2, FMA and F16C; `ty` must be Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0; `a.w` must hold
 /// whole groups of eight interleaved rows of `a.row_bytes`, `a.x` at least
 /// `a.m · row_bytes / SIZE` blocks and `a.out` at least `(m − 1)·ld + rows` values, `ld ≥ rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -231,6 +296,8 @@ unsafe fn tile_for<D: Dot>(ty: GgmlType, a: TileArgs<BlockQ8>) {
     match ty {
         GgmlType::Q4_0 => tile_t::<Q4_0, D>(a),
         GgmlType::Q4_1 => tile_t::<Q4_1, D>(a),
+        GgmlType::Q5_0 => tile_t::<Q5_0, D>(a),
+        GgmlType::Q5_1 => tile_t::<Q5_1, D>(a),
         GgmlType::Q8_0 => tile_t::<Q8_0, D>(a),
         _ => unreachable!("avx2_interleave::tile called with {ty}"),
     }
@@ -305,9 +372,10 @@ unsafe fn groups_rows<F: Format, D: Dot, const R: usize>(
             for j in 0..R {
                 let xb = &*x.add(j * nb + b);
                 let y = xb.qs.as_ptr();
-                let s = match F::SIGNED {
-                    true => D::signed(&wq, y, ysum(j, b)),
-                    false => D::nibbles(&wq, y),
+                let s = match (F::SIGNED, F::FIVE) {
+                    (true, _) => D::signed(&wq, y, ysum(j, b)),
+                    (false, true) => D::wide(&wq, y),
+                    (false, false) => D::nibbles(&wq, y),
                 };
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
                 acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);

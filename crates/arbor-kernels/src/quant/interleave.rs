@@ -1,5 +1,5 @@
-//! Weight rows interleaved in groups of eight, the CPU matmul's own layout for Q4_0, Q4_1, Q8_0,
-//! Q4_K and Q6_K (made once at load; files keep ggml's row-major blocks).
+//! Weight rows interleaved in groups of eight, the CPU matmul's own layout for Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0, Q4_K and Q6_K (made once at load; files keep ggml's row-major blocks).
 //!
 //! Row-major blocks make a kernel reduce the eight 32-bit lanes of each block's dot product
 //! to one number per weight row. Here block `b` of rows `8g..8g+8` is stored together, its
@@ -15,6 +15,8 @@
 //! |------|-------|---------------------------------------------------------------------|
 //! | Q4_0 | 144   | f16 d[8], then 4 chunks of 32 bytes                                 |
 //! | Q4_1 | 160   | f16 d[8], f16 m[8], then 4 chunks of 32 bytes                       |
+//! | Q5_0 | 176   | f16 d[8], u32 qh[8], then 4 chunks of 32 bytes                      |
+//! | Q5_1 | 192   | f16 d[8], f16 m[8], u32 qh[8], then 4 chunks of 32 bytes            |
 //! | Q8_0 | 272   | f16 d[8], then 8 chunks of 32 bytes                                 |
 //! | Q4_K | 1184  | f16 d[8], f16 dmin[8], u8 sc[8][8], u8 mn[8][8], 32 chunks of 32 bytes |
 //! | Q6_K | 1680  | f16 d[8], i8 sc[16][8], `ql` in 32 chunks, `qh` in 16 chunks          |
@@ -43,7 +45,13 @@ pub const GROUP: usize = 8;
 pub fn supports(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q6K
     )
 }
 
@@ -81,16 +89,30 @@ fn qs_span(ty: GgmlType) -> (usize, usize) {
     match ty {
         GgmlType::Q4_0 => (16, 2),
         GgmlType::Q4_1 => (16, 4),
+        GgmlType::Q5_0 => (16, 6),
+        GgmlType::Q5_1 => (16, 8),
         _ => (32, 2),
     }
 }
 
-/// Bytes of scales (`d`, and `m` for Q4_1) at the head of a legacy group block.
-fn head_bytes(ty: GgmlType) -> usize {
-    match ty {
-        GgmlType::Q4_1 => 4 * GROUP,
-        _ => 2 * GROUP,
+/// Whether a legacy type carries `m` (f16, after `d`) in its blocks.
+fn has_m(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
+}
+
+/// Where the rows' `qh` (u32 each) sit in a Q5 group block: after `d` (and `m`).
+pub(crate) fn qh_at(ty: GgmlType) -> usize {
+    if has_m(ty) {
+        4 * GROUP
+    } else {
+        2 * GROUP
     }
+}
+
+/// Bytes before the quants of a legacy group block: `d`, `m` (Q4_1, Q5_1), `qh` (Q5).
+fn head_bytes(ty: GgmlType) -> usize {
+    let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+    qh_at(ty) + if five { 4 * GROUP } else { 0 }
 }
 
 /// Stores row `r`'s ggml block `blk` into the group block `gb`.
@@ -121,10 +143,13 @@ fn put(ty: GgmlType, blk: &[u8], r: usize, gb: &mut [u8]) {
         }
         return;
     }
-    if ty == GgmlType::Q4_1 {
+    if has_m(ty) {
         gb[2 * GROUP + 2 * r..][..2].copy_from_slice(&blk[2..4]);
     }
     let ((qn, qoff), head) = (qs_span(ty), head_bytes(ty));
+    if head > qh_at(ty) {
+        gb[qh_at(ty) + 4 * r..][..4].copy_from_slice(&blk[qoff - 4..qoff]);
+    }
     for c in 0..qn / 4 {
         let at = head + c * 4 * GROUP + 4 * r;
         gb[at..at + 4].copy_from_slice(&blk[qoff + 4 * c..][..4]);
@@ -158,10 +183,13 @@ fn get(ty: GgmlType, gb: &[u8], r: usize, blk: &mut [u8]) {
         }
         return;
     }
-    if ty == GgmlType::Q4_1 {
+    if has_m(ty) {
         blk[2..4].copy_from_slice(&gb[2 * GROUP + 2 * r..][..2]);
     }
     let ((qn, qoff), head) = (qs_span(ty), head_bytes(ty));
+    if head > qh_at(ty) {
+        blk[qoff - 4..qoff].copy_from_slice(&gb[qh_at(ty) + 4 * r..][..4]);
+    }
     for c in 0..qn / 4 {
         let at = head + c * 4 * GROUP + 4 * r;
         blk[qoff + 4 * c..][..4].copy_from_slice(&gb[at..at + 4]);
@@ -246,11 +274,20 @@ pub(crate) fn tile_scalar(
                             }
                         }
                         _ => {
+                            // Q5: bit j of the row's qh is element j's fifth bit (value 16).
+                            let qh = match head > qh_at(ty) {
+                                true => u32::from_le_bytes(
+                                    gb[qh_at(ty) + 4 * r..][..4].try_into().expect("4 bytes"),
+                                ),
+                                false => 0,
+                            };
+                            let fifth = |j: usize| (((qh >> j) & 1) << 4) as i32;
                             for c in 0..4 {
                                 for k in 0..4 {
                                     let byte = gb[head + c * 32 + 4 * r + k];
-                                    isum += (byte & 0x0F) as i32 * xb.qs[4 * c + k] as i32;
-                                    isum += (byte >> 4) as i32 * xb.qs[16 + 4 * c + k] as i32;
+                                    let (lo, hi) = (4 * c + k, 16 + 4 * c + k);
+                                    isum += ((byte & 0x0F) as i32 | fifth(lo)) * xb.qs[lo] as i32;
+                                    isum += ((byte >> 4) as i32 | fifth(hi)) * xb.qs[hi] as i32;
                                 }
                             }
                         }
@@ -258,7 +295,8 @@ pub(crate) fn tile_scalar(
                     acc[r] = (isum as f32).mul_add(d * xb.d, acc[r]);
                     let min = match ty {
                         GgmlType::Q4_0 => d * -8.0,
-                        GgmlType::Q4_1 => f16_le(&gb[2 * GROUP + 2 * r..]),
+                        GgmlType::Q5_0 => d * -16.0,
+                        GgmlType::Q4_1 | GgmlType::Q5_1 => f16_le(&gb[2 * GROUP + 2 * r..]),
                         _ => continue,
                     };
                     mins[r] = min.mul_add(xb.s, mins[r]);
