@@ -22,9 +22,9 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// Raw rows of a GGML type other than F32 (F16, BF16 or a block quant).
     Raw { ty: GgmlType, bytes: Vec<u8> },
-    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K rows interleaved in groups of eight:
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K rows interleaved in groups of eight:
     /// the CPU matmul's fastest layout (see [`crate::quant::interleave`];
-    /// `interleave::row_bytes` per row, ggml's except for Q4_K).
+    /// `interleave::row_bytes` per row, ggml's except for Q4_K and Q5_K).
     Interleaved { ty: GgmlType, bytes: Vec<u8> },
 }
 

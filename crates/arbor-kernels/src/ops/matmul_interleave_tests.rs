@@ -6,13 +6,14 @@ use super::matmul_tests::{check_against_reference, isas, random_weight, Rng};
 use super::*;
 use crate::quant::GgmlType;
 
-const TYPES: [GgmlType; 7] = [
+const TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4K,
+    GgmlType::Q5K,
     GgmlType::Q6K,
 ];
 
@@ -52,7 +53,7 @@ fn interleaving_keeps_every_value_and_raw_row() {
     // No interleaved form: other types, and row counts that are not whole groups.
     for (ty, rows) in [
         (GgmlType::Q8_1, 8),
-        (GgmlType::Q5K, 8),
+        (GgmlType::Q3K, 8),
         (GgmlType::Q4_1, 12),
     ] {
         let w = random_weight(ty, rows, 256, &mut rng).interleaved();
@@ -174,7 +175,7 @@ fn inconsistent_interleaved_weights_are_errors() {
         dt(isa, &bytes[..8 * 40], &acts, &mut out[..15], 8).is_err(),
         "short out"
     );
-    let k = QuantizedActs::new(GgmlType::Q5K, &vec![0.0; 256], 1, 256).unwrap();
+    let k = QuantizedActs::new(GgmlType::Q3K, &vec![0.0; 256], 1, 256).unwrap();
     assert!(
         dt(isa, &bytes[..8 * 40], &k, &mut out[..8], 8).is_err(),
         "a type without an interleaved form"

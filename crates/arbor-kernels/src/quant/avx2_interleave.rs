@@ -11,7 +11,9 @@
 use std::arch::x86_64::*;
 
 use super::activation::{BlockQ8, BlockQ8K};
-use super::interleave::{GROUP, Q4K_GROUP_BLOCK, Q4K_MN, Q4K_QS, Q4K_SC, Q6K_QH, Q6K_QL, Q6K_SC};
+use super::interleave::{
+    GROUP, Q4K_GROUP_BLOCK, Q4K_MN, Q4K_QS, Q4K_SC, Q5K_GROUP_BLOCK, Q5K_QH, Q6K_QH, Q6K_QL, Q6K_SC,
+};
 use super::tile::TileArgs;
 use super::GgmlType;
 
@@ -390,16 +392,17 @@ unsafe fn groups_rows<F: Format, D: Dot, const R: usize>(
     }
 }
 
-/// The K-quant kernels (Q4_K, Q6_K; activations in Q8_K blocks): as [`tile`], with those
+/// The K-quant kernels (Q4_K, Q5_K, Q6_K; activations in Q8_K blocks): as [`tile`], with those
 /// types' group blocks.
 ///
 /// # Safety
-/// As [`tile`], with `ty` Q4_K or Q6_K, `a.x` Q8_K blocks and `a.w` whole groups of
+/// As [`tile`], with `ty` Q4_K, Q5_K or Q6_K, `a.x` Q8_K blocks and `a.w` whole groups of
 /// interleaved rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile_kquant(ty: GgmlType, a: TileArgs<BlockQ8K>) {
     match ty {
         GgmlType::Q4K => kquant_for::<Q4kRows, Maddubs>(a),
+        GgmlType::Q5K => kquant_for::<Q5kRows, Maddubs>(a),
         _ => kquant_for::<Q6kRows, Maddubs>(a),
     }
 }
@@ -412,6 +415,7 @@ pub(crate) unsafe fn tile_kquant(ty: GgmlType, a: TileArgs<BlockQ8K>) {
 pub(crate) unsafe fn tile_kquant_vnni(ty: GgmlType, a: TileArgs<BlockQ8K>) {
     match ty {
         GgmlType::Q4K => kquant_for::<Q4kRows, Dpbusd>(a),
+        GgmlType::Q5K => kquant_for::<Q5kRows, Dpbusd>(a),
         _ => kquant_for::<Q6kRows, Dpbusd>(a),
     }
 }
@@ -436,13 +440,22 @@ trait KRows {
 }
 
 struct Q4kRows;
+struct Q5kRows;
 struct Q6kRows;
 
 impl KRows for Q4kRows {
     const BLOCK: usize = Q4K_GROUP_BLOCK;
     #[inline(always)]
     unsafe fn rows<D: Dot, const R: usize>(a: KArgs) {
-        q4k_rows::<D, R>(a)
+        q4k_rows::<D, R, false>(a)
+    }
+}
+
+impl KRows for Q5kRows {
+    const BLOCK: usize = Q5K_GROUP_BLOCK;
+    #[inline(always)]
+    unsafe fn rows<D: Dot, const R: usize>(a: KArgs) {
+        q4k_rows::<D, R, true>(a)
     }
 }
 
@@ -489,14 +502,29 @@ unsafe fn kquant_for<K: KRows, D: Dot>(a: TileArgs<BlockQ8K>) {
 /// give two sub-blocks' sums per row, weighted by their scales (`vpmulld`); the mins by the
 /// activation sums of the sub-blocks, with `vpmaddwd` over pairs of sub-blocks.
 #[inline(always)]
-unsafe fn q4k_rows<D: Dot, const R: usize>((w, group_bytes, groups, nb, x, out, ld): KArgs) {
+/// With `FIVE` (Q5_K) each quant gains its fifth bit from the `qh` chunks, and the chunk sums
+/// widen to 32 bits at once (5-bit pair sums of eight chunks would overflow 16 bits).
+unsafe fn q4k_rows<D: Dot, const R: usize, const FIVE: bool>(
+    (w, group_bytes, groups, nb, x, out, ld): KArgs,
+) {
+    let block = if FIVE {
+        Q5K_GROUP_BLOCK
+    } else {
+        Q4K_GROUP_BLOCK
+    };
+    let one = _mm256_set1_epi8(1);
+    let add = |a: __m256i, w: __m256i, y: __m256i| match FIVE {
+        true => D::acc32(a, w, y),
+        false => D::acc(a, w, y),
+    };
+    let fin = |a: __m256i| if FIVE { a } else { D::finish(a) };
     let mask = _mm256_set1_epi8(0x0F);
     for g in 0..groups {
         let gw = w.add(g * group_bytes);
         let mut acc = [_mm256_setzero_ps(); R];
         let mut mins = [_mm256_setzero_ps(); R];
         for b in 0..nb {
-            let p = gw.add(b * Q4K_GROUP_BLOCK);
+            let p = gw.add(b * block);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
             let y: [*const i8; R] = std::array::from_fn(|j| (*x.add(j * nb + b)).qs.as_ptr());
@@ -509,17 +537,29 @@ unsafe fn q4k_rows<D: Dot, const R: usize>((w, group_bytes, groups, nb, x, out, 
                 for c in 0..8 {
                     let raw =
                         _mm256_loadu_si256(p.add(Q4K_QS + 32 * (8 * s + c)) as *const __m256i);
-                    let wl = _mm256_and_si256(raw, mask);
-                    let wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    let mut wl = _mm256_and_si256(raw, mask);
+                    let mut wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    if FIVE {
+                        // Bits 2s and 2s + 1 of each qh byte, moved to value 16 (the masks
+                        // keep bits shifted in from the next byte out).
+                        let qh = _mm256_loadu_si256(p.add(Q5K_QH + 32 * c) as *const __m256i);
+                        let bit = |k: i32| {
+                            let b =
+                                _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(k)), one);
+                            _mm256_slli_epi16(b, 4)
+                        };
+                        wl = _mm256_or_si256(wl, bit(2 * s as i32));
+                        wh = _mm256_or_si256(wh, bit(2 * s as i32 + 1));
+                    }
                     let h = if R <= 2 { c % 2 } else { 0 };
                     for j in 0..R {
-                        lo[h][j] = D::acc(lo[h][j], wl, bcast(y[j], 16 * s + c));
-                        hi[h][j] = D::acc(hi[h][j], wh, bcast(y[j], 16 * s + 8 + c));
+                        lo[h][j] = add(lo[h][j], wl, bcast(y[j], 16 * s + c));
+                        hi[h][j] = add(hi[h][j], wh, bcast(y[j], 16 * s + 8 + c));
                     }
                 }
                 let sum = |a: [[__m256i; R]; 2], j: usize| match R <= 2 {
-                    true => _mm256_add_epi32(D::finish(a[0][j]), D::finish(a[1][j])),
-                    false => D::finish(a[0][j]),
+                    true => _mm256_add_epi32(fin(a[0][j]), fin(a[1][j])),
+                    false => fin(a[0][j]),
                 };
                 let sc = |k: usize| {
                     _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(Q4K_SC + 8 * k) as *const __m128i))

@@ -1,5 +1,5 @@
 //! Weight rows interleaved in groups of eight, the CPU matmul's own layout for Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0, Q4_K and Q6_K (made once at load; files keep ggml's row-major blocks).
+//! Q5_1, Q8_0, Q4_K, Q5_K and Q6_K (made once at load; files keep ggml's row-major blocks).
 //!
 //! Row-major blocks make a kernel reduce the eight 32-bit lanes of each block's dot product
 //! to one number per weight row. Here block `b` of rows `8g..8g+8` is stored together, its
@@ -19,6 +19,7 @@
 //! | Q5_1 | 192   | f16 d[8], f16 m[8], u32 qh[8], then 4 chunks of 32 bytes            |
 //! | Q8_0 | 272   | f16 d[8], then 8 chunks of 32 bytes                                 |
 //! | Q4_K | 1184  | f16 d[8], f16 dmin[8], u8 sc[8][8], u8 mn[8][8], 32 chunks of 32 bytes |
+//! | Q5_K | 1440  | a Q4_K group block, then `qh` in 8 chunks of 32 bytes                 |
 //! | Q6_K | 1680  | f16 d[8], i8 sc[16][8], `ql` in 32 chunks, `qh` in 16 chunks          |
 //!
 //! Chunk `c`, lane `r` (bytes `4r..4r+4`) holds bytes `4c..4c+4` of row `r`'s `qs`: for the
@@ -51,6 +52,7 @@ pub fn supports(ty: GgmlType) -> bool {
             | GgmlType::Q5_1
             | GgmlType::Q8_0
             | GgmlType::Q4K
+            | GgmlType::Q5K
             | GgmlType::Q6K
     )
 }
@@ -59,6 +61,7 @@ pub fn supports(ty: GgmlType) -> bool {
 fn group_block_bytes(ty: GgmlType) -> usize {
     match ty {
         GgmlType::Q4K => Q4K_GROUP_BLOCK,
+        GgmlType::Q5K => Q5K_GROUP_BLOCK,
         _ => GROUP * ty.type_size(),
     }
 }
@@ -70,6 +73,11 @@ pub(crate) const Q4K_GROUP_BLOCK: usize = 32 + 128 + 1024;
 pub(crate) const Q4K_SC: usize = 32;
 pub(crate) const Q4K_MN: usize = 96;
 pub(crate) const Q4K_QS: usize = 160;
+/// A Q5_K group block: a Q4_K one, then the rows' `qh` as 8 chunks of 32 bytes (chunk `c`,
+/// lane `r`: bytes `4c..4c+4` of row `r`'s `qh`; bit `2s` / `2s + 1` of byte `l` is the
+/// fifth bit of element `l` of sub-block `2s` / `2s + 1`). 1440 bytes for 1408.
+pub(crate) const Q5K_GROUP_BLOCK: usize = Q4K_GROUP_BLOCK + 256;
+pub(crate) const Q5K_QH: usize = Q4K_GROUP_BLOCK;
 
 /// Offsets in a Q6_K group block (1680 bytes, eight rows' 210): f16 d[8], i8 sc[16 sub-blocks]
 /// [8 rows], then `ql` as 32 chunks of 32 bytes and `qh` as 16 chunks.
@@ -78,7 +86,8 @@ pub(crate) const Q6K_QL: usize = 144;
 pub(crate) const Q6K_QH: usize = 144 + 1024;
 
 /// Bytes per row of a `cols`-wide matrix of `ty` in the interleaved layout (a group of eight
-/// rows takes eight times this): ggml's row bytes, except Q4_K (148 per 256 elements, not 144).
+/// rows takes eight times this): ggml's row bytes, except Q4_K and Q5_K (scales unpacked:
+/// 148 and 180 per 256 elements, not 144 and 176).
 pub fn row_bytes(ty: GgmlType, cols: usize) -> Result<usize, crate::KernelError> {
     let blocks = ty.bytes_for(cols)? / ty.type_size();
     Ok(blocks * group_block_bytes(ty) / GROUP)
@@ -131,15 +140,21 @@ fn put(ty: GgmlType, blk: &[u8], r: usize, gb: &mut [u8]) {
         return;
     }
     gb[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-    if ty == GgmlType::Q4K {
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q5K) {
         gb[16 + 2 * r..][..2].copy_from_slice(&blk[2..4]);
         let (sc, mn) = k4_scales_mins(&blk[4..16]);
         for k in 0..8 {
             gb[Q4K_SC + 8 * k + r] = sc[k];
             gb[Q4K_MN + 8 * k + r] = mn[k];
         }
-        for (i, q) in blk[16..144].chunks_exact(4).enumerate() {
+        let qs = if ty == GgmlType::Q5K { 48 } else { 16 };
+        for (i, q) in blk[qs..qs + 128].chunks_exact(4).enumerate() {
             gb[Q4K_QS + 32 * i + 4 * r..][..4].copy_from_slice(q);
+        }
+        if ty == GgmlType::Q5K {
+            for (i, q) in blk[16..48].chunks_exact(4).enumerate() {
+                gb[Q5K_QH + 32 * i + 4 * r..][..4].copy_from_slice(q);
+            }
         }
         return;
     }
@@ -173,13 +188,19 @@ fn get(ty: GgmlType, gb: &[u8], r: usize, blk: &mut [u8]) {
         return;
     }
     blk[..2].copy_from_slice(&gb[2 * r..2 * r + 2]);
-    if ty == GgmlType::Q4K {
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q5K) {
         blk[2..4].copy_from_slice(&gb[16 + 2 * r..][..2]);
         let sc: [u8; 8] = std::array::from_fn(|k| gb[Q4K_SC + 8 * k + r]);
         let mn: [u8; 8] = std::array::from_fn(|k| gb[Q4K_MN + 8 * k + r]);
         blk[4..16].copy_from_slice(&k4_pack(&sc, &mn));
-        for (i, q) in blk[16..144].chunks_exact_mut(4).enumerate() {
+        let qs = if ty == GgmlType::Q5K { 48 } else { 16 };
+        for (i, q) in blk[qs..qs + 128].chunks_exact_mut(4).enumerate() {
             q.copy_from_slice(&gb[Q4K_QS + 32 * i + 4 * r..][..4]);
+        }
+        if ty == GgmlType::Q5K {
+            for (i, q) in blk[16..48].chunks_exact_mut(4).enumerate() {
+                q.copy_from_slice(&gb[Q5K_QH + 32 * i + 4 * r..][..4]);
+            }
         }
         return;
     }
@@ -313,7 +334,9 @@ pub(crate) fn tile_scalar(
 /// exact sums weighted by their scales (`Σ sc·isum`) and the mins by the activation sums
 /// (`Σ mn·ysum`), each once in f32: `acc = Σsc·isum·(d·d_x) + acc`,
 /// `mins = Σmn·ysum·(dmin·d_x) + mins`, result `acc − mins`.
+/// Q5_K likewise, with each quant's fifth bit from `qh`.
 pub(crate) fn tile_scalar_q4k(
+    ty: GgmlType,
     w: &[u8],
     row_bytes: usize,
     x: &[BlockQ8K],
@@ -321,12 +344,13 @@ pub(crate) fn tile_scalar_q4k(
     out: &mut [f32],
     ld: usize,
 ) {
-    let nb = GROUP * row_bytes / Q4K_GROUP_BLOCK;
+    let (gbb, five) = (group_block_bytes(ty), ty == GgmlType::Q5K);
+    let nb = GROUP * row_bytes / gbb;
     for (g, group) in w.chunks_exact(GROUP * row_bytes).enumerate() {
         for i in 0..m {
             let mut acc = [0.0f32; GROUP];
             let mut mins = [0.0f32; GROUP];
-            for (b, gb) in group.chunks_exact(Q4K_GROUP_BLOCK).enumerate() {
+            for (b, gb) in group.chunks_exact(gbb).enumerate() {
                 let xb = &x[i * nb + b];
                 let ysum: [i32; 8] =
                     std::array::from_fn(|k| xb.bsums[2 * k] as i32 + xb.bsums[2 * k + 1] as i32);
@@ -338,7 +362,11 @@ pub(crate) fn tile_scalar_q4k(
                         for c in 0..8 {
                             for e in 0..4 {
                                 let byte = gb[Q4K_QS + 32 * (8 * s + c) + 4 * r + e];
-                                let q = if half == 0 { byte & 0x0F } else { byte >> 4 };
+                                let mut q = if half == 0 { byte & 0x0F } else { byte >> 4 };
+                                if five {
+                                    let qh = gb[Q5K_QH + 32 * c + 4 * r + e];
+                                    q |= ((qh >> (2 * s + half)) & 1) << 4;
+                                }
                                 isum += q as i32 * xb.qs[64 * s + 32 * half + 4 * c + e] as i32;
                             }
                         }

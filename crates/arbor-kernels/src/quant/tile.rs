@@ -268,7 +268,9 @@ pub fn dot_tile_interleaved(
                 return Ok(());
             }
             match ty {
-                GgmlType::Q4K => super::interleave::tile_scalar_q4k(w, row_bytes, x, m, out, ld),
+                GgmlType::Q4K | GgmlType::Q5K => {
+                    super::interleave::tile_scalar_q4k(ty, w, row_bytes, x, m, out, ld)
+                }
                 _ => super::interleave::tile_scalar_q6k(w, row_bytes, x, m, out, ld),
             }
         }

@@ -121,7 +121,7 @@ impl Model {
             .chain(self.layers.iter().flat_map(DecoderLayer::weights))
     }
 
-    /// Puts every Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K matrix into the CPU matmul's
+    /// Puts every Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K matrix into the CPU matmul's
     /// interleaved layout (see `arbor_kernels::quant::interleave`): about twice the matmul
     /// speed, the same values; the sums round in another order, so logits change at the level
     /// of f32 rounding (and through it the 8-bit activation rounding). For the CPU backend
