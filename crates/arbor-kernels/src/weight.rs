@@ -26,6 +26,10 @@ pub enum WeightData {
     /// the CPU matmul's fastest layout (see [`crate::quant::interleave`];
     /// `interleave::row_bytes` per row, ggml's except for Q4_K and Q5_K).
     Interleaved { ty: GgmlType, bytes: Vec<u8> },
+    /// Matrices of the same width but different storage, stacked by rows and multiplied part
+    /// by part (a Q4_K_M file's q, k and v projections, or gate and up, mix Q4_K and Q6_K).
+    /// `rows` is the sum of the parts' rows.
+    Stacked(Vec<Weight>),
 }
 
 impl Weight {
@@ -79,11 +83,12 @@ impl Weight {
         })
     }
 
-    /// The stored element type.
+    /// The stored element type (of the first part, for stacked parts).
     pub fn ty(&self) -> GgmlType {
         match &self.data {
             WeightData::F32(_) => GgmlType::F32,
             WeightData::Raw { ty, .. } | WeightData::Interleaved { ty, .. } => *ty,
+            WeightData::Stacked(parts) => parts.first().map_or(GgmlType::F32, Weight::ty),
         }
     }
 
@@ -92,7 +97,26 @@ impl Weight {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Raw { bytes, .. } | WeightData::Interleaved { bytes, .. } => bytes.len(),
+            WeightData::Stacked(parts) => parts.iter().map(Weight::nbytes).sum(),
         }
+    }
+
+    /// `parts` (equal widths) stacked by rows: one weight whose matmul runs each part with
+    /// its own kernel. Errors if the widths differ.
+    pub fn stacked(parts: Vec<Weight>) -> Result<Weight, KernelError> {
+        let cols = parts.first().map_or(0, |w| w.cols);
+        if parts.iter().any(|w| w.cols != cols) {
+            return Err(KernelError::Shape {
+                op: "Weight::stacked",
+                detail: "parts of different widths".into(),
+            });
+        }
+        let rows = parts.iter().map(|w| w.rows).sum();
+        Ok(Weight {
+            rows,
+            cols,
+            data: WeightData::Stacked(parts),
+        })
     }
 
     /// This weight in the CPU matmul's interleaved layout where its type has one (see
@@ -112,6 +136,9 @@ impl Weight {
                 let row_bytes = bytes.len() / rows.max(1);
                 let bytes = crate::quant::interleave::interleave(ty, &bytes, row_bytes);
                 WeightData::Interleaved { ty, bytes }
+            }
+            WeightData::Stacked(parts) => {
+                WeightData::Stacked(parts.into_iter().map(Weight::interleaved).collect())
             }
             other => other,
         };
@@ -153,7 +180,26 @@ impl Weight {
                 self.raw_rows(i, 1, &mut raw)?;
                 crate::quant::dequantize(*ty, &raw, out)
             }
+            WeightData::Stacked(parts) => {
+                let (part, r) = self.part_of(i).ok_or_else(shape_err)?;
+                parts[part].row_to_f32(r, out)
+            }
         }
+    }
+
+    /// For stacked parts: which part holds row `i`, and its row there.
+    fn part_of(&self, i: usize) -> Option<(usize, usize)> {
+        let WeightData::Stacked(parts) = &self.data else {
+            return None;
+        };
+        let mut r = i;
+        for (k, p) in parts.iter().enumerate() {
+            if r < p.rows {
+                return Some((k, r));
+            }
+            r -= p.rows;
+        }
+        None
     }
 
     /// Rows `r0..r0 + n` of a quantised weight in ggml's row-major block layout (`out` holds
@@ -161,8 +207,10 @@ impl Weight {
     pub fn raw_rows(&self, r0: usize, n: usize, out: &mut [u8]) -> Result<(), KernelError> {
         let (ty, bytes) = match &self.data {
             WeightData::Raw { ty, bytes } | WeightData::Interleaved { ty, bytes } => (*ty, bytes),
-            WeightData::F32(_) => {
-                return Err(KernelError::Invalid("an f32 weight has no raw rows".into()))
+            WeightData::F32(_) | WeightData::Stacked(_) => {
+                return Err(KernelError::Invalid(
+                    "an f32 or stacked weight has no raw rows of one type".into(),
+                ))
             }
         };
         let rb = ty.bytes_for(self.cols)?;

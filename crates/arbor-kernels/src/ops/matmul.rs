@@ -57,6 +57,9 @@ pub fn matmul_with(
         return Ok(());
     }
     match &w.data {
+        WeightData::Stacked(parts) => {
+            stacked(parts, m, rows, out, |p, o| matmul_with(isa, x, m, p, o))
+        }
         WeightData::F32(v) => {
             let chunk = chunk_rows(rows, m, cols, usize::MAX);
             run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
@@ -178,6 +181,10 @@ pub fn matmul_dequantized(
 ) -> Result<(), KernelError> {
     let ty = match &w.data {
         WeightData::Raw { ty, .. } | WeightData::Interleaved { ty, .. } if ty.is_quantized() => *ty,
+        WeightData::Stacked(parts) => {
+            check_shapes(x, m, w, out)?;
+            return stacked(parts, m, w.rows, out, |p, o| matmul_dequantized(x, m, p, o));
+        }
         _ => return matmul(x, m, w, out),
     };
     check_shapes(x, m, w, out)?;
@@ -198,6 +205,28 @@ pub fn matmul_dequantized(
     })
 }
 
+/// Runs `f(part, part_out)` for each stacked part and places each part's `m × part.rows`
+/// result in its columns of `out` (`m × rows`).
+fn stacked(
+    parts: &[Weight],
+    m: usize,
+    rows: usize,
+    out: &mut [f32],
+    f: impl Fn(&Weight, &mut [f32]) -> Result<(), KernelError>,
+) -> Result<(), KernelError> {
+    let mut col = 0;
+    for p in parts {
+        let mut o = vec![0.0f32; m * p.rows];
+        f(p, &mut o)?;
+        for i in 0..m {
+            out[i * rows + col..i * rows + col + p.rows]
+                .copy_from_slice(&o[i * p.rows..(i + 1) * p.rows]);
+        }
+        col += p.rows;
+    }
+    Ok(())
+}
+
 /// Checks that `x`, `out` and the weight's storage fit the weight's shape.
 fn check_shapes(x: &[f32], m: usize, w: &Weight, out: &[f32]) -> Result<(), KernelError> {
     let (rows, cols) = (w.rows, w.cols);
@@ -215,6 +244,18 @@ fn check_shapes(x: &[f32], m: usize, w: &Weight, out: &[f32]) -> Result<(), Kern
 fn check_storage(w: &Weight) -> Result<(), KernelError> {
     let (rows, cols) = (w.rows, w.cols);
     let (got, expected) = match &w.data {
+        WeightData::Stacked(parts) => {
+            for p in parts {
+                if p.cols != cols {
+                    return Err(KernelError::Shape {
+                        op: "matmul",
+                        detail: format!("a stacked part is {} wide, not {cols}", p.cols),
+                    });
+                }
+                check_storage(p)?;
+            }
+            (parts.iter().map(|p| p.rows).sum(), Some(rows))
+        }
         WeightData::F32(v) => (v.len(), rows.checked_mul(cols)),
         WeightData::Raw { ty, bytes } => (bytes.len(), ty.bytes_for(cols)?.checked_mul(rows)),
         WeightData::Interleaved { ty, bytes } => {

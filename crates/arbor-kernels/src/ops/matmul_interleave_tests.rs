@@ -231,3 +231,62 @@ fn interleaved_sums_round_less_than_row_major() {
         );
     }
 }
+
+/// Matrices of different storage stacked by rows multiply part by part: the same bits as each
+/// part alone, placed in its columns, in either layout.
+#[test]
+fn stacked_parts_multiply_in_their_own_types() {
+    let mut rng = Rng(131);
+    let cols = 512;
+    let parts = vec![
+        random_weight(GgmlType::Q4K, 24, cols, &mut rng),
+        random_weight(GgmlType::Q6K, 8, cols, &mut rng),
+        random_weight(GgmlType::Q8_0, 5, cols, &mut rng),
+    ];
+    let w = Weight::stacked(parts.clone()).unwrap();
+    assert_eq!(
+        (w.rows, w.nbytes()),
+        (37, parts.iter().map(Weight::nbytes).sum())
+    );
+    let m = 3;
+    let x = rng.vec(m * cols, 1.0);
+    for (w, inter) in [(w.clone(), false), (w.clone().interleaved(), true)] {
+        let mut all = vec![0.0f32; m * 37];
+        matmul(&x, m, &w, &mut all).unwrap();
+        let mut col = 0;
+        for p in &parts {
+            let p = if inter {
+                p.clone().interleaved()
+            } else {
+                p.clone()
+            };
+            let mut one = vec![0.0f32; m * p.rows];
+            matmul(&x, m, &p, &mut one).unwrap();
+            for i in 0..m {
+                assert_eq!(
+                    bits(&one[i * p.rows..(i + 1) * p.rows]),
+                    bits(&all[i * 37 + col..i * 37 + col + p.rows])
+                );
+            }
+            col += p.rows;
+        }
+        let mut want = vec![0.0f32; m * 37];
+        matmul_reference(&x, m, &w, &mut want).unwrap();
+        let mut exact = vec![0.0f32; m * 37];
+        matmul_dequantized(&x, m, &w, &mut exact).unwrap();
+        let err = exact
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-3, "dequantized stacked: {err}");
+    }
+    let mut row = vec![0.0f32; cols];
+    w.row_to_f32(30, &mut row).unwrap();
+    let mut want = vec![0.0f32; cols];
+    parts[1].row_to_f32(6, &mut want).unwrap();
+    assert_eq!(bits(&row), bits(&want));
+    assert!(w.row_to_f32(37, &mut row).is_err());
+    let narrow = random_weight(GgmlType::Q8_0, 8, 256, &mut rng);
+    assert!(Weight::stacked(vec![parts[0].clone(), narrow]).is_err());
+}

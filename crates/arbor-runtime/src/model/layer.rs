@@ -68,28 +68,23 @@ pub struct DecoderLayer {
     pub(crate) ffn: Ffn,
 }
 
-/// Stacks matrices with equal columns and storage type by rows (one matmul instead of
-/// several, so activations are read and quantised once).
+/// Stacks matrices with equal columns by rows (one matmul instead of several, so activations
+/// are read and quantised once). Parts of one storage type become one matrix; mixed types (a
+/// Q4_K_M file's q/k/v mix Q4_K and Q6_K) stay parts of a stacked weight, each multiplied in
+/// its own type (widening them to f32 would read several times the bytes).
 pub fn stack_rows(parts: Vec<Weight>) -> Result<Weight, RuntimeError> {
     let cols = parts[0].cols;
     let rows = parts.iter().map(|w| w.rows).sum();
     let ty = parts[0].ty();
-    if parts.iter().any(|w| w.cols != cols || w.ty() != ty) {
-        // Mixed storage: widen every part to f32.
-        let mut data = Vec::with_capacity(rows * cols);
-        for w in &parts {
-            data.extend(w.to_f32()?);
-        }
-        return Ok(Weight::from_f32(rows, cols, data)?);
-    }
     let mut out = parts[0].data.clone();
+    let uniform = parts.iter().all(|w| w.cols == cols && w.ty() == ty);
     for w in &parts[1..] {
         match (&mut out, &w.data) {
-            (WeightData::F32(a), WeightData::F32(b)) => a.extend_from_slice(b),
-            (WeightData::Raw { bytes: a, .. }, WeightData::Raw { bytes: b, .. }) => {
+            (WeightData::F32(a), WeightData::F32(b)) if uniform => a.extend_from_slice(b),
+            (WeightData::Raw { bytes: a, .. }, WeightData::Raw { bytes: b, .. }) if uniform => {
                 a.extend_from_slice(b)
             }
-            _ => unreachable!("types checked equal above"),
+            _ => return Ok(Weight::stacked(parts)?),
         }
     }
     Ok(Weight {
