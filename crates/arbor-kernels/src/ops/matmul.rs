@@ -196,10 +196,18 @@ pub fn matmul_dequantized(
     let (isa, row_bytes) = (Isa::detect(), ty.bytes_for(cols)?);
     let chunk = chunk_rows(rows, m, cols, usize::MAX);
     run_chunks(m, rows, chunk, out, |r0, nr, o, ld| {
-        let mut raw = vec![0u8; nr * row_bytes];
-        w.raw_rows(r0, nr, &mut raw)?;
+        let mut copy = Vec::new();
+        let raw = match &w.data {
+            WeightData::Raw { bytes, .. } => &bytes[r0 * row_bytes..(r0 + nr) * row_bytes],
+            _ => {
+                // Interleaved rows, back in ggml's layout.
+                copy.resize(nr * row_bytes, 0u8);
+                w.raw_rows(r0, nr, &mut copy)?;
+                &copy
+            }
+        };
         let mut wf = vec![0.0f32; nr * cols];
-        crate::quant::dequantize(ty, &raw, &mut wf)?;
+        crate::quant::dequantize(ty, raw, &mut wf)?;
         f32_block(isa, x, m, cols, &wf, o, ld);
         Ok(())
     })
