@@ -125,10 +125,17 @@ impl Weight {
     /// Values, `row_to_f32` and every matmul's shape rules stay the same; only the kernel and
     /// the rounding order of its sums change.
     pub fn interleaved(self) -> Weight {
+        self.interleaved_where(crate::quant::interleave::supports)
+    }
+
+    /// [`Weight::interleaved`] for the types `keep` accepts (and that have the layout); the
+    /// parts of a stacked weight each by their own type.
+    pub fn interleaved_where(self, keep: fn(GgmlType) -> bool) -> Weight {
         let Weight { rows, cols, data } = self;
         let data = match data {
             WeightData::Raw { ty, bytes }
                 if crate::quant::interleave::supports(ty)
+                    && keep(ty)
                     && rows % crate::quant::interleave::GROUP == 0
                     && ty.bytes_for(cols).ok().and_then(|rb| rb.checked_mul(rows))
                         == Some(bytes.len()) =>
@@ -137,9 +144,12 @@ impl Weight {
                 let bytes = crate::quant::interleave::interleave(ty, &bytes, row_bytes);
                 WeightData::Interleaved { ty, bytes }
             }
-            WeightData::Stacked(parts) => {
-                WeightData::Stacked(parts.into_iter().map(Weight::interleaved).collect())
-            }
+            WeightData::Stacked(parts) => WeightData::Stacked(
+                parts
+                    .into_iter()
+                    .map(|p| p.interleaved_where(keep))
+                    .collect(),
+            ),
             other => other,
         };
         Weight { rows, cols, data }

@@ -121,11 +121,11 @@ impl Model {
             .chain(self.layers.iter().flat_map(DecoderLayer::weights))
     }
 
-    /// Puts every Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K matrix into the CPU matmul's
-    /// interleaved layout (see `arbor_kernels::quant::interleave`): about twice the matmul
-    /// speed, the same values; the sums round in another order, so logits change at the level
-    /// of f32 rounding (and through it the 8-bit activation rounding). For the CPU backend
-    /// with [`Precision::Fast`] (the GPU uploads dequantised weights, and exact
+    /// Puts every Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K matrix (`interleave::preferred`)
+    /// into the CPU matmul's interleaved layout (see `arbor_kernels::quant::interleave`):
+    /// about twice the matmul speed, the same values; the sums round in another order, so
+    /// logits change at the level of f32 rounding (and through it the 8-bit activation
+    /// rounding). For the CPU backend with [`Precision::Fast`] (the GPU uploads dequantised weights, and exact
     /// mode dequantises rows, which this layout would only slow).
     pub(crate) fn interleave_weights(&mut self) {
         let take = |w: &mut Weight| {
@@ -134,7 +134,8 @@ impl Model {
                 cols: 0,
                 data: WeightData::F32(Vec::new()),
             };
-            *w = std::mem::replace(w, placeholder).interleaved();
+            *w = std::mem::replace(w, placeholder)
+                .interleaved_where(arbor_kernels::quant::interleave::preferred);
         };
         take(&mut self.embed);
         if let Head::Lm(w) | Head::Score { weight: w, .. } = &mut self.head {
