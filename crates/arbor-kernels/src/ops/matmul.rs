@@ -89,7 +89,7 @@ pub fn matmul_with(
                     for (r, rb) in wb.chunks_exact(row_bytes).enumerate() {
                         for i in 0..m {
                             let xi = &x[i * cols..(i + 1) * cols];
-                            o[i * ld + r] = crate::quant::float::dot_half_row(ty, isa, rb, xi);
+                            o[i * ld + r] = crate::quant::float::dot_half_row(ty, rb, xi);
                         }
                     }
                 }
@@ -386,8 +386,7 @@ fn f32_block(isa: Isa, x: &[f32], m: usize, cols: usize, w: &[f32], out: &mut [f
     }
     for (r, wr) in w.chunks_exact(cols).enumerate() {
         for i in 0..m {
-            out[i * ld + r] =
-                crate::quant::float::dot_f32_row(isa, &x[i * cols..(i + 1) * cols], wr);
+            out[i * ld + r] = crate::quant::float::dot_f32_row(&x[i * cols..(i + 1) * cols], wr);
         }
     }
 }

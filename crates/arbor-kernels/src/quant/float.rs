@@ -39,31 +39,18 @@ pub(crate) fn dequantize_bf16(data: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `Σ_k W[k]·x[k]` for one F16 or BF16 weight row (`w.len() == 2·x.len()`), converting on
-/// the fly: AVX2/F16C with `isa == Avx2`, else through a small f32 buffer.
+/// `Σ_k W[k]·x[k]` for one F16 or BF16 weight row (`w.len() == 2·x.len()`), converting
+/// through a small f32 buffer: the portable path (AVX2 CPUs use `avx2_float::tile_float`).
 ///
 /// # Panics
 /// If `ty` is not F16/BF16 or the lengths disagree (callers check shapes first).
-pub(crate) fn dot_half_row(ty: super::GgmlType, isa: super::Isa, w: &[u8], x: &[f32]) -> f32 {
+pub(crate) fn dot_half_row(ty: super::GgmlType, w: &[u8], x: &[f32]) -> f32 {
     use super::GgmlType;
     assert!(matches!(ty, GgmlType::F16 | GgmlType::BF16) && w.len() == 2 * x.len());
     let bf = ty == GgmlType::BF16;
-    let (mut sum, mut done) = (0.0f32, 0);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = isa;
-    #[cfg(target_arch = "x86_64")]
-    if isa.has_avx2() && isa.is_available() {
-        // SAFETY: the CPU has AVX2/FMA/F16C and w holds 2 bytes per element of x.
-        (sum, done) = unsafe {
-            if bf {
-                super::avx2_float::dot_half::<true>(w, x)
-            } else {
-                super::avx2_float::dot_half::<false>(w, x)
-            }
-        };
-    }
+    let mut sum = 0.0f32;
     let mut buf = [0.0f32; BATCH];
-    for (xc, wc) in x[done..].chunks(BATCH).zip(w[2 * done..].chunks(2 * BATCH)) {
+    for (xc, wc) in x.chunks(BATCH).zip(w.chunks(2 * BATCH)) {
         let b = &mut buf[..xc.len()];
         if bf {
             dequantize_bf16(wc, b);
@@ -75,19 +62,10 @@ pub(crate) fn dot_half_row(ty: super::GgmlType, isa: super::Isa, w: &[u8], x: &[
     sum
 }
 
-/// `Σ a[k]·b[k]` (`a.len() == b.len()`): AVX2/FMA with `isa == Avx2`, else 16 portable
-/// partial sums.
-pub(crate) fn dot_f32_row(isa: super::Isa, a: &[f32], b: &[f32]) -> f32 {
+/// `Σ a[k]·b[k]` (`a.len() == b.len()`) in 16 portable partial sums (AVX2 CPUs use
+/// `avx2_float::tile_float`).
+pub(crate) fn dot_f32_row(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot_f32_row: length mismatch");
-    let (mut sum, mut done) = (0.0f32, 0);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = isa;
-    #[cfg(target_arch = "x86_64")]
-    if isa.has_avx2() && isa.is_available() {
-        // SAFETY: the CPU has AVX2/FMA and the lengths are equal.
-        (sum, done) = unsafe { super::avx2_float::dot_f32(a, b) };
-    }
-    let (a, b) = (&a[done..], &b[done..]);
     let mut acc = [0.0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
@@ -101,5 +79,5 @@ pub(crate) fn dot_f32_row(isa: super::Isa, a: &[f32], b: &[f32]) -> f32 {
             acc[k] += x[k] * y[k];
         }
     }
-    sum + acc.iter().sum::<f32>() + tail
+    acc.iter().sum::<f32>() + tail
 }
