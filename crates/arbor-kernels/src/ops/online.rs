@@ -12,7 +12,7 @@
 //! each head's result is the same, bit for bit, whatever block it is stepped in. Other CPUs run
 //! a portable f32 step, an f16 page converted into scratch once ([`for_kernels`]).
 
-use super::softmax::{exp_nonpos, lane_max};
+use super::softmax::{exp_nonpos, lane_max, lane_sum_f32};
 use crate::kv::KvRun;
 use std::ops::Range;
 
@@ -227,7 +227,7 @@ fn weights(sc: &mut [f32], st: &mut Running) {
     }
     // Weights in their own loop, which vectorises.
     sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
-    *st.norm += sc.iter().sum::<f32>();
+    *st.norm += lane_sum_f32(sc);
 }
 
 /// a · b with sixteen independent accumulators (two AVX vectors), summed in order at the end.

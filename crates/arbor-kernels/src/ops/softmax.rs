@@ -33,6 +33,23 @@ pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// 1.5·2^23: adding it rounds to an integer that then sits in the low mantissa bits.
+pub(crate) const ROUND: f32 = 12_582_912.0;
+/// ln 2 in two parts: `n · LN2_HI` is exact for the `n` of [`exp_nonpos`].
+pub(crate) const LN2_HI: f32 = 0.693_359_4; // 0.693359375, exact in 10 bits
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+/// The Taylor coefficients of `e^r` from degree 7 down to 0 (Horner order).
+pub(crate) const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    1.0 / 2.0,
+    1.0,
+    1.0,
+];
+
 /// `e^x` for `x ≤ 0`, within a few ulp of the exact value, written with selects and integer
 /// bit operations only so that loops over it vectorise (libm's `expf` is a scalar call).
 /// Inputs below −87 (where `e^x` leaves the normal f32 range) and NaN give 0; positive inputs
@@ -43,10 +60,6 @@ pub(crate) fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
 /// 1e-8 relative), and `2^n` built in the exponent bits.
 #[inline(always)]
 pub(crate) fn exp_nonpos(x: f32) -> f32 {
-    // 1.5·2^23: adding it rounds to an integer that then sits in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, exact in 10 bits
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
     let xc = x.clamp(-87.0, 0.0);
     let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
@@ -125,12 +138,35 @@ pub(crate) fn lane_max(x: &[f32]) -> f32 {
             acc[j] = acc[j].max(c[j]);
         }
     }
-    chunks
-        .remainder()
-        .iter()
-        .chain(&acc)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max)
+    // Max is exact in any order: a tree, not a chain of dependent maxes.
+    let lanes = pairwise(acc, f32::max);
+    chunks.remainder().iter().copied().fold(lanes, f32::max)
+}
+
+/// Σ x in f32: eight lane sums (element i into lane i mod 8), reduced by the fixed tree
+/// ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), then the last `len mod 8` elements in order. The same
+/// rounding wherever it runs; short dependency chains (a sequential sum of a 16-score page
+/// was a fifth of decode attention's time).
+#[inline(always)]
+pub(crate) fn lane_sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            acc[j] += c[j];
+        }
+    }
+    let lanes = pairwise(acc, |a, b| a + b);
+    chunks.remainder().iter().fold(lanes, |s, v| s + v)
+}
+
+/// The eight lanes combined by the tree ((l0∘l1)∘(l2∘l3))∘((l4∘l5)∘(l6∘l7)).
+#[inline(always)]
+fn pairwise(a: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    f(
+        f(f(a[0], a[1]), f(a[2], a[3])),
+        f(f(a[4], a[5]), f(a[6], a[7])),
+    )
 }
 
 /// In-place softmax; returns the log of the normaliser (log-sum-exp, −∞ for a row with no

@@ -1,12 +1,14 @@
 //! The step with explicit AVX2/FMA/F16C vectors and register tiles, for f32 and f16 runs
 //! alike: keys and values are widened eight at a time as they are loaded (f16), products fused
-//! (both).
+//! (both), and each head's softmax over the page (max, exponentials, sum) done in registers
+//! ([`weights`]).
 
 // Register tiles are indexed by their constant loop counters, which LLVM unrolls into named
 // registers; iterator chains over two tiles at once read worse and were not always unrolled.
 #![allow(clippy::needless_range_loop)]
 
-use super::{weights, States};
+use super::{Running, States};
+use crate::ops::softmax::{exp_nonpos, EXP_TAYLOR, LN2_HI, LN2_LO, ROUND};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -46,6 +48,100 @@ impl Elem for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
+}
+
+/// `e^x` of eight lanes for `x ≤ 0`: [`exp_nonpos`]'s method (`x = n·ln2 + r`, Taylor series
+/// of `e^r` to degree 7, `2^n` built in the exponent bits) with fused multiply-adds. Below −87
+/// and NaN give 0.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let round = _mm256_set1_ps(ROUND);
+    let lo = _mm256_set1_ps(-87.0);
+    let xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_setzero_ps());
+    let t = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), round);
+    let n = _mm256_sub_ps(t, round);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_TAYLOR[0]);
+    for &c in &EXP_TAYLOR[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let n_int = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(round));
+    let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(n_int, _mm256_set1_epi32(127)));
+    let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo);
+    _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), keep)
+}
+
+/// Lanes `0..n` set (`n ≤ 8`), as a mask for `maskload` / `maskstore`.
+#[inline(always)]
+unsafe fn first_lanes(n: usize) -> __m256i {
+    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+}
+
+/// The eight lanes of `a` combined by the tree ((l0∘l1)∘(l2∘l3))∘((l4∘l5)∘(l6∘l7)), `f` being
+/// `hadd` or its max equivalent applied to (low half, high half).
+#[inline(always)]
+unsafe fn tree(a: __m256, f: impl Fn(__m128, __m128) -> __m128) -> f32 {
+    let pairs = f(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+    // pairs = [l0∘l1, l2∘l3, l4∘l5, l6∘l7]
+    let quads = f(pairs, pairs);
+    // quads = [(l0∘l1)∘(l2∘l3), (l4∘l5)∘(l6∘l7), …]
+    _mm_cvtss_f32(f(quads, quads))
+}
+
+/// Pairwise max of adjacent lanes of `a` then `b` (the max analogue of `hadd`).
+#[inline(always)]
+unsafe fn hmax_pairs(a: __m128, b: __m128) -> __m128 {
+    let even = _mm_shuffle_ps::<0b10_00_10_00>(a, b);
+    let odd = _mm_shuffle_ps::<0b11_01_11_01>(a, b);
+    _mm_max_ps(odd, even)
+}
+
+/// [`super::weights`] in vectors: a head's scores (at most a page) go from their max through
+/// the exponentials to their sum in registers, each reduction a short tree. (The loops of the
+/// portable version passed each head's scores through memory three times, a chain of
+/// dependent loads long enough that decode's softmax cost as much as its q·k.) The
+/// exponentials are written back for the weights × values step. Same contract as `weights`:
+/// NaN scores are ignored by the max.
+#[inline(always)]
+pub(super) unsafe fn weights(sc: &mut [f32], st: &mut Running) {
+    let n = sc.len();
+    let (full, tail) = (n / 8, n % 8);
+    let p = sc.as_mut_ptr();
+    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mask = first_lanes(tail);
+    // The running max second: `max_ps` returns it where the score is NaN.
+    let mut m = ninf;
+    for c in 0..full {
+        m = _mm256_max_ps(_mm256_loadu_ps(p.add(8 * c)), m);
+    }
+    if tail > 0 {
+        let x = _mm256_maskload_ps(p.add(8 * full), mask);
+        m = _mm256_max_ps(_mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(mask)), m);
+    }
+    let new_max = st.max.max(tree(m, |a, b| hmax_pairs(a, b)));
+    if new_max > *st.max {
+        // exp(−∞) = 0 on the first page: nothing to rescale yet.
+        let c = exp_nonpos(*st.max - new_max);
+        *st.norm *= c;
+        st.acc.iter_mut().for_each(|a| *a *= c);
+        *st.max = new_max;
+    }
+    let nm = _mm256_set1_ps(new_max);
+    let mut sum = _mm256_setzero_ps();
+    for c in 0..full {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(8 * c)), nm));
+        _mm256_storeu_ps(p.add(8 * c), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if tail > 0 {
+        let x = _mm256_maskload_ps(p.add(8 * full), mask);
+        let e = _mm256_and_ps(exp8(_mm256_sub_ps(x, nm)), _mm256_castsi256_ps(mask));
+        _mm256_maskstore_ps(p.add(8 * full), mask, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    *st.norm += tree(sum, |a, b| _mm_hadd_ps(a, b));
 }
 
 /// The four dot products whose eight-lane partial sums are `a` (key order): every key's
