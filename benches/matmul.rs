@@ -10,6 +10,9 @@
 //! No criterion: this is a plain timing program (harness = false), so it builds fast.
 
 use arbor_kernels::ops::matmul::{matmul_with, Isa};
+use arbor_kernels::quant::activation::{
+    quantize_row_q8, quantize_row_q8k, BlockQ8, BlockQ8K, QK8, QK_K,
+};
 use arbor_kernels::quant::GgmlType;
 use arbor_kernels::{Weight, WeightData};
 use std::hint::black_box;
@@ -111,6 +114,23 @@ fn main() {
         memory_read_gbps(&buf, threads)
     );
     drop(buf);
+
+    // Quantising the activations, which every quantised matmul does to its input rows first:
+    // 64 rows of 1536 (a wide decode step's ffn_down input) into 32- and 256-blocks.
+    let (m, cols) = (64, 1536);
+    let mut rng = Rng(0x5EED);
+    let x: Vec<f32> = (0..m * cols).map(|_| rng.uniform()).collect();
+    let mut q8 = vec![BlockQ8::ZERO; m * cols / QK8];
+    let mut q8k = vec![BlockQ8K::ZERO; m * cols / QK_K];
+    let s8 = time(1.0, || quantize_row_q8(black_box(&x), &mut q8));
+    let s8k = time(1.0, || quantize_row_q8k(black_box(&x), &mut q8k));
+    println!(
+        "activations {m}x{cols} -> 8 bits: {:.1} µs in 32-blocks, {:.1} µs in 256-blocks ({:.2} / {:.2} ns per value)",
+        s8 * 1e6,
+        s8k * 1e6,
+        s8 * 1e9 / (m * cols) as f64,
+        s8k * 1e9 / (m * cols) as f64
+    );
 
     let mut rng = Rng(0x5EED);
     let cases = [

@@ -60,13 +60,28 @@ impl BlockQ8K {
 /// A block of zeros (or one whose largest magnitude is not finite-positive) gets `d = 0`.
 #[inline]
 fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
+    let d = abs_max(x) / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (qi, &xi) in q.iter_mut().zip(x) {
         *qi = round_to_i8(xi * id);
     }
     d
+}
+
+/// The largest |x_i| (0 for an empty slice; NaN ignored), in eight lanes: max is exact in any
+/// order, and a single running max is a chain of dependent compares that does not vectorise
+/// (it was the larger half of quantising a row).
+#[inline(always)]
+fn abs_max(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = a.max(v.abs());
+        }
+    }
+    let lanes = acc.iter().fold(0.0f32, |a, &b| a.max(b));
+    chunks.remainder().iter().fold(lanes, |a, v| a.max(v.abs()))
 }
 
 /// `y.round() as i8` (half away from zero, saturating, NaN to 0), without the `roundf` call
@@ -87,6 +102,16 @@ fn round_to_i8(y: f32) -> i8 {
 /// If the lengths disagree (a caller bug: [`matmul()`](crate::ops::matmul::matmul) checks shapes first).
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     assert_eq!(x.len(), out.len() * QK8, "quantize_row_q8: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected; the lengths were checked.
+        return unsafe { super::avx2_activation::quantize_row_q8(x, out) };
+    }
+    portable_q8(x, out)
+}
+
+/// [`quantize_row_q8`] without explicit vectors.
+fn portable_q8(x: &[f32], out: &mut [BlockQ8]) {
     with_wide_vectors(
         #[inline(always)]
         || {
@@ -109,6 +134,16 @@ pub fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
         out.len() * QK_K,
         "quantize_row_q8k: length mismatch"
     );
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected; the lengths were checked.
+        return unsafe { super::avx2_activation::quantize_row_q8k(x, out) };
+    }
+    portable_q8k(x, out)
+}
+
+/// [`quantize_row_q8k`] without explicit vectors.
+fn portable_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     with_wide_vectors(
         #[inline(always)]
         || {
@@ -193,6 +228,57 @@ mod tests {
             assert_eq!(*s, want);
         }
         assert!(b[1].qs.iter().any(|&q| q == -127 || q == 127));
+    }
+
+    /// Rows with every kind of block: random spreads, ties at every half step of the scale,
+    /// zeros, a lone value, NaN and infinities.
+    fn awkward_rows(n: usize) -> Vec<f32> {
+        let mut s = 0x9E37_79B9u32;
+        let mut x: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * 8.0
+            })
+            .collect();
+        // Block 1: exact ties (amax 127 → d = 1, id = 1).
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+        }
+        x[64..96].fill(0.0);
+        x[96..128].fill(0.0);
+        x[100] = -3.0;
+        x[130] = f32::NAN;
+        x[170] = f32::INFINITY;
+        x[200] = f32::NEG_INFINITY;
+        x[201] = f32::NAN;
+        x
+    }
+
+    #[test]
+    fn vector_quantisation_equals_the_portable_code_bit_for_bit() {
+        let x = awkward_rows(1024);
+        let mut want = vec![BlockQ8::ZERO; 32];
+        let mut got = vec![BlockQ8::ZERO; 32];
+        portable_q8(&x, &mut want);
+        quantize_row_q8(&x, &mut got);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(w.qs, g.qs, "block {i}");
+            assert_eq!(
+                (w.d.to_bits(), w.s.to_bits()),
+                (g.d.to_bits(), g.s.to_bits()),
+                "block {i}"
+            );
+        }
+        let mut want = vec![BlockQ8K::ZERO; 4];
+        let mut got = vec![BlockQ8K::ZERO; 4];
+        portable_q8k(&x, &mut want);
+        quantize_row_q8k(&x, &mut got);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!((w.qs, w.bsums), (g.qs, g.bsums), "block {i}");
+            assert_eq!(w.d.to_bits(), g.d.to_bits(), "block {i}");
+        }
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! One file per format family: `legacy.rs` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1),
 //! `kquants.rs` (Q2_K..Q6_K, Q8_K), `float.rs` (F32, F16, BF16). `activation.rs` holds the
 //! 8-bit activation blocks, `tile.rs` the quantised matmul kernels (portable, and AVX2 in
-//! `avx2_legacy.rs` / `avx2_kquants.rs`) that [`matmul()`](crate::ops::matmul::matmul) drives;
+//! `avx2_legacy.rs` / `avx2_kquants.rs`; `avx2_activation.rs` quantises activations) that [`matmul()`](crate::ops::matmul::matmul) drives;
 //! `interleave.rs` the CPU's own layout of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K weights,
 //! eight rows interleaved block by block, with its kernels (`avx2_interleave.rs`).
 
 pub mod activation;
+#[cfg(target_arch = "x86_64")]
+mod avx2_activation;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2_float;
 #[cfg(target_arch = "x86_64")]
