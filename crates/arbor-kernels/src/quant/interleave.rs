@@ -34,6 +34,7 @@
 //! [`tile_scalar_q6k`]). So the portable, AVX2 and VNNI kernels agree bit for bit, and a
 //! row's result does not depend on its batch.
 
+use rayon::prelude::*;
 use super::activation::{BlockQ8, BlockQ8K};
 use super::float::f16_le;
 use super::kquants::{k4_scales_mins, six_bit};
@@ -244,17 +245,23 @@ pub fn interleave(ty: GgmlType, raw: &[u8], raw_row_bytes: usize) -> Vec<u8> {
     let nb = raw_row_bytes / size;
     let groups = raw.len() / (GROUP * raw_row_bytes);
     let mut out = vec![0u8; groups * nb * gbb];
-    for (k, gb) in out.chunks_exact_mut(gbb).enumerate() {
-        let (g, b) = (k / nb, k % nb);
-        for r in 0..GROUP {
-            put(
-                ty,
-                &raw[(GROUP * g + r) * raw_row_bytes + b * size..][..size],
-                r,
-                gb,
-            );
-        }
-    }
+    // Group by group on every thread: a model's weights are interleaved as it loads, and the
+    // first touch of each fresh output page (the kernel zeroing it) costs as much as the
+    // shuffling itself.
+    out.par_chunks_mut(nb * gbb)
+        .enumerate()
+        .for_each(|(g, group)| {
+            for (b, gb) in group.chunks_exact_mut(gbb).enumerate() {
+                for r in 0..GROUP {
+                    put(
+                        ty,
+                        &raw[(GROUP * g + r) * raw_row_bytes + b * size..][..size],
+                        r,
+                        gb,
+                    );
+                }
+            }
+        });
     out
 }
 
