@@ -34,11 +34,11 @@
 //! [`tile_scalar_q6k`]). So the portable, AVX2 and VNNI kernels agree bit for bit, and a
 //! row's result does not depend on its batch.
 
-use rayon::prelude::*;
 use super::activation::{BlockQ8, BlockQ8K};
 use super::float::f16_le;
 use super::kquants::{k4_scales_mins, six_bit};
 use super::GgmlType;
+use rayon::prelude::*;
 
 /// Rows per group.
 pub const GROUP: usize = 8;

@@ -4,6 +4,7 @@
 use super::batch::BatchLayout;
 use super::linear::{linear, Precision};
 use super::moe::MoeBlock;
+use super::scratch::{sized, with_scratch};
 use super::source::TensorSource;
 use crate::config::ModelConfig;
 use crate::RuntimeError;
@@ -201,89 +202,93 @@ impl DecoderLayer {
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let qkv_w = qd + 2 * kvd;
 
-        // Attention block.
-        let mut xn = vec![0.0f32; t * h];
-        xn.par_chunks_mut(h)
-            .zip(x.par_chunks(h))
-            .for_each(|(o, xi)| ops::rms_norm(xi, &self.attn_norm, cfg.rms_eps, o));
-        let mut qkv = vec![0.0f32; t * qkv_w];
-        linear(precision, &xn, t, &self.qkv, &mut qkv)?;
-        let mut q = vec![0.0f32; t * qd];
-        let mut k = vec![0.0f32; t * kvd];
-        let mut v = vec![0.0f32; t * kvd];
-        for r in 0..t {
-            let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
-            if let Some(b) = &self.qkv_bias {
-                row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        with_scratch(|sc| {
+            // Attention block.
+            let xn = sized(&mut sc.xn, t * h);
+            xn.par_chunks_mut(h)
+                .zip(x.par_chunks(h))
+                .for_each(|(o, xi)| ops::rms_norm(xi, &self.attn_norm, cfg.rms_eps, o));
+            let qkv = sized(&mut sc.qkv, t * qkv_w);
+            linear(precision, xn, t, &self.qkv, qkv)?;
+            let q = sized(&mut sc.q, t * qd);
+            let k = sized(&mut sc.k, t * kvd);
+            let v = sized(&mut sc.v, t * kvd);
+            for r in 0..t {
+                let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
+                if let Some(b) = &self.qkv_bias {
+                    row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                }
+                q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
+                k[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+                v[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
             }
-            q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
-            k[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
-            v[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
-        }
-        if let Some(w) = &self.q_norm {
-            ops::rms_norm_rows(&mut q, w, cfg.rms_eps);
-        }
-        if let Some(w) = &self.k_norm {
-            ops::rms_norm_rows(&mut k, w, cfg.rms_eps);
-        }
-        rope.apply(&mut q, &batch.positions, cfg.num_heads, hd);
-        rope.apply(&mut k, &batch.positions, cfg.num_kv_heads, hd);
-        for s in &batch.seqs {
-            for r in s.rows() {
-                let kr = &k[r * kvd..(r + 1) * kvd];
-                let vr = &v[r * kvd..(r + 1) * kvd];
-                cache.write(layer, s.seq, batch.positions[r], kr, vr);
+            if let Some(w) = &self.q_norm {
+                ops::rms_norm_rows(q, w, cfg.rms_eps);
             }
-        }
-        let params = cfg.attention_params();
-        let mut attn = vec![0.0f32; t * qd];
-        if let Some(tc) = ctx.tree {
-            // Pages shared by several sequences are read once for all of their rows.
-            let pool = &cache.pool;
-            let sel = (tc.start).and_then(|st| {
-                cascade::select_pages_from(&q, tc.plan, st, pool, layer, &params, &tc.sparse)
-            });
-            tc.mode
-                .attend(&q, tc.plan, pool, layer, &params, sel.as_ref(), &mut attn);
-        } else {
+            if let Some(w) = &self.k_norm {
+                ops::rms_norm_rows(k, w, cfg.rms_eps);
+            }
+            rope.apply(q, &batch.positions, cfg.num_heads, hd);
+            rope.apply(k, &batch.positions, cfg.num_kv_heads, hd);
             for s in &batch.seqs {
-                let rows = s.rows();
-                let table = cache.table(s.seq).ok_or_else(|| {
-                    RuntimeError::Request(format!("sequence {} has no KV cache", s.seq))
-                })?;
-                ops::paged_attention(
-                    &q[rows.start * qd..rows.end * qd],
-                    &batch.positions[rows.clone()],
-                    &cache.pool,
-                    layer,
-                    table,
-                    &params,
-                    &mut attn[rows.start * qd..rows.end * qd],
-                );
+                for r in s.rows() {
+                    let kr = &k[r * kvd..(r + 1) * kvd];
+                    let vr = &v[r * kvd..(r + 1) * kvd];
+                    cache.write(layer, s.seq, batch.positions[r], kr, vr);
+                }
             }
-        }
-        let mut o = vec![0.0f32; t * h];
-        linear(precision, &attn, t, &self.wo, &mut o)?;
+            let params = cfg.attention_params();
+            let attn = sized(&mut sc.attn, t * qd);
+            if let Some(tc) = ctx.tree {
+                // Pages shared by several sequences are read once for all of their rows.
+                let pool = &cache.pool;
+                let sel = (tc.start).and_then(|st| {
+                    cascade::select_pages_from(q, tc.plan, st, pool, layer, &params, &tc.sparse)
+                });
+                tc.mode
+                    .attend(q, tc.plan, pool, layer, &params, sel.as_ref(), attn);
+            } else {
+                for s in &batch.seqs {
+                    let rows = s.rows();
+                    let table = cache.table(s.seq).ok_or_else(|| {
+                        RuntimeError::Request(format!("sequence {} has no KV cache", s.seq))
+                    })?;
+                    ops::paged_attention(
+                        &q[rows.start * qd..rows.end * qd],
+                        &batch.positions[rows.clone()],
+                        &cache.pool,
+                        layer,
+                        table,
+                        &params,
+                        &mut attn[rows.start * qd..rows.end * qd],
+                    );
+                }
+            }
+            let o = sized(&mut sc.o, t * h);
+            linear(precision, attn, t, &self.wo, o)?;
 
-        // Feed-forward block.
-        x.par_chunks_mut(h)
-            .zip(o.par_chunks(h))
-            .zip(xn.par_chunks_mut(h))
-            .for_each(|((xi, oi), ni)| ops::add_rms_norm(xi, oi, &self.ffn_norm, cfg.rms_eps, ni));
-        match &self.ffn {
-            Ffn::Dense { gate_up, down } => {
-                let inter = cfg.intermediate_size;
-                let mut gu = vec![0.0f32; t * 2 * inter];
-                linear(precision, &xn, t, gate_up, &mut gu)?;
-                let mut act = vec![0.0f32; t * inter];
-                act.par_chunks_mut(inter)
-                    .zip(gu.par_chunks(2 * inter))
-                    .for_each(|(a, g)| ops::swiglu(&g[..inter], &g[inter..], a));
-                linear(precision, &act, t, down, &mut o)?;
+            // Feed-forward block.
+            x.par_chunks_mut(h)
+                .zip(o.par_chunks(h))
+                .zip(xn.par_chunks_mut(h))
+                .for_each(|((xi, oi), ni)| {
+                    ops::add_rms_norm(xi, oi, &self.ffn_norm, cfg.rms_eps, ni)
+                });
+            match &self.ffn {
+                Ffn::Dense { gate_up, down } => {
+                    let inter = cfg.intermediate_size;
+                    let gu = sized(&mut sc.gu, t * 2 * inter);
+                    linear(precision, xn, t, gate_up, gu)?;
+                    let act = sized(&mut sc.act, t * inter);
+                    act.par_chunks_mut(inter)
+                        .zip(gu.par_chunks(2 * inter))
+                        .for_each(|(a, g)| ops::swiglu(&g[..inter], &g[inter..], a));
+                    linear(precision, act, t, down, o)?;
+                }
+                Ffn::Moe(m) => m.forward(precision, xn, t, o)?,
             }
-            Ffn::Moe(m) => m.forward(precision, &xn, t, &mut o)?,
-        }
-        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-        Ok(())
+            x.iter_mut().zip(&*o).for_each(|(a, b)| *a += b);
+            Ok(())
+        })
     }
 }

@@ -5,6 +5,7 @@ mod head;
 mod layer;
 mod linear;
 mod moe;
+mod scratch;
 mod source;
 
 pub use batch::{AttentionOptions, BatchLayout, SeqRows};
