@@ -32,6 +32,23 @@ struct Running<'a> {
     acc: &'a mut [f32],
 }
 
+impl Running<'_> {
+    /// Raises the running max to include `page_max` (the normaliser and accumulator scaled
+    /// down to it where it grows); returns the new max.
+    #[inline(always)]
+    fn raise_max(&mut self, page_max: f32) -> f32 {
+        let new_max = self.max.max(page_max);
+        if new_max > *self.max {
+            // exp(−∞) = 0 on the first page: nothing to rescale yet.
+            let c = exp_nonpos(*self.max - new_max);
+            *self.norm *= c;
+            self.acc.iter_mut().for_each(|a| *a *= c);
+            *self.max = new_max;
+        }
+        new_max
+    }
+}
+
 impl States<'_> {
     /// Heads `r` of the block, as a block of their own.
     #[inline(always)]
@@ -217,14 +234,7 @@ fn update_f32(qg: &[f32], k: &[f32], v: &[f32], scale: f32, mut st: Running, sc:
 /// weighted values to the accumulator.
 #[inline(always)]
 fn weights(sc: &mut [f32], st: &mut Running) {
-    let new_max = st.max.max(lane_max(sc));
-    if new_max > *st.max {
-        // exp(−∞) = 0 on the first page: nothing to rescale yet.
-        let c = exp_nonpos(*st.max - new_max);
-        *st.norm *= c;
-        st.acc.iter_mut().for_each(|a| *a *= c);
-        *st.max = new_max;
-    }
+    let new_max = st.raise_max(lane_max(sc));
     // Weights in their own loop, which vectorises.
     sc.iter_mut().for_each(|s| *s = exp_nonpos(*s - new_max));
     *st.norm += lane_sum_f32(sc);

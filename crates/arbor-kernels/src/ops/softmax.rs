@@ -64,12 +64,9 @@ pub(crate) fn exp_nonpos(x: f32) -> f32 {
     let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (1.0 / 2.0
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = EXP_TAYLOR[1..]
+        .iter()
+        .fold(EXP_TAYLOR[0], |p, &c| c + r * p);
     let n_int = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
     if x >= -87.0 {
@@ -82,15 +79,24 @@ pub(crate) fn exp_nonpos(x: f32) -> f32 {
 /// Σ of the f32 lanes of `x` (whose length is at most `BLOCK`), in f64.
 #[inline(always)]
 fn block_sum(x: &[f32]) -> f64 {
-    let mut acc = [0.0f32; LANES];
+    let (acc, rest) = lanes(x, 0.0, |a, v| a + v);
+    let tail: f32 = rest.iter().sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+}
+
+/// `x` folded into [`LANES`] independent lanes (element `i` into lane `i mod LANES`, each lane
+/// from `init` by `f`), which the compiler keeps in a vector register; and the last
+/// `len mod LANES` elements, left to the caller.
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> ([f32; LANES], &[f32]) {
+    let mut acc = [init; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
         for j in 0..LANES {
-            acc[j] += c[j];
+            acc[j] = f(acc[j], c[j]);
         }
     }
-    let tail: f32 = chunks.remainder().iter().sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+    (acc, chunks.remainder())
 }
 
 /// Σ f(x_i) in f64. Per block, f is mapped into a stack buffer (a plain loop that vectorises,
@@ -131,16 +137,9 @@ pub(crate) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)
 /// Largest element, ignoring NaN; −∞ for an empty slice.
 #[inline(always)]
 pub(crate) fn lane_max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for j in 0..LANES {
-            acc[j] = acc[j].max(c[j]);
-        }
-    }
+    let (acc, rest) = lanes(x, f32::NEG_INFINITY, f32::max);
     // Max is exact in any order: a tree, not a chain of dependent maxes.
-    let lanes = pairwise(acc, f32::max);
-    chunks.remainder().iter().copied().fold(lanes, f32::max)
+    rest.iter().copied().fold(pairwise(acc, f32::max), f32::max)
 }
 
 /// Σ x in f32: eight lane sums (element i into lane i mod 8), reduced by the fixed tree
@@ -149,15 +148,8 @@ pub(crate) fn lane_max(x: &[f32]) -> f32 {
 /// was a fifth of decode attention's time).
 #[inline(always)]
 pub(crate) fn lane_sum_f32(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for j in 0..LANES {
-            acc[j] += c[j];
-        }
-    }
-    let lanes = pairwise(acc, |a, b| a + b);
-    chunks.remainder().iter().fold(lanes, |s, v| s + v)
+    let (acc, rest) = lanes(x, 0.0, |a, v| a + v);
+    rest.iter().fold(pairwise(acc, |a, b| a + b), |s, v| s + v)
 }
 
 /// The eight lanes combined by the tree ((l0∘l1)∘(l2∘l3))∘((l4∘l5)∘(l6∘l7)).

@@ -60,12 +60,19 @@ impl BlockQ8K {
 /// A block of zeros (or one whose largest magnitude is not finite-positive) gets `d = 0`.
 #[inline]
 fn quantize_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
-    let d = abs_max(x) / 127.0;
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (d, id) = scales(abs_max(x));
     for (qi, &xi) in q.iter_mut().zip(x) {
         *qi = round_to_i8(xi * id);
     }
     d
+}
+
+/// The scale `d = amax / 127` of a block whose largest magnitude is `amax`, and its inverse
+/// (0 where `d` is not positive).
+#[inline(always)]
+pub(super) fn scales(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// The largest |x_i| (0 for an empty slice; NaN ignored), in eight lanes: max is exact in any

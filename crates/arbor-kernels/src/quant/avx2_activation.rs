@@ -3,7 +3,7 @@
 //! loops scalar (the float→int cast saturates, the running max is a chain), which made
 //! quantising a wide batch's inputs a twentieth of a decode step.
 
-use super::activation::{BlockQ8, BlockQ8K, QK8, QK_K};
+use super::activation::{scales, BlockQ8, BlockQ8K, QK8, QK_K};
 use std::arch::x86_64::*;
 
 /// max |x| over `n` values at `p` (`n` a multiple of 8), NaN ignored as `f32::max` does: the
@@ -67,13 +67,6 @@ unsafe fn sum_i32(v: __m256i) -> i32 {
     let h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b01_00_11_10>(h));
     _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32::<0b10_11_00_01>(h)))
-}
-
-/// The scale `d = amax / 127` and its inverse (0 where `d` is not positive).
-#[inline(always)]
-fn scales(amax: f32) -> (f32, f32) {
-    let d = amax / 127.0;
-    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// [`super::quantize_row_q8`] for `x.len() == 32 · out.len()`.

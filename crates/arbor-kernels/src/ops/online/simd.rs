@@ -8,7 +8,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{Running, States};
-use crate::ops::softmax::{exp_nonpos, EXP_TAYLOR, LN2_HI, LN2_LO, ROUND};
+use crate::ops::softmax::{EXP_TAYLOR, LN2_HI, LN2_LO, ROUND};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -50,7 +50,7 @@ impl Elem for f16 {
     }
 }
 
-/// `e^x` of eight lanes for `x ≤ 0`: [`exp_nonpos`]'s method (`x = n·ln2 + r`, Taylor series
+/// `e^x` of eight lanes for `x ≤ 0`: `softmax::exp_nonpos`'s method (`x = n·ln2 + r`, Taylor series
 /// of `e^r` to degree 7, `2^n` built in the exponent bits) with fused multiply-adds. Below −87
 /// and NaN give 0.
 #[inline(always)]
@@ -120,14 +120,7 @@ pub(super) unsafe fn weights(sc: &mut [f32], st: &mut Running) {
         let x = _mm256_maskload_ps(p.add(8 * full), mask);
         m = _mm256_max_ps(_mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(mask)), m);
     }
-    let new_max = st.max.max(tree(m, |a, b| hmax_pairs(a, b)));
-    if new_max > *st.max {
-        // exp(−∞) = 0 on the first page: nothing to rescale yet.
-        let c = exp_nonpos(*st.max - new_max);
-        *st.norm *= c;
-        st.acc.iter_mut().for_each(|a| *a *= c);
-        *st.max = new_max;
-    }
+    let new_max = st.raise_max(tree(m, |a, b| hmax_pairs(a, b)));
     let nm = _mm256_set1_ps(new_max);
     let mut sum = _mm256_setzero_ps();
     for c in 0..full {
